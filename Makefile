@@ -1,0 +1,53 @@
+# tripletlab: `make sweep` compares losses, `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TRIPLETLAB := $(VENV)/bin/tripletlab
+STAMP := $(VENV)/.installed
+
+CONFIG ?= sweeps/configs/digits.yaml
+WORKERS ?= 1
+STORAGE ?=
+TRACKING_URI ?= sqlite:///mlflow.db
+HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
+EXPERIMENT ?=
+
+.PHONY: install test sweep ui dashboard analyze bench bench-losses bench-train bench-eval train clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,postgres]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+train: install
+	$(TRIPLETLAB) train --tracking-uri $(TRACKING_URI)
+
+sweep: install
+	$(TRIPLETLAB) sweep --config $(CONFIG) --workers $(WORKERS) --tracking-uri $(TRACKING_URI) $(if $(STORAGE),--storage $(STORAGE))
+
+analyze: install
+	$(TRIPLETLAB) analyze --tracking-uri $(TRACKING_URI) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root ./mlartifacts --host $(HOST) --port $(UI_PORT)
+
+bench: bench-losses bench-eval bench-train
+
+bench-losses: install
+	$(PY) -m benchmarks.bench_losses
+
+bench-eval: install
+	$(PY) -m benchmarks.bench_eval
+
+bench-train: install
+	$(PY) -m benchmarks.bench_train
+
+clean:
+	rm -rf runs mlartifacts mlflow.db .pytest_cache

@@ -1,0 +1,56 @@
+"""The ``tripletlab`` command line: ``losses``, ``train``, ``sweep``, ``analyze``.
+
+Each subcommand lives in its own module exposing ``configure(parser)`` and ``main(args) -> int``;
+this file only dispatches, loads plugins, and turns user errors into one clear line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "losses": ("experiments.losses_command", "list registered losses with their hyperparameters"),
+    "train": ("experiments.train_command", "train one model and track it in MLflow"),
+    "sweep": ("sweeps.command", "tune and compare losses with Optuna"),
+    "analyze": ("analysis.command", "figures and a report from a finished sweep"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tripletlab", description="Compare triplet-loss variants fairly.")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="load a loss plugin (module path or .py file); repeatable. "
+                             "Also read from TRIPLETLAB_PLUGINS.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--plugin", action="append", default=[], dest="sub_plugin",
+                        metavar="MODULE_OR_FILE", help=argparse.SUPPRESS)
+        importlib.import_module(module).configure(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from losses.plugins import load_plugins
+
+    load_plugins([*args.plugin, *args.sub_plugin])
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        print(f"tripletlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tripletlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,16 @@
-"""Pairwise distances: euclidean, squared euclidean and cosine (``1 - cos``).
+"""Distances between embeddings: euclidean, squared euclidean and cosine (``1 - cos``).
+
+- :func:`pairwise_distances`: an (n, m) matrix, differentiable by autograd.
+- :func:`paired_distances`: row-wise ``d(x_i, y_i)`` for explicitly chosen pairs.
+- :func:`distance_sum_gradients` and :func:`with_gradients`: the closed-form gradient of
+  ``sum_ij W_ij d(x_i, y_j)`` for a fixed (detached) weight matrix ``W``. Hinge-type losses are
+  piecewise linear in the distances, so a loss whose value and ``W`` come from a no-grad pass gets
+  its exact gradient from two matmuls, without an autograd graph through (n, m) intermediates.
 
 Euclidean distance takes its square root with a zero-safe gradient (0 where the distance is 0),
 so identical embeddings give finite gradients; this matches ``torch.cdist``'s subgradient, which
-pytorch-metric-learning's ``LpDistance`` uses.
+pytorch-metric-learning's ``LpDistance`` uses. Half-precision inputs are computed in float32
+(:func:`prepare_embeddings`): squared norms overflow float16 beyond a norm of ~256.
 """
 from __future__ import annotations
 
@@ -12,9 +20,21 @@ import torch.nn.functional as F
 from .params import DISTANCES
 
 
+def check_distance(kind: str) -> None:
+    if kind not in DISTANCES:
+        raise ValueError(f"unknown distance {kind!r}; choose one of {', '.join(DISTANCES)}")
+
+
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def prepare_embeddings(x: torch.Tensor, kind: str, normalize: bool) -> torch.Tensor:
+    """Upcast float16/bfloat16 to float32 and L2-normalise when asked (always for cosine)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return F.normalize(x, dim=1) if normalize or kind == "cosine" else x
 
 
 def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -24,17 +44,12 @@ def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (xx - 2 * (x @ y.T) + yy.T).clamp_min(0)
 
 
-def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None, kind: str = "euclidean",
-                       normalize: bool = False) -> torch.Tensor:
-    """An (n, m) distance matrix between the rows of ``x`` and of ``y`` (default ``x``)."""
-    if kind not in DISTANCES:
-        raise ValueError(f"unknown distance {kind!r}; choose one of {', '.join(DISTANCES)}")
+def distance_matrix(x: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """(n, m) distances between rows already prepared by :func:`prepare_embeddings`; ``y=None``
+    means ``x`` against itself, with an exact zero diagonal."""
+    check_distance(kind)
     same = y is None
-    if normalize or kind == "cosine":
-        x = F.normalize(x, dim=1)
-        y = x if same else F.normalize(y, dim=1)
-    elif same:
-        y = x
+    y = x if same else y
     if kind == "cosine":
         return 1 - x @ y.T
     d2 = squared_euclidean(x, y)
@@ -42,3 +57,67 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None, kind: str
         d2 = d2 * (1 - torch.eye(d2.shape[0], device=d2.device, dtype=d2.dtype))
     return d2 if kind == "squared_euclidean" else _safe_sqrt(d2)
 
+
+def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None, kind: str = "euclidean",
+                       normalize: bool = False) -> torch.Tensor:
+    """An (n, m) distance matrix between the rows of ``x`` and of ``y`` (default ``x``)."""
+    check_distance(kind)
+    if normalize or kind == "cosine":
+        x = F.normalize(x, dim=1)
+        y = None if y is None else F.normalize(y, dim=1)
+    return distance_matrix(x, y, kind)
+
+
+def paired_distances(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """``d(x_i, y_i)`` for rows already prepared by :func:`prepare_embeddings` (no normalising here)."""
+    check_distance(kind)
+    if kind == "cosine":
+        return 1 - (x * y).sum(1)
+    d2 = (x - y).pow(2).sum(1)
+    return d2 if kind == "squared_euclidean" else _safe_sqrt(d2)
+
+
+def distance_sum_gradients(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, kind: str,
+                           distances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_ij weights_ij * d(x_i, y_j)`` with respect to ``x`` and to ``y``.
+
+    ``x``, ``y`` are prepared embeddings (normalised if the distance is); ``distances`` is the
+    euclidean matrix, needed for ``kind="euclidean"`` (pairs at distance 0 get gradient 0).
+    """
+    check_distance(kind)
+    with torch.no_grad():
+        if kind == "cosine":
+            return -weights @ y, -weights.T @ x
+        if kind == "euclidean":
+            if distances is None:
+                raise ValueError("distance_sum_gradients needs the distance matrix for kind='euclidean'")
+            weights = torch.where(distances > 0, weights / torch.where(distances > 0, distances, 1), 0)
+        scale = 2.0 if kind == "squared_euclidean" else 1.0
+        grad_x = scale * (weights.sum(1, keepdim=True) * x - weights @ y)
+        grad_y = scale * (weights.sum(0).unsqueeze(1) * y - weights.T @ x)
+        return grad_x, grad_y
+
+
+class _WithGradients(torch.autograd.Function):
+    """Returns ``value``; backward sends ``grad_output * g_k`` to each tensor ``t_k``."""
+
+    @staticmethod
+    def forward(ctx, value, *tensors_and_grads):
+        half = len(tensors_and_grads) // 2
+        ctx.save_for_backward(*tensors_and_grads[half:])
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = tuple(grad_output * g for g in ctx.saved_tensors)
+        return (None, *grads, *(None,) * len(grads))
+
+
+def with_gradients(value: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``value`` (computed without grad) made differentiable: d value / d t = g for each ``(t, g)``.
+
+    The same tensor may appear in several pairs; its gradients add up.
+    """
+    tensors = [t for t, _ in pairs]
+    grads = [g.detach().to(t.dtype) for t, g in pairs]
+    return _WithGradients.apply(value.detach(), *tensors, *grads)

@@ -8,17 +8,16 @@ from __future__ import annotations
 import torch
 
 
-def _pk_labels(p: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _pk_labels(p: int, k: int, generator: torch.Generator) -> torch.Tensor:
     labels = torch.arange(p, dtype=torch.int64).repeat_interleave(k)
-    order = torch.randperm(p * k, generator=generator)
-    return labels[order], order
+    return labels[torch.randperm(p * k, generator=generator)]
 
 
 def pk_batch(p: int, k: int, d: int, dtype: torch.dtype = torch.float32, seed: int = 0,
              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``p * k`` standard-normal embeddings of dimension ``d`` with ``p`` classes of ``k`` each."""
     generator = torch.Generator().manual_seed(seed)
-    labels, _ = _pk_labels(p, k, generator)
+    labels = _pk_labels(p, k, generator)
     embeddings = torch.randn(p * k, d, generator=generator, dtype=torch.float64)
     return embeddings.to(device=device, dtype=dtype), labels.to(device)
 
@@ -30,7 +29,7 @@ def clustered_batch(p: int, k: int, d: int, dtype: torch.dtype = torch.float32, 
     Small ``spread`` gives mostly easy triplets, ``spread`` near 1 a mix of easy, semi-hard and hard.
     """
     generator = torch.Generator().manual_seed(seed)
-    labels, _ = _pk_labels(p, k, generator)
+    labels = _pk_labels(p, k, generator)
     centres = torch.nn.functional.normalize(torch.randn(p, d, generator=generator, dtype=torch.float64), dim=1)
     noise = torch.randn(p * k, d, generator=generator, dtype=torch.float64) * (spread / d ** 0.5)
     embeddings = centres[labels] + noise

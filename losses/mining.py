@@ -1,0 +1,129 @@
+"""Which (anchor, positive, negative) triplets count, decided from labels and a detached distance matrix.
+
+Nothing here builds a list of every triplet. Valid triplets are described densely:
+:func:`positive_slots` lists each anchor's positives in ``k`` slots (``k`` = most positives any
+anchor has: ``K - 1`` in a PK batch), so a batch of triplets is an (n, k, m) boolean mask and all
+work is O(n * k * m), done in slot chunks of bounded size (:func:`slot_chunks`).
+
+Mining rules follow pytorch-metric-learning's ``TripletMarginMiner`` tie conventions, with
+``t = d(a,n) - d(a,p)``: hard ``t <= 0``, semi-hard ``0 < t <= m``, easy ``t > m`` (the
+literature's strict inequalities, differing only on ties).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+TRIPLET_MINING = ("all", "hard", "semi-hard", "easy", "curriculum")
+
+# A selection maps (d_ap (n, k, 1), d_an (n, 1, m), valid (n, k, m)) to the triplets used (n, k, m).
+Selection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def label_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positives, negatives) boolean (n, m) masks; without ``ref_labels`` a sample is not its own positive."""
+    other = labels if ref_labels is None else ref_labels
+    same = labels.unsqueeze(1) == other.unsqueeze(0)
+    negatives = ~same
+    if ref_labels is None:
+        same.fill_diagonal_(False)
+    return same, negatives
+
+
+@dataclass(frozen=True)
+class PositiveSlots:
+    """Each anchor's positives: ``index[a, s]`` is the s-th positive of anchor ``a`` where ``valid[a, s]``."""
+
+    index: torch.Tensor  # (n, k) int64
+    valid: torch.Tensor  # (n, k) bool
+
+    @property
+    def k(self) -> int:
+        return self.index.shape[1]
+
+
+def positive_slots(positives: torch.Tensor) -> PositiveSlots:
+    """Pack the (n, m) positive mask into (n, k) slots (one host sync to learn ``k``)."""
+    n, m = positives.shape
+    counts = positives.sum(1)
+    k = int(counts.max()) if n and m else 0
+    if k == 0:
+        empty = torch.zeros(n, 0, dtype=torch.int64, device=positives.device)
+        return PositiveSlots(empty, empty.bool())
+    index = positives.to(torch.float32).topk(k, dim=1, sorted=False).indices
+    valid = positives.gather(1, index)
+    return PositiveSlots(index, valid)
+
+
+def slot_chunks(k: int, n: int, m: int, budget: int = 1 << 24) -> Iterator[slice]:
+    """Slices of the slot axis whose (n, chunk, m) tensors stay under ``budget`` elements."""
+    step = max(1, budget // max(1, n * m))
+    for start in range(0, k, step):
+        yield slice(start, min(k, start + step))
+
+
+def margin_selection(mining: str, margin: float, admitted: torch.Tensor | None = None) -> Selection:
+    """Triplet mining by the margin ``t = d_an - d_ap`` (PML ``TripletMarginMiner`` semantics).
+
+    ``curriculum`` keeps every non-hard triplet and the hard ones whose (anchor, negative) pair is
+    ``admitted`` (an (n, m) bool mask drawn by the curriculum).
+    """
+    if mining not in TRIPLET_MINING:
+        raise ValueError(f"unknown mining {mining!r}; choose one of {', '.join(TRIPLET_MINING)}")
+    if mining == "curriculum" and admitted is None:
+        raise ValueError("curriculum mining needs the admitted (anchor, negative) mask")
+
+    def select(d_ap: torch.Tensor, d_an: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if mining == "all":
+            return valid
+        t = d_an - d_ap
+        if mining == "hard":
+            return valid & (t <= 0)
+        if mining == "semi-hard":
+            return valid & (t > 0) & (t <= margin)
+        if mining == "easy":
+            return valid & (t > margin)
+        return valid & ((t > 0) | admitted.unsqueeze(1))
+
+    return select
+
+
+def semi_hard_negative_selection(fallback: str) -> Selection:
+    """FaceNet's one negative per (anchor, positive): the nearest negative farther than the positive.
+
+    That negative is semi-hard when within the margin (an easy one gives a zero term). When every
+    negative is at least as close as the positive, ``fallback="easiest"`` takes the farthest
+    negative (as TensorFlow Addons' ``triplet_semihard_loss`` does) and ``"skip"`` drops the pair.
+    """
+    if fallback not in ("easiest", "skip"):
+        raise ValueError(f"unknown fallback {fallback!r}; choose 'easiest' or 'skip'")
+
+    def select(d_ap: torch.Tensor, d_an: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        farther = valid & (d_an > d_ap)
+        inf = torch.tensor(float("inf"), dtype=d_an.dtype, device=d_an.device)
+        nearest_farther = torch.where(farther, d_an, inf).argmin(2, keepdim=True)
+        has_farther = farther.any(2, keepdim=True)
+        if fallback == "easiest":
+            choice = torch.where(has_farther, nearest_farther, torch.where(valid, d_an, -inf).argmax(2, keepdim=True))
+            keep = valid.any(2, keepdim=True)
+        else:
+            choice, keep = nearest_farther, has_farther
+        columns = torch.arange(valid.shape[2], device=valid.device)
+        return (columns == choice) & keep
+
+    return select
+
+
+def hardest_pairs(distances: torch.Tensor, positives: torch.Tensor,
+                  negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch-hard mining: per anchor the farthest positive and the nearest negative.
+
+    Returns (positive index (n,), negative index (n,), valid (n,)): an anchor is valid when it has
+    at least one positive and one negative.
+    """
+    inf = float("inf")
+    positive = distances.masked_fill(~positives, -inf).argmax(1)
+    negative = distances.masked_fill(~negatives, inf).argmin(1)
+    return positive, negative, positives.any(1) & negatives.any(1)

@@ -1,0 +1,68 @@
+"""Any dataset stored as one sub-folder per class of image files (CUB-200, Cars196, SOP, ...).
+
+Images are read with Pillow, converted to grey ("L") when every image is grey and to RGB
+otherwise, and resized to ``dataset.image_size`` (default 64x64, Pillow's antialiased bilinear
+filter). The class id is the index of the class folder in sorted name order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from experiments.datasets.base import SourceImages
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp"}
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def _class_files(path: Path) -> dict[str, list[Path]]:
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a folder; dataset.path for image-folder must be a folder "
+                         "with one sub-folder of images per class")
+    classes = {}
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        if files:
+            classes[folder.name] = files
+    if not classes:
+        raise ValueError(f"{path}: no images found; image-folder expects <class>/<image> files "
+                         f"(suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+    lonely = [name for name, files in classes.items() if len(files) < 2]
+    if lonely:
+        raise ValueError(f"{path}: class {lonely[0]!r} has a single image"
+                         f"{f' (and {len(lonely) - 1} more classes)' if len(lonely) > 1 else ''}; "
+                         "a class needs >= 2 images to form a positive pair: add images or remove it")
+    return classes
+
+
+def _mode(file: Path) -> str:
+    try:
+        with Image.open(file) as image:
+            return image.mode
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"{file}: not a readable image ({exc}); fix or remove it") from exc
+
+
+def _read(file: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    try:
+        with Image.open(file) as image:
+            image = image.convert(mode).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"{file}: not a readable image ({exc}); fix or remove it") from exc
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def load_image_folder(path: Path, size: tuple[int, int]) -> SourceImages:
+    """Every image as (N, 1 or 3, *size) uint8; ``class_names`` maps ids back to folder names."""
+    classes = _class_files(path)
+    files = [(label, file) for label, name in enumerate(classes) for file in classes[name]]
+    mode = "L" if all(_mode(file) in GREY_MODES for _, file in files) else "RGB"
+    images = np.empty((len(files), 1 if mode == "L" else 3, *size), dtype=np.uint8)
+    for row, (_, file) in enumerate(files):
+        images[row] = _read(file, mode, size)
+    labels = torch.tensor([label for label, _ in files], dtype=torch.int64)
+    return SourceImages(torch.from_numpy(images), labels, class_names=dict(enumerate(classes)))

@@ -18,7 +18,7 @@ from experiments.datasets.base import DatasetSplits, LabeledImages, SourceImages
 from experiments.datasets.digits import load_digits
 from experiments.datasets.idx import load_fashion_mnist
 from experiments.datasets.image_folder import load_image_folder
-from experiments.datasets.imaging import parse_image_size, resize_images
+from experiments.datasets.imaging import channel_stats, parse_image_size, resize_images
 from experiments.datasets.omniglot import load_omniglot
 from experiments.datasets.orl import load_orl_faces
 from experiments.splits import SPLITS, cap_per_class, split_indices
@@ -88,20 +88,6 @@ def dataset_path(name: str, configured) -> Path:
     return path
 
 
-def _stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation in [0, 1] units, accumulated in float64 chunks."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for start in range(0, images.shape[0], chunk):
-        part = images[start:start + chunk].double().div_(255.0)
-        total += part.sum(dim=(0, 2, 3))
-        squares += part.square().sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = (squares / count - mean.square()).clamp(min=1e-12).sqrt().clamp(min=1e-3)
-    return tuple(mean.tolist()), tuple(std.tolist())
-
-
 def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
     """Load the dataset named by ``dataset_cfg.name`` and split it by ``dataset_cfg.split``.
 
@@ -136,7 +122,7 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
 
     parts = split_indices(split, labels, standard_test, val_fraction, seed)
     train_images = images[parts.train]
-    mean, std = _stats(train_images)
+    mean, std = channel_stats(train_images)
 
     def make(part_images: torch.Tensor, indices: torch.Tensor) -> LabeledImages:
         return LabeledImages(part_images, labels[indices], spec.hflip, mean, std)

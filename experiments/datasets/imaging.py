@@ -1,4 +1,4 @@
-"""Resizing uint8 image tensors once at load time, and reading the ``image_size`` option."""
+"""Image-tensor helpers: the ``image_size`` option, one-off resizing, channel statistics."""
 from __future__ import annotations
 
 import torch
@@ -43,3 +43,17 @@ def resize_images(images: torch.Tensor, size: tuple[int, int] | None, chunk: int
             part = F.interpolate(part, size=size, mode="bilinear", antialias=True, align_corners=False)
         out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
     return out
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 (N, C, H, W) images in [0, 1] units."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
+    squares = torch.zeros_like(total)
+    for start in range(0, images.shape[0], chunk):
+        part = images[start:start + chunk].double().div_(255.0)
+        total += part.sum(dim=(0, 2, 3))
+        squares += part.square().sum(dim=(0, 2, 3))
+    count = max(1, images.shape[0] * images.shape[2] * images.shape[3])
+    mean = total / count
+    std = (squares / count - mean.square()).clamp(min=0).sqrt().clamp(min=1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())

@@ -12,8 +12,11 @@ HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 DASHBOARD_PORT ?= 8080
 EXPERIMENT ?=
+SERVER_STORE ?= postgresql://tripletlab@127.0.0.1:5432/mlflow
+SERVER_PORT ?= 5000
+ARTIFACTS ?= mlartifacts
 
-.PHONY: install test sweep ui dashboard analyze bench bench-losses bench-train bench-eval train clean
+.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval train clean
 
 install: $(STAMP)
 
@@ -37,6 +40,12 @@ analyze: install
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root ./mlartifacts --host $(HOST) --port $(UI_PORT)
+
+server: install
+	$(PY) -m experiments.server --backend-store-uri $(SERVER_STORE) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(SERVER_PORT)
+
+ui-check: install
+	$(PY) -m pytest -q tests/test_ui_browser.py
 
 bench: bench-losses bench-eval bench-train
 

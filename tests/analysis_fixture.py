@@ -32,10 +32,10 @@ class LoggedSweep:
 
 def _space(loss: str) -> dict:
     if loss == "multi_similarity":
-        return {"alpha": optuna.distributions.FloatDistribution(0.5, 10.0, log=True)}
-    space = {"margin": optuna.distributions.FloatDistribution(0.01, 1.0)}
+        return {"loss.alpha": optuna.distributions.FloatDistribution(0.5, 10.0, log=True)}
+    space = {"loss.margin": optuna.distributions.FloatDistribution(0.01, 1.0)}
     if loss == "triplet":
-        space["mining"] = optuna.distributions.CategoricalDistribution(("all", "semi_hard", "hard"))
+        space["loss.mining"] = optuna.distributions.CategoricalDistribution(("all", "semi-hard", "hard"))
     return space
 
 
@@ -94,7 +94,7 @@ def build_logged_sweep(root: Path, name: str = "tiny-sweep", losses=("triplet", 
                 "optuna.study_name": f"{name}/{loss}", "optuna.trial_number": str(number),
                 "tripletlab.trial_state": "pruned" if pruned else "complete"})
             client.log_batch(trial_run, metrics=[Metric("val/best_map_at_r", value, 0, 0)],
-                             params=[Param(f"loss.{k}", str(v)) for k, v in params.items()])
+                             params=[Param(k, str(v)) for k, v in params.items()])
             log_epochs(trial_run, value, 1.0 + index)
             client.set_terminated(trial_run)
             if not pruned and value > best_value:
@@ -110,7 +110,7 @@ def build_logged_sweep(root: Path, name: str = "tiny-sweep", losses=("triplet", 
             for m in TEST_METRICS:
                 test_values[m].append(values[f"test/{m}"])
             client.log_batch(final, metrics=[Metric(k, v, 0, 0) for k, v in values.items()],
-                             params=[Param(f"loss.{k}", str(v)) for k, v in best_params.items()])
+                             params=[Param(k, str(v)) for k, v in best_params.items()])
             log_epochs(final, quality, 1.0 + index)
             if loss in embeddings_for:
                 emb, labels = _embeddings(rng, separation=1.0 + index)

@@ -1,0 +1,54 @@
+"""``tripletlab analyze``: figures, comparison table and report of a finished sweep.
+
+Reads the sweep's MLflow experiment (the most recent sweep by default) and its Optuna storage
+(``runs/<sweep>/optuna.journal`` by default); writes ``runs/<sweep>/report/`` and logs it to the
+sweep's summary run. Never trains.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .embeddings import PROJECTION_POINTS
+from .load import load_studies, load_sweep
+from .report import build_report
+
+RUNS_DIR = Path("runs")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", metavar="NAME",
+                        help="the sweep's MLflow experiment (default: the most recently created sweep)")
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--storage", metavar="URL_OR_PATH",
+                        help="the sweep's Optuna storage: a journal file or a database URL "
+                             "(default: runs/<sweep>/optuna.journal when it exists)")
+    parser.add_argument("--output-dir", metavar="DIR", type=Path,
+                        help="where the report goes (default: runs/<sweep>/report)")
+    parser.add_argument("--points", type=int, default=PROJECTION_POINTS,
+                        help=f"test points per loss in the 2-D projection (default {PROJECTION_POINTS})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the projection")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.points < 10:
+        raise ValueError(f"--points must be at least 10, got {args.points}")
+    sweep = load_sweep(args.experiment, args.tracking_uri)
+    storage = args.storage
+    if storage is None and (RUNS_DIR / sweep.name / "optuna.journal").is_file():
+        storage = str(RUNS_DIR / sweep.name / "optuna.journal")
+    if storage:
+        sweep.storage = storage
+        sweep.studies = load_studies(storage, sweep.name, sweep.losses)
+    directory = args.output_dir or RUNS_DIR / sweep.name / "report"
+    report = build_report(sweep, directory, points=args.points, seed=args.seed, log_to_mlflow=not args.no_log)
+    print(f"analysed sweep {sweep.name!r}: {len(report.figures)} figures, {len(report.table)} losses")
+    for note in report.notes:
+        print(f"  note: {note}")
+    print(f"report: {report.html}")
+    print(f"markdown: {report.markdown}")
+    if report.run_id:
+        print(f"logged to MLflow run {report.run_id} (artifacts under report/)")
+    return 0

@@ -1,0 +1,127 @@
+"""The comparison table: test metrics over the final seeds, per loss, against the triplet baseline.
+
+Following the "Metric Learning Reality Check" protocol (Musgrave et al., ECCV 2020), each loss is
+reported as the mean and 95% interval over its final seeds of P@1, R-precision and MAP@R on the
+class-disjoint test set. The interval is Student's t (``mean +- t_{0.975, n-1} * s / sqrt(n)``); the
+test against the ``triplet`` baseline is a two-sided paired t-test over the seeds both losses share.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .load import BASELINE_LOSS, Sweep
+
+TABLE_METRICS = {"precision_at_1": "P@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
+PAIRED_METRIC = "map_at_r"
+
+
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student's t interval; the interval is NaN with fewer than two values."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def paired_p_value(values: pd.Series, baseline: pd.Series) -> tuple[float, int]:
+    """Two-sided paired t-test over the seeds (index) both series share: ``(p, pairs)``.
+
+    NaN with fewer than two pairs, or when every difference is identical (no variance).
+    """
+    both = pd.concat([values, baseline], axis=1, join="inner").dropna()
+    n = len(both)
+    diff = both.iloc[:, 0] - both.iloc[:, 1]
+    if n < 2 or np.allclose(diff, diff.iloc[0]):
+        return math.nan, n
+    return float(stats.ttest_rel(both.iloc[:, 0], both.iloc[:, 1]).pvalue), n
+
+
+def _seed_values(finals: pd.DataFrame, metric: str) -> pd.Series:
+    column = f"metrics.test/{metric}"
+    if column not in finals:
+        return pd.Series(dtype=float)
+    values = finals[["seed", column]].dropna()
+    return values.groupby("seed")[column].mean()
+
+
+def _tuned_params(parent: pd.Series | None) -> str:
+    if parent is None:
+        return ""
+    best = {k[len("params.best."):]: v for k, v in parent.items() if k.startswith("params.best.") and pd.notna(v)}
+    return ", ".join(f"{k}={_short(v)}" for k, v in sorted(best.items()))
+
+
+def _short(value: str) -> str:
+    try:
+        return f"{float(value):.3g}"
+    except ValueError:
+        return value
+
+
+def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFrame:
+    """One row per loss: ``<metric>_mean|_ci_low|_ci_high`` for P@1, R-precision, MAP@R, ``seeds``,
+    ``tuned``, ``trials_complete``, ``trials_pruned``, ``wall_clock_s`` and, vs ``baseline``,
+    ``map_at_r_diff`` and ``p_value`` (paired t-test on MAP@R, ``pairs`` seeds)."""
+    finals, parents, trials = sweep.role("final"), sweep.role("parent"), sweep.runs[sweep.runs["role"] == "trial"]
+    base_values = _seed_values(finals[finals["loss"] == baseline], PAIRED_METRIC)
+    rows = []
+    for loss in sweep.losses:
+        own = finals[finals["loss"] == loss]
+        parent_rows = parents[parents["loss"] == loss]
+        parent = parent_rows.iloc[-1] if len(parent_rows) else None
+        row = {"loss": loss, "seeds": int(own["seed"].nunique())}
+        for metric in TABLE_METRICS:
+            row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(_seed_values(own, metric))
+        row["tuned"] = _tuned_params(parent)
+        states = trials.loc[trials["loss"] == loss, "tags.tripletlab.trial_state"] \
+            if "tags.tripletlab.trial_state" in trials else pd.Series(dtype=str)
+        row["trials_complete"] = int((states == "complete").sum())
+        row["trials_pruned"] = int((states == "pruned").sum())
+        row["wall_clock_s"] = _wall_clock(sweep, loss, parent)
+        values = _seed_values(own, PAIRED_METRIC)
+        if loss == baseline or base_values.empty:
+            row["map_at_r_diff"], row["p_value"], row["pairs"] = math.nan, math.nan, 0
+        else:
+            shared = values.index.intersection(base_values.index)
+            row["map_at_r_diff"] = float((values[shared] - base_values[shared]).mean()) if len(shared) else math.nan
+            row["p_value"], row["pairs"] = paired_p_value(values, base_values)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("loss")
+
+
+def _wall_clock(sweep: Sweep, loss: str, parent: pd.Series | None) -> float:
+    """Seconds from the parent run's start to its end; the child runs' span when there is no parent."""
+    if parent is not None and pd.notna(parent["end_time"]):
+        return float((parent["end_time"] - parent["start_time"]).total_seconds())
+    children = sweep.runs[(sweep.runs["loss"] == loss) & sweep.runs["role"].isin(["trial", "final"])]
+    return float((children["end_time"].max() - children["start_time"].min()).total_seconds())
+
+
+def format_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as display strings: ``mean [low, high]`` cells, p-values, seconds."""
+    out = pd.DataFrame(index=table.index)
+    for metric, label in TABLE_METRICS.items():
+        out[f"{label} (95% CI)"] = [
+            "n/a" if math.isnan(m) else (f"{m:.3f}" if math.isnan(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
+            for m, lo, hi in table[[f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"]].itertuples(index=False)]
+    out["seeds"] = table["seeds"]
+    out["ΔMAP@R vs triplet"] = [("—" if math.isnan(d) else f"{d:+.3f}") for d in table["map_at_r_diff"]]
+    out["p (paired t)"] = [("—" if math.isnan(p) else f"{p:.3g}") for p in table["p_value"]]
+    out["tuned hyperparameters"] = table["tuned"]
+    out["trials (complete / pruned)"] = [f"{c} / {p}" for c, p in table[["trials_complete", "trials_pruned"]].itertuples(index=False)]
+    out["wall clock"] = [_duration(s) for s in table["wall_clock_s"]]
+    return out
+
+
+def _duration(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "n/a"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

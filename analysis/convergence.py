@@ -1,0 +1,64 @@
+"""Figure 1, convergence: per loss and epoch, mean over the final seeds with a min-max band.
+
+Panels: validation MAP@R; training loss divided by its first-epoch value (losses live on different
+scales); the fraction of active (non-zero) triplets; the fraction violating the margin.
+"""
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+import pandas as pd
+
+from .load import Sweep, metric_histories
+
+PANELS = (
+    ("val/map_at_r", "Validation MAP@R", "MAP@R (fraction)"),
+    ("train/loss", "Training loss, normalised", "loss / first-epoch loss"),
+    ("train/active_fraction", "Active triplets", "fraction of triplets"),
+    ("train/margin_violation_fraction", "Margin violations", "fraction of triplets"),
+)
+
+
+def convergence_histories(sweep: Sweep) -> pd.DataFrame:
+    """Per-epoch histories of the final runs, with their ``loss`` column."""
+    finals = sweep.role("final")
+    history = metric_histories(sweep, finals["run_id"].tolist(), [key for key, _, _ in PANELS])
+    return history.merge(finals[["run_id", "loss"]], on="run_id")
+
+
+def normalise_train_loss(history: pd.DataFrame) -> pd.DataFrame:
+    """Divide each run's ``train/loss`` by its first-epoch value (left as is when that is 0)."""
+    out = history.copy()
+    is_loss = out["key"] == "train/loss"
+    first = out[is_loss].sort_values("step").groupby("run_id")["value"].first()
+    scale = out.loc[is_loss, "run_id"].map(first).where(lambda s: s != 0, 1.0)
+    out.loc[is_loss, "value"] = out.loc[is_loss, "value"] / scale
+    return out
+
+
+def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict) -> Figure:
+    """A 2x2 figure of :data:`PANELS`; missing metrics leave a note in their panel."""
+    history = normalise_train_loss(history)
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2)
+    seeds = history.groupby("loss")["run_id"].nunique()
+    for ax, (key, title, ylabel) in zip(axes.flat, PANELS):
+        data = history[history["key"] == key]
+        for loss in losses:
+            runs = data[data["loss"] == loss]
+            if runs.empty:
+                continue
+            by_epoch = runs.groupby("step")["value"]
+            mean = by_epoch.mean()
+            ax.plot(mean.index, mean.values, marker="o", ms=3, color=colors[loss], label=loss)
+            ax.fill_between(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors[loss], alpha=0.2)
+        if data.empty:
+            ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", title="loss")
+    n = f"{seeds.min()}" if len(seeds) and seeds.min() == seeds.max() else (f"{seeds.min()}-{seeds.max()}" if len(seeds) else "0")
+    fig.suptitle(f"Convergence of the final runs (line: mean, band: min-max over {n} seeds)")
+    return fig

@@ -1,0 +1,167 @@
+"""The sweep report: figures (PNG + SVG), the comparison table, one self-contained HTML file (figures
+embedded as base64) and a Markdown version, written to a directory and logged as artifacts of the
+sweep's summary run (tag ``tripletlab.role=summary``) so they show in the MLflow UI.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+
+from .colors import loss_colors
+from .comparison import comparison_table, format_table
+from .convergence import convergence_figure, convergence_histories
+from .embeddings import PROJECTION_POINTS, distance_figure, load_test_embeddings, projection_figure, triplet_quality_figure
+from .load import ROLE_TAG, Sweep
+from .tuning import IMPORTANCE_EVALUATOR, tuning_figure
+
+REPORT_ARTIFACT_DIR = "report"
+CAPTIONS = {
+    "convergence": "Convergence of the final runs per loss: validation MAP@R, normalised training loss, "
+                   "active-triplet and margin-violation fractions (mean and min-max band over seeds).",
+    "embedding_projection": "2-D projection of the test embeddings of each loss's best final run, coloured by class.",
+    "pair_distances": "Positive- and negative-pair distances on the test classes, with the overlap area of the two "
+                      "densities (lower is better).",
+    "triplet_quality": "Easy / semi-hard / hard test-triplet fractions, and alignment vs uniformity per final run.",
+    "tuning": f"Optuna optimisation history, hyperparameter importances ({IMPORTANCE_EVALUATOR}), and validation "
+              "MAP@R against the margin and the mining strategy for the margin-based losses.",
+}
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote."""
+
+    directory: Path
+    html: Path
+    markdown: Path
+    table: pd.DataFrame
+    figures: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    run_id: str | None = None
+
+
+def _save(fig: Figure, directory: Path, name: str) -> Path:
+    fig.savefig(directory / f"{name}.svg")
+    png = directory / f"{name}.png"
+    fig.savefig(png, dpi=110)
+    return png
+
+
+def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int = PROJECTION_POINTS,
+                  seed: int = 0) -> tuple[dict[str, Path], dict[str, float]]:
+    """Write every figure the sweep's data allows; returns the PNG paths and the distance overlaps."""
+    colors = loss_colors(sweep.losses)
+    figures, overlaps = {}, {}
+    history = convergence_histories(sweep)
+    if history.empty:
+        notes.append("no per-epoch history in the final runs: convergence figure skipped")
+    else:
+        figures["convergence"] = _save(convergence_figure(history, sweep.losses, colors), directory, "convergence")
+    embeddings = load_test_embeddings(sweep, notes)
+    if embeddings:
+        figures["embedding_projection"] = _save(projection_figure(embeddings, colors, points, seed),
+                                                directory, "embedding_projection")
+        fig, overlaps = distance_figure(embeddings, colors, seed=seed)
+        figures["pair_distances"] = _save(fig, directory, "pair_distances")
+    else:
+        notes.append("no run has embeddings/test.npz: projection and distance figures skipped")
+    if not sweep.role("final").empty:
+        figures["triplet_quality"] = _save(triplet_quality_figure(sweep, colors), directory, "triplet_quality")
+    figures["tuning"] = _save(tuning_figure(sweep, colors, notes), directory, "tuning")
+    return figures, overlaps
+
+
+def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS, seed: int = 0,
+                 log_to_mlflow: bool = True) -> Report:
+    """Write figures, table, ``report.html`` and ``report.md`` to ``directory``; log them to MLflow."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    figures, overlaps = build_figures(sweep, directory, notes, points, seed)
+    table = comparison_table(sweep)
+    table["pair_distance_overlap"] = [overlaps.get(loss, math.nan) for loss in table.index]
+    table.to_csv(directory / "comparison_table.csv")
+    if "triplet" not in table.index:
+        notes.append("no 'triplet' baseline in this sweep: no paired tests")
+    shown = format_table(table)
+    shown["pair-distance overlap"] = ["n/a" if math.isnan(v) else f"{v:.3f}" for v in table["pair_distance_overlap"]]
+    report = Report(directory, directory / "report.html", directory / "report.md", table, figures, notes)
+    report.html.write_text(_html(sweep, shown, figures, notes), encoding="utf-8")
+    report.markdown.write_text(_markdown(sweep, shown, figures, notes), encoding="utf-8")
+    if log_to_mlflow:
+        report.run_id = log_report(sweep, directory)
+    return report
+
+
+def log_report(sweep: Sweep, directory: Path) -> str:
+    """Log ``directory`` under ``report/`` of the sweep's summary run (created when there is none)."""
+    client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    summaries = sweep.runs[sweep.runs["role"] == "summary"]
+    if len(summaries):
+        run_id = summaries.sort_values("start_time").iloc[-1]["run_id"]
+    else:
+        run_id = client.create_run(sweep.experiment_id, run_name="analysis", tags={ROLE_TAG: "summary"}).info.run_id
+        client.set_terminated(run_id)
+    client.log_artifacts(run_id, str(directory), artifact_path=REPORT_ARTIFACT_DIR)
+    return run_id
+
+
+def _header(sweep: Sweep) -> list[tuple[str, str]]:
+    runs = sweep.runs
+    datasets = ", ".join(sorted(runs.get("tags.tripletlab.dataset", pd.Series(dtype=str)).dropna().unique())) or "unknown"
+    finals = sweep.role("final")
+    return [
+        ("Experiment", sweep.name), ("Dataset", datasets), ("Losses", ", ".join(sweep.losses)),
+        ("Runs", f"{len(sweep.role('trial'))} finished trials, {len(finals)} finished final runs"),
+        ("Tracking URI", sweep.tracking_uri), ("Optuna storage", sweep.storage or "not loaded"),
+        ("Generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+    ]
+
+
+TABLE_NOTE = ("Test metrics on the held-out classes: mean and Student-t 95% interval over the final seeds. "
+              "p: two-sided paired t-test of MAP@R against the triplet baseline, paired by seed. "
+              "Wall clock: the loss's parent run, tuning and final runs included.")
+
+
+def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str]) -> str:
+    head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _header(sweep))
+    body = [f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>", f"<table class='meta'>{head}</table>",
+            "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"), f"<p>{html.escape(TABLE_NOTE)}</p>"]
+    for name, png in figures.items():
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        body.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>")
+    if notes:
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    style = ("body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 6px}"
+             "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#444}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(sweep.name)} report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of a DataFrame of strings (index first)."""
+    header = [table.index.name or ""] + [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in (idx, *row)) + " |" for idx, row in zip(table.index, table.values)]
+    return "\n".join(lines)
+
+
+def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str]) -> str:
+    lines = [f"# tripletlab sweep report: {sweep.name}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in _header(sweep)]
+    lines += ["", "## Comparison", "", markdown_table(table), "", TABLE_NOTE, ""]
+    for name, png in figures.items():
+        lines += [f"![{name}]({png.name})", "", CAPTIONS[name], ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""``tripletlab sweep``: tune every loss with the same budget, retrain the best with N seeds, compare.
+
+    tripletlab sweep --config sweeps/configs/digits.yaml trials=4 epochs=1 seeds=2 --workers 2
+
+Outputs go to ``<output-dir>/<sweep name>/`` (``comparison.csv``, ``comparison.md``, ``sweep.yaml``,
+``optuna.journal``) and to MLflow (one experiment per sweep). Re-running the same command resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import optuna
+
+from experiments.tracking import mask_secrets, resolve_tracking_uri
+
+from .config import load_sweep_config
+from .context import SweepContext
+from .final import final_tasks, summarize, write_outputs
+from .storage import default_storage, is_url, open_storage
+from .study import base_experiment, create_studies
+from .table import markdown_table
+from .tracking import ensure_parent_runs, finish_runs, prepare_tracking
+from .workers import plan_workers, run_phase
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="digits", metavar="YAML",
+                        help="sweep config: a YAML path or a bundled name (digits, fashion-mnist, omniglot, quick)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="override sweep keys (trials=4 seeds=2 losses=[triplet,circle]) "
+                             "or experiment keys (epochs=1 batch.p=8)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes sharing the studies (default: 1 on CPU, trials_per_gpu per GPU)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="Optuna storage: a SQLAlchemy URL (sqlite:///optuna.db, postgresql://...) "
+                             "(default: a journal file <output-dir>/<sweep>/optuna.journal)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    parser.add_argument("--output-dir", default="runs", help="where runs/<sweep name>/ goes (default: runs)")
+    parser.add_argument("--print-storage", action="store_true",
+                        help="print the sweep's Optuna storage (for optuna-dashboard) and exit")
+
+
+def _browse_hint(ctx: SweepContext) -> str:
+    storage = mask_secrets(ctx.storage)
+    return (f"Browse the runs:   make ui TRACKING_URI={mask_secrets(ctx.tracking_uri)}   "
+            f"(mlflow ui --backend-store-uri {mask_secrets(ctx.tracking_uri)})\n"
+            f"Browse the studies: make dashboard STORAGE={storage}   (optuna-dashboard {storage})")
+
+
+def main(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    cfg = load_sweep_config(args.config, args.overrides)
+    sweep_dir = Path(args.output_dir) / cfg.name
+    storage_spec = args.storage or default_storage(sweep_dir)
+    if args.print_storage:
+        print(storage_spec)
+        return 0
+    plugins = tuple(dict.fromkeys([*cfg.plugins, *getattr(args, "plugin", []), *getattr(args, "sub_plugin", [])]))
+    ctx = SweepContext(cfg, storage_spec, resolve_tracking_uri(args.tracking_uri), sweep_dir, plugins)
+    base = base_experiment(ctx)
+    slots = plan_workers(args.workers, base.device, cfg.trials_per_gpu)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.yaml").write_text(cfg.to_yaml())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    # Everything shared is created once, here, before any worker starts.
+    storage = open_storage(storage_spec, cfg.heartbeat_interval, cfg.grace_period)
+    create_studies(ctx, storage)
+    experiment_id = prepare_tracking(ctx)
+    ensure_parent_runs(ctx, experiment_id)
+    where = storage_spec if not is_url(storage_spec) else mask_secrets(storage_spec)
+    print(f"sweep {cfg.name!r}: {len(cfg.losses)} losses x {cfg.trials} trials, {cfg.seeds} final seeds, "
+          f"{len(slots)} worker(s); studies in {where}", flush=True)
+
+    failed = run_phase(ctx, "tune", slots, storage)
+    tasks = final_tasks(ctx, storage)
+    failed += run_phase(ctx, "final", slots[:max(1, min(len(slots), len(tasks)))], storage, tasks)
+    table = summarize(ctx, storage)
+    paths = write_outputs(ctx, table)
+    finish_runs(ctx, experiment_id, paths)
+
+    print()
+    print(markdown_table(table))
+    print(f"Test metrics in % as mean [95% t-interval] over seeds; trials complete/pruned/failed. "
+          f"Wrote {', '.join(str(p) for p in paths[:2])} in {time.perf_counter() - start:.0f}s.")
+    print(_browse_hint(ctx))
+    return 1 if failed else 0

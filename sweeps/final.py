@@ -1,0 +1,146 @@
+"""After tuning: retrain each loss's best configuration with N seeds, test once, compare.
+
+The final seeds (``seed+1 .. seed+N``) differ from the tuning seed, so the reported numbers are
+not the very run that won the selection. Each final run is an MLflow child of the loss's parent
+run (role ``final``) evaluated once on the held-out test classes; re-running a sweep skips the
+seeds already done for the same best trial.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from .context import SweepContext
+from .storage import budget_trials
+from .study import base_experiment, trial_experiment
+from .table import TABLE_METRICS, t_interval, write_table
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The completed trial with the highest val MAP@R, or ``None`` when no trial completed."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def best_values(ctx: SweepContext, loss: str, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """Config values of ``trial``: the loss, its fixed values and its tuned parameters."""
+    return {"loss.name": loss, **ctx.space(loss).fixed, **trial.params}
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise ValueError(f"MLflow experiment {name!r} does not exist; run the sweep first")
+    return experiment.experiment_id
+
+
+def final_runs(ctx: SweepContext, client: MlflowClient, loss: str, best_number: int) -> dict[int, Any]:
+    """Finished final runs of ``loss`` for best trial ``best_number``, by seed (the latest per seed)."""
+    runs = client.search_runs(
+        [_experiment_id(client, ctx.sweep.name)],
+        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.parents[loss]}' and tags.`tripletlab.role` = 'final' "
+                      f"and tags.`tripletlab.best_trial` = '{best_number}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"])
+    return {int(run.data.tags["tripletlab.seed"]): run for run in runs}
+
+
+def final_tasks(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> list[tuple[str, int]]:
+    """The (loss, seed) retrains still to do: losses with a completed trial, seeds not yet done."""
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    tasks = []
+    for loss in ctx.sweep.losses:
+        best = best_trial(optuna.load_study(study_name=ctx.study_name(loss), storage=storage))
+        if best is None:
+            print(f"[{loss}] no completed trial: no final runs", flush=True)
+            continue
+        done = final_runs(ctx, client, loss, best.number)
+        tasks += [(loss, seed) for seed in ctx.sweep.final_seeds if seed not in done]
+    return tasks
+
+
+def run_final(ctx: SweepContext, storage: optuna.storages.BaseStorage, loss: str, seed: int) -> None:
+    """Retrain ``loss``'s best configuration with ``seed`` and test it; a failure is reported, not raised."""
+    from experiments.runner import run_experiment
+
+    best = best_trial(optuna.load_study(study_name=ctx.study_name(loss), storage=storage))
+    cfg = trial_experiment(base_experiment(ctx), best_values(ctx, loss, best), seed)
+    tags = {"tripletlab.role": "final", "tripletlab.sweep": ctx.sweep.name, "tripletlab.best_trial": str(best.number),
+            "optuna.study_name": ctx.study_name(loss)}
+    try:
+        result = run_experiment(cfg, tracking_uri=ctx.tracking_uri, experiment_name=ctx.sweep.name,
+                                parent_run_id=ctx.parents[loss], run_name=f"{loss}/seed-{seed}", tags=tags)
+    except Exception as exc:
+        print(f"[{loss}] final seed {seed} failed: {type(exc).__name__}: {exc}", flush=True)
+        return
+    print(f"[{loss}] final seed {seed}: test MAP@R {result.test_metrics['map_at_r']:.4f}", flush=True)
+
+
+def _trial_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
+    return sum((t.datetime_complete - t.datetime_start).total_seconds()
+               for t in trials if t.datetime_complete is not None and t.datetime_start is not None)
+
+
+def _log_parent(client: MlflowClient, run_id: str, row: dict[str, Any], best_params: dict[str, Any]) -> None:
+    """Best parameters (params, set once), counts and final metrics on the loss's parent run."""
+    logged = client.get_run(run_id).data.params
+    for key, value in best_params.items():
+        name = f"best.{key}"
+        if name not in logged:
+            client.log_param(run_id, name, str(value))
+        elif logged[name] != str(value):  # params are immutable: a later, better trial goes to a tag
+            client.set_tag(run_id, name, str(value))
+    metrics = {k: row[k] for k in ("best_val_map_at_r", "trials_complete", "trials_pruned", "trials_failed")}
+    for metric in TABLE_METRICS:
+        for suffix in ("mean", "ci_low", "ci_high"):
+            metrics[f"final/test/{metric}_{suffix}"] = row[f"{metric}_{suffix}"]
+    for key, value in metrics.items():
+        if value is not None and math.isfinite(float(value)):
+            client.log_metric(run_id, key, float(value))
+
+
+def summarize(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> pd.DataFrame:
+    """The comparison table (one row per loss), also logged to each loss's parent run."""
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    rows = []
+    for loss in ctx.sweep.losses:
+        study = optuna.load_study(study_name=ctx.study_name(loss), storage=storage)
+        trials = budget_trials(study)
+        counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        best = best_trial(study)
+        finals = final_runs(ctx, client, loss, best.number) if best is not None else {}
+        final_seconds = sum((r.info.end_time - r.info.start_time) / 1000 for r in finals.values() if r.info.end_time)
+        row: dict[str, Any] = {
+            "loss": loss, "best_val_map_at_r": best.value if best is not None else math.nan,
+            "trials_complete": counts[TrialState.COMPLETE], "trials_pruned": counts[TrialState.PRUNED],
+            "trials_failed": counts[TrialState.FAIL], "seeds": len(finals),
+            "tuning_seconds": round(_trial_seconds(study.get_trials(deepcopy=False)), 1),
+            "final_seconds": round(final_seconds, 1),
+        }
+        row["compute_seconds"] = row["tuning_seconds"] + row["final_seconds"]
+        for metric in TABLE_METRICS:
+            values = [r.data.metrics[f"test/{metric}"] for r in finals.values() if f"test/{metric}" in r.data.metrics]
+            mean, low, high = t_interval(values)
+            row.update({f"{metric}_mean": mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+        tuned = best.params if best is not None else {}
+        row["best_params"] = ", ".join(f"{k}={_short(v)}" for k, v in tuned.items())
+        rows.append(row)
+        _log_parent(client, ctx.parents[loss], row, tuned)
+    return pd.DataFrame(rows)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_outputs(ctx: SweepContext, table: pd.DataFrame) -> list[Path]:
+    """``comparison.csv``, ``comparison.md`` and ``sweep.yaml`` in the sweep directory."""
+    csv_path, md_path = write_table(table, ctx.sweep_dir)
+    config_path = ctx.sweep_dir / "sweep.yaml"
+    config_path.write_text(ctx.sweep.to_yaml())
+    return [csv_path, md_path, config_path]

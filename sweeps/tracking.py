@@ -1,0 +1,60 @@
+"""The sweep's MLflow runs that no single training run owns: one parent per loss, one summary.
+
+Both are found again by their tags on a re-run, so resuming a sweep reuses them instead of
+adding duplicates (design.md, "sweeps/").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from experiments.provenance import provenance_tags
+from experiments.tracking import get_or_create_experiment, prepare_store
+
+from .context import SweepContext
+
+
+def _find_or_create(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
+    if runs:
+        client.update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+    return client.create_run(experiment_id, run_name=run_name, tags={**provenance_tags(), **tags}).info.run_id
+
+
+def _identity(ctx: SweepContext, role: str) -> dict[str, str]:
+    dataset = ctx.sweep.experiment.get("dataset", {})
+    return {"tripletlab.role": role, "tripletlab.sweep": ctx.sweep.name,
+            "tripletlab.dataset": str(dataset.get("name", "digits")),
+            "tripletlab.split": str(dataset.get("split", "class-disjoint"))}
+
+
+def prepare_tracking(ctx: SweepContext) -> str:
+    """Create and migrate the store and the sweep's experiment once, before any worker starts."""
+    ctx.tracking_uri = prepare_store(ctx.tracking_uri)
+    return get_or_create_experiment(ctx.sweep.name, ctx.tracking_uri)
+
+
+def ensure_parent_runs(ctx: SweepContext, experiment_id: str) -> dict[str, str]:
+    """The parent run of every loss (created, or found again on a re-run), by loss name."""
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    ctx.parents = {
+        loss: _find_or_create(client, experiment_id, loss, {
+            **_identity(ctx, "parent"), "tripletlab.loss": loss, "optuna.study_name": ctx.study_name(loss)})
+        for loss in ctx.sweep.losses
+    }
+    return ctx.parents
+
+
+def finish_runs(ctx: SweepContext, experiment_id: str, artifacts: list[Path]) -> str:
+    """End the parent runs and log ``artifacts`` (table, sweep config) to the summary run; returns its id."""
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    for run_id in ctx.parents.values():
+        client.set_terminated(run_id, status="FINISHED")
+    summary = _find_or_create(client, experiment_id, "summary", _identity(ctx, "summary"))
+    for path in artifacts:
+        client.log_artifact(summary, str(path))
+    client.set_terminated(summary, status="FINISHED")
+    return summary

@@ -1,0 +1,115 @@
+"""Worker processes: several trials at once, sharing the Optuna storage and the MLflow store.
+
+On CPU the default is one worker using every core (run in the calling process). On GPUs the
+default is ``trials_per_gpu`` workers per visible GPU, each pinned to one GPU with
+``CUDA_VISIBLE_DEVICES``. Each worker is ``python -m sweeps.workers SPEC INDEX``: it loads the
+sweep's plugins, then tunes every loss in turn (``tune`` phase) or runs its share of the final
+retrains (``final`` phase).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from .context import SweepContext
+from .storage import open_storage
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    index: int
+    env: dict[str, str]  # CUDA_VISIBLE_DEVICES, thread counts
+
+
+def visible_gpus(device: str) -> list[str]:
+    """GPU ids workers may be spread over: none for CPU/MPS or an explicit ``cuda:N``."""
+    if device not in ("auto", "cuda"):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def plan_workers(requested: int | None, device: str, trials_per_gpu: int, cpus: int | None = None) -> list[WorkerSlot]:
+    """One slot per worker: how many (``requested`` or the device default) and each one's environment."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"--workers must be >= 1, got {requested}")
+    gpus = visible_gpus(device)
+    count = requested or (len(gpus) * trials_per_gpu if gpus else 1)
+    threads = str(max(1, (cpus or os.cpu_count() or 1) // count))
+    slots = []
+    for index in range(count):
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        slots.append(WorkerSlot(index, env))
+    return slots
+
+
+def tune_all(ctx: SweepContext, storage: optuna.storages.BaseStorage, worker_index: int) -> None:
+    from .study import tune
+
+    for loss in ctx.sweep.losses:
+        tune(ctx, loss, storage, worker_index)
+
+
+def run_finals(ctx: SweepContext, storage: optuna.storages.BaseStorage, tasks: list[tuple[str, int]]) -> None:
+    from .final import run_final
+
+    for loss, seed in tasks:
+        run_final(ctx, storage, loss, seed)
+
+
+def run_phase(ctx: SweepContext, phase: str, slots: list[WorkerSlot], storage: optuna.storages.BaseStorage,
+              tasks: list[tuple[str, int]] = ()) -> list[int]:
+    """Run ``phase`` (``tune`` or ``final``) on ``slots``; returns the indices of workers that failed.
+
+    A single worker runs in this process; several run as subprocesses sharing the storage.
+    """
+    if len(slots) == 1:
+        if phase == "tune":
+            tune_all(ctx, storage, 0)
+        else:
+            run_finals(ctx, storage, list(tasks))
+        return []
+    spec_path = ctx.sweep_dir / f"worker-{phase}.json"
+    spec_path.write_text(json.dumps({"phase": phase, "workers": len(slots), "tasks": list(map(list, tasks)),
+                                     "context": json.loads(ctx.to_json())}))
+    procs = [subprocess.Popen([sys.executable, "-m", "sweeps.workers", str(spec_path), str(slot.index)],
+                              env={**os.environ, **slot.env}) for slot in slots]
+    failed = [slot.index for slot, proc in zip(slots, procs) if proc.wait() != 0]
+    for index in failed:
+        print(f"worker {index} ({phase}) exited with an error; re-run the same command to resume", flush=True)
+    return failed
+
+
+def worker_main(spec_path: str, index: int) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    ctx = SweepContext.from_json(json.dumps(spec["context"]))
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(ctx.storage, ctx.sweep.heartbeat_interval, ctx.sweep.grace_period)
+    if spec["phase"] == "tune":
+        tune_all(ctx, storage, index)
+    else:
+        run_finals(ctx, storage, [(loss, seed) for loss, seed in spec["tasks"][index::spec["workers"]]])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1], int(sys.argv[2])))

@@ -61,15 +61,15 @@ def main(args: argparse.Namespace) -> int:
     ctx = SweepContext(cfg, storage_spec, resolve_tracking_uri(args.tracking_uri), sweep_dir, plugins)
     base = base_experiment(ctx)
     slots = plan_workers(args.workers, base.device, cfg.trials_per_gpu)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.yaml").write_text(cfg.to_yaml())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
 
     # Everything shared is created once, here, before any worker starts.
     storage = open_storage(storage_spec, cfg.heartbeat_interval, cfg.grace_period)
     create_studies(ctx, storage)
     experiment_id = prepare_tracking(ctx)
     ensure_parent_runs(ctx, experiment_id)
+    (sweep_dir / "sweep.yaml").write_text(cfg.to_yaml())
     where = storage_spec if not is_url(storage_spec) else mask_secrets(storage_spec)
     print(f"sweep {cfg.name!r}: {len(cfg.losses)} losses x {cfg.trials} trials, {cfg.seeds} final seeds, "
           f"{len(slots)} worker(s); studies in {where}", flush=True)

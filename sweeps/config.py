@@ -9,8 +9,8 @@ A sweep config is YAML (see ``sweeps/configs/``)::
     pruner: {name: median}        # median | hyperband | threshold | none (+ the pruner's options)
     search:                       # shared parameters tuned for every loss
       optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
-    loss_overrides:               # narrow or fix a loss's declared search space
-      triplet: {margin: {low: 0.1, high: 0.5}, mining: [hard, semi-hard]}
+    loss_overrides:               # narrow or fix one loss's space; dotted keys set its training
+      triplet: {margin: {low: 0.1, high: 0.5}, mining: [hard, semi-hard], optimizer.lr: 1.0e-3}
     experiment:                   # the shared training settings (an experiment config)
       dataset: {name: digits}
       epochs: 4
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from experiments.config import SECTIONS as EXPERIMENT_SECTIONS
+from experiments.config import from_dict as experiment_from_dict
 
 from .space import build_space
 
@@ -115,8 +118,8 @@ def _set_nested(tree: dict, dotted: str, value: Any) -> None:
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """The raw sweep dict with ``key=value`` overrides applied.
 
-    ``search.<config key>`` sets one shared search range, ``loss_overrides.<loss>.<param>`` one loss
-    parameter, ``pruner.<option>``/``sampler.<option>``/``experiment.<key>`` a nested option; any
+    ``search.<config key>`` sets one shared search range, ``loss_overrides.<loss>.<key>`` one loss
+    parameter (or, for a dotted key, a training setting of that loss), ``pruner.<option>``/``sampler.<option>``/``experiment.<key>`` a nested option; any
     other non-sweep key is an experiment key (``epochs=1`` means ``experiment.epochs=1``).
     """
     out = copy.deepcopy(values)
@@ -126,8 +129,12 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         if not rest and head in SWEEP_KEYS:
             out[head] = value
         elif head == "search" and rest:
-            out.setdefault("search", {})[rest] = value
-        elif head in ("loss_overrides", "pruner", "sampler", "experiment") and rest:
+            out["search"] = {**(out.get("search") or {}), rest: value}
+        elif head == "loss_overrides" and "." in rest:
+            loss, _, param = rest.partition(".")
+            out["loss_overrides"] = overrides = dict(out.get("loss_overrides") or {})
+            overrides[loss] = {**(overrides.get(loss) or {}), param: value}
+        elif head in ("pruner", "sampler", "experiment") and rest:
             section = out.get(head)
             if head == "pruner" and isinstance(section, str):
                 section = {"name": section}
@@ -135,6 +142,12 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             _set_nested(section, rest, value)
         elif head in SWEEP_KEYS:
             raise ValueError(f"override {item!r}: {head!r} takes a whole value, e.g. {head}=..., not {key}=...")
+        elif head not in EXPERIMENT_SECTIONS:
+            close = difflib.get_close_matches(head, [*SWEEP_KEYS, *EXPERIMENT_SECTIONS], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"override {item!r}: {head!r} is neither a sweep key nor an experiment key{hint}. "
+                             f"Sweep keys: {', '.join(SWEEP_KEYS)}; experiment keys start with "
+                             f"{', '.join(EXPERIMENT_SECTIONS)}")
         else:
             _set_nested(out.setdefault("experiment", {}), key, value)
     return out
@@ -201,6 +214,7 @@ def sweep_from_dict(values: dict[str, Any], default_name: str = "") -> SweepConf
     _check("loss" not in experiment,
            "the sweep's experiment settings must not set 'loss': the sweep picks the loss; "
            "fix or narrow loss parameters under loss_overrides: {<loss>: {<param>: ...}}")
+    experiment_from_dict(experiment)  # unknown or invalid experiment keys fail here, naming the key
     sampler = values.get("sampler") or {}
     _check(isinstance(sampler, dict), f"sweep key 'sampler' must map TPESampler options to values, got {sampler!r}")
     cfg = SweepConfig(

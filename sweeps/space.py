@@ -137,10 +137,13 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
                 overrides: dict[str, Any] | None = None) -> SearchSpace:
     """The search space of ``loss`` from its declaration, the shared ``search`` and its ``overrides``.
 
+    ``overrides`` keys without a dot are the loss's own parameters; dotted keys (``optimizer.lr``)
+    replace a shared ``search`` entry, or add one, for this loss only.
     Raises ``ValueError`` naming the parameter for an unknown name or a value outside its valid range.
     """
     info = loss_info(loss)
-    overrides = dict(overrides or {})
+    search = {**(search or {}), **{k: v for k, v in (overrides or {}).items() if "." in k}}
+    overrides = {k: v for k, v in (overrides or {}).items() if "." not in k}
     declared = {p.name: p for p in info.params}
     unknown = sorted(set(overrides) - set(declared))
     if unknown:
@@ -158,7 +161,7 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
             dim = _declared(param, f"loss.{param.name}")
         if dim is not None:
             dimensions.append(dim)
-    for key, spec in (search or {}).items():
+    for key, spec in search.items():
         if key == "loss" or key.startswith("loss."):
             raise ValueError(f"search key {key!r}: tune loss parameters under loss_overrides.<loss>.<param>, "
                              "shared search keys are experiment keys such as optimizer.lr")

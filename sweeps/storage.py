@@ -20,6 +20,7 @@ import fcntl
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -48,10 +49,12 @@ def open_storage(storage: str, heartbeat_interval: int = 60, grace_period: int =
     if storage.startswith(("redis://", "rediss://")):
         raise ValueError("--storage takes a SQLAlchemy URL (sqlite:///..., postgresql://...) or a journal file path; "
                          "Redis is not supported")
-    return RDBStorage(
-        storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-    )
+    with warnings.catch_warnings():  # the heartbeat API is stable in use but still flagged experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+        )
 
 
 def is_retried(trial: FrozenTrial, retried_numbers: set[int]) -> bool:

@@ -1,0 +1,156 @@
+"""End-to-end sweeps on digits: real training, a real Optuna storage and a real MLflow SQLite store."""
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from experiments.cli import main as cli_main
+from sweep_fixture import TINY_LOSSES, run_sweep, sweep_args, tiny_sweep, working_directory  # noqa: F401
+from sweeps.storage import open_storage
+
+
+def _runs(sweep, role=None, parent=None):
+    client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.experiment_name)
+    filters = [f"tags.`tripletlab.role` = '{role}'"] if role else []
+    if parent:
+        filters.append(f"tags.`mlflow.parentRunId` = '{parent}'")
+    return client.search_runs([experiment.experiment_id], filter_string=" and ".join(filters), max_results=1000)
+
+
+def _study(sweep, loss):
+    return optuna.load_study(study_name=f"{sweep.name}/{loss}", storage=open_storage(sweep.storage))
+
+
+def test_each_loss_gets_its_budget_and_a_parent_with_trial_and_final_children(tiny_sweep):
+    assert tiny_sweep.exit_code == 0
+    parents = {r.data.tags["tripletlab.loss"]: r for r in _runs(tiny_sweep, "parent")}
+    assert set(parents) == set(TINY_LOSSES)
+    for loss, parent in parents.items():
+        study = _study(tiny_sweep, loss)
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * tiny_sweep.trials
+        trials = _runs(tiny_sweep, "trial", parent.info.run_id)
+        finals = _runs(tiny_sweep, "final", parent.info.run_id)
+        assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == list(range(tiny_sweep.trials))
+        assert {r.data.tags["tripletlab.trial_state"] for r in trials} == {"complete"}
+        assert all(r.data.tags["optuna.study_name"] == f"{tiny_sweep.name}/{loss}" for r in trials)
+        assert all("test/map_at_r" not in r.data.metrics for r in trials)  # tuning never sees the test classes
+        assert sorted(int(r.data.tags["tripletlab.seed"]) for r in finals) == [1, 2]
+        best = study.best_trial
+        assert all(r.data.params[f"{k}"] == str(v) for r in finals for k, v in best.params.items())
+        assert parent.info.status == "FINISHED" and parent.info.run_name == loss
+        params, metrics = parent.data.params, parent.data.metrics
+        assert {f"best.{k}" for k in best.params} <= set(params)
+        assert metrics["best_val_map_at_r"] == pytest.approx(best.value)
+        assert (metrics["trials_complete"], metrics["trials_pruned"], metrics["trials_failed"]) == (3, 0, 0)
+        tests = [r.data.metrics["test/map_at_r"] for r in finals]
+        assert metrics["final/test/map_at_r_mean"] == pytest.approx(sum(tests) / len(tests))
+        assert metrics["final/test/map_at_r_ci_low"] < metrics["final/test/map_at_r_mean"] < metrics["final/test/map_at_r_ci_high"]
+
+
+def test_comparison_table_files_and_summary_run(tiny_sweep):
+    table = pd.read_csv(tiny_sweep.output_dir / "comparison.csv")
+    assert list(table["loss"]) == list(TINY_LOSSES)
+    assert (table["seeds"] == 2).all() and (table["trials_complete"] == 3).all()
+    assert ((table["map_at_r_ci_low"] <= table["map_at_r_mean"]) & (table["map_at_r_mean"] <= table["map_at_r_ci_high"])).all()
+    assert table["precision_at_1_mean"].between(0, 1).all() and (table["compute_seconds"] > 0).all()
+    markdown = (tiny_sweep.output_dir / "comparison.md").read_text()
+    assert all(f"`{loss}`" in markdown for loss in TINY_LOSSES)
+    assert "trials: 3" in (tiny_sweep.output_dir / "sweep.yaml").read_text()
+    [summary] = _runs(tiny_sweep, "summary")
+    client = MlflowClient(tracking_uri=tiny_sweep.tracking_uri)
+    assert {a.path for a in client.list_artifacts(summary.info.run_id)} == {"comparison.csv", "comparison.md", "sweep.yaml"}
+
+
+def test_rerunning_resumes_without_going_past_the_budget(tiny_sweep):
+    again = run_sweep(tiny_sweep.root, name=tiny_sweep.name)
+    assert again.exit_code == 0
+    for loss in TINY_LOSSES:
+        assert len(_study(again, loss).trials) == tiny_sweep.trials
+    assert len(_runs(again, "parent")) == len(TINY_LOSSES) and len(_runs(again, "summary")) == 1
+    assert len(_runs(again, "trial")) == len(TINY_LOSSES) * tiny_sweep.trials
+    assert len(_runs(again, "final")) == len(TINY_LOSSES) * tiny_sweep.seeds
+
+
+def test_a_changed_space_under_the_same_name_is_refused_before_training(tiny_sweep, capsys):
+    with working_directory(tiny_sweep.root):
+        code = cli_main(sweep_args(tiny_sweep.name, extra=["loss_overrides.batch_hard.margin=0.3"]))
+    assert code == 2
+    assert "already exists with another search space" in capsys.readouterr().err
+    assert len(_study(tiny_sweep, "batch_hard").trials) == tiny_sweep.trials
+
+
+def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
+    sweep = run_sweep(tmp_path, name="broken", extra=[
+        "trials=2", "seeds=1", "loss_overrides.multi_similarity.optimizer.lr=1.0e+30",
+        "pruner={name: threshold, lower: 2.0}"])
+    assert sweep.exit_code == 0
+    failed = _study(sweep, "multi_similarity").trials
+    assert [t.state for t in failed] == [TrialState.FAIL] * 2
+    assert all("non-finite" in t.user_attrs["fail_reason"] or "NaN" in t.user_attrs["fail_reason"] for t in failed)
+    pruned = _study(sweep, "batch_hard").trials
+    assert [t.state for t in pruned] == [TrialState.PRUNED] * 2 and all(t.intermediate_values for t in pruned)
+    states = {(r.data.tags["tripletlab.loss"], r.data.tags["tripletlab.trial_state"]) for r in _runs(sweep, "trial")}
+    assert states == {("multi_similarity", "failed"), ("batch_hard", "pruned")}
+    assert all("tripletlab.error" in r.data.tags for r in _runs(sweep, "trial") if r.data.tags["tripletlab.loss"] == "multi_similarity")
+    assert _runs(sweep, "final") == []  # nothing completed, so nothing to retrain
+    table = pd.read_csv(sweep.output_dir / "comparison.csv")
+    assert table.set_index("loss").loc["multi_similarity", "trials_failed"] == 2
+    assert table.set_index("loss").loc["batch_hard", "trials_pruned"] == 2
+    assert math.isnan(table.set_index("loss").loc["batch_hard", "map_at_r_mean"])
+
+
+def test_sqlite_rdb_storage_with_heartbeat(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sweep = run_sweep(tmp_path, name="rdb", losses=("batch_hard",), extra=["trials=2", "seeds=1"], storage=storage)
+    assert sweep.exit_code == 0
+    rdb = open_storage(storage, heartbeat_interval=60, grace_period=600)
+    assert isinstance(rdb, optuna.storages.RDBStorage) and rdb.get_heartbeat_interval() == 60
+    study = optuna.load_study(study_name="rdb/batch_hard", storage=rdb)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert not (tmp_path / "runs" / "rdb" / "optuna.journal").exists()
+    assert len(_runs(sweep, "final")) == 1
+
+
+PLUGIN = '''
+import torch
+from losses import MetricLoss, register_loss
+from losses.params import HyperParam
+
+
+@register_loss("toy_contrastive")
+class ToyContrastive(MetricLoss):
+    """Contrastive loss (Hadsell et al. 2006) with margin m, for the plugin sweep test."""
+
+    hyperparams = (HyperParam("margin", float, 0.5, "negative margin", low=0.0, high=2.0, search=(0.1, 1.0)),)
+    paper = "Hadsell et al. 2006"
+
+    def __init__(self, margin=0.5):
+        super().__init__()
+        self.margin = margin
+
+    def compute(self, embeddings, labels, ref_embeddings, ref_labels):
+        d = torch.cdist(embeddings, embeddings)
+        same = labels[:, None] == labels[None, :]
+        off = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        pos = d[same & off].pow(2)
+        neg = (self.margin - d[~same]).clamp(min=0).pow(2)
+        return torch.cat([pos, neg]).mean()
+'''
+
+
+def test_a_plugin_loss_is_swept_by_naming_it(tmp_path):
+    plugin = tmp_path / "toy_plugin.py"
+    plugin.write_text(PLUGIN)
+    sweep = run_sweep(tmp_path, name="plugin", losses=("toy_contrastive",),
+                      extra=["trials=2", "seeds=1", f"plugins=[{plugin}]"])
+    assert sweep.exit_code == 0
+    study = _study(sweep, "toy_contrastive")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert all(0.1 <= t.params["loss.margin"] <= 1.0 for t in study.trials)
+    assert len(_runs(sweep, "final")) == 1

@@ -29,7 +29,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class DatasetConfig:
     name: str = "digits"
     path: str = ""  # empty: the dataset's environment variable or its built-in location
-    split: str = "class-disjoint"
+    split: str = "standard"  # standard | class-disjoint (see experiments/splits.py)
     val_fraction: float = 0.2  # share of the training classes held out for validation
     image_size: int | list = 0  # 0: the dataset's default; N: N x N; [height, width]
     max_per_class: int = 0  # 0: all images
@@ -51,8 +51,8 @@ class ModelConfig:
 
 @dataclass
 class BatchConfig:
-    p: int = 3  # classes per batch (digits' class-disjoint split trains on 3 classes)
-    k: int = 16  # images per class
+    p: int = 8  # classes per batch
+    k: int = 8  # images per class
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""Embedding a split with a trained model, and the validation and test metrics of a run."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from experiments.device_data import DeviceImages
+from experiments.metrics import retrieval_metrics
+from experiments.verification import MAX_SAMPLES, verification_metrics
+
+VAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
+
+
+@torch.no_grad()
+def embed_split(model: nn.Module, data: DeviceImages, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 embeddings and labels of every image of a split, in order, never augmented."""
+    was_training = model.training
+    model.eval()
+    device = data.device
+    chunks, labels = [], []
+    for images, lab in data.iterate(batch_size):
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            chunks.append(model(images).float())
+        labels.append(lab)
+    model.train(was_training)
+    return torch.cat(chunks), torch.cat(labels)
+
+
+def validation_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """P@1, R-precision and MAP@R (Musgrave et al. 2020), each query against the rest of the split."""
+    metrics = retrieval_metrics(embeddings, labels, ks=(1,), with_nmi=False)
+    return {k: float(metrics[k]) for k in VAL_METRICS}
+
+
+def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: bool, seed: int = 0) -> dict[str, float]:
+    """Every retrieval metric, embedding-quality statistics and, with ``verification``, face
+    verification metrics (``verification_<name>``) over all pairs of at most
+    ``verification.MAX_SAMPLES`` embeddings (a seeded subset when there are more)."""
+    metrics = {k: float(v) for k, v in retrieval_metrics(embeddings, labels, seed=seed).items()}
+    if verification:
+        if embeddings.shape[0] > MAX_SAMPLES:
+            keep = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_SAMPLES]
+            embeddings, labels = embeddings[keep.to(embeddings.device)], labels[keep.to(labels.device)]
+        pairs = verification_metrics(embeddings, labels, seed=seed)
+        metrics.update({f"verification_{k}": float(v) for k, v in pairs.items()})
+    return metrics

@@ -1,0 +1,156 @@
+"""``run_experiment``: one config -> data, model, loss, training, evaluation, one MLflow run.
+
+The run is created first and always ended: FINISHED (also when ``on_epoch`` prunes it), FAILED
+with the error in tag ``tripletlab.error`` (bad data, a non-finite loss, any exception), or KILLED
+on ``KeyboardInterrupt``. Logging goes to the run by id, so runs can train in parallel threads.
+"""
+from __future__ import annotations
+
+import copy
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from experiments.config import ExperimentConfig, flatten_config
+from experiments.datasets import load_dataset
+from experiments.device_data import DeviceImages
+from experiments.evaluation import VAL_METRICS, embed_split, test_metrics
+from experiments.models import build_model
+from experiments.provenance import provenance_tags
+from experiments.sampler import PKSampler
+from experiments.tracking import RunLogger, get_or_create_experiment, mask_secrets, prepare_store
+from experiments.trainer import NonFiniteLossError, pick_device, train
+from losses import build_loss, loss_info
+
+IDENTITY_DATASETS = ("orl-faces",)  # verification metrics on by default
+
+
+@dataclass
+class RunResult:
+    """What a caller (a sweep trial, the CLI) needs back; everything else is in MLflow.
+
+    ``history``: one dict per epoch with the logged keys (``epoch``, ``train/loss``, ``val/map_at_r``...).
+    ``val_metrics``: unprefixed validation metrics of the model that was tested (the last epoch, or
+    the best one under early stopping) plus ``best_map_at_r``. ``test_metrics``: unprefixed test
+    metrics, or ``None`` when not evaluated.
+    """
+
+    run_id: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, float] | None = None
+    pruned: bool = False
+
+
+def _fill_derived_params(cfg: ExperimentConfig, num_classes: int) -> None:
+    """Loss params the loss declares and the user left unset: ``num_classes``/``embedding_dim``
+    (0) from the data and model, ``seed`` (its default) from the run's seed."""
+    declared = {p.name: p.default for p in loss_info(cfg.loss.name).params}
+    derived = {"num_classes": num_classes, "embedding_dim": cfg.model.embedding_dim}
+    for name in derived.keys() & declared.keys():
+        if not cfg.loss.params.get(name):
+            cfg.loss.params[name] = derived[name]
+    if "seed" in declared and cfg.loss.params.get("seed") == declared["seed"]:
+        cfg.loss.params["seed"] = cfg.seed
+
+
+def _split_params(info: dict[str, Any]) -> dict[str, str]:
+    """The scalar entries of the dataset's split record, as ``data.<key>`` params."""
+    return {f"data.{k}": str(v) for k, v in info.items() if isinstance(v, (int, float, str, bool)) and len(str(v)) < 500}
+
+
+def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluate_test: bool,
+                        log_embeddings: bool) -> RunResult:
+    device = pick_device(cfg.device)
+    run.set_tags({"tripletlab.device": str(device)})
+    splits = load_dataset(cfg.dataset, cfg.seed)
+    train_split = splits.train
+    num_classes = len(train_split.classes())
+    sampler = PKSampler(train_split.labels, cfg.batch.p, cfg.batch.k, cfg.seed)
+    _fill_derived_params(cfg, num_classes)
+    run.log_params({**flatten_config(cfg), **_split_params(splits.info)})
+    run.params_logged = True
+    run.log_params({"data.classes_with_replacement": len(sampler.classes_with_replacement)})
+    run.log_json(splits.info, "split.json")
+    run.log_text(cfg.to_yaml(), "config.yaml")
+
+    _, channels, height, width = train_split.images.shape
+    model = build_model(cfg.model.name, channels, (height, width), cfg.model.embedding_dim,
+                        cfg.model.normalize, cfg.seed).to(device)
+    loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
+    train_data = DeviceImages(train_split, device, augment=cfg.dataset.augment, seed=cfg.seed)
+    val_data = DeviceImages(splits.val, device, augment=False) if len(splits.val) > 1 else None
+    checkpoints = Path(cfg.train.checkpoint_dir) / run.run_id if cfg.train.checkpoint_dir else None
+
+    outcome = train(model, loss_fn, train_data, sampler, val_data, cfg, device, on_epoch=on_epoch,
+                    log_epoch=lambda epoch, metrics: run.log_metrics(metrics, step=epoch),
+                    checkpoint_dir=checkpoints)
+    tested_epoch = outcome.best_epoch if cfg.train.early_stopping_patience else outcome.history[-1]["epoch"]
+    tested = next((h for h in outcome.history if h["epoch"] == tested_epoch), outcome.history[-1])
+    val_metrics = {k: tested[f"val/{k}"] for k in VAL_METRICS if f"val/{k}" in tested}
+    final = {"train_seconds": outcome.train_seconds}
+    if outcome.best_epoch:
+        val_metrics["best_map_at_r"] = outcome.best_map_at_r
+        final["val/best_map_at_r"] = outcome.best_map_at_r
+    if outcome.stopped:
+        run.set_tags({"tripletlab.stopped": outcome.stopped})
+
+    test = None
+    if evaluate_test:
+        embeddings, labels = embed_split(model, DeviceImages(splits.test, device, augment=False), cfg.eval.batch_size)
+        verification = cfg.eval.verification
+        if verification is None:
+            verification = cfg.dataset.name in IDENTITY_DATASETS
+        test = test_metrics(embeddings, labels, verification, cfg.seed)
+        final.update({f"test/{k}": v for k, v in test.items()})
+        if log_embeddings and cfg.tracking.log_embeddings:
+            run.log_npz("embeddings/test.npz", embeddings=embeddings.cpu().numpy(), labels=labels.cpu().numpy())
+    run.log_metrics(final, step=len(outcome.history))
+    run.log_json({"history": outcome.history, "val": val_metrics, "test": test, **final}, "metrics.json")
+    return RunResult(run.run_id, outcome.history, val_metrics, test, pruned=outcome.stopped == "pruned")
+
+
+def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, experiment_name: str = "tripletlab",
+                   parent_run_id: str | None = None, run_name: str | None = None, tags: dict[str, str] | None = None,
+                   on_epoch: Callable[[int, dict[str, float]], bool] | None = None, evaluate_test: bool = True,
+                   log_embeddings: bool = True) -> RunResult:
+    """Train and evaluate ``cfg`` as one MLflow run; see the module docstring and docs/design.md."""
+    cfg = copy.deepcopy(cfg)
+    uri = prepare_store(tracking_uri)
+    experiment_id = get_or_create_experiment(experiment_name, uri)
+    run_tags = {
+        "tripletlab.role": "train", "tripletlab.loss": cfg.loss.name, "tripletlab.dataset": cfg.dataset.name,
+        "tripletlab.split": cfg.dataset.split, "tripletlab.seed": str(cfg.seed), "tripletlab.device": cfg.device,
+        **provenance_tags(), **(tags or {}),
+    }
+    run = RunLogger(uri, experiment_id, run_name or f"{cfg.loss.name}-{cfg.dataset.name}-seed{cfg.seed}",
+                    run_tags, parent_run_id)
+    status = "FAILED"
+    try:
+        result = _train_and_evaluate(cfg, run, on_epoch, evaluate_test, log_embeddings)
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        run.set_tags({"tripletlab.error": "interrupted (KeyboardInterrupt)"})
+        raise
+    except BaseException as exc:
+        _record_failure(run, cfg, exc)
+        raise
+    finally:
+        run.end(status)
+
+
+def _record_failure(run: RunLogger, cfg: ExperimentConfig, exc: BaseException) -> None:
+    """Error tags (and the config, if not logged yet) on a failing run; never masks ``exc``."""
+    try:
+        run.set_tags({"tripletlab.error": mask_secrets(f"{type(exc).__name__}: {exc}")[:5000],
+                      "tripletlab.traceback": mask_secrets(traceback.format_exc())[-5000:]})
+        if not run.params_logged:
+            run.log_params(flatten_config(cfg))
+    except Exception:  # the store itself failing must not hide the original error
+        pass
+
+
+__all__ = ["NonFiniteLossError", "RunResult", "run_experiment"]

@@ -1,0 +1,191 @@
+"""``tripletlab train`` and ``run_experiment`` end to end on tiny digits, with a real SQLite MLflow
+store: finished, failed, killed and pruned runs, reproducibility, checkpoints and clear errors."""
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from experiments.cli import main as cli_main
+from experiments.config import load_config
+from experiments.models import build_model
+from experiments.runner import NonFiniteLossError, run_experiment
+from experiments.trainer import load_checkpoint
+from losses import STAT_NAMES
+
+TINY = ["epochs=2", "dataset.max_per_class=24", "batch.p=4", "batch.k=4", "model.embedding_dim=16", "device=cpu"]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRIPLETLAB_PROGRESS", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def all_runs(uri):
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids) if ids else []
+
+
+def assert_none_running(uri):
+    assert [r.info.run_id for r in all_runs(uri) if r.info.status == "RUNNING"] == []
+
+
+def test_train_command_logs_a_finished_run(store, tmp_path, capsys):
+    assert cli_main(["train", "--tracking-uri", store, "--experiment", "e2e", *TINY]) == 0
+    assert "test  precision_at_1" in capsys.readouterr().out
+    (run,) = all_runs(store)
+    client = MlflowClient(store)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["tripletlab.role"] == "train" and tags["tripletlab.loss"] == "batch_hard"
+    assert tags["tripletlab.dataset"] == "digits" and tags["tripletlab.split"] == "standard"
+    assert tags["tripletlab.device"] == "cpu" and tags["tripletlab.seed"] == "0"
+    assert tags["tripletlab.version.torch"] == torch.__version__.split("+")[0] or tags["tripletlab.version.torch"]
+    assert "tripletlab.git_commit" in tags and "tripletlab.error" not in tags
+    params = run.data.params
+    assert params["batch.p"] == "4" and params["loss.name"] == "batch_hard" and "loss.margin" in params
+    assert params["data.classes_with_replacement"] == "0"
+    for key in ["train/loss", "val/map_at_r", "val/precision_at_1", "val/r_precision", "epoch_seconds",
+                *(f"train/{s}" for s in STAT_NAMES)]:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    for key in ["test/map_at_r", "test/precision_at_1", "test/r_precision", "test/recall_at_8", "test/nmi",
+                "val/best_map_at_r", "train_seconds"]:
+        assert key in run.data.metrics, key
+    assert 0.0 <= run.data.metrics["test/map_at_r"] <= 1.0
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(tmp_path / "mlartifacts")
+    assert load_config(str(artifacts / "config.yaml"), []).batch.p == 4
+    with np.load(artifacts / "embeddings" / "test.npz") as npz:
+        assert npz["embeddings"].shape == (len(npz["labels"]), 16)
+        assert np.allclose(np.linalg.norm(npz["embeddings"], axis=1), 1.0, atol=1e-5)
+    assert (artifacts / "metrics.json").is_file() and (artifacts / "split.json").is_file()
+
+
+def test_same_seed_gives_identical_metrics(store):
+    cfg = load_config(None, TINY)
+    first = run_experiment(cfg, tracking_uri=store)
+    second = run_experiment(cfg, tracking_uri=store)
+    strip = lambda history: [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in history]  # noqa: E731
+    assert strip(first.history) == strip(second.history)
+    assert first.test_metrics == second.test_metrics
+    other = run_experiment(load_config(None, [*TINY, "seed=1"]), tracking_uri=store, evaluate_test=False)
+    assert strip(other.history) != strip(first.history) and other.test_metrics is None
+
+
+def test_training_beats_the_untrained_network(store):
+    cfg = load_config(None, ["epochs=3", "dataset.max_per_class=60", "device=cpu"])
+    result = run_experiment(cfg, tracking_uri=store)
+    from experiments.datasets import load_dataset
+    from experiments.device_data import DeviceImages
+    from experiments.evaluation import embed_split, validation_metrics
+
+    test = load_dataset(cfg.dataset, cfg.seed).test
+    untrained = build_model("auto", 1, (8, 8), cfg.model.embedding_dim, True, cfg.seed)
+    baseline = validation_metrics(*embed_split(untrained, DeviceImages(test, "cpu"), 512))
+    assert result.test_metrics["map_at_r"] > baseline["map_at_r"] + 0.2
+
+
+def _failed(uri, match):
+    (run,) = all_runs(uri)
+    assert run.info.status == "FAILED"
+    assert match in run.data.tags["tripletlab.error"]
+    return run
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimiser.lr=0.1"], "unknown config key 'optimiser.lr'"),
+    (["loss.margn=0.1"], "unknown parameter(s) margn for loss 'batch_hard'"),
+])
+def test_config_errors_are_clear_and_start_no_run(store, capsys, overrides, message):
+    assert cli_main(["train", "--tracking-uri", store, *TINY, *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert_none_running(store)
+
+
+def _write_idx(path: Path, magic: int, dims: tuple[int, ...], values: np.ndarray) -> None:
+    header = struct.pack(">" + "i" * (1 + len(dims)), magic, *dims)
+    path.write_bytes(gzip.compress(header + values.astype(np.uint8).tobytes()))
+
+
+def test_data_errors_fail_the_run_with_the_reason(store, tmp_path, capsys):
+    base = ["train", "--tracking-uri", store, *TINY, "dataset.name=fashion-mnist"]
+    assert cli_main([*base, f"dataset.path={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    _failed(store, "does not exist")
+
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 1234, (n, 28, 28), rng.integers(0, 255, n * 784))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, (n,), np.arange(n) % 10)
+    assert cli_main([*base, f"dataset.path={folder}"]) == 2
+    assert "expected IDX magic number 2051, found 1234" in capsys.readouterr().err
+    assert sum(r.info.status == "FAILED" for r in all_runs(store)) == 2
+    assert_none_running(store)
+
+
+def test_more_classes_per_batch_than_training_classes(store, capsys):
+    assert cli_main(["train", "--tracking-uri", store, *TINY, "dataset.split=class-disjoint", "batch.p=5"]) == 2
+    assert "batch.p=5 exceeds the 3 classes" in capsys.readouterr().err
+    _failed(store, "batch.p=5")
+
+
+def test_exception_in_training_fails_the_run(store):
+    def explode(epoch, metrics):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_experiment(load_config(None, TINY), tracking_uri=store, on_epoch=explode)
+    run = _failed(store, "RuntimeError: boom")
+    assert "loss.margin" in run.data.params
+
+
+def test_non_finite_loss(store):
+    with pytest.raises(NonFiniteLossError, match="lower optimizer.lr"):
+        run_experiment(load_config(None, [*TINY, "optimizer.lr=1e30", "optimizer.warmup_epochs=0"]),
+                       tracking_uri=store)
+    _failed(store, "NonFiniteLossError")
+
+
+def test_pruned_run_finishes_early(store):
+    seen = []
+    result = run_experiment(load_config(None, [*TINY, "epochs=3"]), tracking_uri=store, experiment_name="sweep",
+                            tags={"tripletlab.role": "trial"},
+                            on_epoch=lambda epoch, metrics: seen.append((epoch, metrics["val/map_at_r"])) or True)
+    assert result.pruned and len(result.history) == 1 and seen[0][0] == 1
+    assert result.val_metrics["map_at_r"] == seen[0][1]
+    (run,) = all_runs(store)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tripletlab.stopped"] == "pruned" and run.data.tags["tripletlab.role"] == "trial"
+
+
+def test_keyboard_interrupt_kills_the_run(store):
+    def interrupt(epoch, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(None, TINY), tracking_uri=store, on_epoch=interrupt)
+    (run,) = all_runs(store)
+    assert run.info.status == "KILLED"
+
+
+def test_parent_run_and_checkpoints(store, tmp_path):
+    client = MlflowClient(store)
+    parent = run_experiment(load_config(None, [*TINY, "epochs=1"]), tracking_uri=store, evaluate_test=False)
+    cfg = load_config(None, [*TINY, f"train.checkpoint_dir={tmp_path / 'ckpt'}", "train.early_stopping_patience=1"])
+    child = run_experiment(cfg, tracking_uri=store, parent_run_id=parent.run_id, log_embeddings=False)
+    run = client.get_run(child.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert "embeddings" not in [a.path for a in client.list_artifacts(child.run_id)]
+    folder = tmp_path / "ckpt" / child.run_id
+    model = build_model("auto", 1, (8, 8), 16, True, seed=123)
+    assert load_checkpoint(folder / "last.pt", model) == len(child.history)
+    assert load_checkpoint(folder / "best.pt", model) >= 1

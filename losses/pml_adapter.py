@@ -3,8 +3,11 @@
 The hyperparameters are read from the PML class's constructor: one :class:`HyperParam` per
 argument whose default is a bool, number or string (numbers are floats, except count-like names
 such as ``num_classes``), with no search range (a sweep keeps them fixed unless its config names a
-range). Required numeric arguments (``num_classes``, ``embedding_size``) have no default and must be
-given. Arguments that take objects (distance, reducer, regularizers) keep PML's defaults.
+range). Required count arguments default to 0, meaning "inferred at run time" as for the built-in
+losses: ``num_classes`` from the data and ``embedding_dim`` (PML's ``embedding_size`` or
+``descriptors_dim``) from the model; building the loss with them still at 0 raises ``ValueError``.
+Other required arguments must be given. Arguments that take objects (distance, reducer,
+regularizers) keep PML's defaults.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ _NOT_STANDALONE = {"BaseMetricLossFunction", "GenericPairLoss", "BaseLossWrapper
                    "CrossBatchMemory", "SelfSupervisedLoss"}
 _COUNT_NAMES = ("num_", "n_")
 _COUNT_SUFFIXES = ("_size", "_dim", "_per_class")
+_RENAMED = {"embedding_size": "embedding_dim", "descriptors_dim": "embedding_dim"}
 _OWN_ARGS = {"self", "embedding_regularizer", "embedding_reg_weight", "args", "kwargs"}
 
 
@@ -61,8 +65,9 @@ def _constructor_params(cls: type) -> list[inspect.Parameter]:
 def _hyperparam(p: inspect.Parameter) -> HyperParam | None:
     default = p.default
     if default is inspect.Parameter.empty:
-        kind = int if _is_count(p.name) else float
-        return HyperParam(p.name, kind, None, "required")
+        if _is_count(p.name):
+            return HyperParam(_RENAMED.get(p.name, p.name), int, 0, "required (0 = infer at run time)", low=0)
+        return HyperParam(p.name, float, None, "required")
     if isinstance(default, bool):
         return HyperParam(p.name, bool, default)
     if isinstance(default, (int, float)):
@@ -81,15 +86,17 @@ class PMLLoss(MetricLoss):
 
     pml_class: type
     pml_int_params: frozenset = frozenset()
+    pml_required: frozenset = frozenset()
+    pml_names: dict = {}
 
     def __init__(self, **params) -> None:
         super().__init__()
-        missing = [name for name, value in params.items() if value is None]
+        missing = [name for name in sorted(self.pml_required) if params.get(name) in (None, 0)]
         if missing:
-            raise ValueError(f"pml:{self.pml_class.__name__} needs {', '.join(missing)}; "
-                             f"pass them, e.g. {missing[0]}=<value>")
+            raise ValueError(f"pml:{self.pml_class.__name__} needs {', '.join(missing)} (no default in "
+                             f"pytorch-metric-learning); pass them, e.g. {missing[0]}=<value>")
         params = {k: int(v) if k in self.pml_int_params and float(v).is_integer() else v for k, v in params.items()}
-        self.pml_loss = self.pml_class(**params)
+        self.pml_loss = self.pml_class(**{self.pml_names.get(k, k): v for k, v in params.items()})
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         loss = self.pml_loss(embeddings, labels, ref_emb=ref_embeddings, ref_labels=ref_labels)
@@ -126,10 +133,13 @@ def pml_info(class_name: str) -> LossInfo:
     params = tuple(hp for _, hp in declared if hp is not None)
     int_params = frozenset(p.name for p, hp in declared
                            if hp is not None and type(p.default) is int)  # PML gets ints back where it had them
+    required = frozenset(hp.name for p, hp in declared if hp is not None and p.default is inspect.Parameter.empty)
+    names = {hp.name: p.name for p, hp in declared if hp is not None and hp.name != p.name}
     doc = inspect.cleandoc(vars(pml_class).get("__doc__") or "").split("\n")[0]
     wrapper = type(f"PML{class_name}", (PMLLoss,), {
         "__doc__": f"pytorch-metric-learning's {class_name}. {doc}".strip(),
-        "pml_class": pml_class, "pml_int_params": int_params, "hyperparams": params,
+        "pml_class": pml_class, "pml_int_params": int_params, "pml_required": required, "pml_names": names,
+        "hyperparams": params,
         "paper": f"pytorch-metric-learning {class_name}",
     })
     return LossInfo(PML_PREFIX + class_name, wrapper, params, wrapper.paper, wrapper.__doc__.split("\n")[0],

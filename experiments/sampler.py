@@ -26,8 +26,8 @@ class PKSampler:
     """Yields int64 index tensors of P*K items (class by class); ``len()`` is the number of
     batches per epoch, ``max(1, N // (P*K))``, i.e. about one pass over the training set.
 
-    ``classes_with_replacement`` counts classes with fewer than K images (sampled with
-    replacement). Iterating starts epoch ``self.epoch`` and then advances it; ``set_epoch(e)``
+    ``classes_with_replacement`` lists the class ids with fewer than K images (sampled with
+    replacement); its ``len()`` is how many there are. Iterating starts epoch ``self.epoch`` and then advances it; ``set_epoch(e)``
     jumps to an epoch, so a resumed run sees the same batches.
     """
 
@@ -38,13 +38,13 @@ class PKSampler:
         labels = torch.as_tensor(labels).detach().to("cpu", torch.int64).flatten()
         if labels.numel() == 0:
             raise ValueError("PKSampler needs a non-empty training split")
-        _, self._class_of, self._counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        classes, self._class_of, self._counts = torch.unique(labels, return_inverse=True, return_counts=True)
         self.num_classes = int(self._counts.numel())
         if self.p > self.num_classes:
             raise ValueError(f"batch.p={self.p} exceeds the {self.num_classes} classes of the training split; "
                              f"set batch.p to at most {self.num_classes} (or use a dataset with more classes)")
         self._starts = torch.cumsum(self._counts, 0) - self._counts
-        self.classes_with_replacement = int((self._counts < self.k).sum())
+        self.classes_with_replacement: list[int] = classes[self._counts < self.k].tolist()
         self.num_samples = int(labels.numel())
         self.epoch = 0
 

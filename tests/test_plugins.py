@@ -76,6 +76,7 @@ def cli_run(tmp_path_factory):
 
 @pytest.fixture
 def restore_registry():
+    list_losses()  # built-ins and entry points registered before the snapshot
     saved = dict(registry._REGISTRY)
     yield
     registry._REGISTRY.clear()

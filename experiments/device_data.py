@@ -72,9 +72,9 @@ class DeviceImages:
             cols = torch.where(flip.unsqueeze(1), cols.flip(1), cols)
         rows = shift[0].unsqueeze(1) + self._rows
         cols = shift[1].unsqueeze(1) + cols
-        batch = torch.arange(n, device=self.device).view(n, 1, 1, 1)
-        channel = torch.arange(channels, device=self.device).view(1, channels, 1, 1)
-        return padded[batch, channel, rows.view(n, 1, -1, 1), cols.view(n, 1, 1, -1)]
+        # One flat gather per image (several times faster than 4-d advanced indexing on CPU).
+        flat = (rows.unsqueeze(2) * padded.shape[-1] + cols.unsqueeze(1)).view(n, 1, -1).expand(n, channels, -1)
+        return padded.flatten(2).gather(2, flat).view(n, channels, *images.shape[2:])
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> float32 ``(x / 255 - mean) / std``."""

@@ -1,0 +1,187 @@
+"""Time retrieval evaluation (P@1, R-precision, MAP@R) against pytorch-metric-learning.
+
+Runs ``experiments.metrics.retrieval_metrics`` side by side with PML's ``AccuracyCalculator``
+(``k="max_bin_count"``, the smallest k that makes R-precision and MAP@R exact) using its faiss
+k-NN and its torch k-NN (``CustomKNN`` over unnormalised euclidean distances) on the same
+synthetic clustered embeddings (d=128; e.g. 10 classes like Fashion-MNIST, and 1000 classes).
+Repeats are interleaved across methods and medians reported, so background load hits all alike.
+Writes ``eval-<device>.md`` and ``eval-<device>.json`` naming the device, torch version, git
+commit and date.
+
+    python -m benchmarks.bench_eval            # 10k and 70k embeddings
+    python -m benchmarks.bench_eval --quick    # a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytorch_metric_learning
+import torch
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import CustomKNN
+
+from experiments.metrics import RANKING_METRICS, retrieval_metrics
+
+PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
+             "map_at_r": "mean_average_precision_at_r"}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def clustered_embeddings(n: int, n_classes: int, dim: int, device: torch.device, seed: int = 0):
+    """Gaussian classes of roughly equal size, overlapping enough that MAP@R is mid-range."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (n,), generator=generator)
+    centres = 0.05 * torch.randn(n_classes, dim, generator=generator)
+    x = centres[labels] + torch.randn(n, dim, generator=generator) / dim ** 0.5
+    return x.to(device), labels.to(device)
+
+
+def _ours(x, y, chunk_size):
+    out = retrieval_metrics(x, y, ks=(1,), chunk_size=chunk_size, with_nmi=False)
+    return {name: out[name] for name in RANKING_METRICS}
+
+
+def _pml(knn_func, device):
+    calc = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count", device=device,
+                              knn_func=knn_func)
+
+    def run(x, y, chunk_size):
+        out = calc.get_accuracy(x, y)
+        return {name: out[pml_name] for name, pml_name in PML_NAMES.items()}
+    return run
+
+
+def methods(device: torch.device, with_pml_torch: bool) -> dict:
+    found = {"tripletlab": _ours}
+    try:
+        import faiss  # noqa: F401  (PML's default k-NN)
+        found["pml-faiss"] = _pml(None, device)
+    except ImportError:
+        pass
+    if with_pml_torch:
+        found["pml-torch"] = _pml(CustomKNN(LpDistance(normalize_embeddings=False), batch_size=1024), device)
+    return found
+
+
+def _timed(fn, x, y, chunk_size, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn(x, y, chunk_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def run_case(n, n_classes, dim, repeats, device, runners, chunk_size):
+    x, y = clustered_embeddings(n, n_classes, dim, device)
+    runners["tripletlab"](x[:256], y[:256], chunk_size)  # warm-up: kernels, allocator
+    times = {name: [] for name in runners}
+    values = {}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            seconds, values[name] = _timed(fn, x, y, chunk_size, device)
+            times[name].append(seconds)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    ours = values["tripletlab"]
+    case = {"n": n, "classes": n_classes, "dim": dim, "repeats": repeats, "median_seconds": medians,
+            "all_seconds": times, "metrics": ours,
+            "speedup": {name: medians[name] / medians["tripletlab"] for name in runners if name != "tripletlab"},
+            "max_abs_diff": {name: max(abs(values[name][m] - ours[m]) for m in RANKING_METRICS)
+                             for name in runners if name != "tripletlab"}}
+    return case
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_label(device: torch.device) -> tuple[str, str]:
+    """(file-name tag, description) of the device."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
+    return "cpu", f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def to_markdown(report: dict) -> str:
+    names = list(report["cases"][0]["median_seconds"])
+    lines = [f"# Retrieval evaluation benchmark ({report['device']})", "",
+             f"- device: {report['device_description']}", f"- torch {report['torch']}, "
+             f"pytorch-metric-learning {report['pytorch_metric_learning']}",
+             f"- git commit {report['git_commit']}, {report['date']}",
+             f"- median of {report['cases'][0]['repeats']} interleaved repeats; P@1, R-precision and "
+             "MAP@R; PML with `k=\"max_bin_count\"`; speedup = PML time / tripletlab time", "",
+             "| n | classes | " + " | ".join(f"{n} (s)" for n in names) + " | "
+             + " | ".join(f"speedup vs {n}" for n in names[1:]) + " | max abs diff | MAP@R |",
+             "|" + "---|" * (3 + 2 * len(names)) + ""]
+    for case in report["cases"]:
+        diff = max(case["max_abs_diff"].values(), default=0.0)
+        lines.append(f"| {case['n']} | {case['classes']} | "
+                     + " | ".join(f"{case['median_seconds'][n]:.3f}" for n in names) + " | "
+                     + " | ".join(f"{case['speedup'][n]:.2f}x" for n in names[1:])
+                     + f" | {diff:.1e} | {case['metrics']['map_at_r']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
+    parser.add_argument("--sizes", help="comma-separated numbers of embeddings (default 10000,70000; "
+                        "quick: 1000)")
+    parser.add_argument("--classes", help="comma-separated numbers of classes (default 10,1000; quick: 10,100)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; quick: 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--chunk-size", type=int, default=None, help="queries per chunk (default: automatic)")
+    parser.add_argument("--no-pml-torch", action="store_true", help="skip PML's torch k-NN")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for eval-<device>.md/.json")
+    args = parser.parse_args(argv)
+    defaults = ("1000", "10,100", 1) if args.quick else ("10000,70000", "10,1000", 3)
+    for name, default in zip(("sizes", "classes", "repeats"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    runners = methods(device, with_pml_torch=not args.no_pml_torch)
+    cases = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        for n_classes in (int(c) for c in args.classes.split(",")):
+            case = run_case(n, n_classes, args.dim, args.repeats, device, runners, args.chunk_size)
+            print(json.dumps({k: case[k] for k in ("n", "classes", "median_seconds", "speedup", "max_abs_diff")}),
+                  flush=True)
+            cases.append(case)
+    tag, description = device_label(device)
+    report = {"device": tag, "device_description": description, "torch": torch.__version__,
+              "pytorch_metric_learning": pytorch_metric_learning.__version__, "git_commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "threads": torch.get_num_threads(), "cases": cases}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"eval-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"eval-{tag}.md").write_text(to_markdown(report))
+    print(to_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

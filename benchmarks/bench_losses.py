@@ -1,0 +1,311 @@
+"""Time forward + backward of every registry loss against pytorch-metric-learning and a matmul floor.
+
+Each registry loss runs on random PK batches (K=4) at n in {128, 512, 2048} and d in {128, 512},
+side by side with PML's equivalent (TripletMarginLoss with BatchHardMiner / TripletMarginMiner,
+MultiSimilarityLoss with and without MultiSimilarityMiner, CircleLoss) and with the floor: forward
+and backward of ``(x @ x.T).sum()``, the Gram matrix every pairwise loss needs. Repeats are
+interleaved across contenders (rotating the order) and medians reported, so background load hits
+all alike. PML contenders that enumerate every triplet are skipped above ``--pml-max-triplets``.
+Peak memory is CUDA's ``max_memory_allocated`` above the inputs; on CPU it is not measured (torch
+allocations are invisible to tracemalloc and a per-contender subprocess would dominate the run).
+Writes ``losses-<device>.md`` and ``.json`` naming the device, threads, torch version, git commit
+and date.
+
+    python -m benchmarks.bench_losses            # full grid, CPU (2 threads) and CUDA when present
+    python -m benchmarks.bench_losses --quick    # a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytorch_metric_learning
+import torch
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+
+from losses import build_loss, list_losses, loss_info
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+K = 4
+MARGIN = 0.2
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked loss: registry name and parameters, and PML's equivalent if it has one."""
+
+    label: str
+    name: str
+    params: dict
+    pml: Callable | None = None
+    all_triplets: bool = False  # PML's equivalent enumerates every (a, p, n) triplet
+
+
+def _pml_with_miner(loss, miner):
+    return lambda x, y: loss(x, y, miner(x, y))
+
+
+def built_in_cases() -> list[Case]:
+    """Registry losses configured like their PML counterparts (euclidean distance on L2-normalised
+    embeddings, margin 0.2, PML's reductions)."""
+    euclid = dict(distance="euclidean", normalize=True, margin=MARGIN)
+    return [
+        Case("triplet", "triplet", dict(euclid, mining="all", reduction="mean_nonzero"),
+             lambda: pml_losses.TripletMarginLoss(margin=MARGIN), all_triplets=True),
+        Case("batch_all", "batch_all", dict(euclid, reduction="mean_nonzero"),
+             lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN),
+                                     pml_miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="all")),
+             all_triplets=True),
+        Case("semi_hard", "semi_hard", dict(euclid),
+             lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN),
+                                     pml_miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="semihard")),
+             all_triplets=True),
+        Case("batch_hard", "batch_hard", dict(euclid, reduction="mean_nonzero"),
+             lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN), pml_miners.BatchHardMiner())),
+        Case("multi_similarity", "multi_similarity", dict(miner=True),
+             lambda: _pml_with_miner(pml_losses.MultiSimilarityLoss(), pml_miners.MultiSimilarityMiner(0.1))),
+        Case("multi_similarity[miner=False]", "multi_similarity", dict(miner=False),
+             lambda: pml_losses.MultiSimilarityLoss()),
+        Case("circle", "circle", {}, lambda: pml_losses.CircleLoss(m=0.25, gamma=256)),
+        Case("triplet_center", "triplet_center", {}),
+        Case("cross_modal_triplet", "cross_modal_triplet", {}),
+        Case("info_nce", "info_nce", {}),
+    ]
+
+
+def all_cases() -> list[Case]:
+    """The built-in cases plus any other registered loss (plugins) at its defaults."""
+    cases = built_in_cases()
+    known = {c.name for c in cases}
+    return cases + [Case(name, name, {}) for name in list_losses() if name not in known]
+
+
+def pk_batch(n: int, d: int, device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n // K).repeat_interleave(K)[torch.randperm(n, generator=generator)]
+    x = torch.randn(n, d, generator=generator)
+    x_b = x + 0.5 * torch.randn(n, d, generator=generator)
+    return x.to(device), x_b.to(device), labels.to(device)
+
+
+def _step(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        value = fn()
+        value.backward()
+        for t in inputs:
+            t.grad = None
+    return run
+
+
+def contenders(case: Case, x, x_b, labels, device) -> dict[str, Callable[[], None]]:
+    """``ours`` and, if there is one, ``pml``: closures running one forward + backward."""
+    params = dict(case.params)
+    declared = {p.name for p in loss_info(case.name).params}
+    if "num_classes" in declared:
+        params.update(num_classes=int(labels.max()) + 1, embedding_dim=x.shape[1])
+    ours = build_loss(case.name, **params).to(device)
+    inputs = [x, x_b, *ours.parameters()]
+    if loss_info(case.name).cross_modal:
+        out = {"ours": _step(lambda: ours(x, labels, x_b, labels), inputs)}
+    else:
+        out = {"ours": _step(lambda: ours(x, labels), inputs)}
+    if case.pml is not None:
+        theirs = case.pml()
+        out["pml"] = _step(lambda: theirs(x, labels), inputs)
+    return out
+
+
+def floor_step(x) -> Callable[[], None]:
+    return _step(lambda: (x @ x.T).sum(), [x])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, float]:
+    """Median milliseconds of each run over ``repeats`` rounds, the order rotating every round."""
+    for run in runs.values():  # warm-up: allocator, kernels, lazy initialisation
+        run()
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    keys = list(runs)
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            _sync(device)
+            start = time.perf_counter()
+            runs[key]()
+            _sync(device)
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def peak_memory_mb(run: Callable[[], None], device) -> float | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def bench_device(device: torch.device, sizes, dims, repeats: int, max_triplets: int, cases) -> list[dict]:
+    rows = []
+    for n in sizes:
+        triplets = n * (K - 1) * (n - K)
+        for d in dims:
+            x, x_b, labels = pk_batch(n, d, device, seed=n + d)
+            x.requires_grad_(True)
+            x_b.requires_grad_(True)
+            runs = {"floor": floor_step(x)}
+            skipped = set()
+            for case in cases:
+                for who, run in contenders(case, x, x_b, labels, device).items():
+                    if who == "pml" and case.all_triplets and triplets > max_triplets:
+                        skipped.add(case.label)
+                        continue
+                    runs[f"{who}:{case.label}"] = run
+            medians = time_interleaved(runs, repeats, device)
+            for case in cases:
+                ours, pml = medians[f"ours:{case.label}"], medians.get(f"pml:{case.label}")
+                rows.append({
+                    "loss": case.label, "name": case.name, "n": n, "d": d, "ours_ms": ours, "pml_ms": pml,
+                    "floor_ms": medians["floor"], "ratio_floor": ours / medians["floor"],
+                    "ratio_pml": ours / pml if pml else None,
+                    "pml_note": ("skipped: enumerates %d triplets (> --pml-max-triplets)" % triplets
+                                 if case.label in skipped else None if case.pml else "no PML equivalent"),
+                    "ours_peak_mb": peak_memory_mb(runs[f"ours:{case.label}"], device),
+                    "pml_peak_mb": peak_memory_mb(runs[f"pml:{case.label}"], device) if pml else None,
+                })
+            print(f"{device.type} n={n} d={d}: " + ", ".join(
+                f"{r['loss']} {r['ours_ms']:.2f} ms" + (f" ({r['ratio_pml']:.2f}x PML)" if r["ratio_pml"] else "")
+                for r in rows[-len(cases):]), flush=True)
+    return rows
+
+
+def describe_device(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    model = platform.processor() or platform.machine()
+    try:
+        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        model = match.group(1).strip() if match else model
+    except OSError:
+        pass
+    return {"type": "cpu", "name": model, "threads": torch.get_num_threads()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_slug(info: dict) -> str:
+    if info["type"] == "cpu":
+        return "cpu"
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
+
+
+def _fmt(value, spec=".2f"):
+    return "-" if value is None else format(value, spec)
+
+
+def target_misses(rows: list[dict], all_triplet_labels: set[str]) -> list[str]:
+    """Rows at n >= 512 over the targets: <= 0.5x PML (0.1x for all-triplet miners) and <= 3x floor."""
+    misses = []
+    for r in rows:
+        if r["n"] < 512:
+            continue
+        pml_target = 0.1 if r["loss"] in all_triplet_labels else 0.5
+        if r["ratio_pml"] is not None and r["ratio_pml"] > pml_target:
+            misses.append(f"{r['loss']} n={r['n']} d={r['d']}: {r['ratio_pml']:.2f}x PML (target {pml_target}x)")
+        if r["ratio_floor"] > 3:
+            misses.append(f"{r['loss']} n={r['n']} d={r['d']}: {r['ratio_floor']:.2f}x floor (target 3x)")
+    return misses
+
+
+def to_markdown(report: dict) -> str:
+    dev = report["device"]
+    lines = [
+        f"# Loss benchmark: {dev['name']}",
+        "",
+        f"- device: {dev['type']} {dev['name']}" + (f", {dev['threads']} threads" if "threads" in dev else ""),
+        f"- torch {report['torch']}, pytorch-metric-learning {report['pytorch_metric_learning']}",
+        f"- git commit {report['git_commit']}, {report['date']}",
+        f"- forward + backward, PK batches with K={K}, median of {report['repeats']} interleaved repeats",
+        "- floor: forward + backward of `(x @ x.T).sum()`; ratios < 1 are faster than the reference",
+        "- peak memory: " + ("CUDA max_memory_allocated above the inputs" if dev["type"] == "cuda"
+                             else "not measured on CPU"),
+        "",
+        "| loss | n | d | ours ms | PML ms | floor ms | ours / PML | ours / floor | peak MB ours | peak MB PML | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["results"]:
+        lines.append(f"| {r['loss']} | {r['n']} | {r['d']} | {_fmt(r['ours_ms'])} | {_fmt(r['pml_ms'])} | "
+                     f"{_fmt(r['floor_ms'])} | {_fmt(r['ratio_pml'])} | {_fmt(r['ratio_floor'])} | "
+                     f"{_fmt(r['ours_peak_mb'], '.1f')} | {_fmt(r['pml_peak_mb'], '.1f')} | {r['pml_note'] or ''} |")
+    misses = report["target_misses"]
+    lines += ["", "Targets at n >= 512: <= 0.5x PML (<= 0.1x for PML's all-triplet miners), <= 3x floor.",
+              "Missed: " + ("none" if not misses else "")]
+    lines += [f"- {m}" for m in misses]
+    return "\n".join(lines) + "\n"
+
+
+def run(device: torch.device, sizes, dims, repeats: int, max_triplets: int, out_dir: Path) -> dict:
+    cases = all_cases()
+    info = describe_device(device)
+    rows = bench_device(device, sizes, dims, repeats, max_triplets, cases)
+    report = {
+        "device": info, "torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "repeats": repeats, "k": K, "results": rows,
+        "target_misses": target_misses(rows, {c.label for c in cases if c.all_triplets}),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"losses-{device_slug(info)}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(to_markdown(report))
+    print(f"wrote {stem}.md and {stem}.json")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke run")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CPU, and CUDA too when present")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--pml-max-triplets", type=int, default=20_000_000,
+                        help="skip PML contenders that enumerate more triplets than this")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    torch.set_num_threads(args.threads)
+    sizes, dims, repeats = ((32, 64), (16,), 2) if args.quick else ((128, 512, 2048), (128, 512), args.repeats)
+    devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        devices.append(torch.device("cuda"))
+    for device in devices:
+        run(device, sizes, dims, repeats, args.pml_max_triplets, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from experiments.device_data import DeviceImages
+from experiments.embedding_quality import FACENET_MARGIN, embedding_quality
 from experiments.metrics import retrieval_metrics
 from experiments.verification import MAX_SAMPLES, verification_metrics
 
@@ -34,11 +35,14 @@ def validation_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[s
     return {k: float(metrics[k]) for k in VAL_METRICS}
 
 
-def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: bool, seed: int = 0) -> dict[str, float]:
-    """Every retrieval metric, embedding-quality statistics and, with ``verification``, face
+def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: bool, seed: int = 0,
+                 margin: float = FACENET_MARGIN) -> dict[str, float]:
+    """Every retrieval metric, embedding quality (alignment, uniformity, class distances and the
+    easy/semi-hard/hard triplet shares at ``margin``) and, with ``verification``, face
     verification metrics (``verification_<name>``) over all pairs of at most
     ``verification.MAX_SAMPLES`` embeddings (a seeded subset when there are more)."""
     metrics = {k: float(v) for k, v in retrieval_metrics(embeddings, labels, seed=seed).items()}
+    metrics.update({k: float(v) for k, v in embedding_quality(embeddings, labels, margin=margin).items()})
     if verification:
         if embeddings.shape[0] > MAX_SAMPLES:
             keep = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_SAMPLES]

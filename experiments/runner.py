@@ -15,6 +15,7 @@ from typing import Any, Callable
 from experiments.config import ExperimentConfig, flatten_config
 from experiments.datasets import load_dataset
 from experiments.device_data import DeviceImages
+from experiments.embedding_quality import FACENET_MARGIN
 from experiments.evaluation import VAL_METRICS, embed_split, test_metrics
 from experiments.models import build_model
 from experiments.provenance import provenance_tags
@@ -102,7 +103,9 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
         verification = cfg.eval.verification
         if verification is None:
             verification = cfg.dataset.name in IDENTITY_DATASETS
-        test = test_metrics(embeddings, labels, verification, cfg.seed)
+        margin = cfg.loss.params.get("margin")
+        test = test_metrics(embeddings, labels, verification, cfg.seed,
+                            margin=float(margin) if isinstance(margin, (int, float)) else FACENET_MARGIN)
         final.update({f"test/{k}": v for k, v in test.items()})
         if log_embeddings and cfg.tracking.log_embeddings:
             run.log_npz("embeddings/test.npz", embeddings=embeddings.cpu().numpy(), labels=labels.cpu().numpy())

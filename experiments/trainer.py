@@ -105,7 +105,8 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = make_optimizer(cfg, params)
     steps = len(sampler)
-    scheduler = warmup_cosine(optimizer, round(cfg.optimizer.warmup_epochs * steps), cfg.epochs * steps)
+    total = cfg.epochs * steps
+    scheduler = warmup_cosine(optimizer, min(round(cfg.optimizer.warmup_epochs * steps), total), total)
     forward = torch.compile(model) if cfg.train.compile else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda")
     channels_last = device.type == "cuda"

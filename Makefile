@@ -5,7 +5,8 @@ TRIPLETLAB := $(VENV)/bin/tripletlab
 STAMP := $(VENV)/.installed
 
 CONFIG ?= sweeps/configs/digits.yaml
-WORKERS ?= 1
+WORKERS ?=
+ARGS ?=
 STORAGE ?=
 TRACKING_URI ?= sqlite:///mlflow.db
 HOST ?= 127.0.0.1
@@ -33,7 +34,10 @@ train: install
 	$(TRIPLETLAB) train --tracking-uri $(TRACKING_URI)
 
 sweep: install
-	$(TRIPLETLAB) sweep --config $(CONFIG) --workers $(WORKERS) --tracking-uri $(TRACKING_URI) $(if $(STORAGE),--storage $(STORAGE))
+	$(TRIPLETLAB) sweep --config $(CONFIG) --tracking-uri $(TRACKING_URI) $(if $(WORKERS),--workers $(WORKERS)) $(if $(STORAGE),--storage $(STORAGE)) $(ARGS)
+
+dashboard: install
+	$(VENV)/bin/optuna-dashboard $(or $(STORAGE),$$($(TRIPLETLAB) sweep --config $(CONFIG) --print-storage $(ARGS))) --host $(HOST) --port $(DASHBOARD_PORT)
 
 analyze: install
 	$(TRIPLETLAB) analyze --tracking-uri $(TRACKING_URI) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))

@@ -1,0 +1,110 @@
+"""Worker processes sharing one study, and recovery of trials a dead worker left RUNNING."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from experiments.cli import main as cli_main
+from sweep_fixture import run_sweep, sweep_args, working_directory
+from sweeps.storage import BudgetLock, budget_trials, open_storage, recover_stale_trials, stale_reason
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _journal_study(tmp_path, name="s"):
+    storage = open_storage(str(tmp_path / "optuna.journal"))
+    return optuna.create_study(study_name=name, storage=storage, direction="maximize"), storage
+
+
+def _start_trial(study, pid, heartbeat):
+    trial = study.ask({"loss.margin": optuna.distributions.FloatDistribution(0.01, 1.0)})
+    trial.set_user_attr("worker_host", socket.gethostname())
+    trial.set_user_attr("worker_pid", pid)
+    trial.set_user_attr("heartbeat", heartbeat)
+    return trial
+
+
+def test_trials_of_dead_or_silent_workers_are_failed_and_retried_once(tmp_path):
+    study, storage = _journal_study(tmp_path)
+    dead = _start_trial(study, _dead_pid(), time.time())
+    silent = _start_trial(study, os.getpid(), time.time() - 3600)
+    alive = _start_trial(study, os.getpid(), time.time())
+    done = _start_trial(study, _dead_pid(), time.time())
+    study.tell(done, 0.5)
+
+    assert sorted(recover_stale_trials(study, storage, grace_period=600)) == [dead.number, silent.number]
+    assert recover_stale_trials(study, storage, grace_period=600) == []  # a second pass finds nothing new
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[dead.number].state == TrialState.FAIL and "exited" in by_number[dead.number].user_attrs["fail_reason"]
+    assert by_number[silent.number].state == TrialState.FAIL and "no heartbeat" in by_number[silent.number].user_attrs["fail_reason"]
+    assert by_number[alive.number].state == TrialState.RUNNING
+    retries = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["retry_history"] for t in retries) == [[dead.number], [silent.number]]
+    assert {t.params["loss.margin"] for t in retries} == {dead.params["loss.margin"], silent.params["loss.margin"]}
+    assert all("worker_pid" not in t.user_attrs for t in retries)
+    # budget: the failed originals are replaced by their retries, so the count is unchanged
+    assert len(budget_trials(study)) == 4
+
+
+def test_stale_reason_by_heartbeat_age():
+    trial = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={
+        "worker_host": "elsewhere", "worker_pid": 1, "heartbeat": 1000.0})
+    assert stale_reason(trial, grace_period=60, now=1030.0) is None
+    assert "for 100s" in stale_reason(trial, grace_period=60, now=1100.0)
+
+
+def test_budget_lock_is_exclusive(tmp_path):
+    path = tmp_path / "budget.lock"
+    script = ("import sys, time; sys.path.insert(0, %r); from sweeps.storage import BudgetLock; "
+              "t = time.time(); BudgetLock(%r).acquire(); print(time.time() - t)") % (os.getcwd(), str(path))
+    with BudgetLock(path):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+    waited = float(proc.communicate(timeout=60)[0])
+    assert waited >= 1.0
+
+
+@pytest.mark.slow  # two worker processes each import torch and MLflow (~10 s each on 2 cores)
+def test_two_worker_processes_fill_one_study_exactly(tmp_path):
+    with working_directory(tmp_path):
+        code = cli_main([*sweep_args("pair", ("batch_hard",), ["trials=4", "seeds=1"]), "--workers", "2"])
+    assert code == 0
+    study = optuna.load_study(study_name="pair/batch_hard", storage=open_storage(str(tmp_path / "runs/pair/optuna.journal")))
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == [0, 1, 2, 3] and len(set(numbers)) == 4
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert len({t.user_attrs["worker_pid"] for t in study.trials}) == 2  # both workers took trials
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pair")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    roles = sorted(r.data.tags["tripletlab.role"] for r in runs)
+    assert roles == ["final"] + ["parent"] + ["summary"] + ["trial"] * 4
+
+
+def test_a_sweep_retries_the_trial_a_killed_worker_left_running(tmp_path):
+    storage_path = tmp_path / "runs" / "revive" / "optuna.journal"
+    storage_path.parent.mkdir(parents=True)
+    first = run_sweep(tmp_path, name="revive", losses=("batch_hard",), extra=["trials=1", "seeds=1"])
+    assert first.exit_code == 0
+    study = optuna.load_study(study_name="revive/batch_hard", storage=open_storage(str(storage_path)))
+    orphan = _start_trial(study, _dead_pid(), time.time())  # as if its worker was killed mid-trial
+
+    again = run_sweep(tmp_path, name="revive", losses=("batch_hard",), extra=["trials=2", "seeds=1"])
+    assert again.exit_code == 0
+    trials = study.trials
+    assert trials[orphan.number].state == TrialState.FAIL
+    [retry] = [t for t in trials if t.system_attrs.get("retry_history") == [orphan.number]]
+    assert retry.state == TrialState.COMPLETE and retry.params["loss.margin"] == pytest.approx(orphan.params["loss.margin"])
+    assert len(budget_trials(study)) == 2  # the retry took the orphan's place in the budget

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.datasets import env_var, list_datasets, load_dataset
+from experiments.datasets import dataset_path, env_var, list_datasets, load_dataset
 from experiments.splits import cap_per_class, class_disjoint_split, standard_split
 
 
@@ -373,3 +373,24 @@ def test_cap_per_class_keeps_classes_smaller_than_the_cap():
     labels = torch.tensor([0] * 5 + [1] * 2 + [2] * 9)
     kept = cap_per_class(labels, 3, seed=0)
     assert torch.bincount(labels[kept]).tolist() == [3, 2, 3]
+
+
+
+def test_reloading_unchanged_files_reuses_them_and_changed_files_are_read_again(tmp_path):
+    write_fashion(tmp_path)
+    options = cfg(name="fashion-mnist", path=str(tmp_path), split="standard")
+    first = load_dataset(options, seed=0)
+    again = load_dataset(options, seed=0)
+    assert torch.equal(first.test.images, again.test.images)
+    again.test.images.zero_()  # a caller modifying its split must not touch later loads
+    assert torch.equal(load_dataset(options, seed=0).test.images, first.test.images)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_images(np.full((20, 5, 4), 9))))
+    assert int(load_dataset(options, seed=0).test.images.max()) == 9
+
+
+def test_system_wide_install_is_the_last_resort(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRIPLETLAB_FASHION_MNIST_PATH", raising=False)
+    assert dataset_path("fashion-mnist", "", str(tmp_path)) == tmp_path
+    assert dataset_path("fashion-mnist", str(tmp_path), "/nonexistent") == tmp_path
+    with pytest.raises(ValueError, match="TRIPLETLAB_FASHION_MNIST_PATH"):
+        dataset_path("fashion-mnist", "", str(tmp_path / "missing"))

@@ -3,7 +3,9 @@
 Built-ins: ``digits`` (bundled with scikit-learn), ``fashion-mnist``, ``orl-faces``, ``omniglot``
 and ``image-folder`` (bring your own: one sub-folder per class). Nothing is downloaded: every
 dataset but ``digits`` reads ``dataset.path`` or, when that is empty, the environment variable
-``TRIPLETLAB_<NAME>_PATH`` (e.g. ``TRIPLETLAB_FASHION_MNIST_PATH``).
+``TRIPLETLAB_<NAME>_PATH`` (e.g. ``TRIPLETLAB_FASHION_MNIST_PATH``), or else a system-wide install
+(Debian's ``dataset-fashion-mnist`` package puts Fashion-MNIST in /usr/share/datasets/fashion-mnist).
+The most recently loaded dataset stays in memory, so the trials of a sweep read files once.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from experiments.datasets.omniglot import load_omniglot
 from experiments.datasets.orl import load_orl_faces
 from experiments.splits import SPLITS, cap_per_class, split_indices
 
-__all__ = ["DatasetSpec", "DatasetSplits", "LabeledImages", "SourceImages", "dataset_path",
+__all__ = ["DatasetSpec", "DatasetSplits", "LabeledImages", "SourceImages", "dataset_path", "env_var",
            "list_datasets", "load_dataset", "register_dataset"]
 
 
@@ -34,6 +36,7 @@ class DatasetSpec:
     ``loader(path, size)`` returns ``SourceImages``; ``size`` is the resolved (height, width) or
     ``None`` to keep the native size; ``resizes`` says the loader applies ``size`` itself (else
     ``load_dataset`` resizes after loading). ``hflip`` says a horizontal flip keeps the class.
+    ``system_path`` is used when neither ``dataset.path`` nor the environment variable is set.
     """
 
     loader: Callable[..., SourceImages]
@@ -41,6 +44,7 @@ class DatasetSpec:
     hflip: bool = False
     default_size: tuple[int, int] | None = None
     resizes: bool = False
+    system_path: str = ""
 
 
 _DATASETS: dict[str, DatasetSpec] = {}
@@ -58,7 +62,8 @@ def list_datasets() -> list[str]:
 
 
 register_dataset("digits", DatasetSpec(lambda path, size: load_digits(), needs_path=False))
-register_dataset("fashion-mnist", DatasetSpec(lambda path, size: load_fashion_mnist(path), hflip=True))
+register_dataset("fashion-mnist", DatasetSpec(lambda path, size: load_fashion_mnist(path), hflip=True,
+                                              system_path="/usr/share/datasets/fashion-mnist"))
 register_dataset("orl-faces", DatasetSpec(lambda path, size: load_orl_faces(path), hflip=True))
 register_dataset("omniglot", DatasetSpec(load_omniglot, default_size=(28, 28), resizes=True))
 register_dataset("image-folder", DatasetSpec(load_image_folder, hflip=True, default_size=(64, 64), resizes=True))
@@ -74,10 +79,12 @@ def env_var(name: str) -> str:
     return f"TRIPLETLAB_{name.replace('-', '_').upper()}_PATH"
 
 
-def dataset_path(name: str, configured) -> Path:
-    """``dataset.path``, else the dataset's environment variable; it must exist."""
+def dataset_path(name: str, configured, system_path: str = "") -> Path:
+    """``dataset.path``, else the dataset's environment variable, else ``system_path`` if it exists."""
     variable = env_var(name)
     raw = str(configured or "") or os.environ.get(variable, "")
+    if not raw and system_path and Path(system_path).is_dir():
+        raw = system_path
     if not raw:
         raise ValueError(f"dataset {name!r} needs a path: set dataset.path (e.g. dataset.path=/data/{name}) "
                          f"or the environment variable {variable}")
@@ -86,6 +93,29 @@ def dataset_path(name: str, configured) -> Path:
         source = "dataset.path" if configured else variable
         raise ValueError(f"{source} points to {path}, which does not exist")
     return path
+
+
+_last_source: dict[tuple, SourceImages] = {}
+
+
+def _fingerprint(path: Path | None) -> tuple[int, int, int]:
+    """(files, total bytes, newest modification time) under ``path``: changes when the data does."""
+    if path is None:
+        return (0, 0, 0)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    stats = [f.stat() for f in files]
+    return (len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+
+
+def _load_source(name: str, spec: DatasetSpec, path: Path | None, size) -> SourceImages:
+    """``spec.loader(path, size)``, reusing the previous result when the same unchanged files are
+    asked for again (the splits index into it and copy, so it is never modified)."""
+    key = (name, str(path), size, _fingerprint(path))
+    if key not in _last_source:
+        source = spec.loader(path, size)
+        _last_source.clear()
+        _last_source[key] = source
+    return _last_source[key]
 
 
 def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
@@ -107,9 +137,9 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
     val_fraction = _option(dataset_cfg, "val_fraction", 0.2)
     max_per_class = _option(dataset_cfg, "max_per_class", 0)
     size = parse_image_size(_option(dataset_cfg, "image_size", 0), spec.default_size)
-    path = dataset_path(name, _option(dataset_cfg, "path", "")) if spec.needs_path else None
+    path = dataset_path(name, _option(dataset_cfg, "path", ""), spec.system_path) if spec.needs_path else None
 
-    source = spec.loader(path, size)
+    source = _load_source(name, spec, path, size)
     images = source.images if spec.resizes else resize_images(source.images, size)
     labels, standard_test = source.labels, source.standard_test
 

@@ -262,6 +262,16 @@ def test_image_folder_all_grey_stays_one_channel_and_matches_pillow(tmp_path):
         assert any(np.array_equal(image[0].numpy(), o) for o in options)
 
 
+def test_image_folder_classes_in_natural_order(tmp_path):
+    for c in (10, 2, 1, 3, 4, 5, 6, 7):
+        for j in range(2):
+            write_png(tmp_path / f"s{c}" / f"{j}.png", np.full((4, 4), c))
+    splits = load_dataset(cfg(name="image-folder", path=str(tmp_path), image_size=4), seed=0)
+    assert list(splits.info["class_names"].values()) == ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s10"]
+    for image, label in zip(splits.test.images, splits.test.labels):
+        assert int(image.max()) == int(splits.info["class_names"][int(label)][1:])
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="no images found"):
         load_dataset(cfg(name="image-folder", path=str(tmp_path)), seed=0)

@@ -93,8 +93,9 @@ def retrieval_metrics(embeddings, labels, ref_embeddings=None, ref_labels=None, 
 
 def _ranking_metrics(query, query_labels, ref, ref_labels, same_source, distance, ks, chunk_size):
     classes, class_ids = torch.unique(torch.cat([query_labels, ref_labels]), return_inverse=True)
+    class_ids = class_ids.to(torch.int32)  # narrower gathers of the neighbours' classes
     query_ids, ref_ids = class_ids[:query.shape[0]], class_ids[query.shape[0]:]
-    ref_counts = torch.bincount(ref_ids, minlength=classes.numel())
+    ref_counts = torch.bincount(ref_ids, minlength=classes.numel()).to(torch.int32)
     relevant = ref_counts[query_ids] - int(same_source)  # R of each query
     relevant_cpu = relevant.cpu()
     order = torch.argsort(relevant_cpu, descending=True, stable=True)  # chunks of similar R
@@ -132,12 +133,13 @@ def _chunk_sums(hits: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...])
     """
     valid = relevant > 0
     positions = torch.arange(1, hits.shape[1] + 1, device=hits.device)
-    in_top_r = positions[None, :] <= relevant[:, None]
-    hits_r = hits & in_top_r
-    cumulative = hits_r.cumsum(1, dtype=torch.float64)
+    hits_r = hits & (positions[None, :] <= relevant[:, None])
+    cumulative = hits_r.cumsum(1, dtype=torch.int32)  # hits among the first i
     r = relevant.clamp_min(1).to(torch.float64)
-    average_precision = (cumulative * hits_r / positions).sum(1) / r
-    r_precision = hits_r.sum(1, dtype=torch.float64) / r
+    # float32 terms (relative error 6e-8) summed in float64
+    precision_at_hits = (cumulative.to(torch.float32) / positions.to(torch.float32)).mul_(hits_r)
+    average_precision = precision_at_hits.sum(1, dtype=torch.float64) / r
+    r_precision = cumulative[:, -1].to(torch.float64) / r
     columns = [hits[:, 0], r_precision, average_precision]
     columns += [hits[:, :k].any(1) for k in ks]
     per_query = torch.stack([c.to(torch.float64) for c in columns], 1)

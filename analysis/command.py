@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from .embeddings import PROJECTION_POINTS
-from .load import load_studies, load_sweep
+from .load import BASELINE_LOSS, load_studies, load_sweep
 from .report import build_report
 
 RUNS_DIR = Path("runs")
@@ -28,6 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="where the report goes (default: runs/<sweep>/report)")
     parser.add_argument("--points", type=int, default=PROJECTION_POINTS,
                         help=f"test points per loss in the 2-D projection (default {PROJECTION_POINTS})")
+    parser.add_argument("--baseline", default=BASELINE_LOSS, metavar="LOSS",
+                        help=f"loss the others are tested against, paired by seed (default {BASELINE_LOSS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the projection")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
 
@@ -43,7 +45,8 @@ def main(args: argparse.Namespace) -> int:
         sweep.storage = storage
         sweep.studies = load_studies(storage, sweep.name, sweep.losses)
     directory = args.output_dir or RUNS_DIR / sweep.name / "report"
-    report = build_report(sweep, directory, points=args.points, seed=args.seed, log_to_mlflow=not args.no_log)
+    report = build_report(sweep, directory, points=args.points, seed=args.seed, baseline=args.baseline,
+                          log_to_mlflow=not args.no_log)
     print(f"analysed sweep {sweep.name!r}: {len(report.figures)} figures, {len(report.table)} losses")
     for note in report.notes:
         print(f"  note: {note}")

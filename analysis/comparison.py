@@ -20,7 +20,7 @@ PAIRED_METRIC = "map_at_r"
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and Student's t interval; the interval is NaN with fewer than two values."""
+    """Mean and Student's t interval (unclipped); the interval is NaN with fewer than two values."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return math.nan, math.nan, math.nan
@@ -105,15 +105,23 @@ def _wall_clock(sweep: Sweep, loss: str, parent: pd.Series | None) -> float:
     return float((children["end_time"].max() - children["start_time"].min()).total_seconds())
 
 
-def format_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as display strings: ``mean [low, high]`` cells, p-values, seconds."""
+def _percent_cell(mean: float, low: float, high: float) -> str:
+    """``mean [low, high]`` in %, the interval clipped to the metric's range [0, 100]."""
+    if math.isnan(mean):
+        return "n/a"
+    if math.isnan(low):
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} [{max(0.0, 100 * low):.1f}, {min(100.0, 100 * high):.1f}]"
+
+
+def format_table(table: pd.DataFrame, baseline: str = BASELINE_LOSS) -> pd.DataFrame:
+    """The table as display strings: ``mean [low, high]`` cells in %, p-values, durations."""
     out = pd.DataFrame(index=table.index)
     for metric, label in TABLE_METRICS.items():
-        out[f"{label} (95% CI)"] = [
-            "n/a" if math.isnan(m) else (f"{m:.3f}" if math.isnan(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
-            for m, lo, hi in table[[f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"]].itertuples(index=False)]
+        out[f"{label} % (95% CI)"] = [_percent_cell(*cells) for cells in table[
+            [f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"]].itertuples(index=False)]
     out["seeds"] = table["seeds"]
-    out["ΔMAP@R vs triplet"] = [("—" if math.isnan(d) else f"{d:+.3f}") for d in table["map_at_r_diff"]]
+    out[f"ΔMAP@R vs {baseline} (points)"] = [("—" if math.isnan(d) else f"{100 * d:+.1f}") for d in table["map_at_r_diff"]]
     out["p (paired t)"] = [("—" if math.isnan(p) else f"{p:.3g}") for p in table["p_value"]]
     out["tuned hyperparameters"] = table["tuned"]
     out["trials (complete / pruned)"] = [f"{c} / {p}" for c, p in table[["trials_complete", "trials_pruned"]].itertuples(index=False)]

@@ -24,19 +24,17 @@ TRIPLET_KINDS = (("easy_fraction", "easy"), ("semi_hard_fraction", "semi-hard"),
 
 
 def subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """Indices of at most ``n`` items, class-stratified (each class keeps its share), sorted."""
+    """Sorted indices of at most ``n`` items, class-stratified: each class keeps its share, and at
+    least one item while there is room for every class."""
     if labels.size <= n:
         return np.arange(labels.size)
     rng = np.random.default_rng(seed)
-    keep = []
     classes, counts = np.unique(labels, return_counts=True)
-    for cls, count in zip(classes, counts):
-        take = min(count, max(1, round(n * count / labels.size)))
-        keep.append(rng.choice(np.flatnonzero(labels == cls), size=take, replace=False))
-    keep = np.concatenate(keep)
-    if keep.size > n:
-        keep = rng.choice(keep, n, replace=False)
-    return np.sort(keep)
+    takes = np.maximum(1, np.floor(n * counts / labels.size)).astype(int)
+    while takes.sum() > n:
+        takes[np.argmax(takes)] -= 1
+    keep = [rng.choice(np.flatnonzero(labels == cls), size=take, replace=False) for cls, take in zip(classes, takes)]
+    return np.sort(np.concatenate(keep))
 
 
 def pair_distances(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +107,7 @@ def _grid(n: int, cols: int = 4, size: tuple[float, float] = (3.6, 3.4)):
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    return fig, axes.flat
+    return fig, list(axes.flat)
 
 
 def projection_figure(embeddings: dict[str, dict], colors: dict, points: int = PROJECTION_POINTS, seed: int = 0) -> Figure:
@@ -141,13 +139,13 @@ def distance_figure(embeddings: dict[str, dict], colors: dict, points: int = 200
         overlaps[loss] = overlap_area(pos, neg)
         edges = np.linspace(min(pos.min(initial=np.inf), neg.min(initial=np.inf)),
                             max(pos.max(initial=-np.inf), neg.max(initial=-np.inf)), 61)
-        ax.hist(neg, edges, density=True, color="0.55", alpha=0.55, label="negative pairs")
-        ax.hist(pos, edges, density=True, color=colors[loss], alpha=0.7, label="positive pairs")
-        ax.text(0.97, 0.95, f"overlap {overlaps[loss]:.3f}", transform=ax.transAxes, ha="right", va="top",
-                fontsize=9, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
-        ax.set_title(loss, color=colors[loss], fontsize=10)
-        ax.set(xlabel="Euclidean distance (embedding units)", ylabel="density")
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
+        ax.hist(neg, edges, density=True, histtype="stepfilled", color="0.55", alpha=0.55, label="negative pairs")
+        ax.hist(pos, edges, density=True, histtype="stepfilled", color=colors[loss], alpha=0.7,
+                label="positive pairs (loss colour)")
+        ax.set_title(f"{loss}: overlap {overlaps[loss]:.3f}", color=colors[loss], fontsize=10)
+        ax.set(xlabel="Euclidean distance (embedding units)", ylabel="density (1 / distance unit)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=9)
     fig.suptitle("Test pair distances of each loss's best final run (overlap: shared area of the two densities)")
     return fig, overlaps
 

@@ -19,7 +19,7 @@ from .colors import loss_colors
 from .comparison import comparison_table, format_table
 from .convergence import convergence_figure, convergence_histories
 from .embeddings import PROJECTION_POINTS, distance_figure, load_test_embeddings, projection_figure, triplet_quality_figure
-from .load import ROLE_TAG, Sweep
+from .load import BASELINE_LOSS, ROLE_TAG, Sweep
 from .tuning import IMPORTANCE_EVALUATOR, tuning_figure
 
 REPORT_ARTIFACT_DIR = "report"
@@ -80,22 +80,22 @@ def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int =
 
 
 def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS, seed: int = 0,
-                 log_to_mlflow: bool = True) -> Report:
+                 baseline: str = BASELINE_LOSS, log_to_mlflow: bool = True) -> Report:
     """Write figures, table, ``report.html`` and ``report.md`` to ``directory``; log them to MLflow."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     figures, overlaps = build_figures(sweep, directory, notes, points, seed)
-    table = comparison_table(sweep)
+    table = comparison_table(sweep, baseline)
     table["pair_distance_overlap"] = [overlaps.get(loss, math.nan) for loss in table.index]
     table.to_csv(directory / "comparison_table.csv")
-    if "triplet" not in table.index:
-        notes.append("no 'triplet' baseline in this sweep: no paired tests")
-    shown = format_table(table)
+    if baseline not in table.index:
+        notes.append(f"no {baseline!r} baseline in this sweep: no paired tests (choose one with --baseline)")
+    shown = format_table(table, baseline)
     shown["pair-distance overlap"] = ["n/a" if math.isnan(v) else f"{v:.3f}" for v in table["pair_distance_overlap"]]
     report = Report(directory, directory / "report.html", directory / "report.md", table, figures, notes)
-    report.html.write_text(_html(sweep, shown, figures, notes), encoding="utf-8")
-    report.markdown.write_text(_markdown(sweep, shown, figures, notes), encoding="utf-8")
+    report.html.write_text(_html(sweep, shown, figures, notes, baseline), encoding="utf-8")
+    report.markdown.write_text(_markdown(sweep, shown, figures, notes, baseline), encoding="utf-8")
     if log_to_mlflow:
         report.run_id = log_report(sweep, directory)
     return report
@@ -126,15 +126,17 @@ def _header(sweep: Sweep) -> list[tuple[str, str]]:
     ]
 
 
-TABLE_NOTE = ("Test metrics on the held-out classes: mean and Student-t 95% interval over the final seeds. "
-              "p: two-sided paired t-test of MAP@R against the triplet baseline, paired by seed. "
-              "Wall clock: the loss's parent run, tuning and final runs included.")
+def _table_note(baseline: str) -> str:
+    return ("Test metrics on the held-out classes, in %: mean and Student-t 95% interval over the final seeds "
+            f"(clipped to [0, 100]). p: two-sided paired t-test of MAP@R against the {baseline} baseline, paired by "
+            "seed (— when fewer than two shared seeds). Wall clock: the loss's parent run, tuning and final runs "
+            "included. Pair-distance overlap: see the distance figure (lower separates classes better).")
 
 
-def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str]) -> str:
+def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str) -> str:
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _header(sweep))
     body = [f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>", f"<table class='meta'>{head}</table>",
-            "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"), f"<p>{html.escape(TABLE_NOTE)}</p>"]
+            "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"), f"<p>{html.escape(_table_note(baseline))}</p>"]
     for name, png in figures.items():
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         body.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
@@ -156,10 +158,10 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str]) -> str:
+def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str) -> str:
     lines = [f"# tripletlab sweep report: {sweep.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _header(sweep)]
-    lines += ["", "## Comparison", "", markdown_table(table), "", TABLE_NOTE, ""]
+    lines += ["", "## Comparison", "", markdown_table(table), "", _table_note(baseline), ""]
     for name, png in figures.items():
         lines += [f"![{name}]({png.name})", "", CAPTIONS[name], ""]
     if notes:

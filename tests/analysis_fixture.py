@@ -6,6 +6,8 @@ It follows the MLflow layout of docs/design.md (parent / trial / final runs, per
 from __future__ import annotations
 
 import math
+import shutil
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +104,7 @@ def build_logged_sweep(root: Path, name: str = "tiny-sweep", losses=("triplet", 
         test_values = {m: [] for m in TEST_METRICS}
         for seed in seeds:
             final = run("final", loss, parent, f"{loss}-seed-{seed}", {"tripletlab.seed": str(seed)})
-            quality = 0.4 + 0.1 * index + 0.02 * seed
+            quality = 0.4 + 0.1 * index + 0.02 * seed + 0.01 * rng.standard_normal()
             values = {f"test/{m}": quality * (1 + 0.1 * j) for j, m in enumerate(TEST_METRICS)}
             values.update({"test/easy_fraction": 0.5, "test/semi_hard_fraction": 0.3, "test/hard_fraction": 0.2,
                            "test/alignment": 0.5 - 0.05 * index, "test/uniformity": -2.0 - 0.1 * index,
@@ -127,3 +129,15 @@ def build_logged_sweep(root: Path, name: str = "tiny-sweep", losses=("triplet", 
                          params=[Param(f"best.{k}", str(v)) for k, v in best_params.items()])
         client.set_terminated(parent)
     return LoggedSweep(name, uri, str(storage_path), output_dir, tuple(losses), tuple(seeds))
+
+
+def copy_store(root: Path, destination: Path) -> str:
+    """Copy a sweep's working directory (SQLite store, artifacts, runs/) and re-point the store's
+    absolute artifact locations at the copy, so a test can write to it without touching the original.
+    Returns the copy's tracking URI."""
+    shutil.copytree(root, destination)
+    old, new = root.resolve().as_uri(), destination.resolve().as_uri()
+    with sqlite3.connect(destination / "mlflow.db") as db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    return f"sqlite:///{destination / 'mlflow.db'}"

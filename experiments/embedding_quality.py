@@ -45,12 +45,12 @@ def alignment_uniformity(embeddings, labels, *, alpha: float = 2.0, t: float = 2
     positive_count = torch.zeros((), dtype=torch.int64, device=x.device)
     columns = torch.arange(n, device=x.device)
     for start in range(0, n, rows):
-        squared = pairwise_distances(x[start:start + rows], x, kind="squared_euclidean").to(torch.float64)
+        squared = pairwise_distances(x[start:start + rows], x, kind="squared_euclidean")
         not_self = columns[None, :] != columns[start:start + rows, None]
         exponent = torch.where(not_self, -t * squared, torch.full_like(squared, -math.inf))
-        log_sum = torch.logaddexp(log_sum, torch.logsumexp(exponent.flatten(), 0))
+        log_sum = torch.logaddexp(log_sum, torch.logsumexp(exponent.flatten(), 0).to(torch.float64))
         positive = not_self & (ids[start:start + rows, None] == ids[None, :])
-        positive_sum += (squared.clamp_min(0) ** (alpha / 2))[positive].sum()
+        positive_sum += (squared.clamp_min(0) ** (alpha / 2))[positive].sum(dtype=torch.float64)
         positive_count += positive.sum()
     if int(positive_count) == 0:
         raise ValueError("alignment needs a positive pair: at least one class with two or more embeddings")
@@ -90,8 +90,8 @@ def triplet_statistics(embeddings, labels, *, margin: float = FACENET_MARGIN,
 
 def _anchor_block_sums(x, anchors, members, negatives, margin, distance, first_anchor_position):
     """Sums over the triplets whose anchors are ``anchors`` (all of one class, ``members``)."""
-    d_pos = pairwise_distances(x[anchors], x[members], kind=distance).to(torch.float64)
-    d_neg = pairwise_distances(x[anchors], x[negatives], kind=distance).to(torch.float64)
+    d_pos = pairwise_distances(x[anchors], x[members], kind=distance)
+    d_neg = pairwise_distances(x[anchors], x[negatives], kind=distance)
     d_neg_sorted = torch.sort(d_neg, dim=1).values
     positions = torch.arange(members.numel(), device=x.device)
     not_self = positions[None, :] != (first_anchor_position + torch.arange(anchors.numel(), device=x.device))[:, None]
@@ -103,7 +103,8 @@ def _anchor_block_sums(x, anchors, members, negatives, margin, distance, first_a
     semi_hard = ((within_margin - closer) * not_self).sum()
     easy = ((n_neg - within_margin) * not_self).sum()
     n_pairs = not_self.sum()
-    return torch.stack([(d_pos * not_self).sum(), n_pairs.to(torch.float64), d_neg.sum(),
+    return torch.stack([(d_pos * not_self).sum(dtype=torch.float64), n_pairs.to(torch.float64),
+                        d_neg.sum(dtype=torch.float64),
                         torch.tensor(float(anchors.numel() * n_neg), device=x.device, dtype=torch.float64),
                         hard.to(torch.float64), semi_hard.to(torch.float64), easy.to(torch.float64)])
 

@@ -95,3 +95,10 @@ def test_collapsed_classes_are_perfectly_aligned_and_easy():
 def test_bad_input_raises_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_float32_input_agrees_with_float64():
+    x, y = sample(n=60, seed=6)
+    exact = embedding_quality(x, y, margin=0.4, chunk_size=9)
+    single = embedding_quality(x.float().numpy(), y.numpy(), margin=0.4)
+    assert single == pytest.approx(exact, abs=1e-5)

@@ -131,7 +131,7 @@ def cross_validated_accuracy(scores: torch.Tensor, genuine: torch.Tensor, folds:
         else:
             accuracies.append(float(correct.to(torch.float64).mean()))
     values = torch.tensor(accuracies, dtype=torch.float64)
-    return float(values.mean()), float(values.std(unbiased=False))
+    return float(values.mean()), float(values.std(correction=0))
 
 
 def verification_metrics(embeddings, labels, distance: str = "cosine", folds: int = 10,

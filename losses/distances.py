@@ -9,7 +9,9 @@
 
 Euclidean distance takes its square root with a zero-safe gradient (0 where the distance is 0),
 so identical embeddings give finite gradients; this matches ``torch.cdist``'s subgradient, which
-pytorch-metric-learning's ``LpDistance`` uses. Half-precision inputs are computed in float32
+pytorch-metric-learning's ``LpDistance`` uses. Matrices use the matmul expansion (as ``torch.cdist``
+does for large inputs), which resolves euclidean distances down to about ``sqrt(eps) * norm``
+(~3e-4 of the norm in float32); :func:`paired_distances` takes exact differences. Half-precision inputs are computed in float32
 (:func:`prepare_embeddings`): squared norms overflow float16 beyond a norm of ~256.
 """
 from __future__ import annotations

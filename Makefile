@@ -40,7 +40,7 @@ dashboard: install
 	$(VENV)/bin/optuna-dashboard $(or $(STORAGE),$$($(TRIPLETLAB) sweep --config $(CONFIG) --print-storage $(ARGS))) --host $(HOST) --port $(DASHBOARD_PORT)
 
 analyze: install
-	$(TRIPLETLAB) analyze --tracking-uri $(TRACKING_URI) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
+	$(TRIPLETLAB) analyze --tracking-uri $(TRACKING_URI) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(if $(STORAGE),--storage $(STORAGE))
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root ./mlartifacts --host $(HOST) --port $(UI_PORT)

@@ -2,7 +2,8 @@
 
 Reads the sweep's MLflow experiment (the most recent sweep by default) and its Optuna storage
 (``runs/<sweep>/optuna.journal`` by default); writes ``runs/<sweep>/report/`` and logs it to the
-sweep's summary run. Never trains.
+sweep's summary run. ``--output-dir`` means what it means to ``tripletlab sweep``: the folder holding
+``<sweep>/``. Never trains.
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from .embeddings import PROJECTION_POINTS
 from .load import BASELINE_LOSS, load_studies, load_sweep
 from .report import build_report
 
-RUNS_DIR = Path("runs")
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", metavar="NAME",
@@ -23,9 +22,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--storage", metavar="URL_OR_PATH",
                         help="the sweep's Optuna storage: a journal file or a database URL "
-                             "(default: runs/<sweep>/optuna.journal when it exists)")
-    parser.add_argument("--output-dir", metavar="DIR", type=Path,
-                        help="where the report goes (default: runs/<sweep>/report)")
+                             "(default: <output-dir>/<sweep>/optuna.journal when it exists)")
+    parser.add_argument("--output-dir", metavar="DIR", type=Path, default=Path("runs"),
+                        help="where the sweep wrote runs/<sweep>/, as given to `tripletlab sweep` (default: runs); "
+                             "the report goes to <output-dir>/<sweep>/report")
     parser.add_argument("--points", type=int, default=PROJECTION_POINTS,
                         help=f"test points per loss in the 2-D projection (default {PROJECTION_POINTS})")
     parser.add_argument("--baseline", default=BASELINE_LOSS, metavar="LOSS",
@@ -38,14 +38,14 @@ def main(args: argparse.Namespace) -> int:
     if args.points < 10:
         raise ValueError(f"--points must be at least 10, got {args.points}")
     sweep = load_sweep(args.experiment, args.tracking_uri)
+    sweep_dir = args.output_dir / sweep.name
     storage = args.storage
-    if storage is None and (RUNS_DIR / sweep.name / "optuna.journal").is_file():
-        storage = str(RUNS_DIR / sweep.name / "optuna.journal")
+    if storage is None and (sweep_dir / "optuna.journal").is_file():
+        storage = str(sweep_dir / "optuna.journal")
     if storage:
         sweep.storage = storage
         sweep.studies = load_studies(storage, sweep.name, sweep.losses)
-    directory = args.output_dir or RUNS_DIR / sweep.name / "report"
-    report = build_report(sweep, directory, points=args.points, seed=args.seed, baseline=args.baseline,
+    report = build_report(sweep, sweep_dir / "report", points=args.points, seed=args.seed, baseline=args.baseline,
                           log_to_mlflow=not args.no_log)
     print(f"analysed sweep {sweep.name!r}: {len(report.figures)} figures, {len(report.table)} losses")
     for note in report.notes:

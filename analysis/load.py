@@ -6,7 +6,6 @@ sweep's Optuna storage (studies named ``<sweep>/<loss>``).
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,14 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from experiments.tracking import resolve_tracking_uri
+
 ROLE_TAG = "tripletlab.role"
 LOSS_TAG = "tripletlab.loss"
 SEED_TAG = "tripletlab.seed"
 TRIAL_STATE_TAG = "tripletlab.trial_state"
 BASELINE_LOSS = "triplet"
 EMBEDDINGS_ARTIFACT = "embeddings/test.npz"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 @dataclass
@@ -52,9 +52,10 @@ class Sweep:
         return sorted(names, key=lambda n: (n != BASELINE_LOSS, n))
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; a missing SQLite file is an error."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+def existing_store_uri(uri: str | None) -> str:
+    """The tracking URI as ``experiments.tracking`` resolves it; a missing SQLite file is an error
+    (opening it would create an empty store)."""
+    uri = resolve_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.exists():
@@ -121,7 +122,7 @@ def load_sweep(experiment: str | None, tracking_uri: str | None = None, storage:
 
     Raises ``ValueError`` for an unknown experiment or one without finished sweep runs.
     """
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = existing_store_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     exp = find_experiment(client, experiment)
     runs = runs_frame(client, exp.experiment_id)

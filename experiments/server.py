@@ -66,6 +66,7 @@ def server_command(backend_store_uri: str, artifacts_destination: str | Path, ho
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
         try:
             sock.bind((host, port))
         except OSError as exc:

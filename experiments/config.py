@@ -60,7 +60,8 @@ class OptimizerConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0  # linear warm-up (at most all epochs), then cosine decay to zero
+    warmup_epochs: float = 1.0  # linear warm-up (at most all epochs), then the schedule
+    schedule: str = "cosine"  # cosine: decay to zero by the last step | constant
     momentum: float = 0.9  # sgd only
 
 
@@ -117,6 +118,7 @@ _SECTION_TYPES = {
 _CHOICES = {
     "model.name": ("auto", "cnn", "resnet"),
     "optimizer.name": ("adamw", "sgd"),
+    "optimizer.schedule": ("cosine", "constant"),
 }
 
 

@@ -57,11 +57,14 @@ def make_optimizer(cfg: ExperimentConfig, params: list[nn.Parameter]) -> torch.o
     return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up from ~0 to the base rate over ``warmup_steps``, then cosine decay to 0."""
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, cosine: bool = True):
+    """Linear warm-up from ~0 to the base rate over ``warmup_steps``, then cosine decay to 0
+    (SGDR, Loshchilov & Hutter 2017, without restarts) or a constant rate."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if not cosine:
+            return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -106,7 +109,8 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
     optimizer = make_optimizer(cfg, params)
     steps = len(sampler)
     total = cfg.epochs * steps
-    scheduler = warmup_cosine(optimizer, min(round(cfg.optimizer.warmup_epochs * steps), total), total)
+    scheduler = warmup_schedule(optimizer, min(round(cfg.optimizer.warmup_epochs * steps), total), total,
+                                cosine=cfg.optimizer.schedule == "cosine")
     forward = torch.compile(model) if cfg.train.compile else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda")
     channels_last = device.type == "cuda"

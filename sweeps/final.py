@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from .context import SweepContext
 from .storage import budget_trials
 from .study import base_experiment, trial_experiment
-from .table import TABLE_METRICS, t_interval, write_table
+from .table import TABLE_METRICS, short_value, t_interval, write_table
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -128,14 +128,10 @@ def summarize(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> pd.Dat
             mean, low, high = t_interval(values)
             row.update({f"{metric}_mean": mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
         tuned = best.params if best is not None else {}
-        row["best_params"] = ", ".join(f"{k}={_short(v)}" for k, v in tuned.items())
+        row["best_params"] = ", ".join(f"{k}={short_value(v)}" for k, v in tuned.items())
         rows.append(row)
         _log_parent(client, ctx.parents[loss], row, tuned)
     return pd.DataFrame(rows)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def write_outputs(ctx: SweepContext, table: pd.DataFrame) -> list[Path]:

@@ -112,8 +112,9 @@ def stale_reason(trial: FrozenTrial, grace_period: float, now: float | None = No
     return None
 
 
-def _enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue ``trial``'s parameters again, as ``RetryHeartbeatStaleTrialCallback`` does."""
+def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue ``trial``'s parameters again, as ``RetryHeartbeatStaleTrialCallback`` does (without the
+    worker attributes), so :func:`budget_trials` counts the retry instead of ``trial``."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS}
     study.add_trial(optuna.create_trial(
@@ -146,7 +147,7 @@ def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStora
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process got there first (or the worker finished it after all)
-        _enqueue_retry(study, trial)
+        enqueue_retry(study, trial)
         recovered.append(trial.number)
     return recovered
 

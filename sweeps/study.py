@@ -24,7 +24,8 @@ from experiments.config import ExperimentConfig, apply, from_dict
 
 from .context import SweepContext
 from .space import SearchSpace
-from .storage import BudgetLock, beat, budget_trials, mark_worker, recover_stale_trials
+from .storage import BudgetLock, beat, budget_trials, enqueue_retry, mark_worker, recover_stale_trials
+from .table import short_value
 
 OBJECTIVE = "val/map_at_r"
 
@@ -103,6 +104,7 @@ class Objective:
         self.space: SearchSpace = ctx.space(loss)
         self.base = base_experiment(ctx)
         self.client = MlflowClient(tracking_uri=ctx.tracking_uri)
+        self.interrupted: int | None = None  # number of a trial stopped by Ctrl-C
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.lock.release()  # the trial exists now: other workers may count it and start theirs
@@ -126,6 +128,10 @@ class Objective:
                 parent_run_id=self.ctx.parents.get(self.loss), run_name=f"{self.loss}/trial-{trial.number}",
                 tags=tags, on_epoch=on_epoch, evaluate_test=False, log_embeddings=False,
             )
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted; retried when the sweep resumes")
+            self.interrupted = trial.number
+            raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[:2000]
             trial.set_user_attr("fail_reason", reason)
@@ -142,8 +148,9 @@ class Objective:
             raise ValueError("the run logged no validation MAP@R; a sweep needs dataset.val_fraction > 0")
         self.client.set_tag(result.run_id, "tripletlab.trial_state", "complete")
         value = float(result.val_metrics["map_at_r"])
+        tuned = ", ".join(f"{k}={short_value(v)}" for k, v in trial.params.items())
         print(f"[{self.loss}] trial {trial.number} complete: val MAP@R {value:.4f} "
-              f"({time.time() - start:.0f}s) {values}", flush=True)
+              f"({time.time() - start:.0f}s) {tuned}", flush=True)
         return value
 
     def _tag_trial_run(self, number: int, state: str) -> None:
@@ -174,5 +181,9 @@ def tune(ctx: SweepContext, loss: str, storage: optuna.storages.BaseStorage, wor
             if len(trials) >= target and not any(t.state == TrialState.WAITING for t in trials):
                 return
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        except KeyboardInterrupt:
+            if objective.interrupted is not None:  # an interrupted trial is redone, not counted
+                enqueue_retry(study, study.trials[objective.interrupted])
+            raise
         finally:
             lock.release()

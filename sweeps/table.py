@@ -33,6 +33,11 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return mean, mean - half, mean + half
 
 
+def short_value(value) -> str:
+    """A hyperparameter value for the table and the progress lines: floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _cell(mean: float, low: float, high: float) -> str:
     if math.isnan(mean):
         return "n/a"

@@ -108,3 +108,51 @@ def test_a_sweep_retries_the_trial_a_killed_worker_left_running(tmp_path):
     [retry] = [t for t in trials if t.system_attrs.get("retry_history") == [orphan.number]]
     assert retry.state == TrialState.COMPLETE and retry.params["loss.margin"] == pytest.approx(orphan.params["loss.margin"])
     assert len(budget_trials(study)) == 2  # the retry took the orphan's place in the budget
+
+
+INTERRUPTING_PLUGIN = '''
+import os
+import torch
+from losses import MetricLoss, register_loss
+from losses.params import HyperParam
+
+MARKER = {marker!r}
+
+
+@register_loss("interrupting_contrastive")
+class InterruptingContrastive(MetricLoss):
+    """Contrastive loss that presses Ctrl-C once, while a marker file exists."""
+
+    hyperparams = (HyperParam("margin", float, 0.5, "negative margin", low=0.0, high=2.0, search=(0.1, 1.0)),)
+
+    def __init__(self, margin=0.5):
+        super().__init__()
+        self.margin = margin
+
+    def compute(self, embeddings, labels, ref_embeddings, ref_labels):
+        if os.path.exists(MARKER):
+            os.remove(MARKER)
+            raise KeyboardInterrupt
+        d = torch.cdist(embeddings, embeddings)
+        same = labels[:, None] == labels[None, :]
+        return torch.cat([d[same].pow(2), (self.margin - d[~same]).clamp(min=0).pow(2)]).mean()
+'''
+
+
+def test_an_interrupted_trial_is_redone_on_resume_not_counted(tmp_path):
+    marker = tmp_path / "press-ctrl-c"
+    marker.write_text("")
+    plugin = tmp_path / "interrupting.py"
+    plugin.write_text(INTERRUPTING_PLUGIN.format(marker=str(marker)))
+    extra = ["trials=1", "seeds=1", f"plugins=[{plugin}]"]
+    stopped = run_sweep(tmp_path, name="ctrl-c", losses=("interrupting_contrastive",), extra=extra)
+    assert stopped.exit_code == 130
+    storage = open_storage(str(tmp_path / "runs" / "ctrl-c" / "optuna.journal"))
+    study = optuna.load_study(study_name="ctrl-c/interrupting_contrastive", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert "interrupted" in study.trials[0].user_attrs["fail_reason"]
+
+    resumed = run_sweep(tmp_path, name="ctrl-c", losses=("interrupting_contrastive",), extra=extra)
+    assert resumed.exit_code == 0
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].params == study.trials[0].params and len(budget_trials(study)) == 1

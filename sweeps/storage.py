@@ -4,8 +4,8 @@
   Optuna's recommendation for several processes on one machine. It has no heartbeat, so each
   running trial records one itself (user attributes ``worker_host``, ``worker_pid``,
   ``heartbeat``: Unix seconds, refreshed every epoch); :func:`recover_stale_trials` fails a
-  running trial whose worker process is gone (same host) or whose heartbeat is older than the
-  grace period, and enqueues a retry with the same parameters.
+  running trial whose worker process is gone (same host) or, from another host, whose heartbeat
+  is older than the grace period, and enqueues a retry with the same parameters.
 - ``--storage <SQLAlchemy URL>`` (``sqlite:///...``, ``postgresql://...``): ``RDBStorage`` with
   Optuna's own heartbeat (``heartbeat_interval``, ``grace_period``) and
   ``RetryHeartbeatStaleTrialCallback``, for several machines.
@@ -105,8 +105,8 @@ def stale_reason(trial: FrozenTrial, grace_period: float, now: float | None = No
             return f"no heartbeat since it started {now - started:.0f}s ago"
         return None
     host, pid = attrs.get("worker_host"), attrs.get("worker_pid")
-    if host == socket.gethostname() and isinstance(pid, int) and not _process_alive(pid):
-        return f"its worker (pid {pid} on {host}) exited without finishing it"
+    if host == socket.gethostname() and isinstance(pid, int):  # same machine: ask the process itself
+        return None if _process_alive(pid) else f"its worker (pid {pid} on {host}) exited without finishing it"
     if now - float(beat_at) > grace_period:
         return f"no heartbeat from its worker (pid {pid} on {host}) for {now - float(beat_at):.0f}s"
     return None

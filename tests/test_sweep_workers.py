@@ -28,9 +28,9 @@ def _journal_study(tmp_path, name="s"):
     return optuna.create_study(study_name=name, storage=storage, direction="maximize"), storage
 
 
-def _start_trial(study, pid, heartbeat):
+def _start_trial(study, pid, heartbeat, host=None):
     trial = study.ask({"loss.margin": optuna.distributions.FloatDistribution(0.01, 1.0)})
-    trial.set_user_attr("worker_host", socket.gethostname())
+    trial.set_user_attr("worker_host", host or socket.gethostname())
     trial.set_user_attr("worker_pid", pid)
     trial.set_user_attr("heartbeat", heartbeat)
     return trial
@@ -39,8 +39,8 @@ def _start_trial(study, pid, heartbeat):
 def test_trials_of_dead_or_silent_workers_are_failed_and_retried_once(tmp_path):
     study, storage = _journal_study(tmp_path)
     dead = _start_trial(study, _dead_pid(), time.time())
-    silent = _start_trial(study, os.getpid(), time.time() - 3600)
-    alive = _start_trial(study, os.getpid(), time.time())
+    silent = _start_trial(study, os.getpid(), time.time() - 3600, host="another-machine")
+    alive = _start_trial(study, os.getpid(), time.time() - 3600)  # a long epoch: alive, if quiet
     done = _start_trial(study, _dead_pid(), time.time())
     study.tell(done, 0.5)
 

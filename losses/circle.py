@@ -1,12 +1,14 @@
 """Circle loss (Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization",
-CVPR 2020), pair-wise label form, dense over the (n, n) cosine similarity matrix."""
+CVPR 2020), pair-wise label form, dense over the (n, n) cosine similarity matrix; value and gradient
+with respect to the similarities in closed form (see :mod:`losses.pairs`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from .base import MetricLoss
-from .pairs import cosine_similarity, masked_logsumexp, pair_masks, similarity_pair_stats
+from .distances import with_gradients
+from .pairs import cosine_similarity, grouped_logsumexp, pair_masks, pair_stats
 from .params import HyperParam
 from .registry import register_loss
 
@@ -42,14 +44,26 @@ class CircleLoss(MetricLoss):
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         sim = cosine_similarity(embeddings, ref_embeddings)
-        positive, negative = pair_masks(labels, ref_labels)
-        frozen = sim.detach()
-        pos_logits = -self.gamma * torch.relu(1 + self.m - frozen) * (sim - (1 - self.m))
-        neg_logits = self.gamma * torch.relu(frozen + self.m) * (sim - self.m)
-        per_anchor = F.softplus(masked_logsumexp(pos_logits, positive) + masked_logsumexp(neg_logits, negative))
-        per_anchor = per_anchor * (positive.any(1) & negative.any(1))
-        loss = per_anchor.sum() / (per_anchor > 0).sum().clamp_min(1)
-        active = positive | (negative & (frozen > -self.m))
-        violating = (positive & (frozen < 1 - self.m)) | (negative & (frozen > self.m))
-        self.record_stats(**similarity_pair_stats(sim, positive, negative, active, violating))
-        return loss
+        with torch.no_grad():
+            s = sim.detach()
+            positive, negative = pair_masks(labels, ref_labels)
+            # the paper's self-paced weights a_p = relu(1 + m - s_p), a_n = relu(s_n + m), held constant
+            weight = torch.where(positive, (1 + self.m) - s, s + self.m).relu_()
+            centred = torch.where(positive, s - (1 - self.m), s - self.m)
+            active = (weight > 0) & (positive | negative)
+            violating = torch.where(positive, centred < 0, negative & (centred > 0))
+            slope = torch.where(positive, -weight, weight).mul_(self.gamma)  # d logit / d s
+            g = grouped_logsumexp(slope * centred, positive, negative, add_one=False)
+            total = g.lse_pos + g.lse_neg
+            has_both = torch.isfinite(g.max_pos) & torch.isfinite(g.max_neg)
+            per_anchor = F.softplus(total) * has_both
+            nonzero = per_anchor > 0
+            count = torch.count_nonzero(nonzero).clamp_min(1)
+            value = per_anchor.sum() / count
+            row = torch.sigmoid(total) * nonzero / count
+            grad = g.exp_logits.mul_(slope).mul_(torch.where(positive, (row / g.norm_pos)[:, None],
+                                                             (row / g.norm_neg)[:, None]))
+            self.record_stats(**pair_stats(
+                s, positive, negative, active, violating,
+                torch.where(positive, s, float("inf")).amin(1), torch.where(negative, s, float("-inf")).amax(1)))
+        return with_gradients(value.to(sim.dtype), [(sim, grad)])

@@ -1,27 +1,29 @@
 """Multi-Similarity loss with its pair miner (Wang et al., "Multi-Similarity Loss with General Pair
 Weighting for Deep Metric Learning", CVPR 2019).
 
-Dense: one masked log-sum-exp over the (n, n) cosine similarity matrix per side, no loop over anchors.
+Dense over the (n, n) cosine similarity matrix, no loop over anchors; value and gradient with
+respect to the similarities in closed form (see :mod:`losses.pairs`).
 """
 from __future__ import annotations
 
 import torch
 
 from .base import MetricLoss
-from .pairs import cosine_similarity, masked_logsumexp, pair_masks, similarity_pair_stats
+from .distances import with_gradients
+from .pairs import cosine_similarity, grouped_logsumexp, pair_masks, pair_stats
 from .params import HyperParam
 from .registry import register_loss
 
 
-def mine_pairs(sim: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-               epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MS miner: keep a positive less similar than the anchor's most similar negative plus
-    ``epsilon``, and a negative more similar than the anchor's least similar positive minus
-    ``epsilon``. An anchor with no positive (or no negative) keeps no pair."""
-    with torch.no_grad():
-        hardest_neg = sim.masked_fill(~negative, float("-inf")).amax(1, keepdim=True)
-        hardest_pos = sim.masked_fill(~positive, float("inf")).amin(1, keepdim=True)
-        return positive & (sim - epsilon < hardest_neg), negative & (sim + epsilon > hardest_pos)
+@torch.no_grad()
+def mine_pairs(sim: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, hardest_pos: torch.Tensor,
+               hardest_neg: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MS miner: keep a positive less similar than the anchor's most similar negative
+    (``hardest_neg``) plus ``epsilon``, and a negative more similar than the anchor's least similar
+    positive (``hardest_pos``) minus ``epsilon``. An anchor with no positive (or no negative) keeps
+    no pair."""
+    return (positive & (sim - epsilon < hardest_neg[:, None]),
+            negative & (sim + epsilon > hardest_pos[:, None]))
 
 
 @register_loss("multi_similarity")
@@ -40,7 +42,7 @@ class MultiSimilarityLoss(MetricLoss):
 
     Statistics: a pair is *active* when it is kept (all valid pairs without the miner) and
     *violating* when it lies on the wrong side of ``base`` (positive with S < base, negative with
-    S > base); see :func:`losses.pairs.similarity_pair_stats` for the rest.
+    S > base); see :func:`losses.pairs.pair_stats` for the rest.
     """
 
     paper = "Wang et al., Multi-Similarity Loss with General Pair Weighting, CVPR 2019"
@@ -61,14 +63,25 @@ class MultiSimilarityLoss(MetricLoss):
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         sim = cosine_similarity(embeddings, ref_embeddings)
-        positive, negative = pair_masks(labels, ref_labels)
-        pos_used, neg_used = (mine_pairs(sim, positive, negative, self.epsilon) if self.miner
-                              else (positive, negative))
-        per_anchor = (masked_logsumexp(self.alpha * (self.base - sim), pos_used, add_one=True) / self.alpha
-                      + masked_logsumexp(self.beta * (sim - self.base), neg_used, add_one=True) / self.beta)
-        loss = per_anchor.mean() if per_anchor.numel() else sim.sum() * 0
-        too_few = (pos_used.sum() <= 1) & (neg_used.sum() <= 1)
-        loss = torch.where(too_few, loss * 0, loss)
-        violating = (positive & (sim < self.base)) | (negative & (sim > self.base))
-        self.record_stats(**similarity_pair_stats(sim, positive, negative, pos_used | neg_used, violating))
-        return loss
+        with torch.no_grad():
+            s = sim.detach()
+            positive, negative = pair_masks(labels, ref_labels)
+            hardest_pos = torch.where(positive, s, float("inf")).amin(1)
+            hardest_neg = torch.where(negative, s, float("-inf")).amax(1)
+            pos_used, neg_used = (mine_pairs(s, positive, negative, hardest_pos, hardest_neg, self.epsilon)
+                                  if self.miner else (positive, negative))
+            logits = s - self.base
+            violating = torch.where(positive, logits < 0, negative & (logits > 0))
+            logits = torch.where(positive, logits * -self.alpha, logits * self.beta)
+            g = grouped_logsumexp(logits, pos_used, neg_used, add_one=True)
+            per_anchor = g.lse_pos / self.alpha + g.lse_neg / self.beta
+            n_rows = max(per_anchor.shape[0], 1)
+            too_few = (torch.count_nonzero(pos_used) <= 1) & (torch.count_nonzero(neg_used) <= 1)
+            keep = (~too_few).to(s.dtype)
+            value = per_anchor.sum() / n_rows * keep
+            row_pos = -keep / (n_rows * g.norm_pos)
+            row_neg = keep / (n_rows * g.norm_neg)
+            grad = g.exp_logits.mul_(torch.where(pos_used, row_pos[:, None], row_neg[:, None]))
+            self.record_stats(**pair_stats(s, positive, negative, pos_used | neg_used, violating,
+                                           hardest_pos, hardest_neg))
+        return with_gradients(value.to(sim.dtype), [(sim, grad)])

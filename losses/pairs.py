@@ -1,10 +1,15 @@
-"""Positive / negative pair masks and the training statistics shared by the pair-based losses.
+"""Shared machinery of the pair-based losses (Multi-Similarity, Circle): positive / negative pair
+masks, a two-group log-sum-exp with its softmax weights, and the training statistics.
 
-Pair-based losses (Multi-Similarity, Circle) score every (anchor, candidate) pair of a cosine
-similarity matrix ``sim``; candidates are the batch itself or a reference set. Statistics use the
-cosine distance ``1 - sim`` so they read like the triplet losses' ``mean_d_ap`` / ``mean_d_an``.
+Pair-based losses score every (anchor, candidate) pair of a cosine similarity matrix ``sim``;
+candidates are the batch itself or a reference set. The losses compute their value and their
+gradient with respect to ``sim`` in closed form, in a handful of passes over the (n, m) matrix
+with no per-anchor loop, and hand both to autograd (``losses.distances.with_gradients``), which
+back-propagates through the similarity matmul and the L2 normalisation.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -16,56 +21,10 @@ def pair_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None) -> tuple[t
     every reference row of the same label is a positive, as in pytorch-metric-learning.
     """
     same = labels[:, None] == (labels if ref_labels is None else ref_labels)[None, :]
+    negative = ~same
     if ref_labels is None:
         same.fill_diagonal_(False)
-        negative = ~same
-        negative.fill_diagonal_(False)
-    else:
-        negative = ~same
     return same, negative
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def similarity_pair_stats(sim: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                          active: torch.Tensor, violating: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The ``STAT_NAMES`` statistics of a pair-based loss on a cosine similarity matrix.
-
-    - ``active_fraction``: pairs flagged ``active`` (carrying loss weight) over all valid pairs;
-    - ``margin_violation_fraction``: pairs flagged ``violating`` (on the wrong side of the loss's
-      decision boundary) over all valid pairs;
-    - ``mean_d_ap`` / ``mean_d_an``: mean cosine distance ``1 - sim`` of positive / negative pairs;
-    - ``correct_order_fraction``: among anchors with a positive and a negative, the fraction whose
-      hardest (least similar) positive is more similar than their hardest (most similar) negative.
-    """
-    with torch.no_grad():
-        valid = positive | negative
-        distance = 1 - sim
-        hardest_pos = sim.masked_fill(~positive, float("inf")).amin(1)
-        hardest_neg = sim.masked_fill(~negative, float("-inf")).amax(1)
-        has_both = positive.any(1) & negative.any(1)
-        return {
-            "active_fraction": _masked_mean(active.to(sim.dtype), valid),
-            "correct_order_fraction": _masked_mean((hardest_pos > hardest_neg).to(sim.dtype), has_both),
-            "margin_violation_fraction": _masked_mean(violating.to(sim.dtype), valid),
-            "mean_d_ap": _masked_mean(distance, positive),
-            "mean_d_an": _masked_mean(distance, negative),
-        }
-
-
-def masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor, add_one: bool = False) -> torch.Tensor:
-    """Row-wise ``log(sum(exp(logits[mask])))``, or ``log(1 + sum(...))`` with ``add_one``;
-    0 for a row with no masked entry, as pytorch-metric-learning's ``logsumexp``.
-
-    Unmasked entries are filled with the dtype's lowest finite value rather than ``-inf`` so that
-    empty rows keep finite gradients.
-    """
-    out = torch.logsumexp(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=1)
-    if add_one:
-        out = torch.logaddexp(out, out.new_zeros(()))
-    return out.masked_fill(~mask.any(1), 0)
 
 
 def cosine_similarity(embeddings: torch.Tensor, ref_embeddings: torch.Tensor | None) -> torch.Tensor:
@@ -73,3 +32,77 @@ def cosine_similarity(embeddings: torch.Tensor, ref_embeddings: torch.Tensor | N
     x = torch.nn.functional.normalize(embeddings, p=2, dim=1)
     y = x if ref_embeddings is None else torch.nn.functional.normalize(ref_embeddings, p=2, dim=1)
     return x @ y.T
+
+
+@dataclass
+class GroupedLogSumExp:
+    """Row-wise log-sum-exp of the positive and of the negative logits of each anchor.
+
+    ``exp_logits`` holds ``exp(logit - shift)`` on valid pairs (0 elsewhere) and ``norm_pos`` /
+    ``norm_neg`` the matching row sums (1 for an empty group), so ``exp_logits / norm`` is each group's softmax (the
+    derivative of its log-sum-exp). ``max_pos`` / ``max_neg`` are the raw row maxima (``-inf`` for an
+    empty group).
+    """
+
+    lse_pos: torch.Tensor
+    lse_neg: torch.Tensor
+    exp_logits: torch.Tensor
+    norm_pos: torch.Tensor
+    norm_neg: torch.Tensor
+    max_pos: torch.Tensor
+    max_neg: torch.Tensor
+
+
+@torch.no_grad()
+def grouped_logsumexp(logits: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                      add_one: bool) -> GroupedLogSumExp:
+    """``log(sum_group exp(logits))`` per row and group, or ``log(1 + sum ...)`` with ``add_one``.
+
+    An empty group gives 0, as pytorch-metric-learning's masked ``logsumexp``. ``logits`` is
+    overwritten. Each group is shifted by its own row maximum (and by at least 0 with ``add_one``),
+    so no term overflows and a small group is not swamped by a large one.
+    """
+    max_pos = torch.where(positive, logits, float("-inf")).amax(1)
+    max_neg = torch.where(negative, logits, float("-inf")).amax(1)
+    if add_one:  # the extra term exp(0) = 1: shift by at least 0
+        shift_pos, shift_neg = max_pos.clamp_min(0), max_neg.clamp_min(0)
+    else:
+        shift_pos = torch.where(torch.isfinite(max_pos), max_pos, 0)
+        shift_neg = torch.where(torch.isfinite(max_neg), max_neg, 0)
+    logits.sub_(torch.where(positive, shift_pos[:, None], shift_neg[:, None])).exp_()
+    exp_logits = logits.masked_fill_(~(positive | negative), 0)
+    norm_pos = torch.where(positive, exp_logits, 0).sum(1)
+    norm_neg = torch.where(negative, exp_logits, 0).sum(1)
+    if add_one:
+        norm_pos, norm_neg = norm_pos + torch.exp(-shift_pos), norm_neg + torch.exp(-shift_neg)
+    else:  # an empty group has no terms to normalise; 1 keeps exp_logits / norm finite
+        norm_pos, norm_neg = norm_pos.masked_fill(norm_pos == 0, 1), norm_neg.masked_fill(norm_neg == 0, 1)
+    lse_pos = torch.where(torch.isfinite(max_pos), shift_pos + torch.log(norm_pos), 0)
+    lse_neg = torch.where(torch.isfinite(max_neg), shift_neg + torch.log(norm_neg), 0)
+    return GroupedLogSumExp(lse_pos, lse_neg, exp_logits, norm_pos, norm_neg, max_pos, max_neg)
+
+
+def pair_stats(sim: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, active: torch.Tensor,
+               violating: torch.Tensor, hardest_pos: torch.Tensor, hardest_neg: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``STAT_NAMES`` statistics of a pair-based loss (all detached, no host synchronisation).
+
+    - ``active_fraction``: pairs flagged ``active`` (carrying loss weight) over all valid pairs;
+    - ``margin_violation_fraction``: pairs flagged ``violating`` (on the wrong side of the loss's
+      decision boundary) over all valid pairs;
+    - ``mean_d_ap`` / ``mean_d_an``: mean cosine distance ``1 - sim`` of positive / negative pairs;
+    - ``correct_order_fraction``: among anchors with a positive and a negative, the fraction whose
+      hardest (least similar, ``hardest_pos``) positive is more similar than their hardest (most
+      similar, ``hardest_neg``) negative.
+    """
+    with torch.no_grad():
+        n_pos, n_neg = torch.count_nonzero(positive), torch.count_nonzero(negative)
+        n_valid = (n_pos + n_neg).clamp_min(1)
+        has_both = torch.isfinite(hardest_pos) & torch.isfinite(hardest_neg)
+        return {
+            "active_fraction": torch.count_nonzero(active) / n_valid,
+            "correct_order_fraction": torch.count_nonzero(has_both & (hardest_pos > hardest_neg))
+            / torch.count_nonzero(has_both).clamp_min(1),
+            "margin_violation_fraction": torch.count_nonzero(violating) / n_valid,
+            "mean_d_ap": 1 - torch.where(positive, sim, 0).sum() / n_pos.clamp_min(1),
+            "mean_d_an": 1 - torch.where(negative, sim, 0).sum() / n_neg.clamp_min(1),
+        }

@@ -9,7 +9,8 @@ from .distances import check_distance, distance_matrix, paired_distances, prepar
 from .mining import hardest_pairs, label_masks
 from .params import distance_params, margin_param
 from .registry import register_loss
-from .triplet import REDUCTIONS, TripletLoss, finish_stats, hinge, reduce_terms, reduction_param, soft_margin_param, triplet_stats
+from .triplet import TripletLoss, reduction_param, soft_margin_param
+from .triplet_terms import REDUCTIONS, finish_stats, hinge, reduce_terms, triplet_stats
 
 HERMANS = ("Hermans et al. 2017, In Defense of the Triplet Loss (PK batches e.g. P=32, K=4; euclidean, "
            "not squared; soft margin softplus(d_ap - d_an) preferred, hinge m = 0.2 compared)")

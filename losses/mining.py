@@ -90,32 +90,6 @@ def margin_selection(mining: str, margin: float, admitted: torch.Tensor | None =
     return select
 
 
-def semi_hard_negative_selection(fallback: str) -> Selection:
-    """FaceNet's one negative per (anchor, positive): the nearest negative farther than the positive.
-
-    That negative is semi-hard when within the margin (an easy one gives a zero term). When every
-    negative is at least as close as the positive, ``fallback="easiest"`` takes the farthest
-    negative (as TensorFlow Addons' ``triplet_semihard_loss`` does) and ``"skip"`` drops the pair.
-    """
-    if fallback not in ("easiest", "skip"):
-        raise ValueError(f"unknown fallback {fallback!r}; choose 'easiest' or 'skip'")
-
-    def select(d_ap: torch.Tensor, d_an: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        farther = valid & (d_an > d_ap)
-        inf = torch.tensor(float("inf"), dtype=d_an.dtype, device=d_an.device)
-        nearest_farther = torch.where(farther, d_an, inf).argmin(2, keepdim=True)
-        has_farther = farther.any(2, keepdim=True)
-        if fallback == "easiest":
-            choice = torch.where(has_farther, nearest_farther, torch.where(valid, d_an, -inf).argmax(2, keepdim=True))
-            keep = valid.any(2, keepdim=True)
-        else:
-            choice, keep = nearest_farther, has_farther
-        columns = torch.arange(valid.shape[2], device=valid.device)
-        return (columns == choice) & keep
-
-    return select
-
-
 def hardest_pairs(distances: torch.Tensor, positives: torch.Tensor,
                   negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch-hard mining: per anchor the farthest positive and the nearest negative.

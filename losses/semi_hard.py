@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .mining import Selection, semi_hard_negative_selection
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
 from .triplet import TripletLoss, reduction_param
+from .triplet_terms import DenseTriplets, nearest_farther_triplet_loss
 
 
 @register_loss("semi_hard")
@@ -35,7 +35,11 @@ class SemiHardLoss(TripletLoss):
     def __init__(self, margin: float = 0.2, distance: str = "squared_euclidean", normalize: bool = True,
                  fallback: str = "easiest", reduction: str = "mean") -> None:
         super().__init__(margin=margin, distance=distance, normalize=normalize, reduction=reduction)
-        self.fallback_selection = semi_hard_negative_selection(fallback)
+        if fallback not in ("easiest", "skip"):
+            raise ValueError(f"unknown fallback {fallback!r}; choose 'easiest' or 'skip'")
+        self.fallback = fallback
 
-    def selection(self, n: int, m: int, device: torch.device) -> Selection:
-        return self.fallback_selection
+    def weigh(self, distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+              swap_distances: torch.Tensor | None) -> DenseTriplets:
+        return nearest_farther_triplet_loss(distances, positives, negatives, self.margin, self.fallback,
+                                            self.reduction)

@@ -5,21 +5,15 @@ Weinberger & Saul (JMLR 2009), Schroff et al. (FaceNet, CVPR 2015):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
 from .base import MetricLoss
 from .distances import (check_distance, distance_matrix, distance_sum_gradients, paired_distances,
                         prepare_embeddings, with_gradients)
-from .mining import (TRIPLET_MINING, Selection, label_masks, margin_selection, positive_slots,
-                     slot_chunks)
+from .mining import TRIPLET_MINING, label_masks, margin_selection
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
-
-REDUCTIONS = ("mean_nonzero", "mean")
-
+from .triplet_terms import REDUCTIONS, DenseTriplets, dense_triplet_loss, hinge, threshold_triplet_loss
 
 def reduction_param(default: str = "mean_nonzero") -> HyperParam:
     return HyperParam("reduction", str, default,
@@ -30,102 +24,6 @@ def reduction_param(default: str = "mean_nonzero") -> HyperParam:
 def soft_margin_param() -> HyperParam:
     return HyperParam("soft_margin", bool, False, "softplus(d_ap - d_an + m) instead of the hinge",
                       search=(False, True))
-
-
-def hinge(violation: torch.Tensor, soft_margin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss term, its derivative) of the hinge ``max(v, 0)`` or the soft margin ``softplus(v)``."""
-    if soft_margin:
-        return F.softplus(violation), torch.sigmoid(violation)
-    return violation.clamp_min(0), (violation > 0).to(violation.dtype)
-
-
-def triplet_stats(d_ap, d_an, violation, term, used) -> dict[str, torch.Tensor]:
-    """The five ``STAT_NAMES`` summed over ``used`` triplets (counts and sums, not yet averaged)."""
-    return {
-        "count": used.sum(),
-        "active": (used & (term > 0)).sum(),
-        "correct_order": (used & (d_ap < d_an)).sum(),
-        "margin_violation": (used & (violation > 0)).sum(),
-        "d_ap": torch.where(used, d_ap, 0).sum(),
-        "d_an": torch.where(used, d_an, 0).sum(),
-    }
-
-
-def finish_stats(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    count = sums["count"].clamp_min(1).to(sums["d_ap"].dtype)
-    return {
-        "active_fraction": sums["active"] / count,
-        "correct_order_fraction": sums["correct_order"] / count,
-        "margin_violation_fraction": sums["margin_violation"] / count,
-        "mean_d_ap": sums["d_ap"] / count,
-        "mean_d_an": sums["d_an"] / count,
-    }
-
-
-def reduce_terms(total: torch.Tensor, sums: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
-    """The divisor of the summed terms: number of non-zero terms or of used triplets (at least 1)."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
-    denominator = sums["active"] if reduction == "mean_nonzero" else sums["count"]
-    return denominator.clamp_min(1).to(total.dtype)
-
-
-@dataclass
-class DenseTriplets:
-    """Result of :func:`dense_triplet_loss`: loss value, gradient weights and statistics."""
-
-    value: torch.Tensor
-    weights: torch.Tensor  # d loss / d distances (n, m)
-    swap_weights: torch.Tensor | None  # d loss / d (ref-ref distances) (m, m) when swapping
-    stats: dict[str, torch.Tensor]
-
-
-@torch.no_grad()
-def dense_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float,
-                       select: Selection, soft_margin: bool = False, reduction: str = "mean_nonzero",
-                       swap_distances: torch.Tensor | None = None) -> DenseTriplets:
-    """Triplet loss over the triplets ``select`` keeps, from a detached (n, m) distance matrix.
-
-    Works on (n, k, chunk) slot tensors (k = positives per anchor), never on triplet index lists.
-    The loss is ``sum_ij weights_ij * d_ij`` to first order, so ``weights`` gives its exact
-    gradient through :func:`losses.distances.distance_sum_gradients`. With ``swap_distances``
-    (the (m, m) distances among the references) each term uses ``min(d(a,n), d(p,n))``.
-    """
-    n, m = distances.shape
-    slots = positive_slots(positives)
-    weights = torch.zeros_like(distances)
-    swap_weights = torch.zeros(m, m, dtype=distances.dtype, device=distances.device) if swap_distances is not None else None
-    total = distances.new_zeros(())
-    sums = {key: distances.new_zeros(()) for key in ("count", "active", "correct_order", "margin_violation", "d_ap", "d_an")}
-    d_an_all = distances.unsqueeze(1)
-    for chunk in slot_chunks(slots.k, n, m):
-        index = slots.index[:, chunk]
-        d_ap = distances.gather(1, index).unsqueeze(2)
-        valid = slots.valid[:, chunk].unsqueeze(2) & negatives.unsqueeze(1)
-        used = select(d_ap, d_an_all, valid)
-        d_an = d_an_all
-        if swap_distances is not None:
-            d_pn = swap_distances[index]
-            use_pn = d_pn < d_an
-            d_an = torch.where(use_pn, d_pn, d_an)
-        violation = d_ap - d_an + margin
-        term, slope = hinge(violation, soft_margin)
-        term = torch.where(used, term, 0)
-        slope = torch.where(used, slope, 0)
-        total += term.sum()
-        for key, value in triplet_stats(d_ap, d_an, violation, term, used).items():
-            sums[key] += value
-        weights.scatter_add_(1, index, slope.sum(2))
-        if swap_distances is None:
-            weights -= slope.sum(1)
-        else:
-            weights -= torch.where(use_pn, 0, slope).sum(1)
-            swap_weights.index_add_(0, index.reshape(-1), -torch.where(use_pn, slope, 0).reshape(-1, m))
-    scale = 1 / reduce_terms(total, sums, reduction)
-    weights *= scale
-    if swap_weights is not None:
-        swap_weights *= scale
-    return DenseTriplets(total * scale, weights, swap_weights, finish_stats(sums))
 
 
 class HardnessCurriculum:
@@ -204,9 +102,16 @@ class TripletLoss(MetricLoss):
     def set_progress(self, fraction: float) -> None:
         self.curriculum.progress = min(max(float(fraction), 0.0), 1.0)
 
-    def selection(self, n: int, m: int, device: torch.device) -> Selection:
-        admitted = self.curriculum.admitted(n, m, device) if self.mining == "curriculum" else None
-        return margin_selection(self.mining, self.margin, admitted)
+    def weigh(self, distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+              swap_distances: torch.Tensor | None) -> DenseTriplets:
+        """Loss value, gradient weights and statistics from the detached distances."""
+        admitted = self.curriculum.admitted(*distances.shape, distances.device) if self.mining == "curriculum" else None
+        if self.soft_margin or swap_distances is not None:
+            return dense_triplet_loss(distances, positives, negatives, self.margin,
+                                      margin_selection(self.mining, self.margin, admitted), self.soft_margin,
+                                      self.reduction, swap_distances)
+        return threshold_triplet_loss(distances, positives, negatives, self.margin, self.mining, self.reduction,
+                                      admitted)
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         x = prepare_embeddings(embeddings, self.distance, self.normalize)
@@ -217,9 +122,7 @@ class TripletLoss(MetricLoss):
             swap_distances = None
             if self.swap:
                 swap_distances = distances if ref_embeddings is None else distance_matrix(y, None, self.distance)
-        result = dense_triplet_loss(distances, positives, negatives, self.margin,
-                                    self.selection(*distances.shape, distances.device), self.soft_margin,
-                                    self.reduction, swap_distances)
+        result = self.weigh(distances, positives, negatives, swap_distances)
         self.record_stats(**result.stats)
         weights = result.weights
         if result.swap_weights is not None and ref_embeddings is None:

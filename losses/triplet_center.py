@@ -8,7 +8,8 @@ from .base import MetricLoss
 from .distances import check_distance, distance_matrix, paired_distances, prepare_embeddings
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
-from .triplet import REDUCTIONS, finish_stats, hinge, reduce_terms, reduction_param, triplet_stats
+from .triplet import reduction_param
+from .triplet_terms import REDUCTIONS, finish_stats, hinge, reduce_terms, triplet_stats
 
 
 @register_loss("triplet_center")

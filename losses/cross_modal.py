@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import MetricLoss
-from .distances import pairwise_distances
+from .distances import pairwise_distances, with_gradients
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
 
@@ -33,25 +33,47 @@ def paired_positives(labels: torch.Tensor, emb_a: torch.Tensor, emb_b: torch.Ten
 
 
 def _directions(matrix: torch.Tensor, positive: torch.Tensor, direction: str):
-    """(anchor x candidate) matrices and masks for the requested directions."""
+    """(anchor x candidate) matrices and masks for the requested directions, and whether each is
+    the transpose of ``matrix``."""
     if direction in ("both", "a_to_b"):
-        yield matrix, positive
+        yield matrix, positive, False
     if direction in ("both", "b_to_a"):
-        yield matrix.T, positive.T
+        yield matrix.T, positive.T, True
 
 
-def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1)
+def _order_stats(hardest_pos: torch.Tensor, hardest_neg: torch.Tensor, margin: float):
+    """Counts of anchors (with a positive and a negative) whose hardest positive is closer than their
+    hardest negative, of those whose hardest negative is within ``margin`` of it, and of anchors."""
+    counted = torch.isfinite(hardest_pos) & torch.isfinite(hardest_neg)
+    return (torch.count_nonzero(counted & (hardest_pos < hardest_neg)),
+            torch.count_nonzero(counted & (hardest_neg < hardest_pos + margin)), torch.count_nonzero(counted))
 
 
-def _hardest_pair_stats(distance: torch.Tensor, positive: torch.Tensor, margin: float):
-    """Per anchor with a positive and a negative: hardest positive closer than hardest negative,
-    and hardest negative within ``margin`` of the hardest positive; plus the anchors counted."""
-    negative = ~positive
-    hardest_pos = distance.masked_fill(~positive, float("-inf")).amax(1)
-    hardest_neg = distance.masked_fill(~negative, float("inf")).amin(1)
-    counted = positive.any(1) & negative.any(1)
-    return (hardest_pos < hardest_neg) & counted, (hardest_neg < hardest_pos + margin) & counted, counted
+def _pair_means(values: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` over the positive and over the negative pairs."""
+    n_pos = torch.count_nonzero(positive)
+    pos_sum = torch.where(positive, values, 0).sum()
+    return pos_sum / n_pos.clamp_min(1), (values.sum() - pos_sum) / (positive.numel() - n_pos).clamp_min(1)
+
+
+@torch.no_grad()
+def hardest_negative_hinge(distance: torch.Tensor, positive: torch.Tensor, margin: float):
+    """VSE++'s max of hinges: ``sum over positive pairs (a, p) of relu(margin + d[a, p] - min_n d[a, n])``.
+
+    Returns the sum, its gradient with respect to ``distance`` (closed form: +1 on each active
+    (a, p), minus the anchor's active count on its hardest negative), the number of active and of
+    counted terms, and each anchor's hardest positive and negative distance (``-inf`` / ``inf`` if
+    none).
+    """
+    hardest_neg, nearest = distance.masked_fill(positive, float("inf")).min(1)
+    hinge = (distance - hardest_neg[:, None]).add_(margin).relu_().masked_fill_(~positive, 0)
+    grad = (hinge > 0).to(distance.dtype)
+    per_anchor = grad.sum(1, keepdim=True)
+    grad.scatter_add_(1, nearest[:, None], -per_anchor)
+    has_neg = torch.isfinite(hardest_neg)
+    terms = torch.where(has_neg, torch.count_nonzero(positive, dim=1), 0).sum()
+    hardest_pos = torch.where(positive, distance, float("-inf")).amax(1)
+    return hinge.sum(), grad, per_anchor.sum(), terms, hardest_pos, hardest_neg
 
 
 def hinge_sum_over_negatives(distance: torch.Tensor, positive: torch.Tensor, margin: float):
@@ -110,33 +132,38 @@ class CrossModalTripletLoss(MetricLoss):
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         positive = paired_positives(labels, embeddings, ref_embeddings, ref_labels, self.label_positives)
         distance = pairwise_distances(embeddings, ref_embeddings, self.distance, self.normalize)
-        loss = distance.new_zeros(())
-        active = terms = ordered = violated = anchors = distance.new_zeros(())
-        for d, pos in _directions(distance, positive, self.direction):
-            neg = ~pos
+        detached = distance.detach()
+        n_pos = torch.count_nonzero(positive).clamp_min(1)
+        loss, closed_form_value, closed_form_grad = distance.new_zeros(()), distance.new_zeros(()), None
+        active = terms = ordered = violated = anchors = torch.zeros((), dtype=torch.long, device=distance.device)
+        for d, pos, transposed in _directions(distance, positive, self.direction):
             if self.negatives == "hardest":
-                has_neg = neg.any(1, keepdim=True)
-                hardest_neg = d.masked_fill(pos, float("inf")).amin(1, keepdim=True)
-                hardest_neg = torch.where(has_neg, hardest_neg, torch.zeros_like(hardest_neg))
-                hinge = torch.relu(self.margin + d - hardest_neg) * (pos & has_neg)
-                loss = loss + hinge.sum() / pos.sum().clamp_min(1)
-                active = active + (hinge > 0).sum()
-                terms = terms + (pos & has_neg).sum()
+                value, grad, n_active, n_terms, hardest_pos, hardest_neg = hardest_negative_hinge(
+                    detached.T if transposed else detached, pos, self.margin)
+                closed_form_value = closed_form_value + value / n_pos
+                grad = grad.T if transposed else grad
+                closed_form_grad = grad if closed_form_grad is None else closed_form_grad.add_(grad)
             else:
                 total, count = hinge_sum_over_negatives(d, pos, self.margin)
-                loss = loss + (total * pos).sum() / pos.sum().clamp_min(1)
-                active = active + (count * pos).sum()
-                terms = terms + (pos.sum(1) * neg.sum(1)).sum()
+                loss = loss + torch.where(pos, total, 0).sum() / n_pos
+                with torch.no_grad():
+                    n_active = torch.where(pos, count, 0).sum()
+                    n_terms = (torch.count_nonzero(pos, dim=1) * (pos.shape[1] - torch.count_nonzero(pos, dim=1))).sum()
+                    hardest_pos = torch.where(pos, d, float("-inf")).amax(1)
+                    hardest_neg = d.detach().masked_fill(pos, float("inf")).amin(1)
             with torch.no_grad():
-                order, violation, counted = _hardest_pair_stats(d, pos, self.margin)
-                ordered, violated, anchors = ordered + order.sum(), violated + violation.sum(), anchors + counted.sum()
+                order, violation, counted = _order_stats(hardest_pos, hardest_neg, self.margin)
+                active, terms = active + n_active, terms + n_terms
+                ordered, violated, anchors = ordered + order, violated + violation, anchors + counted
+        if closed_form_grad is not None:
+            loss = loss + with_gradients(closed_form_value, [(distance, closed_form_grad / n_pos)])
         with torch.no_grad():
+            mean_d_ap, mean_d_an = _pair_means(detached, positive)
             self.record_stats(
                 active_fraction=active / terms.clamp_min(1),
                 correct_order_fraction=ordered / anchors.clamp_min(1),
                 margin_violation_fraction=violated / anchors.clamp_min(1),
-                mean_d_ap=_mean(distance, positive),
-                mean_d_an=_mean(distance, ~positive),
+                mean_d_ap=mean_d_ap, mean_d_an=mean_d_an,
             )
         return loss
 
@@ -174,25 +201,36 @@ class SymmetricInfoNCELoss(MetricLoss):
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         positive = paired_positives(labels, embeddings, ref_embeddings, ref_labels, self.label_positives)
         sim = F.normalize(embeddings, dim=1) @ F.normalize(ref_embeddings, dim=1).T
-        loss = sim.new_zeros(())
-        active = negatives = ordered = violated = anchors = sim.new_zeros(())
-        for s, pos in _directions(sim, positive, "both"):
-            log_prob = torch.log_softmax(s / self.temperature, dim=1)
-            per_anchor = -(log_prob * pos).sum(1) / pos.sum(1)
-            loss = loss + per_anchor.sum() / (2 * max(per_anchor.numel(), 1))
-            with torch.no_grad():
-                neg = ~pos
-                weakest_pos = s.masked_fill(~pos, float("inf")).amin(1, keepdim=True)
-                order, violation, counted = _hardest_pair_stats(-s, pos, self.temperature)
-                ordered, violated, anchors = ordered + order.sum(), violated + violation.sum(), anchors + counted.sum()
-                active = active + (neg & (s > weakest_pos - self.temperature)).sum()
-                negatives = negatives + neg.sum()
         with torch.no_grad():
-            self.record_stats(
-                active_fraction=active / negatives.clamp_min(1),
-                correct_order_fraction=ordered / anchors.clamp_min(1),
-                margin_violation_fraction=violated / anchors.clamp_min(1),
-                mean_d_ap=_mean(1 - sim, positive),
-                mean_d_an=_mean(1 - sim, ~positive),
-            )
-        return loss
+            s, n = sim.detach(), max(sim.shape[0], 1)
+            logits = s / self.temperature
+            lse_rows, lse_cols = torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
+            pos_logits = torch.where(positive, logits, 0)
+            per_row = torch.count_nonzero(positive, dim=1).clamp_min(1)
+            per_col = torch.count_nonzero(positive, dim=0).clamp_min(1)
+            value = ((lse_rows - pos_logits.sum(1) / per_row).sum()
+                     + (lse_cols - pos_logits.sum(0) / per_col).sum()) / (2 * n)
+            # d value / d logits: row softmax + column softmax - each direction's positive weights
+            grad = (logits - lse_rows[:, None]).exp_().add_((logits - lse_cols[None, :]).exp_())
+            grad.sub_(torch.where(positive, 1 / per_row[:, None] + 1 / per_col[None, :], 0))
+            grad.div_(2 * n * self.temperature)
+            self._record(s, positive)
+        return with_gradients(value.to(sim.dtype), [(sim, grad)])
+
+    def _record(self, s: torch.Tensor, positive: torch.Tensor) -> None:
+        pos_s, neg_s = s.masked_fill(~positive, float("inf")), s.masked_fill(positive, float("-inf"))
+        active = ordered = violated = anchors = 0
+        for dim in (1, 0):  # A->B anchors are rows, B->A anchors are columns
+            weakest_pos, strongest_neg = pos_s.amin(dim), neg_s.amax(dim)
+            order, violation, counted = _order_stats(-weakest_pos, -strongest_neg, self.temperature)
+            near = neg_s > (weakest_pos - self.temperature).unsqueeze(dim)
+            active, ordered = active + torch.count_nonzero(near), ordered + order
+            violated, anchors = violated + violation, anchors + counted
+        mean_s_ap, mean_s_an = _pair_means(s, positive)
+        n_neg = 2 * (positive.numel() - torch.count_nonzero(positive))
+        self.record_stats(
+            active_fraction=active / n_neg.clamp_min(1),
+            correct_order_fraction=ordered / anchors.clamp_min(1),
+            margin_violation_fraction=violated / anchors.clamp_min(1),
+            mean_d_ap=1 - mean_s_ap, mean_d_an=1 - mean_s_an,
+        )

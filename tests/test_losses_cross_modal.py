@@ -137,3 +137,29 @@ def test_single_pair_gives_zero_triplet_loss_and_finite_gradients():
     value, grad_a, grad_b = grads(lambda u, v: build_loss("cross_modal_triplet")(u, la, v, lb), a, b)
     assert float(value) == 0 and torch.isfinite(grad_a).all() and torch.isfinite(grad_b).all()
     assert math.isfinite(float(build_loss("info_nce")(a, la, b, lb)))
+
+
+@pytest.mark.parametrize("negatives", ["hardest", "sum"])
+def test_triplet_stats_match_loops(negatives):
+    a, la, b, lb = paired_batch(seed=6)
+    loss = build_loss("cross_modal_triplet", margin=0.3, negatives=negatives, direction="a_to_b",
+                      label_positives=True)
+    loss(a, la, b, lb)
+    n = len(a)
+    d = [[float(cosine_distance(a[i], b[j])) for j in range(n)] for i in range(n)]
+    active = terms = ordered = violated = 0
+    for i in range(n):
+        pos = [d[i][j] for j in range(n) if j == i or la[i] == lb[j]]
+        neg = [d[i][j] for j in range(n) if not (j == i or la[i] == lb[j])]
+        ordered += max(pos) < min(neg)
+        violated += min(neg) < max(pos) + 0.3
+        if negatives == "hardest":
+            active += sum(0.3 + p - min(neg) > 0 for p in pos)
+            terms += len(pos)
+        else:
+            active += sum(0.3 + p - q > 0 for p in pos for q in neg)
+            terms += len(pos) * len(neg)
+    stats = loss.last_stats
+    assert float(stats["active_fraction"]) == pytest.approx(active / terms)
+    assert float(stats["correct_order_fraction"]) == pytest.approx(ordered / n)
+    assert float(stats["margin_violation_fraction"]) == pytest.approx(violated / n)

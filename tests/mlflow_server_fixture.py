@@ -94,8 +94,7 @@ def finish(process: subprocess.Popen, log_file: Path, timeout: float = 240) -> i
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(process)
-        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
-        pytest.fail(f"sweep did not finish within {timeout:.0f}s; its log ends:\n{tail}")
+        pytest.fail(f"sweep did not finish within {timeout:.0f}s; its log ends:\n{log_tail(log_file)}")
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -106,12 +105,19 @@ def kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll ``predicate`` until it returns something truthy (returned); fail naming ``what``."""
+def log_tail(log_file: Path, lines: int = 40) -> str:
+    return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log_file: Path, interval: float = 0.2):
+    """Poll ``predicate`` while ``process`` runs until it returns something truthy (returned);
+    fail naming ``what`` and showing the end of the process's log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        if process.poll() is not None:
+            pytest.fail(f"the sweep exited ({process.returncode}) before {what}; its log ends:\n{log_tail(log_file)}")
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; the sweep's log ends:\n{log_tail(log_file)}")

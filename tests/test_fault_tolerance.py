@@ -1,0 +1,216 @@
+"""Faults on real servers (PostgreSQL study, PostgreSQL-backed ``mlflow server``): a worker killed
+with SIGKILL or stopped with SIGINT in the middle of a trial, the tracking server going away for a
+while, and a loss that turns NaN. After each, the counts are exact, no trial or run is left
+RUNNING, and the sweep resumes with the same command."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from mlflow_server_fixture import (finish, kill_group, mlflow_server, start_sweep,  # noqa: F401
+                                   sweep_command, wait_for)
+from optuna.trial import TrialState
+from postgres_fixture import postgres_server, postgres_url  # noqa: F401
+
+pytestmark = pytest.mark.postgres
+
+LOSS = "batch_hard"
+# Trials long enough (a few seconds) that a test can catch one in the middle.
+LONGER_TRIAL = ["dataset.max_per_class=60", "epochs=3"]
+
+NAN_PLUGIN = '''
+from losses import HyperParam, MetricLoss, register_loss
+
+@register_loss("nan_after_two_steps")
+class NanAfterTwoSteps(MetricLoss):
+    """A loss that trains for two steps, then returns NaN (a diverging run)."""
+    paper = "none: a fault-injection loss"
+    hyperparams = (HyperParam("scale", float, 1.0, "scale", low=0.0, search=(0.5, 2.0)),)
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale, self.calls = scale, 0
+
+    def compute(self, embeddings, labels, ref_embeddings, ref_labels):
+        self.calls += 1
+        loss = self.scale * embeddings.pow(2).mean()
+        return loss * float("nan") if self.calls > 2 else loss
+'''
+
+
+def study_trials(storage: str, sweep: str, loss: str = LOSS) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=f"{sweep}/{loss}", storage=storage).get_trials(deepcopy=False)
+
+
+def runs_of(client: MlflowClient, sweep: str, role: str | None = None) -> list:
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return []
+    query = f"tags.`tripletlab.role` = '{role}'" if role else ""
+    return client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000)
+
+
+def running_trial_with_run(storage: str, sweep: str, client: MlflowClient, exclude_pid: int):
+    """A RUNNING trial of a worker (not the leader) whose MLflow run is RUNNING too, or ``None``."""
+    try:
+        trials = study_trials(storage, sweep)
+    except KeyError:  # the study is not created yet
+        return None
+    running = {t.number: t for t in trials if t.state == TrialState.RUNNING
+               and t.user_attrs.get("worker_pid") not in (None, exclude_pid)}
+    if not running:
+        return None
+    for run in runs_of(client, sweep, "trial"):
+        number = int(run.data.tags.get("optuna.trial_number", -1))
+        if run.info.status == "RUNNING" and number in running:
+            return running[number]
+    return None
+
+
+def assert_nothing_running(storage: str, sweep: str, client: MlflowClient) -> None:
+    states = [t.state for t in study_trials(storage, sweep)]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, states
+    stuck = [(r.info.run_name, r.info.status) for r in runs_of(client, sweep) if r.info.status == "RUNNING"]
+    assert not stuck, f"MLflow runs left RUNNING: {stuck}"
+
+
+def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+    sweep, trials = "killed", 4
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=2, trials=trials,
+                            extra=LONGER_TRIAL)
+    log = tmp_path / "sweep.log"
+    leader = start_sweep(command, log)
+    try:
+        victim = wait_for(lambda: running_trial_with_run(postgres_url, sweep, client, leader.pid), 240,
+                          "a worker in the middle of a trial", leader, log, interval=0.1)
+        os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+        code = finish(leader, log)
+    finally:
+        kill_group(leader)
+    assert code != 0 and "re-run the same command to resume" in log.read_text()
+
+    # Restart: the same command, one worker (the machine that lost its worker).
+    restart_log = tmp_path / "restart.log"
+    restart = [*command[:command.index("--workers") + 1], "1", *command[command.index("--workers") + 2:]]
+    assert finish(start_sweep(restart, restart_log), restart_log) == 0, restart_log.read_text()[-3000:]
+
+    by_number = {t.number: t for t in study_trials(postgres_url, sweep)}
+    assert by_number[victim.number].state == TrialState.FAIL
+    retries = [t for t in by_number.values() if t.system_attrs.get("failed_trial") == victim.number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE], "the killed trial was not retried to completion"
+    assert retries[0].params == victim.params
+    complete = [t for t in by_number.values() if t.state == TrialState.COMPLETE]
+    assert len(complete) == trials
+    assert len(by_number) == trials + 1, {n: t.state for n, t in by_number.items()}
+
+    runs = runs_of(client, sweep, "trial")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in finished) == sorted(t.number for t in complete)
+    killed_runs = [r for r in runs if r.data.tags["optuna.trial_number"] == str(victim.number)]
+    assert len(killed_runs) == 1 and killed_runs[0].info.status in ("FAILED", "KILLED"), \
+        f"the killed trial's run is {[r.info.status for r in killed_runs]}, not FAILED or KILLED"
+    assert retries[0].user_attrs["mlflow_run_id"] in {r.info.run_id for r in finished}
+    assert_nothing_running(postgres_url, sweep, client)
+
+
+def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+    sweep, trials = "interrupted", 3
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials,
+                            extra=LONGER_TRIAL)
+    log = tmp_path / "sweep.log"
+    worker = start_sweep(command, log)  # one worker: the sweep process trains itself
+    try:
+        victim = wait_for(lambda: running_trial_with_run(postgres_url, sweep, client, exclude_pid=-1), 240,
+                          "a trial in progress", worker, log, interval=0.1)
+        os.kill(worker.pid, signal.SIGINT)
+        code = finish(worker, log, timeout=120)
+    finally:
+        kill_group(worker)
+    assert code == 130, log.read_text()[-3000:]
+    assert "interrupted" in log.read_text()
+
+    trial = {t.number: t for t in study_trials(postgres_url, sweep)}[victim.number]
+    assert trial.state == TrialState.FAIL
+    run = next(r for r in runs_of(client, sweep, "trial") if r.data.tags["optuna.trial_number"] == str(victim.number))
+    assert run.info.status == "KILLED"
+    assert "interrupt" in run.data.tags.get("tripletlab.error", "").lower()
+
+    resume_log = tmp_path / "resume.log"
+    assert finish(start_sweep(command, resume_log), resume_log) == 0, resume_log.read_text()[-3000:]
+    by_number = {t.number: t.state for t in study_trials(postgres_url, sweep)}
+    assert [n for n, state in by_number.items() if state != TrialState.COMPLETE] == [victim.number], by_number
+    assert list(by_number.values()).count(TrialState.COMPLETE) == trials, "the resumed study is not topped up exactly"
+    assert_nothing_running(postgres_url, sweep, client)
+
+
+def test_lost_tracking_server_is_survived_or_reported(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+    sweep, trials = "lost-server", 4
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials)
+    log = tmp_path / "sweep.log"
+    worker = start_sweep(command, log)
+    try:
+        wait_for(lambda: any(t.state == TrialState.COMPLETE for t in _trials_or_empty(postgres_url, sweep)), 240,
+                 "the first complete trial", worker, log)
+        mlflow_server.stop()
+        time.sleep(3)
+        mlflow_server.start()  # same port, same store
+        code = finish(worker, log)
+    finally:
+        kill_group(worker)
+        if mlflow_server.process.poll() is not None:
+            mlflow_server.start()
+
+    trials_now = study_trials(postgres_url, sweep)
+    assert TrialState.RUNNING not in [t.state for t in trials_now]
+    for trial in trials_now:
+        if trial.state == TrialState.FAIL:
+            assert trial.user_attrs.get("fail_reason"), f"trial {trial.number} failed without a recorded reason"
+    if code != 0:  # the worker gave up: the re-run completes the study
+        resume_log = tmp_path / "resume.log"
+        assert finish(start_sweep(command, resume_log), resume_log) == 0, resume_log.read_text()[-3000:]
+    states = [t.state for t in study_trials(postgres_url, sweep)]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.FAIL) == len(states) >= trials
+    assert_nothing_running(postgres_url, sweep, client)
+
+
+def _trials_or_empty(storage: str, sweep: str) -> list:
+    try:
+        return study_trials(storage, sweep)
+    except KeyError:
+        return []
+
+
+def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+    sweep, trials = "nan", 2
+    plugin = tmp_path / "nan_plugin.py"
+    plugin.write_text(NAN_PLUGIN)
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials,
+                            extra=["losses=[nan_after_two_steps,batch_hard]", "dataset.max_per_class=40"])
+    command[command.index("sweep") + 1:command.index("sweep") + 1] = ["--plugin", str(plugin)]
+    log = tmp_path / "sweep.log"
+    code = finish(start_sweep(command, log), log)
+    assert code == 0, log.read_text()[-3000:]
+
+    nan_trials = study_trials(postgres_url, sweep, "nan_after_two_steps")
+    assert [t.state for t in nan_trials] == [TrialState.FAIL] * trials
+    for trial in nan_trials:
+        reason = trial.user_attrs["fail_reason"]
+        assert "NonFiniteLossError" in reason and "non-finite" in reason, reason
+    assert [t.state for t in study_trials(postgres_url, sweep, LOSS)] == [TrialState.COMPLETE] * trials
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    nan_runs = [r for r in runs_of(client, sweep, "trial") if r.info.run_name.startswith("nan_after_two_steps/")]
+    assert len(nan_runs) == trials
+    for run in nan_runs:
+        assert run.info.status == "FAILED"
+        assert run.data.tags["tripletlab.trial_state"] == "failed"
+        assert "non-finite" in run.data.tags["tripletlab.error"]
+    assert (tmp_path / "runs" / sweep / "comparison.csv").exists()
+    assert_nothing_running(postgres_url, sweep, client)

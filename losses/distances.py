@@ -48,16 +48,23 @@ def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def distance_matrix(x: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch.Tensor:
     """(n, m) distances between rows already prepared by :func:`prepare_embeddings`; ``y=None``
-    means ``x`` against itself, with an exact zero diagonal."""
+    means ``x`` against itself, with an exact zero diagonal. Without autograd it works in place."""
     check_distance(kind)
     same = y is None
     y = x if same else y
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        if kind == "cosine":
+            return 1 - x @ y.T
+        d2 = squared_euclidean(x, y)
+        if same:  # exact zeros on the diagonal despite rounding in the expansion
+            d2 = d2 * (1 - torch.eye(d2.shape[0], device=d2.device, dtype=d2.dtype))
+        return d2 if kind == "squared_euclidean" else _safe_sqrt(d2)
     if kind == "cosine":
-        return 1 - x @ y.T
-    d2 = squared_euclidean(x, y)
-    if same:  # exact zeros on the diagonal despite rounding in the expansion
-        d2 = d2 * (1 - torch.eye(d2.shape[0], device=d2.device, dtype=d2.dtype))
-    return d2 if kind == "squared_euclidean" else _safe_sqrt(d2)
+        return torch.addmm(torch.ones((), dtype=x.dtype, device=x.device), x, y.T, alpha=-1)
+    d2 = torch.addmm((y * y).sum(1), x, y.T, alpha=-2).add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
+    if same:
+        d2.fill_diagonal_(0)
+    return d2 if kind == "squared_euclidean" else d2.sqrt_()
 
 
 def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None, kind: str = "euclidean",
@@ -93,7 +100,7 @@ def distance_sum_gradients(x: torch.Tensor, y: torch.Tensor, weights: torch.Tens
         if kind == "euclidean":
             if distances is None:
                 raise ValueError("distance_sum_gradients needs the distance matrix for kind='euclidean'")
-            weights = torch.where(distances > 0, weights / torch.where(distances > 0, distances, 1), 0)
+            weights = (weights / distances).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 at distance 0
         scale = 2.0 if kind == "squared_euclidean" else 1.0
         grad_x = scale * (weights.sum(1, keepdim=True) * x - weights @ y)
         grad_y = scale * (weights.sum(0).unsqueeze(1) * y - weights.T @ x)

@@ -122,38 +122,56 @@ def dense_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, negativ
     return DenseTriplets(total * scale, weights, swap_weights, finish_stats(sums))
 
 
-class _BelowThreshold:
-    """Per (anchor, slot): how many of the anchor's candidate distances lie below a threshold, and their sum.
+class _Candidates:
+    """An anchor's candidate negatives, counted below per-slot thresholds.
 
-    ``candidates`` is (n, m) with ``+inf`` where a column is no candidate (not a negative).
+    ``distances`` is (n, m) with ``+inf`` where a column is no candidate. :meth:`below` returns, for
+    thresholds ``x`` of shape (n, k), the count per (anchor, slot) of candidates ``< x`` and the
+    count per (anchor, column) of slots whose threshold lies above that candidate. The indicator
+    ``[d < x]`` is ``sign(relu(x - d))``, computed in place in one reused (n, k, m) buffer: large
+    fresh allocations, not arithmetic, dominate the cost on CPU.
     """
 
-    def __init__(self, candidates: torch.Tensor, slot_valid: torch.Tensor) -> None:
-        finite = torch.isfinite(candidates)
-        self.candidates = candidates.unsqueeze(1)
+    def __init__(self, distances: torch.Tensor, slot_valid: torch.Tensor) -> None:
+        self.distances = distances.unsqueeze(1)
         self.slot_valid = slot_valid
-        self.count_and_sum = torch.stack([finite.to(candidates.dtype), torch.where(finite, candidates, 0)], 2)
-        self.total = self.count_and_sum.sum(1).unsqueeze(1) * slot_valid.unsqueeze(2)
+        self._everything: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.buffer = torch.empty(*slot_valid.shape, distances.shape[1], dtype=distances.dtype,
+                                  device=distances.device)
+        self.memo: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
 
-    def below(self, threshold, with_mask: bool = False):
-        """((n, k, 2) count and sum of candidates < threshold, (n, k, m) float mask or None)."""
+    def below(self, threshold) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(threshold, float):  # -inf or +inf
-            return (self.total if threshold > 0 else torch.zeros_like(self.total)), None
-        threshold = torch.where(self.slot_valid, threshold, float("-inf"))
-        mask = (self.candidates < threshold.unsqueeze(2)).to(self.count_and_sum.dtype)
-        return torch.bmm(mask, self.count_and_sum), mask if with_mask else None
+            if self._everything is None:
+                is_candidate = torch.isfinite(self.distances[:, 0])
+                valid = self.slot_valid.to(self.distances.dtype)
+                self._everything = (valid * is_candidate.sum(1, keepdim=True),
+                                    valid.sum(1, keepdim=True) * is_candidate)
+            return self._everything if threshold > 0 else (torch.zeros_like(self._everything[0]),
+                                                           torch.zeros_like(self._everything[1]))
+        for seen, counts in self.memo:
+            if torch.equal(seen, threshold):
+                return counts
+        masked = torch.where(self.slot_valid, threshold, float("-inf"))
+        indicator = torch.sub(masked.unsqueeze(2), self.distances, out=self.buffer).clamp_min_(0).sign_()
+        counts = (indicator.sum(2), indicator.sum(1))
+        self.memo.append((threshold, counts))
+        return counts
 
-    def between(self, low, high, with_mask: bool = False):
-        """Count and sum (and mask) of candidates in ``[low, high)`` (empty when high <= low)."""
+    def between(self, low, high) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counts of candidates in ``[low, high)`` (empty when high <= low), as :meth:`below`."""
         if isinstance(low, torch.Tensor) and isinstance(high, torch.Tensor):
             high = torch.maximum(high, low)
-        upper, upper_mask = self.below(high, with_mask)
-        lower, lower_mask = self.below(low, with_mask)
-        if not with_mask:
-            return upper - lower, None
-        if lower_mask is None:
-            return upper - lower, upper_mask
-        return upper - lower, upper_mask - lower_mask
+        upper_slots, upper_columns = self.below(high)
+        if isinstance(low, float) and low < 0:
+            return upper_slots, upper_columns
+        lower_slots, lower_columns = self.below(low)
+        return upper_slots - lower_slots, upper_columns - lower_columns
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum()`` without an (n, m) temporary; columns never counted have count 0."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def _lower(a, b):
@@ -198,12 +216,14 @@ def mining_intervals(mining: str, d_ap: torch.Tensor, margin: float) -> list[tup
 def threshold_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
                            margin: float, mining: str, reduction: str = "mean_nonzero",
                            admitted: torch.Tensor | None = None) -> DenseTriplets:
-    """Hinge triplet loss under margin-based mining, from counts and sums below thresholds.
+    """Hinge triplet loss under margin-based mining, from counts below per-slot thresholds.
 
     For a slot with positive distance ``d_ap`` and kept negatives in ``[low, high)``, the active
-    terms are the negatives in ``[low, min(high, d_ap + m))`` and their sum is
-    ``count * (d_ap + m) - sum of their d_an``. ``admitted`` (curriculum) is the (n, m) mask of
-    (anchor, negative) pairs whose hard triplets are kept.
+    terms are the negatives in ``[low, min(high, d_ap + m))``; with ``c_s`` active negatives per
+    slot and ``c_aj`` active slots per (anchor, negative), the summed terms are
+    ``sum_s c_s (d_ap + m) - sum_aj c_aj d_aj``, and the weights are ``+c_s`` on the positive and
+    ``-c_aj`` on the negative. ``admitted`` (curriculum) is the (n, m) mask of (anchor, negative)
+    pairs whose hard triplets are kept.
     """
     n, m = distances.shape
     inf = float("inf")
@@ -219,23 +239,22 @@ def threshold_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, neg
         d_ap = distances.gather(1, index)
         threshold = d_ap + margin
         above_ap = torch.nextafter(d_ap, torch.full_like(d_ap, inf))
-        active_count = torch.zeros_like(d_ap)
+        active_per_slot = torch.zeros_like(d_ap)
         for part, low, high in mining_intervals(mining, d_ap, margin):
-            below = _BelowThreshold(parts[part], valid)
-            used, _ = below.between(low, high)
-            active, active_mask = below.between(low, _lower(high, threshold), with_mask=True)
-            correct, _ = below.between(_upper(low, above_ap), high)
-            total += (active[..., 0] * threshold - active[..., 1]).sum()
-            active_count += active[..., 0]
-            if active_mask is not None:
-                weights -= active_mask.sum(1)
-            sums["count"] += used[..., 0].sum()
-            sums["active"] += active[..., 0].sum()
-            sums["margin_violation"] += active[..., 0].sum()
-            sums["correct_order"] += correct[..., 0].sum()
-            sums["d_ap"] += (used[..., 0] * d_ap).sum()
-            sums["d_an"] += used[..., 1].sum()
-        weights.scatter_add_(1, index, active_count)
+            candidates = _Candidates(parts[part], valid)
+            used, used_columns = candidates.between(low, high)
+            active, active_columns = candidates.between(low, _lower(high, threshold))
+            correct, _ = candidates.between(_upper(low, above_ap), high)
+            total += (active * threshold).sum() - _dot(active_columns, distances)
+            active_per_slot += active
+            weights -= active_columns
+            sums["count"] += used.sum()
+            sums["active"] += active.sum()
+            sums["margin_violation"] += active.sum()
+            sums["correct_order"] += correct.sum()
+            sums["d_ap"] += (used * d_ap).sum()
+            sums["d_an"] += _dot(used_columns, distances)
+        weights.scatter_add_(1, index, active_per_slot)
     scale = 1 / reduce_terms(total, sums, reduction)
     weights *= scale
     return DenseTriplets(total * scale, weights, None, finish_stats(sums))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -29,12 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import pytorch_metric_learning
-import torch
-from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning import miners as pml_miners
+# Idle OpenMP threads sleep instead of spinning: on a shared, loaded machine spinning threads burn
+# the CPU time being measured (tens of milliseconds per call). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from losses import build_loss, list_losses, loss_info
+import pytorch_metric_learning  # noqa: E402
+import torch  # noqa: E402
+from pytorch_metric_learning import losses as pml_losses  # noqa: E402
+from pytorch_metric_learning import miners as pml_miners  # noqa: E402
+
+from losses import build_loss, list_losses, loss_info  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 K = 4

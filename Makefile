@@ -49,7 +49,7 @@ server: install
 	$(PY) -m experiments.server --backend-store-uri $(SERVER_STORE) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(SERVER_PORT)
 
 ui-check: install
-	$(PY) -m pytest -q tests/test_ui_browser.py
+	TRIPLETLAB_UI_SCREENSHOT=$(abspath runs/mlflow-ui.png) $(PY) -m pytest -q tests/test_ui_browser.py
 
 bench: bench-losses bench-eval bench-train
 

@@ -1,0 +1,85 @@
+"""A real browser on the real UI: ``mlflow server`` on a finished tiny sweep, its experiment page
+rendered by headless Chromium, which must list the sweep's parent runs (one per loss) by name.
+
+Skips when Chromium is not installed (``apt-get install chromium``; ``.ci/run`` installs it). The
+screenshot is saved with the test's files, and also to ``$TRIPLETLAB_UI_SCREENSHOT`` when set
+(``make ui-check`` sets it).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from postgres_fixture import free_port
+from sweep_fixture import tiny_sweep  # noqa: F401
+
+from experiments.server import server_url, start_server, stop_server, wait_until_ready
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1600,900"]
+RENDER_BUDGETS_MS = (10_000, 30_000)  # virtual time for the React app to fetch and draw the runs
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it")
+
+
+def render(browser: str, url: str, screenshot: Path, profile: Path, budget_ms: int) -> str:
+    """The DOM of ``url`` after ``budget_ms`` of virtual time, and a screenshot of the page."""
+    result = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+         f"--screenshot={screenshot}", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def run_link(dom: str, run_id: str, name: str) -> bool:
+    """Whether the page links to run ``run_id`` with ``name`` as the link text."""
+    anchor = rf'<a [^>]*href="[^"]*/runs/{run_id}"[^>]*>(?:(?!</a>).)*?>{re.escape(name)}</'
+    return re.search(anchor, dom, re.DOTALL) is not None
+
+
+def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):  # noqa: F811
+    browser = chromium()
+    assert tiny_sweep.exit_code == 0
+    client = MlflowClient(tracking_uri=tiny_sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(tiny_sweep.experiment_name)
+    parents = {r.info.run_name: r.info.run_id for r in client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`tripletlab.role` = 'parent'")}
+    assert sorted(parents) == sorted(tiny_sweep.losses)
+
+    port = free_port()
+    server = start_server(tiny_sweep.tracking_uri, tiny_sweep.root / "mlartifacts", port=port, workers=1,
+                          log_file=tmp_path / "server.log")
+    try:
+        url = server_url("127.0.0.1", port)
+        wait_until_ready(url, server, timeout=180)
+        page = f"{url}/#/experiments/{experiment.experiment_id}/runs"
+        screenshot = tmp_path / "mlflow-ui.png"
+        for budget in RENDER_BUDGETS_MS:  # a busy machine may need more time to draw the table
+            dom = render(browser, page, screenshot, tmp_path / "profile", budget)
+            if all(run_link(dom, run_id, name) for name, run_id in parents.items()):
+                break
+    finally:
+        stop_server(server)
+
+    missing = [name for name, run_id in parents.items() if not run_link(dom, run_id, name)]
+    assert not missing, f"the experiment page does not list parent runs {missing}"
+    assert screenshot.stat().st_size > 10_000 and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    target = os.environ.get("TRIPLETLAB_UI_SCREENSHOT")
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, target)

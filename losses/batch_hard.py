@@ -13,7 +13,7 @@ from .triplet import TripletLoss, reduction_param, soft_margin_param
 from .triplet_terms import REDUCTIONS, finish_stats, hinge, reduce_terms, triplet_stats
 
 HERMANS = ("Hermans et al. 2017, In Defense of the Triplet Loss (PK batches e.g. P=32, K=4; euclidean, "
-           "not squared; soft margin softplus(d_ap - d_an) preferred, hinge m = 0.2 compared)")
+           "not squared; soft margin softplus(d_ap - d_an) preferred over a hinge)")
 
 
 @register_loss("batch_hard")

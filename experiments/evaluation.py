@@ -12,6 +12,14 @@ from experiments.verification import MAX_SAMPLES, verification_metrics
 VAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
 
 
+def channels_last(inputs):
+    """4-D image tensors in channels-last memory order (faster convolutions on CUDA); other
+    inputs, and the tensors inside a tuple (a two-tower model's images and tokens), as needed."""
+    if isinstance(inputs, tuple):
+        return tuple(channels_last(x) for x in inputs)
+    return inputs.contiguous(memory_format=torch.channels_last) if inputs.dim() == 4 else inputs
+
+
 @torch.no_grad()
 def embed_split(model: nn.Module, data: DeviceImages, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 embeddings and labels of every image of a split, in order, never augmented."""
@@ -21,7 +29,7 @@ def embed_split(model: nn.Module, data: DeviceImages, batch_size: int) -> tuple[
     chunks, labels = [], []
     for images, lab in data.iterate(batch_size):
         if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = channels_last(images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             chunks.append(model(images).float())
         labels.append(lab)
@@ -33,6 +41,14 @@ def validation_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[s
     """P@1, R-precision and MAP@R (Musgrave et al. 2020), each query against the rest of the split."""
     metrics = retrieval_metrics(embeddings, labels, ks=(1,), with_nmi=False)
     return {k: float(metrics[k]) for k in VAL_METRICS}
+
+
+def validate_split(model: nn.Module, data: DeviceImages, batch_size: int) -> dict[str, float]:
+    """The validation metrics of ``model`` on a split (NaN when its embeddings are not finite)."""
+    embeddings, labels = embed_split(model, data, batch_size)
+    if not bool(torch.isfinite(embeddings).all()):
+        return {k: float("nan") for k in VAL_METRICS}
+    return validation_metrics(embeddings, labels)
 
 
 def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: bool, seed: int = 0,

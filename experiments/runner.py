@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from experiments.config import ExperimentConfig, flatten_config
+from experiments.crossmodal import is_paired
 from experiments.datasets import load_dataset
 from experiments.device_data import DeviceImages
 from experiments.embedding_quality import FACENET_MARGIN
@@ -61,32 +64,20 @@ def _split_params(info: dict[str, Any]) -> dict[str, str]:
     return {f"data.{k}": str(v) for k, v in info.items() if isinstance(v, (int, float, str, bool)) and len(str(v)) < 500}
 
 
-def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluate_test: bool,
-                        log_embeddings: bool) -> RunResult:
-    device = pick_device(cfg.device)
-    run.set_tags({"tripletlab.device": str(device)})
-    splits = load_dataset(cfg.dataset, cfg.seed)
-    train_split = splits.train
-    num_classes = len(train_split.classes())
-    sampler = PKSampler(train_split.labels, cfg.batch.p, cfg.batch.k, cfg.seed)
+def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, Any], num_classes: int,
+                   sampler: PKSampler) -> None:
+    """Fill derived loss params, then log the flattened config, the split and the resolved YAML."""
     _fill_derived_params(cfg, num_classes)
-    run.log_params({**flatten_config(cfg), **_split_params(splits.info)})
+    run.log_params({**flatten_config(cfg), **_split_params(split_info)})
     run.params_logged = True
     run.log_params({"data.classes_with_replacement": len(sampler.classes_with_replacement)})
-    run.log_json(splits.info, "split.json")
+    run.log_json(split_info, "split.json")
     run.log_text(cfg.to_yaml(), "config.yaml")
 
-    _, channels, height, width = train_split.images.shape
-    model = build_model(cfg.model.name, channels, (height, width), cfg.model.embedding_dim,
-                        cfg.model.normalize, cfg.seed).to(device)
-    loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
-    train_data = DeviceImages(train_split, device, augment=cfg.dataset.augment, seed=cfg.seed)
-    val_data = DeviceImages(splits.val, device, augment=False) if len(splits.val) > 1 else None
-    checkpoints = Path(cfg.train.checkpoint_dir) / run.run_id if cfg.train.checkpoint_dir else None
 
-    outcome = train(model, loss_fn, train_data, sampler, val_data, cfg, device, on_epoch=on_epoch,
-                    log_epoch=lambda epoch, metrics: run.log_metrics(metrics, step=epoch),
-                    checkpoint_dir=checkpoints)
+def finish_run(run: RunLogger, cfg: ExperimentConfig, outcome, test: dict[str, float] | None,
+               embeddings_npz: dict[str, Any] | None) -> RunResult:
+    """Log the final metrics, the metrics JSON and the embeddings; build the :class:`RunResult`."""
     tested_epoch = outcome.best_epoch if cfg.train.early_stopping_patience else outcome.history[-1]["epoch"]
     tested = next((h for h in outcome.history if h["epoch"] == tested_epoch), outcome.history[-1])
     val_metrics = {k: tested[f"val/{k}"] for k in VAL_METRICS if f"val/{k}" in tested}
@@ -96,22 +87,54 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
         final["val/best_map_at_r"] = outcome.best_map_at_r
     if outcome.stopped:
         run.set_tags({"tripletlab.stopped": outcome.stopped})
-
-    test = None
-    if evaluate_test:
-        embeddings, labels = embed_split(model, DeviceImages(splits.test, device, augment=False), cfg.eval.batch_size)
-        verification = cfg.eval.verification
-        if verification is None:
-            verification = cfg.dataset.name in IDENTITY_DATASETS
-        margin = cfg.loss.params.get("margin")
-        test = test_metrics(embeddings, labels, verification, cfg.seed,
-                            margin=float(margin) if isinstance(margin, (int, float)) else FACENET_MARGIN)
+    if test is not None:
         final.update({f"test/{k}": v for k, v in test.items()})
-        if log_embeddings and cfg.tracking.log_embeddings:
-            run.log_npz("embeddings/test.npz", embeddings=embeddings.cpu().numpy(), labels=labels.cpu().numpy())
+    if embeddings_npz is not None:
+        run.log_npz("embeddings/test.npz", **embeddings_npz)
     run.log_metrics(final, step=len(outcome.history))
     run.log_json({"history": outcome.history, "val": val_metrics, "test": test, **final}, "metrics.json")
     return RunResult(run.run_id, outcome.history, val_metrics, test, pruned=outcome.stopped == "pruned")
+
+
+def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluate_test: bool,
+                        log_embeddings: bool) -> RunResult:
+    if is_paired(cfg.dataset.name):
+        from experiments.crossmodal_run import train_and_evaluate_paired
+
+        return train_and_evaluate_paired(cfg, run, on_epoch, evaluate_test, log_embeddings)
+    device = pick_device(cfg.device)
+    run.set_tags({"tripletlab.device": str(device)})
+    splits = load_dataset(cfg.dataset, cfg.seed)
+    train_split = splits.train
+    sampler = PKSampler(train_split.labels, cfg.batch.p, cfg.batch.k, cfg.seed)
+    log_run_config(run, cfg, splits.info, len(train_split.classes()), sampler)
+
+    _, channels, height, width = train_split.images.shape
+    model = build_model(cfg.model.name, channels, (height, width), cfg.model.embedding_dim,
+                        cfg.model.normalize, cfg.seed).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
+    train_data = DeviceImages(train_split, device, augment=cfg.dataset.augment, seed=cfg.seed)
+    val_data = DeviceImages(splits.val, device, augment=False) if len(splits.val) > 1 else None
+    checkpoints = Path(cfg.train.checkpoint_dir) / run.run_id if cfg.train.checkpoint_dir else None
+
+    outcome = train(model, loss_fn, train_data, sampler, val_data, cfg, device, on_epoch=on_epoch,
+                    log_epoch=lambda epoch, metrics: run.log_metrics(metrics, step=epoch),
+                    checkpoint_dir=checkpoints)
+    if not evaluate_test:
+        return finish_run(run, cfg, outcome, None, None)
+    embeddings, labels = embed_split(model, DeviceImages(splits.test, device, augment=False), cfg.eval.batch_size)
+    verification = cfg.eval.verification
+    if verification is None:
+        verification = cfg.dataset.name in IDENTITY_DATASETS
+    margin = cfg.loss.params.get("margin")
+    test = test_metrics(embeddings, labels, verification, cfg.seed,
+                        margin=float(margin) if isinstance(margin, (int, float)) else FACENET_MARGIN)
+    npz = None
+    if log_embeddings and cfg.tracking.log_embeddings:
+        npz = {"embeddings": embeddings.cpu().numpy(), "labels": labels.cpu().numpy()}
+    return finish_run(run, cfg, outcome, test, npz)
 
 
 def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, experiment_name: str = "tripletlab",

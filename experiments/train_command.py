@@ -43,5 +43,12 @@ def main(args) -> int:
     if result.test_metrics:
         shown = ("precision_at_1", "r_precision", "map_at_r")
         print("test  " + "  ".join(f"{k} {result.test_metrics[k]:.4f}" for k in shown if k in result.test_metrics))
+        if "image_to_text_recall_at_1" in result.test_metrics:
+            m = result.test_metrics
+            print(f"image-to-text R@1 {m['image_to_text_recall_at_1']:.4f} (chance {m['image_to_text_chance_recall_at_1']:.4f})"
+                  f"  R@5 {m['image_to_text_recall_at_5']:.4f}  R@10 {m['image_to_text_recall_at_10']:.4f}"
+                  f"  median rank {m['image_to_text_median_rank']:.0f}")
+            print(f"text-to-image R@1 {m['text_to_image_recall_at_1']:.4f}  R@5 {m['text_to_image_recall_at_5']:.4f}"
+                  f"  R@10 {m['text_to_image_recall_at_10']:.4f}  median rank {m['text_to_image_median_rank']:.0f}")
     print(f"run {result.run_id} finished; browse it with 'make ui'")
     return 0

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.config import ExperimentConfig
-from experiments.evaluation import embed_split, validation_metrics
+from experiments.evaluation import channels_last, validate_split
 from losses import STAT_NAMES, MetricLoss
 
 
@@ -98,13 +98,16 @@ def _loss_call(loss_fn: nn.Module) -> Callable:
 
 def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, cfg: ExperimentConfig,
           device: torch.device, on_epoch: Callable[[int, dict], bool] | None = None,
-          log_epoch: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None) -> TrainOutcome:
+          log_epoch: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None,
+          validate: Callable[[nn.Module, object, int], dict[str, float]] | None = None) -> TrainOutcome:
     """Train ``model`` with ``loss_fn`` for ``cfg.epochs`` epochs of ``sampler``'s PK batches.
 
     After each validated epoch ``log_epoch(epoch, metrics)`` records the metrics and
     ``on_epoch(epoch, metrics)`` may return ``True`` to stop ("pruned"). With early stopping on,
-    the best validation model is restored at the end.
+    the best validation model is restored at the end. ``validate(model, val_data, batch_size)``
+    gives the validation metrics (default: retrieval within the validation split).
     """
+    validate = validate or validate_split
     params = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = make_optimizer(cfg, params)
     steps = len(sampler)
@@ -113,7 +116,7 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
                                 cosine=cfg.optimizer.schedule == "cosine")
     forward = torch.compile(model) if cfg.train.compile else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda")
-    channels_last = device.type == "cuda"
+    use_channels_last = device.type == "cuda"
     checked_loss, fast_loss = loss_fn, _loss_call(loss_fn)
     out, best_state, bad_epochs = TrainOutcome(), None, 0
     patience = cfg.train.early_stopping_patience
@@ -128,8 +131,8 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
         for step, indices in enumerate(tqdm(sampler, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                                             disable=not progress_enabled())):
             images, labels = train_data.batch(indices)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            if use_channels_last:
+                images = channels_last(images)
             with amp:
                 embeddings = forward(images)
             loss = (checked_loss if epoch == 1 and step == 0 else fast_loss)(embeddings.float(), labels)
@@ -156,11 +159,10 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
         metrics.update({f"train/{n}": sums[1 + i] / counts[i] for i, n in enumerate(STAT_NAMES) if counts[i]})
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start
         if val_data is not None and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
-            emb, lab = embed_split(model, val_data, cfg.eval.batch_size)
-            if not bool(torch.isfinite(emb).all()):
+            metrics.update({f"val/{k}": v for k, v in validate(model, val_data, cfg.eval.batch_size).items()})
+            if not math.isfinite(metrics["val/map_at_r"]):
                 raise NonFiniteLossError(f"the validation embeddings became non-finite after epoch {epoch}; "
                                          f"lower optimizer.lr (now {cfg.optimizer.lr:g}) or set train.grad_clip")
-            metrics.update({f"val/{k}": v for k, v in validation_metrics(emb, lab).items()})
             score = metrics["val/map_at_r"]
             if not out.best_epoch or score > out.best_map_at_r:
                 out.best_map_at_r, out.best_epoch, bad_epochs = score, epoch, 0

@@ -152,10 +152,14 @@ def run_setting(setting: Setting, args, device) -> dict:
             torch.cuda.synchronize()
         seconds[method].append(time.perf_counter() - start)
 
+    def pml_epoch(epoch: int) -> None:
+        pml.train(start_epoch=epoch, num_epochs=epoch)
+        del pml.dataloader_iter, pml.dataloader  # stop its workers here, not in a later fork
+
     def others(epoch: int, metrics: dict) -> None:
         """Runs after each tripletlab epoch: the same epoch of the other two, in rotating order."""
         seconds["tripletlab"].append(metrics["epoch_seconds"])
-        order = [("pml", lambda: pml.train(start_epoch=epoch, num_epochs=epoch)), ("dataloader", loop.epoch)]
+        order = [("pml", lambda: pml_epoch(epoch)), ("dataloader", loop.epoch)]
         for method, fn in order[epoch % 2:] + order[:epoch % 2]:
             timed(method, fn)
 

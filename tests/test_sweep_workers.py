@@ -68,12 +68,13 @@ def test_stale_reason_by_heartbeat_age():
 def test_budget_lock_is_exclusive(tmp_path):
     path = tmp_path / "budget.lock"
     script = ("import sys, time; sys.path.insert(0, %r); from sweeps.storage import BudgetLock; "
-              "t = time.time(); BudgetLock(%r).acquire(); print(time.time() - t)") % (os.getcwd(), str(path))
+              "print('ready', flush=True); t = time.time(); BudgetLock(%r).acquire(); print(time.time() - t)")
     with BudgetLock(path):
-        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        time.sleep(1.5)
-    waited = float(proc.communicate(timeout=60)[0])
-    assert waited >= 1.0
+        proc = subprocess.Popen([sys.executable, "-c", script % (os.getcwd(), str(path))], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"  # the other process is now waiting for the lock
+        time.sleep(1.0)
+    waited = float(proc.communicate(timeout=120)[0])
+    assert waited >= 0.9
 
 
 @pytest.mark.slow  # two worker processes each import torch and MLflow (~10 s each on 2 cores)

@@ -147,6 +147,8 @@ def parse_args(argv):
     parser.add_argument("--sizes", help="comma-separated numbers of embeddings (default 10000,70000; "
                         "quick: 1000)")
     parser.add_argument("--classes", help="comma-separated numbers of classes (default 10,1000; quick: 10,100)")
+    parser.add_argument("--cases", help="comma-separated NxC pairs (e.g. 10000x10,70000x1000) "
+                        "instead of every size with every class count")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; quick: 1)")
     parser.add_argument("--max-seconds", type=float, default=120.0,
@@ -164,19 +166,28 @@ def parse_args(argv):
     return args
 
 
+def case_list(args) -> list[tuple[int, int]]:
+    """(n, classes) pairs to time."""
+    if args.cases:
+        try:
+            return [tuple(int(v) for v in case.lower().split("x")) for case in args.cases.split(",")]
+        except ValueError:
+            raise SystemExit(f"--cases must look like 10000x10,70000x1000, got {args.cases!r}") from None
+    return [(int(n), int(c)) for n in args.sizes.split(",") for c in args.classes.split(",")]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     runners = methods(device, with_pml_torch=not args.no_pml_torch)
     cases = []
-    for n in (int(s) for s in args.sizes.split(",")):
-        for n_classes in (int(c) for c in args.classes.split(",")):
-            case = run_case(n, n_classes, args.dim, args.repeats, device, runners, args.chunk_size,
-                            args.max_seconds)
-            print(json.dumps({k: case[k] for k in ("n", "classes", "median_seconds", "speedup", "max_abs_diff")}),
-                  flush=True)
-            cases.append(case)
+    for n, n_classes in case_list(args):
+        case = run_case(n, n_classes, args.dim, args.repeats, device, runners, args.chunk_size,
+                        args.max_seconds)
+        print(json.dumps({k: case[k] for k in ("n", "classes", "median_seconds", "speedup", "max_abs_diff")}),
+              flush=True)
+        cases.append(case)
     tag, description = device_label(device)
     report = {"device": tag, "device_description": description, "torch": torch.__version__,
               "pytorch_metric_learning": pytorch_metric_learning.__version__, "git_commit": git_commit(),

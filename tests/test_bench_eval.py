@@ -5,7 +5,7 @@ from benchmarks import bench_eval
 
 
 def test_quick_benchmark_writes_report(tmp_path):
-    report = bench_eval.main(["--quick", "--sizes", "400", "--classes", "5,40", "--out", str(tmp_path)])
+    report = bench_eval.main(["--quick", "--cases", "400x5,400x40", "--out", str(tmp_path)])
     tag = report["device"]
     saved = json.loads((tmp_path / f"eval-{tag}.json").read_text())
     markdown = (tmp_path / f"eval-{tag}.md").read_text()

@@ -283,10 +283,11 @@ def to_markdown(report: dict) -> str:
 def run(device: torch.device, sizes, dims, repeats: int, max_triplets: int, out_dir: Path) -> dict:
     cases = all_cases()
     info = describe_device(device)
+    commit = git_commit()  # before the run: the code being measured
     rows = bench_device(device, sizes, dims, repeats, max_triplets, cases)
     report = {
         "device": info, "torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "repeats": repeats, "k": K, "results": rows,
         "target_misses": target_misses(rows, {c.label for c in cases if c.all_triplets}),
     }

@@ -16,7 +16,7 @@ import torch
 
 from experiments.config import ExperimentConfig, flatten_config
 from experiments.crossmodal import is_paired
-from experiments.datasets import load_dataset
+from experiments.datasets import LabeledImages, load_dataset
 from experiments.device_data import DeviceImages
 from experiments.embedding_quality import FACENET_MARGIN
 from experiments.evaluation import VAL_METRICS, embed_split, test_metrics
@@ -57,6 +57,13 @@ def _fill_derived_params(cfg: ExperimentConfig, num_classes: int) -> None:
             cfg.loss.params[name] = derived[name]
     if "seed" in declared and cfg.loss.params.get("seed") == declared["seed"]:
         cfg.loss.params["seed"] = cfg.seed
+
+
+def with_dense_labels(split: LabeledImages) -> LabeledImages:
+    """The training split with class ids renumbered 0..C-1 (losses with one parameter per class,
+    like triplet_center, index by label; a class-disjoint split keeps the dataset's own ids)."""
+    _, dense = torch.unique(split.labels, return_inverse=True)
+    return LabeledImages(split.images, dense, split.hflip, split.mean, split.std)
 
 
 def _split_params(info: dict[str, Any]) -> dict[str, str]:
@@ -105,7 +112,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
     device = pick_device(cfg.device)
     run.set_tags({"tripletlab.device": str(device)})
     splits = load_dataset(cfg.dataset, cfg.seed)
-    train_split = splits.train
+    train_split = with_dense_labels(splits.train)
     sampler = PKSampler(train_split.labels, cfg.batch.p, cfg.batch.k, cfg.seed)
     log_run_config(run, cfg, splits.info, len(train_split.classes()), sampler)
 
@@ -114,7 +121,9 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
                         cfg.model.normalize, cfg.seed).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
+    with torch.random.fork_rng(devices=[]):  # a loss drawing random numbers (triplet_center's centres)
+        torch.manual_seed(cfg.seed)
+        loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
     train_data = DeviceImages(train_split, device, augment=cfg.dataset.augment, seed=cfg.seed)
     val_data = DeviceImages(splits.val, device, augment=False) if len(splits.val) > 1 else None
     checkpoints = Path(cfg.train.checkpoint_dir) / run.run_id if cfg.train.checkpoint_dir else None

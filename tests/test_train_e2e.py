@@ -234,3 +234,14 @@ def test_identity_dataset_gets_verification_metrics(store, tmp_path):
     result = store.run(cfg)
     assert 0.0 <= result.test_metrics["verification_roc_auc"] <= 1.0
     assert "test/verification_accuracy" in store.runs()[0].data.metrics
+
+
+def test_class_centre_loss_on_a_class_disjoint_split(store):
+    """triplet_center gets num_classes/embedding_dim from the data and model, its centres from the
+    seed, and dense labels although the training digits are a subset of 0..9."""
+    cfg = load_config(None, [*TINY, "loss.name=triplet_center", "dataset.split=class-disjoint", "batch.p=3"])
+    first, second = (store.run(cfg, evaluate_test=False) for _ in range(2))
+    strip = lambda history: [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in history]  # noqa: E731
+    assert strip(first.history) == strip(second.history)
+    params = MlflowClient(store.uri).get_run(first.run_id).data.params
+    assert (params["loss.num_classes"], params["loss.embedding_dim"]) == ("3", "16")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1600,900"]
+                  "--window-size=1400,900"]
 RENDER_BUDGETS_MS = (10_000, 30_000)  # virtual time for the React app to fetch and draw the runs
 
 
@@ -38,12 +39,18 @@ def chromium() -> str:
 
 def render(browser: str, url: str, screenshot: Path, profile: Path, budget_ms: int) -> str:
     """The DOM of ``url`` after ``budget_ms`` of virtual time, and a screenshot of the page."""
-    result = subprocess.run(
+    process = subprocess.Popen(
         [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
          f"--screenshot={screenshot}", "--dump-dom", url],
-        capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        dom, errors = process.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the browser and its helper processes
+        process.communicate()
+        pytest.fail(f"Chromium did not finish rendering {url} within 150 s")
+    assert process.returncode == 0, errors[-2000:]
+    return dom
 
 
 def run_link(dom: str, run_id: str, name: str) -> bool:

@@ -18,7 +18,7 @@ from experiments.tracking import mask_secrets, resolve_tracking_uri
 from .config import load_sweep_config
 from .context import SweepContext
 from .final import final_tasks, summarize, write_outputs
-from .storage import default_storage, is_url, open_storage
+from .storage import default_storage, open_storage
 from .study import base_experiment, create_studies
 from .table import markdown_table
 from .tracking import ensure_parent_runs, finish_runs, prepare_tracking
@@ -62,17 +62,16 @@ def main(args: argparse.Namespace) -> int:
     base = base_experiment(ctx)
     slots = plan_workers(args.workers, base.device, cfg.trials_per_gpu)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
 
-    # Everything shared is created once, here, before any worker starts.
+    # Everything shared is opened and created once, here, before any worker starts.
     storage = open_storage(storage_spec, cfg.heartbeat_interval, cfg.grace_period)
-    create_studies(ctx, storage)
     experiment_id = prepare_tracking(ctx)
+    create_studies(ctx, storage)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     ensure_parent_runs(ctx, experiment_id)
     (sweep_dir / "sweep.yaml").write_text(cfg.to_yaml())
-    where = storage_spec if not is_url(storage_spec) else mask_secrets(storage_spec)
     print(f"sweep {cfg.name!r}: {len(cfg.losses)} losses x {cfg.trials} trials, {cfg.seeds} final seeds, "
-          f"{len(slots)} worker(s); studies in {where}", flush=True)
+          f"{len(slots)} worker(s); studies in {mask_secrets(storage_spec)}", flush=True)
 
     failed = run_phase(ctx, "tune", slots, storage)
     tasks = final_tasks(ctx, storage)

@@ -28,6 +28,8 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from experiments.tracking import mask_secrets
+
 JOURNAL_NAME = "optuna.journal"
 WORKER_ATTRS = ("worker_host", "worker_pid", "heartbeat", "fail_reason", "mlflow_run_id")
 
@@ -51,10 +53,14 @@ def open_storage(storage: str, heartbeat_interval: int = 60, grace_period: int =
                          "Redis is not supported")
     with warnings.catch_warnings():  # the heartbeat API is stable in use but still flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-        )
+        try:
+            return RDBStorage(
+                storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+            )
+        except Exception as exc:  # SQLAlchemy: bad URL, missing driver, unreachable server, ...
+            raise ValueError(f"cannot open the Optuna storage {mask_secrets(storage)}: "
+                             f"{mask_secrets(str(exc)).splitlines()[0]}") from None
 
 
 def is_retried(trial: FrozenTrial, retried_numbers: set[int]) -> bool:

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.config import ExperimentConfig, apply, from_dict
+from experiments.tracking import mask_secrets
 
 from .context import SweepContext
 from .space import SearchSpace
@@ -92,7 +93,7 @@ def create_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> N
         elif previous != fingerprint:
             raise ValueError(
                 f"study {ctx.study_name(loss)!r} already exists with another search space or training settings; "
-                f"give the sweep a new name (name=...) or remove its storage ({ctx.storage}) to start over"
+                f"give the sweep a new name (name=...) or remove its storage ({mask_secrets(ctx.storage)}) to start over"
             )
 
 

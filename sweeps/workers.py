@@ -20,6 +20,8 @@ import optuna
 from .context import SweepContext
 from .storage import open_storage
 
+STORAGE_ENV = "TRIPLETLAB_SWEEP_STORAGE"
+
 
 @dataclass(frozen=True)
 class WorkerSlot:
@@ -84,11 +86,14 @@ def run_phase(ctx: SweepContext, phase: str, slots: list[WorkerSlot], storage: o
             run_finals(ctx, storage, list(tasks))
         return []
     spec_path = ctx.sweep_dir / f"worker-{phase}.json"
+    context = {**json.loads(ctx.to_json()), "storage": ""}  # the URL may hold a password: passed in the environment
     spec_path.write_text(json.dumps({"phase": phase, "workers": len(slots), "tasks": list(map(list, tasks)),
-                                     "context": json.loads(ctx.to_json())}))
+                                     "context": context}))
+    env = {**os.environ, STORAGE_ENV: ctx.storage}
     procs = [subprocess.Popen([sys.executable, "-m", "sweeps.workers", str(spec_path), str(slot.index)],
-                              env={**os.environ, **slot.env}) for slot in slots]
+                              env={**env, **slot.env}) for slot in slots]
     failed = [slot.index for slot, proc in zip(slots, procs) if proc.wait() != 0]
+    spec_path.unlink(missing_ok=True)
     for index in failed:
         print(f"worker {index} ({phase}) exited with an error; re-run the same command to resume", flush=True)
     return failed
@@ -97,6 +102,7 @@ def run_phase(ctx: SweepContext, phase: str, slots: list[WorkerSlot], storage: o
 def worker_main(spec_path: str, index: int) -> int:
     spec = json.loads(Path(spec_path).read_text())
     ctx = SweepContext.from_json(json.dumps(spec["context"]))
+    ctx.storage = os.environ[STORAGE_ENV]
     threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
     if threads:
         import torch

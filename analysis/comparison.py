@@ -85,7 +85,7 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
             if "tags.tripletlab.trial_state" in trials else pd.Series(dtype=str)
         row["trials_complete"] = int((states == "complete").sum())
         row["trials_pruned"] = int((states == "pruned").sum())
-        row["wall_clock_s"] = _wall_clock(sweep, loss, parent)
+        row["wall_clock_s"] = _wall_clock(sweep, loss)
         values = _seed_values(own, PAIRED_METRIC)
         if loss == baseline or base_values.empty:
             row["map_at_r_diff"], row["p_value"], row["pairs"] = math.nan, math.nan, 0
@@ -97,12 +97,10 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
     return pd.DataFrame(rows).set_index("loss")
 
 
-def _wall_clock(sweep: Sweep, loss: str, parent: pd.Series | None) -> float:
-    """Seconds from the parent run's start to its end; the child runs' span when there is no parent."""
-    if parent is not None and pd.notna(parent["end_time"]):
-        return float((parent["end_time"] - parent["start_time"]).total_seconds())
+def _wall_clock(sweep: Sweep, loss: str) -> float:
+    """Seconds the loss's trial and final runs took, summed (parent runs span the whole sweep)."""
     children = sweep.runs[(sweep.runs["loss"] == loss) & sweep.runs["role"].isin(["trial", "final"])]
-    return float((children["end_time"].max() - children["start_time"].min()).total_seconds())
+    return float((children["end_time"] - children["start_time"]).dt.total_seconds().sum())
 
 
 def _percent_cell(mean: float, low: float, high: float) -> str:

@@ -17,12 +17,15 @@ from mlflow import MlflowClient
 
 from .colors import loss_colors
 from .comparison import comparison_table, format_table
+from .crossmodal import joint_projection_figure, recall_table
 from .convergence import convergence_figure, convergence_histories
 from .embeddings import PROJECTION_POINTS, distance_figure, load_test_embeddings, projection_figure, triplet_quality_figure
 from .load import BASELINE_LOSS, ROLE_TAG, Sweep
 from .tuning import IMPORTANCE_EVALUATOR, tuning_figure
 
 REPORT_ARTIFACT_DIR = "report"
+RECALL_NOTE = ("Paired test set: Recall@K is the share of queries whose own caption (or image) ranks in the top K "
+               "of the other modality; mean over the final seeds; chance R@1 is 1 / number of test pairs.")
 CAPTIONS = {
     "convergence": "Convergence of the final runs per loss: validation MAP@R, normalised training loss, "
                    "active-triplet and margin-violation fractions (mean and min-max band over seeds).",
@@ -30,6 +33,8 @@ CAPTIONS = {
     "pair_distances": "Positive- and negative-pair distances on the test classes, with the overlap area of the two "
                       "densities (lower is better).",
     "triplet_quality": "Easy / semi-hard / hard test-triplet fractions, and alignment vs uniformity per final run.",
+    "crossmodal_projection": "Images and their captions projected together from each loss's best final run: "
+                             "circles are images, triangles captions, colours classes.",
     "tuning": f"Optuna optimisation history, hyperparameter importances ({IMPORTANCE_EVALUATOR}), and validation "
               "MAP@R against the margin and the mining strategy for the margin-based losses.",
 }
@@ -69,6 +74,9 @@ def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int =
     if embeddings:
         figures["embedding_projection"] = _save(projection_figure(embeddings, colors, points, seed),
                                                 directory, "embedding_projection")
+        joint = joint_projection_figure(embeddings, colors, points, seed)
+        if joint is not None:
+            figures["crossmodal_projection"] = _save(joint, directory, "crossmodal_projection")
         fig, overlaps = distance_figure(embeddings, colors, seed=seed)
         figures["pair_distances"] = _save(fig, directory, "pair_distances")
     else:
@@ -94,8 +102,11 @@ def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS,
     shown = format_table(table, baseline)
     shown["pair-distance overlap"] = ["n/a" if math.isnan(v) else f"{v:.3f}" for v in table["pair_distance_overlap"]]
     report = Report(directory, directory / "report.html", directory / "report.md", table, figures, notes)
-    report.html.write_text(_html(sweep, shown, figures, notes, baseline), encoding="utf-8")
-    report.markdown.write_text(_markdown(sweep, shown, figures, notes, baseline), encoding="utf-8")
+    recalls = recall_table(sweep)
+    if not recalls.empty:
+        recalls.to_csv(directory / "crossmodal_recall.csv")
+    report.html.write_text(_html(sweep, shown, figures, notes, baseline, recalls), encoding="utf-8")
+    report.markdown.write_text(_markdown(sweep, shown, figures, notes, baseline, recalls), encoding="utf-8")
     if log_to_mlflow:
         report.run_id = log_report(sweep, directory)
     return report
@@ -127,16 +138,20 @@ def _header(sweep: Sweep) -> list[tuple[str, str]]:
 
 
 def _table_note(baseline: str) -> str:
-    return ("Test metrics on the held-out classes, in %: mean and Student-t 95% interval over the final seeds "
+    return ("Test-split metrics, in %: mean and Student-t 95% interval over the final seeds "
             f"(clipped to [0, 100]). p: two-sided paired t-test of MAP@R against the {baseline} baseline, paired by "
-            "seed (— when fewer than two shared seeds). Wall clock: the loss's parent run, tuning and final runs "
-            "included. Pair-distance overlap: see the distance figure (lower separates classes better).")
+            "seed (— when fewer than two shared seeds). Wall clock: the loss's trial and final runs, summed. "
+            "Pair-distance overlap: see the distance figure (lower separates classes better).")
 
 
-def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str) -> str:
+def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
+          recalls: pd.DataFrame) -> str:
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _header(sweep))
     body = [f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>", f"<table class='meta'>{head}</table>",
             "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"), f"<p>{html.escape(_table_note(baseline))}</p>"]
+    if not recalls.empty:
+        body += ["<h2>Cross-modal retrieval</h2>", recalls.to_html(escape=True, classes="recall"),
+                 f"<p>{html.escape(RECALL_NOTE)}</p>"]
     for name, png in figures.items():
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         body.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
@@ -158,10 +173,13 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str) -> str:
+def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
+              recalls: pd.DataFrame) -> str:
     lines = [f"# tripletlab sweep report: {sweep.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _header(sweep)]
     lines += ["", "## Comparison", "", markdown_table(table), "", _table_note(baseline), ""]
+    if not recalls.empty:
+        lines += ["## Cross-modal retrieval", "", markdown_table(recalls.astype(str)), "", RECALL_NOTE, ""]
     for name, png in figures.items():
         lines += [f"![{name}]({png.name})", "", CAPTIONS[name], ""]
     if notes:

@@ -104,7 +104,10 @@ def test_table_has_one_row_per_loss_with_the_values_logged_in_mlflow(analysed):
             assert table.loc[loss, f"{metric}_ci_high"] == pytest.approx(hi)
         assert table.loc[loss, "trials_complete"] == parents[loss].data.metrics["trials_complete"]
         assert table.loc[loss, "trials_pruned"] == parents[loss].data.metrics["trials_pruned"]
-        assert table.loc[loss, "wall_clock_s"] > 0
+        children = [r for r in client.search_runs([exp.experiment_id], f"tags.`tripletlab.loss` = '{loss}'")
+                    if r.data.tags["tripletlab.role"] in ("trial", "final")]
+        assert table.loc[loss, "wall_clock_s"] == pytest.approx(
+            sum(r.info.end_time - r.info.start_time for r in children) / 1000) and table.loc[loss, "wall_clock_s"] > 0
         by_seed[loss] = {r.data.tags["tripletlab.seed"]: r.data.metrics["test/map_at_r"] for r in own}
     baseline, other = sweep.losses[0], sweep.losses[1]
     seeds = sorted(by_seed[baseline])

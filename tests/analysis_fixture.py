@@ -2,6 +2,7 @@
 
 It follows the MLflow layout of docs/design.md (parent / trial / final runs, per-epoch metrics,
 ``embeddings/test.npz``) without training anything, so the analysis tests can control every value.
+``copy_store`` copies a real sweep's store so a test can write to the copy.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from optuna.storages.journal import JournalFileBackend
 
 TEST_METRICS = ("precision_at_1", "r_precision", "map_at_r")

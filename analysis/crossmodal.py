@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from .embeddings import _grid, project_2d, subsample
 from .load import Sweep
@@ -59,10 +60,11 @@ def joint_projection_figure(embeddings: dict[str, dict], colors: dict, points: i
         cmap = colormaps["tab20" if len(classes) > 10 else "tab10"]
         color = cmap(np.searchsorted(classes, labels[keep]) % cmap.N)
         n = len(keep)
-        ax.scatter(xy[:n, 0], xy[:n, 1], c=color, s=10, marker="o", linewidths=0, label="image")
-        ax.scatter(xy[n:, 0], xy[n:, 1], c=color, s=14, marker="^", linewidths=0, label="text")
+        ax.scatter(xy[:n, 0], xy[:n, 1], c=color, s=10, marker="o", linewidths=0)
+        ax.scatter(xy[n:, 0], xy[n:, 1], c=color, s=14, marker="^", linewidths=0)
         ax.set_title(f"{loss} ({n} pairs)", color=colors[loss], fontsize=10)
         ax.set(xlabel=f"{method} 1 (a.u.)", ylabel=f"{method} 2 (a.u.)", xticks=[], yticks=[])
-        ax.legend(loc="best", fontsize=8, markerscale=1.5)
+        ax.legend(handles=[Line2D([], [], marker=m, color="0.35", linestyle="", label=name)
+                           for m, name in (("o", "image"), ("^", "text"))], loc="best", fontsize=8)
     fig.suptitle(f"Images (o) and captions (^) in the shared space, {method} projection, coloured by class")
     return fig

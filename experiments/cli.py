@@ -21,7 +21,8 @@ class UserError(Exception):
     """An error caused by the user's input; printed as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``chosen`` only that subcommand's options configured."""
     parser = argparse.ArgumentParser(prog="tripletlab", description="Compare triplet-loss variants fairly.")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="load a loss plugin (module path or .py file); repeatable. "
@@ -31,13 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--plugin", action="append", default=[], dest="sub_plugin",
                         metavar="MODULE_OR_FILE", help=argparse.SUPPRESS)
-        importlib.import_module(module).configure(sp)
+        if chosen in (None, name):  # import only the subcommand in use: start-up stays fast
+            importlib.import_module(module).configure(sp)
         sp.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    parser = build_parser(chosen)
     args = parser.parse_args(argv)
     from losses.plugins import load_plugins
 

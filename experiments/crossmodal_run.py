@@ -8,8 +8,6 @@ with the same columns as the others. The embeddings artifact holds the image emb
 """
 from __future__ import annotations
 
-import torch
-
 from experiments.crossmodal import (PairedObjective, build_two_tower, embed_pairs, load_paired, paired_device_data,
                                     validate_pairs)
 from experiments.crossmodal_metrics import cross_modal_metrics
@@ -29,7 +27,7 @@ def train_and_evaluate_paired(cfg, run, on_epoch, evaluate_test: bool, log_embed
     splits = load_paired(cfg.dataset, cfg.seed)
     vocabulary = Vocabulary(splits.train.captions)
     sampler = PKSampler(splits.train.labels, cfg.batch.p, cfg.batch.k, cfg.seed)
-    log_run_config(run, cfg, splits.info, len(torch.unique(splits.train.labels)), sampler)
+    log_run_config(run, cfg, splits.info, int(splits.train.labels.max()) + 1, sampler)
     run.log_params({"data.vocabulary_size": len(vocabulary)})
     model = build_two_tower(cfg, splits.train, vocabulary).to(device)
     objective = PairedObjective(build_loss(cfg.loss.name, **cfg.loss.params),

@@ -49,7 +49,8 @@ class RunResult:
 
 def _fill_derived_params(cfg: ExperimentConfig, num_classes: int) -> None:
     """Loss params the loss declares and the user left unset: ``num_classes``/``embedding_dim``
-    (0) from the data and model, ``seed`` (its default) from the run's seed."""
+    (0) from the data and model (``num_classes`` covers the largest training class id, since
+    splits keep the dataset's ids), ``seed`` (its default) from the run's seed."""
     declared = {p.name: p.default for p in loss_info(cfg.loss.name).params}
     derived = {"num_classes": num_classes, "embedding_dim": cfg.model.embedding_dim}
     for name in derived.keys() & declared.keys():
@@ -114,7 +115,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
     splits = load_dataset(cfg.dataset, cfg.seed)
     train_split = with_dense_labels(splits.train)
     sampler = PKSampler(train_split.labels, cfg.batch.p, cfg.batch.k, cfg.seed)
-    log_run_config(run, cfg, splits.info, len(train_split.classes()), sampler)
+    log_run_config(run, cfg, splits.info, int(train_split.labels.max()) + 1, sampler)
 
     _, channels, height, width = train_split.images.shape
     model = build_model(cfg.model.name, channels, (height, width), cfg.model.embedding_dim,

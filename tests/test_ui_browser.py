@@ -26,7 +26,8 @@ pytestmark = pytest.mark.browser
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,900"]
-RENDER_BUDGETS_MS = (10_000, 30_000)  # virtual time for the React app to fetch and draw the runs
+# (virtual time for the React app to fetch and draw the runs, wall-clock limit) per attempt
+ATTEMPTS = ((10_000, 60), (10_000, 90), (30_000, 150))
 
 
 def chromium() -> str:
@@ -37,18 +38,20 @@ def chromium() -> str:
     pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it")
 
 
-def render(browser: str, url: str, screenshot: Path, profile: Path, budget_ms: int) -> str:
-    """The DOM of ``url`` after ``budget_ms`` of virtual time, and a screenshot of the page."""
+def render(browser: str, url: str, screenshot: Path, profile: Path, budget_ms: int, timeout: float) -> str | None:
+    """The DOM of ``url`` after ``budget_ms`` of virtual time, and a screenshot of the page; ``None``
+    if Chromium hangs (headless virtual time now and then never runs out): the caller tries again."""
+    shutil.rmtree(profile, ignore_errors=True)
     process = subprocess.Popen(
         [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
          f"--screenshot={screenshot}", "--dump-dom", url],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        dom, errors = process.communicate(timeout=150)
+        dom, errors = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the browser and its helper processes
         process.communicate()
-        pytest.fail(f"Chromium did not finish rendering {url} within 150 s")
+        return None
     assert process.returncode == 0, errors[-2000:]
     return dom
 
@@ -76,12 +79,14 @@ def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):  # noqa: F
         wait_until_ready(url, server, timeout=180)
         page = f"{url}/#/experiments/{experiment.experiment_id}/runs"
         screenshot = tmp_path / "mlflow-ui.png"
-        for budget in RENDER_BUDGETS_MS:  # a busy machine may need more time to draw the table
-            dom = render(browser, page, screenshot, tmp_path / "profile", budget)
+        dom = ""
+        for budget, timeout in ATTEMPTS:  # a busy machine may need more time to draw the table
+            dom = render(browser, page, screenshot, tmp_path / "profile", budget, timeout) or ""
             if all(run_link(dom, run_id, name) for name, run_id in parents.items()):
                 break
     finally:
         stop_server(server)
+    assert dom, f"Chromium hung on {page} in all {len(ATTEMPTS)} attempts"
 
     missing = [name for name, run_id in parents.items() if not run_link(dom, run_id, name)]
     assert not missing, f"the experiment page does not list parent runs {missing}"

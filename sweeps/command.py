@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from experiments.datasets import load_dataset
 from experiments.tracking import mask_secrets, resolve_tracking_uri
 
 from .config import load_sweep_config
@@ -60,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
     plugins = tuple(dict.fromkeys([*cfg.plugins, *getattr(args, "plugin", []), *getattr(args, "sub_plugin", [])]))
     ctx = SweepContext(cfg, storage_spec, resolve_tracking_uri(args.tracking_uri), sweep_dir, plugins)
     base = base_experiment(ctx)
+    load_dataset(base.dataset, base.seed)  # a missing or broken data file fails here, before any study or run exists
     slots = plan_workers(args.workers, base.device, cfg.trials_per_gpu)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -27,6 +27,7 @@ from .context import SweepContext
 from .space import SearchSpace
 from .storage import BudgetLock, beat, budget_trials, enqueue_retry, mark_worker, recover_stale_trials
 from .table import short_value
+from .tracking import end_orphaned_runs
 
 OBJECTIVE = "val/map_at_r"
 
@@ -178,6 +179,7 @@ def tune(ctx: SweepContext, loss: str, storage: optuna.storages.BaseStorage, wor
         lock.acquire()
         try:
             recover_stale_trials(study, storage, ctx.sweep.grace_period)
+            end_orphaned_runs(ctx, loss, study)
             trials = budget_trials(study)
             if len(trials) >= target and not any(t.state == TrialState.WAITING for t in trials):
                 return

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 
 from experiments.provenance import provenance_tags
 from experiments.tracking import get_or_create_experiment, prepare_store
@@ -58,3 +60,29 @@ def finish_runs(ctx: SweepContext, experiment_id: str, artifacts: list[Path]) ->
         client.log_artifact(summary, str(path))
     client.set_terminated(summary, status="FINISHED")
     return summary
+
+
+def end_orphaned_runs(ctx: SweepContext, loss: str, study: optuna.Study) -> list[str]:
+    """End as KILLED the RUNNING trial runs of ``loss`` whose Optuna trial is no longer running
+    (its worker died and the trial was failed as stale); returns their run ids."""
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    experiment = client.get_experiment_by_name(ctx.sweep.name)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.`optuna.study_name` = '{ctx.study_name(loss)}' and tags.`tripletlab.role` = 'trial' "
+        "and attributes.status = 'RUNNING'"))
+    if not runs:
+        return []
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    ended = []
+    for run in runs:
+        trial = trials.get(int(run.data.tags.get("optuna.trial_number", -1)))
+        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            continue
+        reason = trial.user_attrs.get("fail_reason") or "its worker stopped before ending the run"
+        client.set_tag(run.info.run_id, "tripletlab.trial_state", "failed")
+        client.set_tag(run.info.run_id, "tripletlab.error", f"worker lost: {reason}")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended

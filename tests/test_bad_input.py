@@ -159,9 +159,7 @@ CASES = [
     Case("sweep-zero-trials", lambda w: w.sweep("s-zero-trials", "trials=0"), ValueError, r"'trials' must be an integer >= 1"),
     Case("sweep-missing-dataset-path", lambda w: w.sweep("s-missing-data", "dataset.name=fashion-mnist",
                                                          f"dataset.path={w.root / 'gone'}"),
-         ValueError, r"gone.*does not exist",
-         known_issue="the sweep checks the dataset only inside trials: every trial fails and the study it leaves "
-                     "holds the bad dataset.path in its fingerprint, so the corrected re-run is refused"),
+         ValueError, r"gone.*does not exist"),
     Case("malformed-storage-url", lambda w: w.sweep("s-bad-url", storage="postgresql://user@host:notaport/db"),
          ValueError, r"Optuna storage postgresql://user@host:notaport/db"),
     Case("unreachable-database", lambda w: w.sweep("s-no-db", storage=f"postgresql://u:{SECRET}@127.0.0.1:{free_port()}/x"),

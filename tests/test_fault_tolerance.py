@@ -114,10 +114,8 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
     assert retries[0].user_attrs["mlflow_run_id"] in {r.info.run_id for r in finished}
     killed_runs = [r for r in runs if r.data.tags["optuna.trial_number"] == str(victim.number)]
     assert len(killed_runs) == 1
-    if killed_runs[0].info.status == "RUNNING":
-        pytest.xfail("known issue: stale-trial recovery fails and retries the Optuna trial but leaves the dead "
-                     "worker's MLflow run RUNNING (sweeps.storage.recover_stale_trials touches Optuna only)")
-    assert killed_runs[0].info.status in ("FAILED", "KILLED")
+    assert killed_runs[0].info.status in ("FAILED", "KILLED"), "the dead worker's run was left RUNNING"
+    assert "worker lost" in killed_runs[0].data.tags["tripletlab.error"]
     assert_nothing_running(postgres_url, sweep, client)
 
 

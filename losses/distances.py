@@ -2,8 +2,8 @@
 
 - :func:`pairwise_distances`: an (n, m) matrix, differentiable by autograd.
 - :func:`paired_distances`: row-wise ``d(x_i, y_i)`` for explicitly chosen pairs.
-- :func:`distance_sum_gradients` and :func:`with_gradients`: the closed-form gradient of
-  ``sum_ij W_ij d(x_i, y_j)`` for a fixed (detached) weight matrix ``W``. Hinge-type losses are
+- :func:`distance_sum_gradients`, :func:`self_distance_sum_gradient` and :func:`with_gradients`:
+  the closed-form gradient of ``sum_ij W_ij d(x_i, y_j)`` for a fixed (detached) weight matrix ``W``. Hinge-type losses are
   piecewise linear in the distances, so a loss whose value and ``W`` come from a no-grad pass gets
   its exact gradient from two matmuls, without an autograd graph through (n, m) intermediates.
 
@@ -86,6 +86,18 @@ def paired_distances(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tenso
     return d2 if kind == "squared_euclidean" else _safe_sqrt(d2)
 
 
+def _linear_weights(weights: torch.Tensor, kind: str, distances: torch.Tensor | None,
+                    in_place: bool) -> torch.Tensor:
+    """Weights of the squared-euclidean (or cosine) form of ``sum_ij weights_ij * d_ij``: euclidean
+    ``d = sqrt(d2)`` has ``dd/dd2 = 1 / (2 d)``, taken as 0 at distance 0."""
+    if kind != "euclidean":
+        return weights
+    if distances is None:
+        raise ValueError("distance_sum_gradients needs the distance matrix for kind='euclidean'")
+    scaled = weights.div_(distances) if in_place else weights / distances
+    return scaled.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 at distance 0
+
+
 def distance_sum_gradients(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, kind: str,
                            distances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_ij weights_ij * d(x_i, y_j)`` with respect to ``x`` and to ``y``.
@@ -95,16 +107,29 @@ def distance_sum_gradients(x: torch.Tensor, y: torch.Tensor, weights: torch.Tens
     """
     check_distance(kind)
     with torch.no_grad():
+        weights = _linear_weights(weights, kind, distances, in_place=False)
         if kind == "cosine":
             return -weights @ y, -weights.T @ x
-        if kind == "euclidean":
-            if distances is None:
-                raise ValueError("distance_sum_gradients needs the distance matrix for kind='euclidean'")
-            weights = (weights / distances).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 at distance 0
         scale = 2.0 if kind == "squared_euclidean" else 1.0
         grad_x = scale * (weights.sum(1, keepdim=True) * x - weights @ y)
         grad_y = scale * (weights.sum(0).unsqueeze(1) * y - weights.T @ x)
         return grad_x, grad_y
+
+
+def self_distance_sum_gradient(x: torch.Tensor, weights: torch.Tensor, kind: str,
+                               distances: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of ``sum_ij weights_ij * d(x_i, x_j)`` with respect to ``x`` (the batch against itself).
+
+    The distance is symmetric, so this is :func:`distance_sum_gradients`' ``grad_x + grad_y`` with
+    one matmul instead of two: the rows of ``x`` see the symmetrised weights ``W + W^T``.
+    """
+    check_distance(kind)
+    with torch.no_grad():
+        symmetric = _linear_weights(weights + weights.T, kind, distances, in_place=True)
+        if kind == "cosine":
+            return symmetric @ x.neg()
+        scale = 2.0 if kind == "squared_euclidean" else 1.0
+        return torch.addmm(symmetric.sum(1, keepdim=True) * x, symmetric, x, alpha=-1).mul_(scale)
 
 
 class _WithGradients(torch.autograd.Function):

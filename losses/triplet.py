@@ -9,7 +9,7 @@ import torch
 
 from .base import MetricLoss
 from .distances import (check_distance, distance_matrix, distance_sum_gradients, paired_distances,
-                        prepare_embeddings, with_gradients)
+                        prepare_embeddings, self_distance_sum_gradient, with_gradients)
 from .mining import TRIPLET_MINING, label_masks, margin_selection
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
@@ -125,11 +125,14 @@ class TripletLoss(MetricLoss):
         result = self.weigh(distances, positives, negatives, swap_distances)
         self.record_stats(**result.stats)
         weights = result.weights
-        if result.swap_weights is not None and ref_embeddings is None:
-            weights = weights + result.swap_weights
+        if ref_embeddings is None:
+            if result.swap_weights is not None:
+                weights = weights + result.swap_weights
+            grad = self_distance_sum_gradient(x, weights, self.distance, distances)
+            return with_gradients(result.value, [(x, grad)])
         grad_x, grad_y = distance_sum_gradients(x, y, weights, self.distance, distances)
         pairs = [(x, grad_x), (y, grad_y)]
-        if result.swap_weights is not None and ref_embeddings is not None:
+        if result.swap_weights is not None:
             grad_p, grad_n = distance_sum_gradients(y, y, result.swap_weights, self.distance, swap_distances)
             pairs += [(y, grad_p), (y, grad_n)]
         return with_gradients(result.value, pairs)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from .base import MetricLoss
 from .distances import with_gradients
-from .pairs import cosine_similarity, grouped_logsumexp, pair_masks, pair_stats
+from .pairs import (cosine_similarity, grouped_logsumexp, normalized_rows, pair_masks, pair_stats,
+                    similarity_gradients)
 from .params import HyperParam
 from .registry import register_loss
 
@@ -43,9 +44,9 @@ class CircleLoss(MetricLoss):
         self.m, self.gamma = m, gamma
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
-        sim = cosine_similarity(embeddings, ref_embeddings)
+        x, y = normalized_rows(embeddings, ref_embeddings)
+        s = cosine_similarity(x, y)
         with torch.no_grad():
-            s = sim.detach()
             positive, negative = pair_masks(labels, ref_labels)
             # the paper's self-paced weights a_p = relu(1 + m - s_p), a_n = relu(s_n + m), held constant
             weight = torch.where(positive, (1 + self.m) - s, s + self.m).relu_()
@@ -66,4 +67,4 @@ class CircleLoss(MetricLoss):
             self.record_stats(**pair_stats(
                 s, positive, negative, active, violating,
                 torch.where(positive, s, float("inf")).amin(1), torch.where(negative, s, float("-inf")).amax(1)))
-        return with_gradients(value.to(sim.dtype), [(sim, grad)])
+        return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad))

@@ -10,7 +10,8 @@ import torch
 
 from .base import MetricLoss
 from .distances import with_gradients
-from .pairs import cosine_similarity, grouped_logsumexp, pair_masks, pair_stats
+from .pairs import (cosine_similarity, grouped_logsumexp, normalized_rows, pair_masks, pair_stats,
+                    similarity_gradients)
 from .params import HyperParam
 from .registry import register_loss
 
@@ -62,9 +63,9 @@ class MultiSimilarityLoss(MetricLoss):
         self.alpha, self.beta, self.base, self.miner, self.epsilon = alpha, beta, base, miner, epsilon
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
-        sim = cosine_similarity(embeddings, ref_embeddings)
+        x, y = normalized_rows(embeddings, ref_embeddings)
+        s = cosine_similarity(x, y)
         with torch.no_grad():
-            s = sim.detach()
             positive, negative = pair_masks(labels, ref_labels)
             hardest_pos = torch.where(positive, s, float("inf")).amin(1)
             hardest_neg = torch.where(negative, s, float("-inf")).amax(1)
@@ -84,4 +85,4 @@ class MultiSimilarityLoss(MetricLoss):
             grad = g.exp_logits.mul_(torch.where(pos_used, row_pos[:, None], row_neg[:, None]))
             self.record_stats(**pair_stats(s, positive, negative, pos_used | neg_used, violating,
                                            hardest_pos, hardest_neg))
-        return with_gradients(value.to(sim.dtype), [(sim, grad)])
+        return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad))

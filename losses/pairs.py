@@ -4,8 +4,9 @@ masks, a two-group log-sum-exp with its softmax weights, and the training statis
 Pair-based losses score every (anchor, candidate) pair of a cosine similarity matrix ``sim``;
 candidates are the batch itself or a reference set. The losses compute their value and their
 gradient with respect to ``sim`` in closed form, in a handful of passes over the (n, m) matrix
-with no per-anchor loop, and hand both to autograd (``losses.distances.with_gradients``), which
-back-propagates through the similarity matmul and the L2 normalisation.
+with no per-anchor loop; :func:`similarity_gradients` turns that gradient into the gradient of
+the normalised rows and ``losses.distances.with_gradients`` hands it to autograd, which
+back-propagates through the L2 normalisation.
 """
 from __future__ import annotations
 
@@ -27,11 +28,29 @@ def pair_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None) -> tuple[t
     return same, negative
 
 
-def cosine_similarity(embeddings: torch.Tensor, ref_embeddings: torch.Tensor | None) -> torch.Tensor:
-    """(n, m) cosine similarities between L2-normalised rows (the batch itself when no reference)."""
+def normalized_rows(embeddings: torch.Tensor,
+                    ref_embeddings: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The L2-normalised rows of the batch and of the reference set (``None``: the batch itself)."""
     x = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-    y = x if ref_embeddings is None else torch.nn.functional.normalize(ref_embeddings, p=2, dim=1)
-    return x @ y.T
+    return x, None if ref_embeddings is None else torch.nn.functional.normalize(ref_embeddings, p=2, dim=1)
+
+
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Detached (n, m) cosine similarities of rows from :func:`normalized_rows`."""
+    with torch.no_grad():
+        return x @ (x if y is None else y).T
+
+
+def similarity_gradients(x: torch.Tensor, y: torch.Tensor | None,
+                         grad: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, gradient)`` pairs for ``with_gradients`` from ``grad`` = d loss / d (x @ y^T).
+
+    Against itself the similarity is symmetric, so ``x`` gets ``(G + G^T) x``: one matmul, not two.
+    """
+    with torch.no_grad():
+        if y is None:
+            return [(x, (grad + grad.T) @ x)]
+        return [(x, grad @ y), (y, grad.T @ x)]
 
 
 @dataclass

@@ -50,7 +50,7 @@ class TrackingServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            stop_server(self.process)
+            stop_server(self.process, timeout=5)  # workers' keep-alive connections would hold a graceful stop
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""

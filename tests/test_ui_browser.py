@@ -27,7 +27,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,900"]
 # (virtual time for the React app to fetch and draw the runs, wall-clock limit) per attempt
-ATTEMPTS = ((10_000, 60), (10_000, 90), (30_000, 150))
+ATTEMPTS = ((10_000, 45), (10_000, 90), (30_000, 150))
 
 
 def chromium() -> str:
@@ -85,7 +85,7 @@ def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):  # noqa: F
             if all(run_link(dom, run_id, name) for name, run_id in parents.items()):
                 break
     finally:
-        stop_server(server)
+        stop_server(server, timeout=5)
     assert dom, f"Chromium hung on {page} in all {len(ATTEMPTS)} attempts"
 
     missing = [name for name, run_id in parents.items() if not run_link(dom, run_id, name)]

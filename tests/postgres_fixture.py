@@ -80,7 +80,13 @@ def _bin_dir() -> Path | None:
 
 
 class _ThrowawayCluster:
-    """initdb + pg_ctl in a temporary directory, listening on 127.0.0.1 only."""
+    """initdb + pg_ctl in a temporary directory, listening on 127.0.0.1 only.
+
+    The directory records the test process's pid; a later session stops and removes clusters
+    whose test process died without tearing down (killed by a timeout, say).
+    """
+
+    PREFIX = "tripletlab-pg-"
 
     def __init__(self, bin_dir: Path):
         self.bin_dir = bin_dir
@@ -91,10 +97,29 @@ class _ThrowawayCluster:
             except KeyError:
                 raise RuntimeError("running as root and there is no 'postgres' system user to run "
                                    "PostgreSQL as; set TRIPLETLAB_TEST_POSTGRES_URL instead") from None
-        self.root = Path(tempfile.mkdtemp(prefix="tripletlab-pg-"))
+        self._reap_orphans()
+        self.root = Path(tempfile.mkdtemp(prefix=self.PREFIX))
+        (self.root / "owner.pid").write_text(str(os.getpid()))
         self.data = self.root / "data"
         self.port = free_port()
         self.password = secrets.token_urlsafe(12)
+
+    def _reap_orphans(self) -> None:
+        for root in Path(tempfile.gettempdir()).glob(self.PREFIX + "*"):
+            try:
+                owner = int((root / "owner.pid").read_text())
+                os.kill(owner, 0)
+                continue  # its session is still running
+            except ProcessLookupError:
+                pass
+            except (OSError, ValueError):
+                continue  # not ours to judge: no readable owner
+            orphan = object.__new__(_ThrowawayCluster)
+            orphan.bin_dir, orphan.user, orphan.root, orphan.data = self.bin_dir, self.user, root, root / "data"
+            try:
+                orphan.stop()
+            except RuntimeError:
+                shutil.rmtree(root, ignore_errors=True)
 
     def _run(self, *args: str) -> None:
         kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}

@@ -123,50 +123,54 @@ def dense_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, negativ
 
 
 class _Candidates:
-    """An anchor's candidate negatives, counted below per-slot thresholds.
+    """An anchor's candidate negatives (``mask``, (n, m)), counted below per-slot thresholds.
 
-    ``distances`` is (n, m) with ``+inf`` where a column is no candidate. :meth:`below` returns, for
-    thresholds ``x`` of shape (n, k), the count per (anchor, slot) of candidates ``< x`` and the
-    count per (anchor, column) of slots whose threshold lies above that candidate. The indicator
-    ``[d < x]`` is ``sign(relu(x - d))``, computed in place in one reused (n, k, m) buffer: large
-    fresh allocations, not arithmetic, dominate the cost on CPU.
+    :meth:`below` returns, for thresholds ``x`` of shape (n, k), the count per (anchor, slot) of
+    candidates ``< x`` and, when ``columns``, the count per (anchor, column) of slots whose
+    threshold lies above that candidate (``None`` otherwise: only ask for what is used). The
+    indicator ``[d < x]`` is ``sign(relu(x - d))`` with ``d = +inf`` off the mask, computed in place
+    in one reused (n, k, m) buffer: on CPU, fresh allocations and boolean compares, not arithmetic,
+    dominate the cost.
     """
 
-    def __init__(self, distances: torch.Tensor, slot_valid: torch.Tensor) -> None:
-        self.distances = distances.unsqueeze(1)
+    def __init__(self, distances: torch.Tensor, mask: torch.Tensor, slot_valid: torch.Tensor) -> None:
+        self.distances = torch.where(mask, distances, float("inf")).unsqueeze(1)
+        self.mask = mask
         self.slot_valid = slot_valid
-        self._everything: tuple[torch.Tensor, torch.Tensor] | None = None
         self.buffer = torch.empty(*slot_valid.shape, distances.shape[1], dtype=distances.dtype,
                                   device=distances.device)
-        self.memo: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.memo: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
-    def below(self, threshold) -> tuple[torch.Tensor, torch.Tensor]:
+    def _everything(self, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dtype = self.distances.dtype
+        valid = self.slot_valid.to(dtype)
+        slot_counts = valid * torch.count_nonzero(self.mask, dim=1).to(dtype).unsqueeze(1)
+        return slot_counts, self.mask.to(dtype).mul_(valid.sum(1, keepdim=True)) if columns else None
+
+    def below(self, threshold, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(threshold, float):  # -inf or +inf
-            if self._everything is None:
-                is_candidate = torch.isfinite(self.distances[:, 0])
-                valid = self.slot_valid.to(self.distances.dtype)
-                self._everything = (valid * is_candidate.sum(1, keepdim=True),
-                                    valid.sum(1, keepdim=True) * is_candidate)
-            return self._everything if threshold > 0 else (torch.zeros_like(self._everything[0]),
-                                                           torch.zeros_like(self._everything[1]))
-        for seen, counts in self.memo:
-            if torch.equal(seen, threshold):
-                return counts
+            slot_counts, column_counts = self._everything(columns)
+            if threshold > 0:
+                return slot_counts, column_counts
+            return slot_counts.zero_(), None if column_counts is None else column_counts.zero_()
+        for seen, slot_counts, column_counts in self.memo:
+            if (column_counts is not None or not columns) and torch.equal(seen, threshold):
+                return slot_counts, column_counts
         masked = torch.where(self.slot_valid, threshold, float("-inf"))
         indicator = torch.sub(masked.unsqueeze(2), self.distances, out=self.buffer).clamp_min_(0).sign_()
-        counts = (indicator.sum(2), indicator.sum(1))
-        self.memo.append((threshold, counts))
-        return counts
+        slot_counts, column_counts = indicator.sum(2), indicator.sum(1) if columns else None
+        self.memo.append((threshold, slot_counts, column_counts))
+        return slot_counts, column_counts
 
-    def between(self, low, high) -> tuple[torch.Tensor, torch.Tensor]:
+    def between(self, low, high, columns: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Counts of candidates in ``[low, high)`` (empty when high <= low), as :meth:`below`."""
         if isinstance(low, torch.Tensor) and isinstance(high, torch.Tensor):
             high = torch.maximum(high, low)
-        upper_slots, upper_columns = self.below(high)
+        upper_slots, upper_columns = self.below(high, columns)
         if isinstance(low, float) and low < 0:
             return upper_slots, upper_columns
-        lower_slots, lower_columns = self.below(low)
-        return upper_slots - lower_slots, upper_columns - lower_columns
+        lower_slots, lower_columns = self.below(low, columns)
+        return upper_slots - lower_slots, upper_columns - lower_columns if columns else None
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -228,9 +232,9 @@ def threshold_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, neg
     n, m = distances.shape
     inf = float("inf")
     slots = positive_slots(positives)
-    parts = {"negatives": distances.masked_fill(~negatives, inf)}
+    parts = {"negatives": negatives}
     if mining == "curriculum":
-        parts["admitted"] = distances.masked_fill(~(negatives & admitted), inf)
+        parts["admitted"] = negatives & admitted
     weights = torch.zeros_like(distances)
     total = distances.new_zeros(())
     sums = {key: distances.new_zeros(()) for key in STAT_SUMS}
@@ -241,10 +245,10 @@ def threshold_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, neg
         above_ap = torch.nextafter(d_ap, torch.full_like(d_ap, inf))
         active_per_slot = torch.zeros_like(d_ap)
         for part, low, high in mining_intervals(mining, d_ap, margin):
-            candidates = _Candidates(parts[part], valid)
-            used, used_columns = candidates.between(low, high)
-            active, active_columns = candidates.between(low, _lower(high, threshold))
-            correct, _ = candidates.between(_upper(low, above_ap), high)
+            candidates = _Candidates(distances, parts[part], valid)
+            used, used_columns = candidates.between(low, high, columns=True)
+            active, active_columns = candidates.between(low, _lower(high, threshold), columns=True)
+            correct, _ = candidates.between(_upper(low, above_ap), high, columns=False)
             total += (active * threshold).sum() - _dot(active_columns, distances)
             active_per_slot += active
             weights -= active_columns

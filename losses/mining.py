@@ -44,17 +44,35 @@ class PositiveSlots:
         return self.index.shape[1]
 
 
-def positive_slots(positives: torch.Tensor) -> PositiveSlots:
-    """Pack the (n, m) positive mask into (n, k) slots (one host sync to learn ``k``)."""
-    n, m = positives.shape
-    counts = positives.sum(1)
-    k = int(counts.max()) if n and m else 0
-    if k == 0:
-        empty = torch.zeros(n, 0, dtype=torch.int64, device=positives.device)
-        return PositiveSlots(empty, empty.bool())
-    index = positives.to(torch.float32).topk(k, dim=1, sorted=False).indices
-    valid = positives.gather(1, index)
+def positive_slots(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> PositiveSlots:
+    """Each anchor's positives packed into (n, k) slots (one host sync to learn ``k``).
+
+    Sorting the reference labels puts each class in one run, so an anchor's positives are the
+    run of its label (without the anchor itself when there is no reference set): O(n log n + n k)
+    instead of scanning an (n, m) mask.
+    """
+    own_batch = ref_labels is None
+    labels = labels.long()
+    ref = labels if own_batch else ref_labels.long()
+    order = torch.argsort(ref, stable=True)
+    sorted_ref = ref[order]
+    start = torch.searchsorted(sorted_ref, labels)
+    count = torch.searchsorted(sorted_ref, labels, right=True) - start - int(own_batch)
+    k = int(count.max()) if labels.numel() and ref.numel() else 0
+    slot = torch.arange(k, device=labels.device)
+    position = start.unsqueeze(1) + slot
+    if own_batch:  # step over the anchor's own place in the sorted order
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        position += position >= rank.unsqueeze(1)
+    valid = slot < count.unsqueeze(1)
+    index = order[position.clamp_max_(max(ref.numel() - 1, 0))] if k else position
     return PositiveSlots(index, valid)
+
+
+def negative_mask(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, m) boolean mask of the pairs with different labels."""
+    return labels.unsqueeze(1) != (labels if ref_labels is None else ref_labels).unsqueeze(0)
 
 
 def slot_chunks(k: int, n: int, m: int, budget: int = 1 << 24) -> Iterator[slice]:

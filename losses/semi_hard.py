@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .mining import PositiveSlots
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
 from .triplet import TripletLoss, reduction_param
@@ -39,7 +40,7 @@ class SemiHardLoss(TripletLoss):
             raise ValueError(f"unknown fallback {fallback!r}; choose 'easiest' or 'skip'")
         self.fallback = fallback
 
-    def weigh(self, distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+    def weigh(self, distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
               swap_distances: torch.Tensor | None) -> DenseTriplets:
-        return nearest_farther_triplet_loss(distances, positives, negatives, self.margin, self.fallback,
+        return nearest_farther_triplet_loss(distances, slots, negatives, self.margin, self.fallback,
                                             self.reduction)

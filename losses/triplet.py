@@ -10,7 +10,7 @@ import torch
 from .base import MetricLoss
 from .distances import (check_distance, distance_matrix, distance_sum_gradients, paired_distances,
                         prepare_embeddings, self_distance_sum_gradient, with_gradients)
-from .mining import TRIPLET_MINING, label_masks, margin_selection
+from .mining import TRIPLET_MINING, PositiveSlots, margin_selection, negative_mask, positive_slots
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
 from .triplet_terms import REDUCTIONS, DenseTriplets, dense_triplet_loss, hinge, threshold_triplet_loss
@@ -102,15 +102,15 @@ class TripletLoss(MetricLoss):
     def set_progress(self, fraction: float) -> None:
         self.curriculum.progress = min(max(float(fraction), 0.0), 1.0)
 
-    def weigh(self, distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+    def weigh(self, distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
               swap_distances: torch.Tensor | None) -> DenseTriplets:
         """Loss value, gradient weights and statistics from the detached distances."""
         admitted = self.curriculum.admitted(*distances.shape, distances.device) if self.mining == "curriculum" else None
         if self.soft_margin or swap_distances is not None:
-            return dense_triplet_loss(distances, positives, negatives, self.margin,
+            return dense_triplet_loss(distances, slots, negatives, self.margin,
                                       margin_selection(self.mining, self.margin, admitted), self.soft_margin,
                                       self.reduction, swap_distances)
-        return threshold_triplet_loss(distances, positives, negatives, self.margin, self.mining, self.reduction,
+        return threshold_triplet_loss(distances, slots, negatives, self.margin, self.mining, self.reduction,
                                       admitted)
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
@@ -118,11 +118,11 @@ class TripletLoss(MetricLoss):
         y = x if ref_embeddings is None else prepare_embeddings(ref_embeddings, self.distance, self.normalize)
         with torch.no_grad():
             distances = distance_matrix(x, None if ref_embeddings is None else y, self.distance)
-            positives, negatives = label_masks(labels, ref_labels)
+            slots, negatives = positive_slots(labels, ref_labels), negative_mask(labels, ref_labels)
             swap_distances = None
             if self.swap:
                 swap_distances = distances if ref_embeddings is None else distance_matrix(y, None, self.distance)
-        result = self.weigh(distances, positives, negatives, swap_distances)
+        result = self.weigh(distances, slots, negatives, swap_distances)
         self.record_stats(**result.stats)
         weights = result.weights
         if ref_embeddings is None:

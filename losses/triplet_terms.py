@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .mining import Selection, positive_slots, slot_chunks
+from .mining import PositiveSlots, Selection, slot_chunks
 
 REDUCTIONS = ("mean_nonzero", "mean")
 STAT_SUMS = ("count", "active", "correct_order", "margin_violation", "d_ap", "d_an")
@@ -75,7 +75,7 @@ class DenseTriplets:
 
 
 @torch.no_grad()
-def dense_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float,
+def dense_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor, margin: float,
                        select: Selection, soft_margin: bool = False, reduction: str = "mean_nonzero",
                        swap_distances: torch.Tensor | None = None) -> DenseTriplets:
     """Triplet loss over the triplets ``select`` keeps, from a detached (n, m) distance matrix.
@@ -86,7 +86,6 @@ def dense_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, negativ
     (the (m, m) distances among the references) each term uses ``min(d(a,n), d(p,n))``.
     """
     n, m = distances.shape
-    slots = positive_slots(positives)
     weights = torch.zeros_like(distances)
     swap_weights = torch.zeros(m, m, dtype=distances.dtype, device=distances.device) if swap_distances is not None else None
     total = distances.new_zeros(())
@@ -217,7 +216,7 @@ def mining_intervals(mining: str, d_ap: torch.Tensor, margin: float) -> list[tup
 
 
 @torch.no_grad()
-def threshold_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+def threshold_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
                            margin: float, mining: str, reduction: str = "mean_nonzero",
                            admitted: torch.Tensor | None = None) -> DenseTriplets:
     """Hinge triplet loss under margin-based mining, from counts below per-slot thresholds.
@@ -231,7 +230,6 @@ def threshold_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, neg
     """
     n, m = distances.shape
     inf = float("inf")
-    slots = positive_slots(positives)
     parts = {"negatives": negatives}
     if mining == "curriculum":
         parts["admitted"] = negatives & admitted
@@ -265,7 +263,7 @@ def threshold_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, neg
 
 
 @torch.no_grad()
-def nearest_farther_triplet_loss(distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+def nearest_farther_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
                                  margin: float, fallback: str = "easiest",
                                  reduction: str = "mean") -> DenseTriplets:
     """FaceNet's semi-hard loss: per (anchor, positive), the nearest negative farther than the positive.
@@ -277,7 +275,6 @@ def nearest_farther_triplet_loss(distances: torch.Tensor, positives: torch.Tenso
         raise ValueError(f"unknown fallback {fallback!r}; choose 'easiest' or 'skip'")
     n, m = distances.shape
     inf = float("inf")
-    slots = positive_slots(positives)
     candidates = distances.masked_fill(~negatives, inf)
     easiest, easiest_index = distances.masked_fill(~negatives, -inf).max(1, keepdim=True)
     has_negative = negatives.any(1, keepdim=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from experiments.crossmodal import is_paired, load_paired
 from experiments.datasets import load_dataset
 from experiments.tracking import mask_secrets, resolve_tracking_uri
 
@@ -61,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
     plugins = tuple(dict.fromkeys([*cfg.plugins, *getattr(args, "plugin", []), *getattr(args, "sub_plugin", [])]))
     ctx = SweepContext(cfg, storage_spec, resolve_tracking_uri(args.tracking_uri), sweep_dir, plugins)
     base = base_experiment(ctx)
-    load_dataset(base.dataset, base.seed)  # a missing or broken data file fails here, before any study or run exists
+    check_data = load_paired if is_paired(base.dataset.name) else load_dataset
+    check_data(base.dataset, base.seed)  # a missing or broken data file fails here, before any study or run exists
     slots = plan_workers(args.workers, base.device, cfg.trials_per_gpu)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -13,8 +13,8 @@ VAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
 
 
 def channels_last(inputs):
-    """4-D image tensors in channels-last memory order (faster convolutions on CUDA); other
-    inputs, and the tensors inside a tuple (a two-tower model's images and tokens), as needed."""
+    """4-D image tensors in channels-last memory order (faster convolutions on CUDA and on CPU);
+    other inputs, and the tensors inside a tuple (a two-tower model's images and tokens), as needed."""
     if isinstance(inputs, tuple):
         return tuple(channels_last(x) for x in inputs)
     return inputs.contiguous(memory_format=torch.channels_last) if inputs.dim() == 4 else inputs
@@ -28,8 +28,7 @@ def embed_split(model: nn.Module, data: DeviceImages, batch_size: int) -> tuple[
     device = data.device
     chunks, labels = [], []
     for images, lab in data.iterate(batch_size):
-        if device.type == "cuda":
-            images = channels_last(images)
+        images = channels_last(images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             chunks.append(model(images).float())
         labels.append(lab)

@@ -120,8 +120,6 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
     _, channels, height, width = train_split.images.shape
     model = build_model(cfg.model.name, channels, (height, width), cfg.model.embedding_dim,
                         cfg.model.normalize, cfg.seed).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     with torch.random.fork_rng(devices=[]):  # a loss drawing random numbers (triplet_center's centres)
         torch.manual_seed(cfg.seed)
         loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)

@@ -1,6 +1,6 @@
 """The training loop: PK batches from device-resident images, AdamW/SGD with linear warm-up and
-cosine decay, bf16 autocast on CUDA, gradient clipping, per-epoch validation, early stopping,
-checkpoints. Loss and loss statistics are summed on the device and read once per epoch, so a
+cosine decay, channels-last convolutions, bf16 autocast on CUDA, gradient clipping, per-epoch
+validation, early stopping, checkpoints. Loss and loss statistics are summed on the device and read once per epoch, so a
 step never waits for the host (the nanoGPT/airbench recipe)."""
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
                                 cosine=cfg.optimizer.schedule == "cosine")
     forward = torch.compile(model) if cfg.train.compile else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda")
-    use_channels_last = device.type == "cuda"
+    model.to(memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN) alike
     checked_loss, fast_loss = loss_fn, _loss_call(loss_fn)
     out, best_state, bad_epochs = TrainOutcome(), None, 0
     patience = cfg.train.early_stopping_patience
@@ -131,8 +131,7 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
         for step, indices in enumerate(tqdm(sampler, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                                             disable=not progress_enabled())):
             images, labels = train_data.batch(indices)
-            if use_channels_last:
-                images = channels_last(images)
+            images = channels_last(images)
             with amp:
                 embeddings = forward(images)
             loss = (checked_loss if epoch == 1 and step == 0 else fast_loss)(embeddings.float(), labels)

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sweeps.table import percent_cell
+
 from .load import BASELINE_LOSS, Sweep
 
 TABLE_METRICS = {"precision_at_1": "P@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
@@ -103,20 +105,11 @@ def _wall_clock(sweep: Sweep, loss: str) -> float:
     return float((children["end_time"] - children["start_time"]).dt.total_seconds().sum())
 
 
-def _percent_cell(mean: float, low: float, high: float) -> str:
-    """``mean [low, high]`` in %, the interval clipped to the metric's range [0, 100]."""
-    if math.isnan(mean):
-        return "n/a"
-    if math.isnan(low):
-        return f"{100 * mean:.1f}"
-    return f"{100 * mean:.1f} [{max(0.0, 100 * low):.1f}, {min(100.0, 100 * high):.1f}]"
-
-
 def format_table(table: pd.DataFrame, baseline: str = BASELINE_LOSS) -> pd.DataFrame:
     """The table as display strings: ``mean [low, high]`` cells in %, p-values, durations."""
     out = pd.DataFrame(index=table.index)
     for metric, label in TABLE_METRICS.items():
-        out[f"{label} % (95% CI)"] = [_percent_cell(*cells) for cells in table[
+        out[f"{label} % (95% CI)"] = [percent_cell(*cells) for cells in table[
             [f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"]].itertuples(index=False)]
     out["seeds"] = table["seeds"]
     out[f"ΔMAP@R vs {baseline} (points)"] = [("—" if math.isnan(d) else f"{100 * d:+.1f}") for d in table["map_at_r_diff"]]

@@ -38,12 +38,13 @@ def short_value(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _cell(mean: float, low: float, high: float) -> str:
+def percent_cell(mean: float, low: float, high: float) -> str:
+    """``mean [low, high]`` in %, the interval clipped to the metric's range [0, 100]."""
     if math.isnan(mean):
         return "n/a"
     if math.isnan(low):
         return f"{100 * mean:.1f}"
-    return f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{100 * mean:.1f} [{max(0.0, 100 * low):.1f}, {min(100.0, 100 * high):.1f}]"
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -53,7 +54,7 @@ def markdown_table(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         cells = [f"`{row['loss']}`"]
-        cells += [_cell(row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in TABLE_METRICS]
+        cells += [percent_cell(row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in TABLE_METRICS]
         cells.append("n/a" if math.isnan(row["best_val_map_at_r"]) else f"{100 * row['best_val_map_at_r']:.1f}")
         cells.append(f"{row['trials_complete']}/{row['trials_pruned']}/{row['trials_failed']}")
         cells.append(str(row["seeds"]))

@@ -4,6 +4,19 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from losses import list_losses, registry  # noqa: E402
+
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def restore_registry():
+    """The loss registry as it was before the test (built-ins and entry points included)."""
+    list_losses()
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)

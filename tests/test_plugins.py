@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from losses import MetricLoss, build_loss, list_losses, loss_info, register_loss
-from losses import registry
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tripletlab-example-plugin"
 TRIPLETLAB = Path(sys.executable).with_name("tripletlab")
@@ -72,15 +71,6 @@ def cli_run(tmp_path_factory):
                              str(root / "duplicate.py"), "losses"],
                             cwd=root, env=env, capture_output=True, text=True, timeout=300)
     return root, site, result
-
-
-@pytest.fixture
-def restore_registry():
-    list_losses()  # built-ins and entry points registered before the snapshot
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
 
 
 def test_decorator_in_user_code(restore_registry):

@@ -10,19 +10,9 @@ from pytorch_metric_learning import losses as pml_losses
 
 from loss_batches import pk_batch
 from losses import MetricLoss, build_loss, list_losses, loss_info, register_loss, validate_params
-from losses import registry
 
 BUILT_INS = ("triplet", "batch_hard", "batch_all", "semi_hard", "multi_similarity", "circle",
              "cross_modal_triplet", "info_nce", "triplet_center")
-
-
-@pytest.fixture
-def restore_registry():
-    list_losses()  # built-ins and entry points registered before the snapshot
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
 
 
 def make_loss(value):

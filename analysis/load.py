@@ -6,6 +6,7 @@ sweep's Optuna storage (studies named ``<sweep>/<loss>``).
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from experiments.tracking import resolve_tracking_uri
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded npz is noise
 
 ROLE_TAG = "tripletlab.role"
 LOSS_TAG = "tripletlab.loss"

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from .base import MetricLoss
 from .distances import with_gradients
-from .pairs import (cosine_similarity, grouped_logsumexp, normalized_rows, pair_masks, pair_stats,
+from .mining import label_masks
+from .pairs import (cosine_similarity, grouped_logsumexp, normalized_rows, pair_stats,
                     similarity_gradients)
 from .params import HyperParam
 from .registry import register_loss
@@ -47,7 +48,7 @@ class CircleLoss(MetricLoss):
         x, y = normalized_rows(embeddings, ref_embeddings)
         s = cosine_similarity(x, y)
         with torch.no_grad():
-            positive, negative = pair_masks(labels, ref_labels)
+            positive, negative = label_masks(labels, ref_labels)
             # the paper's self-paced weights a_p = relu(1 + m - s_p), a_n = relu(s_n + m), held constant
             weight = torch.where(positive, (1 + self.m) - s, s + self.m).relu_()
             centred = torch.where(positive, s - (1 - self.m), s - self.m)

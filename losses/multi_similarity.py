@@ -10,7 +10,8 @@ import torch
 
 from .base import MetricLoss
 from .distances import with_gradients
-from .pairs import (cosine_similarity, grouped_logsumexp, normalized_rows, pair_masks, pair_stats,
+from .mining import label_masks
+from .pairs import (cosine_similarity, grouped_logsumexp, normalized_rows, pair_stats,
                     similarity_gradients)
 from .params import HyperParam
 from .registry import register_loss
@@ -66,7 +67,7 @@ class MultiSimilarityLoss(MetricLoss):
         x, y = normalized_rows(embeddings, ref_embeddings)
         s = cosine_similarity(x, y)
         with torch.no_grad():
-            positive, negative = pair_masks(labels, ref_labels)
+            positive, negative = label_masks(labels, ref_labels)
             hardest_pos = torch.where(positive, s, float("inf")).amin(1)
             hardest_neg = torch.where(negative, s, float("-inf")).amax(1)
             pos_used, neg_used = (mine_pairs(s, positive, negative, hardest_pos, hardest_neg, self.epsilon)

@@ -1,5 +1,5 @@
-"""Shared machinery of the pair-based losses (Multi-Similarity, Circle): positive / negative pair
-masks, a two-group log-sum-exp with its softmax weights, and the training statistics.
+"""Shared machinery of the pair-based losses (Multi-Similarity, Circle): normalised rows and their
+cosine similarities, a two-group log-sum-exp with its softmax weights, and the training statistics.
 
 Pair-based losses score every (anchor, candidate) pair of a cosine similarity matrix ``sim``;
 candidates are the batch itself or a reference set. The losses compute their value and their
@@ -13,19 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-
-def pair_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (n, m) masks of positive and negative pairs.
-
-    Without a reference set a sample is not its own positive (the diagonal is excluded); with one,
-    every reference row of the same label is a positive, as in pytorch-metric-learning.
-    """
-    same = labels[:, None] == (labels if ref_labels is None else ref_labels)[None, :]
-    negative = ~same
-    if ref_labels is None:
-        same.fill_diagonal_(False)
-    return same, negative
 
 
 def normalized_rows(embeddings: torch.Tensor,

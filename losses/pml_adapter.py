@@ -20,7 +20,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning.distances import CosineSimilarity
 
 from .base import MetricLoss
-from .pairs import pair_masks
+from .mining import label_masks
 from .params import HyperParam
 from .registry import PML_PREFIX, LossInfo
 
@@ -111,7 +111,7 @@ class PMLLoss(MetricLoss):
         mat = distance(embeddings.detach(), None if ref_embeddings is None else ref_embeddings.detach())
         if distance.is_inverted:
             mat = 1 - mat
-        positive, negative = pair_masks(labels, ref_labels)
+        positive, negative = label_masks(labels, ref_labels)
         self.record_stats(
             mean_d_ap=(mat * positive).sum() / positive.sum().clamp_min(1),
             mean_d_an=(mat * negative).sum() / negative.sum().clamp_min(1),

@@ -116,6 +116,6 @@ def hardest_pairs(distances: torch.Tensor, positives: torch.Tensor,
     at least one positive and one negative.
     """
     inf = float("inf")
-    positive = distances.masked_fill(~positives, -inf).argmax(1)
-    negative = distances.masked_fill(~negatives, inf).argmin(1)
-    return positive, negative, positives.any(1) & negatives.any(1)
+    farthest, positive = torch.where(positives, distances, -inf).max(1)
+    nearest, negative = torch.where(negatives, distances, inf).min(1)
+    return positive, negative, (farthest > -inf) & (nearest < inf)  # inf: no such pair

@@ -1,7 +1,7 @@
 """The training loop: PK batches from device-resident images, AdamW/SGD with linear warm-up and
 cosine decay, channels-last convolutions, bf16 autocast on CUDA, gradient clipping, per-epoch
-validation, early stopping, checkpoints. Loss and loss statistics are summed on the device and read once per epoch, so a
-step never waits for the host (the nanoGPT/airbench recipe)."""
+validation, early stopping, checkpoints. Loss and loss statistics are summed on the device and
+read once per epoch, so a step never waits for the host (the nanoGPT/airbench recipe)."""
 from __future__ import annotations
 
 import math

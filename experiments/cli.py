@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from losses.plugins import load_plugins
 
     load_plugins([*args.plugin, *args.sub_plugin])
+    from experiments.interrupts import interrupts_recorded
+
     try:
-        return int(importlib.import_module(args._module).main(args) or 0)
+        with interrupts_recorded():
+            return int(importlib.import_module(args._module).main(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"tripletlab {args.command}: error: {exc}", file=sys.stderr)
         return 2

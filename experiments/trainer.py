@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from experiments.config import ExperimentConfig
 from experiments.evaluation import channels_last, validate_split
+from experiments.interrupts import raise_if_interrupted
 from losses import STAT_NAMES, MetricLoss
 
 
@@ -130,6 +131,7 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
         finite = torch.ones((), dtype=torch.bool, device=device)
         for step, indices in enumerate(tqdm(sampler, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                                             disable=not progress_enabled())):
+            raise_if_interrupted()
             images, labels = train_data.batch(indices)
             images = channels_last(images)
             with amp:

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.config import ExperimentConfig, apply, from_dict
+from experiments.interrupts import raise_if_interrupted
 from experiments.tracking import mask_secrets
 
 from .context import SweepContext
@@ -183,6 +184,7 @@ def tune(ctx: SweepContext, loss: str, storage: optuna.storages.BaseStorage, wor
             trials = budget_trials(study)
             if len(trials) >= target and not any(t.state == TrialState.WAITING for t in trials):
                 return
+            raise_if_interrupted()
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
         except KeyboardInterrupt:
             if objective.interrupted is not None:  # an interrupted trial is redone, not counted

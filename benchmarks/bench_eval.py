@@ -5,6 +5,9 @@ Runs ``experiments.metrics.retrieval_metrics`` side by side with PML's ``Accurac
 k-NN and its torch k-NN (``CustomKNN`` over unnormalised euclidean distances) on the same
 synthetic clustered embeddings (d=128; e.g. 10 classes like Fashion-MNIST, and 1000 classes).
 Repeats are interleaved across methods and medians reported, so background load hits all alike.
+PML is skipped (and the report says so) where its k-NN would return more than
+``--pml-max-neighbours`` neighbours: at 70000 embeddings of 10 classes (k = 7000) PML with faiss
+needs more than 24 GiB.
 Writes ``eval-<device>.md`` and ``eval-<device>.json`` naming the device, torch version, git
 commit and date.
 
@@ -82,8 +85,16 @@ def _timed(fn, x, y, chunk_size, device):
     return time.perf_counter() - start, result
 
 
-def run_case(n, n_classes, dim, repeats, device, runners, chunk_size, max_seconds):
+def pml_neighbours(labels: torch.Tensor) -> int:
+    """Neighbours PML's k-NN returns with ``k="max_bin_count"``: n queries x the largest class."""
+    return labels.numel() * int(torch.bincount(labels).max())
+
+
+def run_case(n, n_classes, dim, repeats, device, runners, chunk_size, max_seconds, pml_max_neighbours):
     x, y = clustered_embeddings(n, n_classes, dim, device)
+    neighbours = pml_neighbours(y)
+    skipped = [name for name in runners if name != "tripletlab" and neighbours > pml_max_neighbours]
+    runners = {name: fn for name, fn in runners.items() if name not in skipped}
     runners["tripletlab"](x[:256], y[:256], chunk_size)  # warm-up: kernels, allocator
     times = {name: [] for name in runners}
     values = {}
@@ -95,12 +106,14 @@ def run_case(n, n_classes, dim, repeats, device, runners, chunk_size, max_second
             times[name].append(seconds)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     ours = values["tripletlab"]
-    case = {"n": n, "classes": n_classes, "dim": dim, "repeats": repeats, "median_seconds": medians,
+    others = [name for name in runners if name != "tripletlab"]
+    return {"n": n, "classes": n_classes, "dim": dim, "repeats": repeats, "median_seconds": medians,
             "all_seconds": times, "metrics": ours,
-            "speedup": {name: medians[name] / medians["tripletlab"] for name in runners if name != "tripletlab"},
+            "speedup": {name: medians[name] / medians["tripletlab"] for name in others},
             "max_abs_diff": {name: max(abs(values[name][m] - ours[m]) for m in RANKING_METRICS)
-                             for name in runners if name != "tripletlab"}}
-    return case
+                             for name in others},
+            "skipped": {name: f"k-NN of {neighbours:,} neighbours (> --pml-max-neighbours)"
+                        for name in skipped}}
 
 
 def git_commit() -> str:
@@ -120,7 +133,8 @@ def device_label(device: torch.device) -> tuple[str, str]:
 
 
 def to_markdown(report: dict) -> str:
-    names = list(report["cases"][0]["median_seconds"])
+    names = list(dict.fromkeys(name for case in report["cases"]
+                               for name in [*case["median_seconds"], *case.get("skipped", {})]))
     lines = [f"# Retrieval evaluation benchmark ({report['device']})", "",
              f"- device: {report['device_description']}", f"- torch {report['torch']}, "
              f"pytorch-metric-learning {report['pytorch_metric_learning']}",
@@ -132,12 +146,18 @@ def to_markdown(report: dict) -> str:
              "| n | classes | " + " | ".join(f"{n} (s)" for n in names) + " | "
              + " | ".join(f"speedup vs {n}" for n in names[1:]) + " | max abs diff | MAP@R |",
              "|" + "---|" * (3 + 2 * len(names)) + ""]
+    notes = []
     for case in report["cases"]:
-        diff = max(case["max_abs_diff"].values(), default=0.0)
+        seconds = case["median_seconds"]
+        skipped = case.get("skipped", {})
+        diff = max(case["max_abs_diff"].values(), default=float("nan"))
         lines.append(f"| {case['n']} | {case['classes']} | "
-                     + " | ".join(f"{case['median_seconds'][n]:.3f}" for n in names) + " | "
-                     + " | ".join(f"{case['speedup'][n]:.2f}x" for n in names[1:])
+                     + " | ".join(f"{seconds[n]:.3f}" if n in seconds else "skipped" for n in names) + " | "
+                     + " | ".join(f"{case['speedup'][n]:.2f}x" if n in seconds else "-" for n in names[1:])
                      + f" | {diff:.1e} | {case['metrics']['map_at_r']:.4f} |")
+        notes += [f"- {case['n']} x {case['classes']}: {name} skipped, {why}" for name, why in skipped.items()]
+    if notes:
+        lines += ["", "Skipped contenders:", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +176,9 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk-size", type=int, default=None, help="queries per chunk (default: automatic)")
+    parser.add_argument("--pml-max-neighbours", type=int, default=100_000_000,
+                        help="skip PML where its k-NN returns more neighbours than this (n x largest "
+                        "class): 70000 x 7000 runs out of 24 GiB")
     parser.add_argument("--no-pml-torch", action="store_true", help="skip PML's torch k-NN")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for eval-<device>.md/.json")
     args = parser.parse_args(argv)
@@ -184,7 +207,7 @@ def main(argv=None) -> dict:
     cases = []
     for n, n_classes in case_list(args):
         case = run_case(n, n_classes, args.dim, args.repeats, device, runners, args.chunk_size,
-                        args.max_seconds)
+                        args.max_seconds, args.pml_max_neighbours)
         print(json.dumps({k: case[k] for k in ("n", "classes", "median_seconds", "speedup", "max_abs_diff")}),
               flush=True)
         cases.append(case)

@@ -18,3 +18,14 @@ def test_quick_benchmark_writes_report(tmp_path):
         assert all(diff < 1e-6 for diff in case["max_abs_diff"].values())
         assert set(case["speedup"]) >= {"pml-faiss", "pml-torch"}
     assert "| 400 | 40 |" in markdown
+
+
+def test_pml_skipped_where_its_knn_is_too_large(tmp_path):
+    report = bench_eval.main(["--quick", "--cases", "400x5", "--pml-max-neighbours", "1000",
+                              "--out", str(tmp_path)])
+    case = report["cases"][0]
+    assert set(case["median_seconds"]) == {"tripletlab"}
+    assert set(case["skipped"]) >= {"pml-faiss", "pml-torch"}
+    assert "neighbours" in case["skipped"]["pml-torch"]
+    markdown = (tmp_path / f"eval-{report['device']}.md").read_text()
+    assert "| 400 | 5 | " in markdown and "skipped" in markdown

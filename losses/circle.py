@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 from .base import MetricLoss
 from .distances import with_gradients
-from .mining import label_masks
-from .pairs import (cosine_similarity, grouped_logsumexp, normalized_rows, pair_stats,
-                    similarity_gradients)
+from .pairs import SimilarityGroups, cosine_similarity, masked_exp, normalized_rows, similarity_gradients
 from .params import HyperParam
 from .registry import register_loss
 
@@ -48,24 +46,42 @@ class CircleLoss(MetricLoss):
         x, y = normalized_rows(embeddings, ref_embeddings)
         s = cosine_similarity(x, y)
         with torch.no_grad():
-            positive, negative = label_masks(labels, ref_labels)
-            # the paper's self-paced weights a_p = relu(1 + m - s_p), a_n = relu(s_n + m), held constant
-            weight = torch.where(positive, (1 + self.m) - s, s + self.m).relu_()
-            centred = torch.where(positive, s - (1 - self.m), s - self.m)
-            active = (weight > 0) & (positive | negative)
-            violating = torch.where(positive, centred < 0, negative & (centred > 0))
-            slope = torch.where(positive, -weight, weight).mul_(self.gamma)  # d logit / d s
-            g = grouped_logsumexp(slope * centred, positive, negative, add_one=False)
-            total = g.lse_pos + g.lse_neg
-            has_both = torch.isfinite(g.max_pos) & torch.isfinite(g.max_neg)
+            m, gamma = self.m, self.gamma
+            groups = SimilarityGroups.split(s, x, y, labels, ref_labels)
+            hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
+            positive, negative = groups.positive, groups.negative
+            scratch = torch.empty_like(s)
+            n_active = groups.count(1 + m, -m, scratch)  # a pair weighs when its a_p or a_n > 0
+            n_violating = groups.count(1 - m, m, scratch)
+            # logits: gamma a_p ((1 - m) - s_p) and gamma a_n (s_n - m), with the paper's self-paced
+            # weights a_p = relu(1 + m - s_p) and a_n = relu(s_n + m) held constant; every (n, m)
+            # step writes into a spent buffer (fresh large tensors cost page faults on CPU)
+            weight_pos = torch.sub(s.new_tensor(1 + m), s, out=groups.positive_view).relu_()
+            weight_neg = torch.add(s, m, out=groups.negative_view).relu_()
+            offset_pos, offset_neg = torch.sub(s.new_tensor(1 - m), s, out=scratch), s.sub_(m)
+            # the positive logit falls as s_p rises: its row maximum is the least similar positive's;
+            # the negatives' maximum is taken with them lifted by 1 past the others (logit / gamma
+            # lies in [-1, 1.25], scaled by 1/8 into [-1/8, 5/32])
+            top_pos = torch.rsub(hardest_pos, 1 + m).relu_().mul_(torch.rsub(hardest_pos, 1 - m))
+            logit_neg = torch.addcmul(negative, offset_neg, weight_neg, value=1 / 8)
+            top_neg = (logit_neg.amax(1) - 1) * 8
+            has_pos, has_neg = torch.isfinite(hardest_pos), torch.isfinite(hardest_neg)
+            shift_pos, shift_neg = torch.where(has_pos, top_pos, 0), torch.where(has_neg, top_neg, 0)
+            exp_pos = masked_exp(torch.addcmul((-gamma * shift_pos)[:, None], offset_pos, weight_pos,
+                                               value=gamma, out=offset_pos), positive)
+            exp_neg = masked_exp(torch.addcmul((-gamma * shift_neg)[:, None], offset_neg, weight_neg,
+                                               value=gamma, out=logit_neg), negative)
+            norm_pos = exp_pos.sum(1).masked_fill_(~has_pos, 1)
+            norm_neg = exp_neg.sum(1).masked_fill_(~has_neg, 1)
+            has_both = has_pos & has_neg
+            total = torch.where(has_both, gamma * (shift_pos + shift_neg) + (norm_pos * norm_neg).log(), 0)
             per_anchor = F.softplus(total) * has_both
             nonzero = per_anchor > 0
             count = torch.count_nonzero(nonzero).clamp_min(1)
             value = per_anchor.sum() / count
-            row = torch.sigmoid(total) * nonzero / count
-            grad = g.exp_logits.mul_(slope).mul_(torch.where(positive, (row / g.norm_pos)[:, None],
-                                                             (row / g.norm_neg)[:, None]))
-            self.record_stats(**pair_stats(
-                s, positive, negative, active, violating,
-                torch.where(positive, s, float("inf")).amin(1), torch.where(negative, s, float("-inf")).amax(1)))
-        return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad))
+            # d value / d s: each pair's softmax weight in its group times d logit / d s = -/+ gamma a
+            row = torch.sigmoid(total) * nonzero * gamma / count
+            grad = exp_neg.mul_(weight_neg).mul_((row / norm_neg)[:, None])
+            grad.addcmul_(exp_pos.mul_(weight_pos), (row / norm_pos)[:, None], value=-1)
+            self.record_stats(**groups.stats(n_active, n_violating))
+        return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad, positive))

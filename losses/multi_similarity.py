@@ -10,22 +10,9 @@ import torch
 
 from .base import MetricLoss
 from .distances import with_gradients
-from .mining import label_masks
-from .pairs import (cosine_similarity, grouped_logsumexp, normalized_rows, pair_stats,
-                    similarity_gradients)
+from .pairs import SimilarityGroups, cosine_similarity, masked_exp, normalized_rows, similarity_gradients
 from .params import HyperParam
 from .registry import register_loss
-
-
-@torch.no_grad()
-def mine_pairs(sim: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, hardest_pos: torch.Tensor,
-               hardest_neg: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MS miner: keep a positive less similar than the anchor's most similar negative
-    (``hardest_neg``) plus ``epsilon``, and a negative more similar than the anchor's least similar
-    positive (``hardest_pos``) minus ``epsilon``. An anchor with no positive (or no negative) keeps
-    no pair."""
-    return (positive & (sim - epsilon < hardest_neg[:, None]),
-            negative & (sim + epsilon > hardest_pos[:, None]))
 
 
 @register_loss("multi_similarity")
@@ -44,7 +31,7 @@ class MultiSimilarityLoss(MetricLoss):
 
     Statistics: a pair is *active* when it is kept (all valid pairs without the miner) and
     *violating* when it lies on the wrong side of ``base`` (positive with S < base, negative with
-    S > base); see :func:`losses.pairs.pair_stats` for the rest.
+    S > base); see :meth:`losses.pairs.SimilarityGroups.stats` for the rest.
     """
 
     paper = "Wang et al., Multi-Similarity Loss with General Pair Weighting, CVPR 2019"
@@ -67,23 +54,31 @@ class MultiSimilarityLoss(MetricLoss):
         x, y = normalized_rows(embeddings, ref_embeddings)
         s = cosine_similarity(x, y)
         with torch.no_grad():
-            positive, negative = label_masks(labels, ref_labels)
-            hardest_pos = torch.where(positive, s, float("inf")).amin(1)
-            hardest_neg = torch.where(negative, s, float("-inf")).amax(1)
-            pos_used, neg_used = (mine_pairs(s, positive, negative, hardest_pos, hardest_neg, self.epsilon)
-                                  if self.miner else (positive, negative))
-            logits = s - self.base
-            violating = torch.where(positive, logits < 0, negative & (logits > 0))
-            logits = torch.where(positive, logits * -self.alpha, logits * self.beta)
-            g = grouped_logsumexp(logits, pos_used, neg_used, add_one=True)
-            per_anchor = g.lse_pos / self.alpha + g.lse_neg / self.beta
+            groups = SimilarityGroups.split(s, x, y, labels, ref_labels)
+            hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
+            n_violating = groups.count(self.base, self.base, torch.empty_like(s))
+            pos_used, neg_used = groups.positive, groups.negative
+            if self.miner:  # PML's MultiSimilarityMiner: S_ap - epsilon < max S_an, S_an + epsilon > min S_ap
+                groups.positives_below(hardest_neg + self.epsilon, out=pos_used)
+                groups.negatives_above(hardest_pos - self.epsilon, out=neg_used)
+            n_pos_used, n_neg_used = pos_used.sum(), neg_used.sum()
+            # log(1 + sum exp(logits)) per group, shifted by the group's largest logit (at least 0):
+            # that of the least similar positive and of the most similar negative, used whenever any
+            # is; each (n, m) step writes into a spent buffer (fresh large tensors cost page faults)
+            shift_pos = (self.alpha * (self.base - hardest_pos)).clamp_min(0)
+            shift_neg = (self.beta * (hardest_neg - self.base)).clamp_min(0)
+            exp_pos = masked_exp(torch.add((self.alpha * self.base - shift_pos)[:, None], s, alpha=-self.alpha,
+                                           out=groups.positive_view), pos_used)
+            exp_neg = masked_exp(torch.add((-self.beta * self.base - shift_neg)[:, None], s, alpha=self.beta,
+                                           out=groups.negative_view), neg_used)
+            norm_pos = exp_pos.sum(1) + torch.exp(-shift_pos)
+            norm_neg = exp_neg.sum(1) + torch.exp(-shift_neg)
+            per_anchor = (shift_pos + norm_pos.log()) / self.alpha + (shift_neg + norm_neg.log()) / self.beta
             n_rows = max(per_anchor.shape[0], 1)
-            too_few = (torch.count_nonzero(pos_used) <= 1) & (torch.count_nonzero(neg_used) <= 1)
-            keep = (~too_few).to(s.dtype)
+            keep = ((n_pos_used > 1) | (n_neg_used > 1)).to(s.dtype)
             value = per_anchor.sum() / n_rows * keep
-            row_pos = -keep / (n_rows * g.norm_pos)
-            row_neg = keep / (n_rows * g.norm_neg)
-            grad = g.exp_logits.mul_(torch.where(pos_used, row_pos[:, None], row_neg[:, None]))
-            self.record_stats(**pair_stats(s, positive, negative, pos_used | neg_used, violating,
-                                           hardest_pos, hardest_neg))
-        return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad))
+            # d value / d s: each used pair's softmax weight, negative for positives
+            grad = exp_neg.mul_((keep / (n_rows * norm_neg))[:, None])
+            grad.addcmul_(exp_pos, (keep / (n_rows * norm_pos))[:, None], value=-1)
+            self.record_stats(**groups.stats(n_pos_used + n_neg_used, n_violating))
+        return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad, s))

@@ -1,15 +1,16 @@
 """Shared machinery of the pair-based losses (Multi-Similarity, Circle): normalised rows and their
-cosine similarities, a two-group log-sum-exp with its softmax weights, and the training statistics.
+cosine similarities split into a positive and a negative group, and the training statistics.
 
-Pair-based losses score every (anchor, candidate) pair of a cosine similarity matrix ``sim``;
+Pair-based losses score every (anchor, candidate) pair of a cosine similarity matrix ``s``;
 candidates are the batch itself or a reference set. The losses compute their value and their
-gradient with respect to ``sim`` in closed form, in a handful of passes over the (n, m) matrix
-with no per-anchor loop; :func:`similarity_gradients` turns that gradient into the gradient of
-the normalised rows and ``losses.distances.with_gradients`` hands it to autograd, which
+gradient with respect to ``s`` in closed form, in a few passes over the (n, m) matrix with no
+per-anchor loop; :func:`similarity_gradients` turns that gradient into the gradient of the
+normalised rows and ``losses.distances.with_gradients`` hands it to autograd, which
 back-propagates through the L2 normalisation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,12 @@ import torch
 
 def normalized_rows(embeddings: torch.Tensor,
                     ref_embeddings: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The L2-normalised rows of the batch and of the reference set (``None``: the batch itself)."""
-    x = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-    return x, None if ref_embeddings is None else torch.nn.functional.normalize(ref_embeddings, p=2, dim=1)
+    """The L2-normalised rows of the batch and of the reference set (``None``: the batch itself),
+    in float32 at least: the losses' exponentials need more range than float16/bfloat16 have."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+        return torch.nn.functional.normalize(t, p=2, dim=1)
+    return rows(embeddings), None if ref_embeddings is None else rows(ref_embeddings)
 
 
 def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -28,87 +32,144 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return x @ (x if y is None else y).T
 
 
-def similarity_gradients(x: torch.Tensor, y: torch.Tensor | None,
-                         grad: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(tensor, gradient)`` pairs for ``with_gradients`` from ``grad`` = d loss / d (x @ y^T).
+def similarity_gradients(x: torch.Tensor, y: torch.Tensor | None, grad: torch.Tensor,
+                         scratch: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(tensor, gradient)`` pairs for ``with_gradients`` from ``grad`` = d loss / d (x @ y^T),
+    which is overwritten, as is ``scratch`` (a spent tensor of the same shape).
 
-    Against itself the similarity is symmetric, so ``x`` gets ``(G + G^T) x``: one matmul, not two.
+    Against itself the similarity is symmetric, so ``x`` gets ``(G + G^T) x``: one matmul, not two
+    (``G^T`` is copied into ``scratch`` first: adding a contiguous copy beats a strided read).
     """
     with torch.no_grad():
         if y is None:
-            return [(x, (grad + grad.T) @ x)]
+            return [(x, grad.add_(scratch.copy_(grad.T)) @ x)]
         return [(x, grad @ y), (y, grad.T @ x)]
 
 
+def _class_keys(labels: torch.Tensor, other: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One key per distinct label, shared by ``labels`` and ``other``: the label's first position
+    in their sorted concatenation, so keys are exact in ``dtype`` (no host sync)."""
+    known = torch.sort(torch.cat([labels, other])).values
+    return torch.searchsorted(known, labels), torch.searchsorted(known, other)
+
+
+def compare(op, a: torch.Tensor, b, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``op(a, b)`` (``torch.lt``, ``torch.eq``...) as a 0/1 tensor of ``a``'s dtype, written into
+    ``out`` when given: into a floating tensor a comparison costs a quarter of a boolean one plus
+    its conversion."""
+    if out is None:
+        shape = torch.broadcast_shapes(a.shape, b.shape if isinstance(b, torch.Tensor) else ())
+        out = torch.empty(shape, dtype=a.dtype, device=a.device)
+    return op(a, b, out=out)
+
+
+# Cosine similarities lie in [-1, 1]; a pair outside a group is moved this far past it, which keeps
+# every group's own values exact (adding 0) and puts the others beyond any threshold a loss uses.
+OFF_GROUP = 8.0
+
+
+def masked_exp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``exp(logits)`` where ``mask`` is 1 and 0 elsewhere, in place; ``logits`` must be at most 0 on
+    the mask (shifted by the group maximum). Clamping to the smallest normal exponent keeps the
+    CPU's ``exp`` off its slow paths (``-inf`` and subnormal results) and every value finite; a
+    clamped term is below ``tiny`` (1e-38 in float32), which no sum it enters can resolve."""
+    floor = math.log(torch.finfo(logits.dtype).tiny) + 1
+    return logits.clamp_(floor, 1).exp_().mul_(mask)
+
+
 @dataclass
-class GroupedLogSumExp:
-    """Row-wise log-sum-exp of the positive and of the negative logits of each anchor.
+class SimilarityGroups:
+    """A similarity matrix split by labels, with the sums the statistics need.
 
-    ``exp_logits`` holds ``exp(logit - shift)`` on valid pairs (0 elsewhere) and ``norm_pos`` /
-    ``norm_neg`` the matching row sums (1 for an empty group), so ``exp_logits / norm`` is each group's softmax (the
-    derivative of its log-sum-exp). ``max_pos`` / ``max_neg`` are the raw row maxima (``-inf`` for an
-    empty group).
+    ``positive`` and ``negative`` are 0/1 masks of ``s``'s dtype (a sample is neither its own
+    positive nor negative). ``positive_view`` is ``s`` moved up by :data:`OFF_GROUP` off the
+    positive pairs and ``negative_view`` is ``s`` moved down by it off the negative pairs, so each
+    group's extreme is one row reduction and each group is one comparison with a threshold.
+    ``hardest_pos`` (least similar positive, ``+inf`` if none) and ``hardest_neg`` (most similar
+    negative, ``-inf`` if none) are per row. ``positive_sum`` / ``negative_sum`` are the sums of
+    ``s`` over each group, computed from per-class sums of the rows in O(n d) rather than over
+    the matrix.
     """
 
-    lse_pos: torch.Tensor
-    lse_neg: torch.Tensor
-    exp_logits: torch.Tensor
-    norm_pos: torch.Tensor
-    norm_neg: torch.Tensor
-    max_pos: torch.Tensor
-    max_neg: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    positive_view: torch.Tensor
+    negative_view: torch.Tensor
+    hardest_pos: torch.Tensor
+    hardest_neg: torch.Tensor
+    n_positive: torch.Tensor
+    n_negative: torch.Tensor
+    positive_sum: torch.Tensor
+    negative_sum: torch.Tensor
 
+    @classmethod
+    @torch.no_grad()
+    def split(cls, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor,
+              ref_labels: torch.Tensor | None) -> "SimilarityGroups":
+        same_source = ref_labels is None
+        other, y = (labels, x) if same_source else (ref_labels, y)
+        keys, other_keys = _class_keys(labels, other, s.dtype)
+        row_keys, column_keys = keys.to(s.dtype).unsqueeze(1), other_keys.to(s.dtype).unsqueeze(0)
+        positive = compare(torch.eq, row_keys, column_keys)
+        negative = compare(torch.ne, row_keys, column_keys)
+        negative_view = torch.add(s, positive, alpha=-OFF_GROUP)
+        positive_view = torch.add(s, negative, alpha=OFF_GROUP)
+        if same_source:
+            positive.diagonal().zero_()
+            positive_view.diagonal().add_(OFF_GROUP)
+        hardest_pos, hardest_neg = positive_view.amin(1), negative_view.amax(1)
+        hardest_pos = hardest_pos.masked_fill(hardest_pos > OFF_GROUP / 2, float("inf"))
+        hardest_neg = hardest_neg.masked_fill(hardest_neg < -OFF_GROUP / 2, float("-inf"))
+        size = keys.numel() + other_keys.numel()
+        class_x = x.new_zeros(size, x.shape[1]).index_add_(0, keys, x)
+        class_y = class_x if same_source else y.new_zeros(size, y.shape[1]).index_add_(0, other_keys, y)
+        same_label_sum = (class_x * class_y).sum()
+        per_class = other_keys.new_zeros(size).index_add_(0, other_keys, torch.ones_like(other_keys))
+        same_label_count = per_class[keys].sum()
+        n_positive = same_label_count - keys.numel() if same_source else same_label_count
+        n_negative = s.numel() - same_label_count
+        self_sum = (x * x).sum() if same_source else same_label_sum.new_zeros(())
+        total_sum = x.sum(0) @ y.sum(0)
+        return cls(positive, negative, positive_view, negative_view, hardest_pos, hardest_neg,
+                   n_positive, n_negative, same_label_sum - self_sum, total_sum - same_label_sum)
 
-@torch.no_grad()
-def grouped_logsumexp(logits: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                      add_one: bool) -> GroupedLogSumExp:
-    """``log(sum_group exp(logits))`` per row and group, or ``log(1 + sum ...)`` with ``add_one``.
+    def positives_below(self, threshold, out: torch.Tensor | None = None) -> torch.Tensor:
+        """0/1 (n, m) mask of the positive pairs with similarity below ``threshold`` (a number or
+        a per-row tensor, at most ``OFF_GROUP / 2``), written into ``out`` when given."""
+        return compare(torch.lt, self.positive_view, _per_row(threshold), out)
 
-    An empty group gives 0, as pytorch-metric-learning's masked ``logsumexp``. ``logits`` is
-    overwritten. Each group is shifted by its own row maximum (and by at least 0 with ``add_one``),
-    so no term overflows and a small group is not swamped by a large one.
-    """
-    max_pos = torch.where(positive, logits, float("-inf")).amax(1)
-    max_neg = torch.where(negative, logits, float("-inf")).amax(1)
-    if add_one:  # the extra term exp(0) = 1: shift by at least 0
-        shift_pos, shift_neg = max_pos.clamp_min(0), max_neg.clamp_min(0)
-    else:
-        shift_pos = torch.where(torch.isfinite(max_pos), max_pos, 0)
-        shift_neg = torch.where(torch.isfinite(max_neg), max_neg, 0)
-    logits.sub_(torch.where(positive, shift_pos[:, None], shift_neg[:, None])).exp_()
-    exp_logits = logits.masked_fill_(~(positive | negative), 0)
-    norm_pos = torch.where(positive, exp_logits, 0).sum(1)
-    norm_neg = torch.where(negative, exp_logits, 0).sum(1)
-    if add_one:
-        norm_pos, norm_neg = norm_pos + torch.exp(-shift_pos), norm_neg + torch.exp(-shift_neg)
-    else:  # an empty group has no terms to normalise; 1 keeps exp_logits / norm finite
-        norm_pos, norm_neg = norm_pos.masked_fill(norm_pos == 0, 1), norm_neg.masked_fill(norm_neg == 0, 1)
-    lse_pos = torch.where(torch.isfinite(max_pos), shift_pos + torch.log(norm_pos), 0)
-    lse_neg = torch.where(torch.isfinite(max_neg), shift_neg + torch.log(norm_neg), 0)
-    return GroupedLogSumExp(lse_pos, lse_neg, exp_logits, norm_pos, norm_neg, max_pos, max_neg)
+    def negatives_above(self, threshold, out: torch.Tensor | None = None) -> torch.Tensor:
+        """0/1 (n, m) mask of the negative pairs with similarity above ``threshold`` (at least
+        ``-OFF_GROUP / 2``), written into ``out`` when given."""
+        return compare(torch.gt, self.negative_view, _per_row(threshold), out)
 
+    def count(self, positives_below: float, negatives_above: float, scratch: torch.Tensor) -> torch.Tensor:
+        """Positive pairs below one similarity plus negative pairs above another, using ``scratch``."""
+        return (self.positives_below(positives_below, scratch).sum()
+                + self.negatives_above(negatives_above, scratch).sum())
 
-def pair_stats(sim: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, active: torch.Tensor,
-               violating: torch.Tensor, hardest_pos: torch.Tensor, hardest_neg: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The ``STAT_NAMES`` statistics of a pair-based loss (all detached, no host synchronisation).
+    def stats(self, n_active: torch.Tensor, n_violating: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The ``STAT_NAMES`` statistics (all detached, no host synchronisation).
 
-    - ``active_fraction``: pairs flagged ``active`` (carrying loss weight) over all valid pairs;
-    - ``margin_violation_fraction``: pairs flagged ``violating`` (on the wrong side of the loss's
-      decision boundary) over all valid pairs;
-    - ``mean_d_ap`` / ``mean_d_an``: mean cosine distance ``1 - sim`` of positive / negative pairs;
-    - ``correct_order_fraction``: among anchors with a positive and a negative, the fraction whose
-      hardest (least similar, ``hardest_pos``) positive is more similar than their hardest (most
-      similar, ``hardest_neg``) negative.
-    """
-    with torch.no_grad():
-        n_pos, n_neg = torch.count_nonzero(positive), torch.count_nonzero(negative)
-        n_valid = (n_pos + n_neg).clamp_min(1)
-        has_both = torch.isfinite(hardest_pos) & torch.isfinite(hardest_neg)
+        - ``active_fraction``: ``n_active`` pairs (carrying loss weight) over all valid pairs;
+        - ``margin_violation_fraction``: ``n_violating`` pairs (on the wrong side of the loss's
+          decision boundary) over all valid pairs;
+        - ``mean_d_ap`` / ``mean_d_an``: mean cosine distance ``1 - s`` of positive / negative pairs;
+        - ``correct_order_fraction``: among anchors with a positive and a negative, the fraction
+          whose hardest (least similar) positive is more similar than their hardest (most
+          similar) negative.
+        """
+        n_valid = (self.n_positive + self.n_negative).clamp_min(1)
+        has_both = torch.isfinite(self.hardest_pos) & torch.isfinite(self.hardest_neg)
         return {
-            "active_fraction": torch.count_nonzero(active) / n_valid,
-            "correct_order_fraction": torch.count_nonzero(has_both & (hardest_pos > hardest_neg))
+            "active_fraction": n_active / n_valid,
+            "correct_order_fraction": torch.count_nonzero(has_both & (self.hardest_pos > self.hardest_neg))
             / torch.count_nonzero(has_both).clamp_min(1),
-            "margin_violation_fraction": torch.count_nonzero(violating) / n_valid,
-            "mean_d_ap": 1 - torch.where(positive, sim, 0).sum() / n_pos.clamp_min(1),
-            "mean_d_an": 1 - torch.where(negative, sim, 0).sum() / n_neg.clamp_min(1),
+            "margin_violation_fraction": n_violating / n_valid,
+            "mean_d_ap": 1 - self.positive_sum / self.n_positive.clamp_min(1),
+            "mean_d_an": 1 - self.negative_sum / self.n_negative.clamp_min(1),
         }
+
+
+def _per_row(threshold):
+    return threshold.unsqueeze(1) if isinstance(threshold, torch.Tensor) else threshold

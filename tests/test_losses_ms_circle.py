@@ -124,13 +124,25 @@ def test_circle_gradient_matches_finite_differences_with_frozen_weights():
     assert torch.allclose(grad, numeric, atol=1e-6)
 
 
+def _active_and_violating(name, pos, neg):
+    """Brute-force counts of active (weighted) and violating pairs of one anchor."""
+    if name == "circle":
+        m = 0.25
+        return (sum(1 + m - s > 0 for s in pos) + sum(s + m > 0 for s in neg),
+                sum(s < 1 - m for s in pos) + sum(s > m for s in neg))
+    base, eps = 0.5, 0.1  # Multi-Similarity with its miner
+    kept_pos = [s for s in pos if neg and s - eps < max(neg)]
+    kept_neg = [s for s in neg if pos and s + eps > min(pos)]
+    return len(kept_pos) + len(kept_neg), sum(s < base for s in pos) + sum(s > base for s in neg)
+
+
 @pytest.mark.parametrize("name", ["multi_similarity", "circle"])
 def test_pair_stats_match_loops(name):
     x, y = clustered_batch(4, 3, 6, torch.float64, seed=8, spread=1.2)
     loss = build_loss(name)
     loss(x, y)
     unit = torch.nn.functional.normalize(x, dim=1)
-    d_ap, d_an, ordered, counted = [], [], 0, 0
+    d_ap, d_an, ordered, counted, active, violating = [], [], 0, 0, 0, 0
     for a in range(len(y)):
         pos = [float(unit[a] @ unit[j]) for j in range(len(y)) if j != a and y[j] == y[a]]
         neg = [float(unit[a] @ unit[j]) for j in range(len(y)) if y[j] != y[a]]
@@ -138,11 +150,30 @@ def test_pair_stats_match_loops(name):
         d_an += [1 - s for s in neg]
         counted += 1
         ordered += min(pos) > max(neg)
+        a_count, v_count = _active_and_violating(name, pos, neg)
+        active, violating = active + a_count, violating + v_count
     stats = loss.last_stats
+    n_pairs = len(d_ap) + len(d_an)
     assert float(stats["mean_d_ap"]) == pytest.approx(sum(d_ap) / len(d_ap), abs=1e-6)
     assert float(stats["mean_d_an"]) == pytest.approx(sum(d_an) / len(d_an), abs=1e-6)
     assert float(stats["correct_order_fraction"]) == pytest.approx(ordered / counted)
-    assert all(0 <= float(v) <= 1 for k, v in stats.items() if "fraction" in k)
+    assert float(stats["active_fraction"]) == pytest.approx(active / n_pairs)
+    assert float(stats["margin_violation_fraction"]) == pytest.approx(violating / n_pairs)
+    assert 0 < active < n_pairs and 0 < violating < n_pairs  # the batch exercises both sides
+
+
+@pytest.mark.parametrize("name", ["multi_similarity", "circle"])
+def test_pair_stats_with_a_reference_set_match_loops(name):
+    x, y = clustered_batch(3, 4, 5, torch.float64, seed=9, spread=1.0)
+    ref, ref_y = clustered_batch(3, 3, 5, torch.float64, seed=10, spread=1.0)
+    ref_y = ref_y + 1  # classes 1..3: class 0 of the batch has no positive in the reference set
+    loss = build_loss(name)
+    loss(x, y, ref, ref_y)
+    sims = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(ref, dim=1).T
+    same = y[:, None] == ref_y[None, :]
+    stats = loss.last_stats
+    assert float(stats["mean_d_ap"]) == pytest.approx(float(1 - sims[same].mean()), abs=1e-6)
+    assert float(stats["mean_d_an"]) == pytest.approx(float(1 - sims[~same].mean()), abs=1e-6)
 
 
 def test_circle_defaults_follow_the_face_recognition_setting():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import MetricLoss
-from .distances import pairwise_distances, with_gradients
+from .distances import distance_matrix, pairwise_distances, with_gradients
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
 
@@ -18,14 +18,19 @@ DIRECTIONS = ("both", "a_to_b", "b_to_a")
 NEGATIVES = ("hardest", "sum")
 
 
-def paired_positives(labels: torch.Tensor, emb_a: torch.Tensor, emb_b: torch.Tensor, labels_b: torch.Tensor,
-                     label_positives: bool) -> torch.Tensor:
-    """(n, n) boolean mask of positive A/B pairs: the diagonal, plus same-label pairs if asked."""
+def check_pairing(emb_a: torch.Tensor, emb_b: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless A and B have as many rows (row i of A is paired with row i of B)."""
     if emb_a.shape[0] != emb_b.shape[0]:
         raise ValueError(
             f"cross-modal losses pair row i of A with row i of B, but A has {emb_a.shape[0]} rows and "
             f"B has {emb_b.shape[0]}; pass aligned pairs of equal length"
         )
+
+
+def paired_positives(labels: torch.Tensor, emb_a: torch.Tensor, emb_b: torch.Tensor, labels_b: torch.Tensor,
+                     label_positives: bool) -> torch.Tensor:
+    """(n, n) boolean mask of positive A/B pairs: the diagonal, plus same-label pairs if asked."""
+    check_pairing(emb_a, emb_b)
     positive = torch.eye(emb_a.shape[0], dtype=torch.bool, device=emb_a.device)
     if label_positives:
         positive = positive | (labels[:, None] == labels_b[None, :])
@@ -92,6 +97,90 @@ def hinge_sum_over_negatives(distance: torch.Tensor, positive: torch.Tensor, mar
     return total, count
 
 
+def _anchor_dims(direction: str) -> tuple[int, ...]:
+    """The dimension of the (A x B) matrix that each requested direction reduces over: 1 for A->B
+    (anchors are rows), 0 for B->A (anchors are columns)."""
+    return {"both": (1, 0), "a_to_b": (1,), "b_to_a": (0,)}[direction]
+
+
+@torch.no_grad()
+def paired_hardest_negatives(distance: torch.Tensor, dims: tuple[int, ...]):
+    """With each row paired to the same-index column only: the paired distances, and for each
+    reduction dim each anchor's hardest negative distance (``inf`` if none) and its index.
+
+    Columns are reduced as the rows of a transposed copy, much faster on CPU than a strided
+    reduction with indices. ``distance`` is modified in place and restored.
+    """
+    diagonal = distance.diagonal()
+    paired = diagonal.clone()
+    diagonal.fill_(float("inf"))
+    hardest = [(distance if dim == 1 else distance.T.contiguous()).min(1) for dim in dims]
+    diagonal.copy_(paired)
+    return paired, hardest
+
+
+@torch.no_grad()
+def aligned_pair_gradients(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, distance: torch.Tensor,
+                           kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_k weights_k * d(x_k, y_k)`` with respect to the prepared embeddings ``x``
+    and ``y``, for row-aligned pairs at distances ``distance`` (taken from the distance matrix).
+
+    The closed form of :func:`losses.distances.distance_sum_gradients` for one pair per row: O(n d)
+    instead of two (n, n) matmuls. Euclidean pairs at distance 0 get gradient 0.
+    """
+    if kind == "cosine":
+        return -weights[:, None] * y, -weights[:, None] * x
+    if kind == "euclidean":
+        weights = (weights / distance).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    to_x = ((2.0 if kind == "squared_euclidean" else 1.0) * weights)[:, None] * (x - y)
+    return to_x, -to_x
+
+
+def _diagonal_means(matrix: torch.Tensor, diagonal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of a square ``matrix`` over its ``diagonal`` and over the other entries."""
+    n = matrix.shape[0]
+    total = matrix.sum(dtype=torch.promote_types(matrix.dtype, torch.float32))
+    return diagonal.sum() / max(n, 1), (total - diagonal.sum()) / max(n * n - n, 1)
+
+
+class _ProductGradient(torch.autograd.Function):
+    """Returns ``value``, a function of ``x @ y.T`` whose gradient with respect to that product is
+    ``scale * weights``; backward sends ``weights @ y`` to ``x`` and ``weights.T @ x`` to ``y``."""
+
+    @staticmethod
+    def forward(ctx, value, x, y, weights, scale):
+        ctx.save_for_backward(x, y, weights)
+        ctx.scale = scale
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, y, weights = ctx.saved_tensors
+        step = grad_output * ctx.scale
+        grad_x = (weights @ y).mul_(step) if ctx.needs_input_grad[1] else None
+        grad_y = (weights.T @ x).mul_(step) if ctx.needs_input_grad[2] else None
+        return None, grad_x, grad_y, None, None
+
+
+@torch.no_grad()
+def paired_info_nce(logits: torch.Tensor, row_max: torch.Tensor, col_max: torch.Tensor, out: torch.Tensor):
+    """Symmetric InfoNCE with each row's only positive its same-index column: the value, and
+    ``2n`` times its gradient with respect to ``logits`` (row softmax + column softmax, minus 2 on
+    the diagonal), written to ``out``. ``row_max``/``col_max`` are the rows'/columns' maxima;
+    ``logits`` is overwritten.
+    """
+    paired = logits.diagonal().clone()
+    col_probs = torch.sub(logits, col_max, out=out).exp_()
+    col_sum = col_probs.sum(0)
+    row_probs = logits.sub_(row_max[:, None]).exp_()
+    row_sum = row_probs.sum(1)
+    value = ((row_max + row_sum.log() - paired).sum()
+             + (col_max + col_sum.log() - paired).sum()) / (2 * max(logits.shape[0], 1))
+    grad = col_probs.div_(col_sum).addcmul_(row_probs, row_sum.reciprocal()[:, None])
+    grad.diagonal().sub_(2)
+    return value, grad
+
+
 @register_loss("cross_modal_triplet")
 class CrossModalTripletLoss(MetricLoss):
     """Bidirectional cross-modal triplet loss (VSE++: Faghri et al., "VSE++: Improving Visual-Semantic
@@ -130,6 +219,8 @@ class CrossModalTripletLoss(MetricLoss):
         self.label_positives, self.distance, self.normalize = label_positives, distance, normalize
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
+        if self.negatives == "hardest" and not self.label_positives:
+            return self._paired_hardest(embeddings, ref_embeddings)
         positive = paired_positives(labels, embeddings, ref_embeddings, ref_labels, self.label_positives)
         distance = pairwise_distances(embeddings, ref_embeddings, self.distance, self.normalize)
         detached = distance.detach()
@@ -167,6 +258,51 @@ class CrossModalTripletLoss(MetricLoss):
             )
         return loss
 
+    def _paired_hardest(self, emb_a: torch.Tensor, emb_b: torch.Tensor) -> torch.Tensor:
+        """The default case, each anchor's only positive its pair: no (n, n) masks, and each hinge's
+        gradient touches two pairs, applied in O(n d) by :func:`aligned_pair_gradients`."""
+        check_pairing(emb_a, emb_b)
+        prepare = self.normalize or self.distance == "cosine"
+        emb_x, emb_y = (F.normalize(emb_a, dim=1), F.normalize(emb_b, dim=1)) if prepare else (emb_a, emb_b)
+        with torch.no_grad():
+            x, y = emb_x.detach(), emb_y.detach()
+            distance = distance_matrix(x, y, self.distance)
+            n = max(distance.shape[0], 1)
+            dims = _anchor_dims(self.direction)
+            paired, hardest = paired_hardest_negatives(distance, dims)
+            value, paired_weight = distance.new_zeros(()), 0
+            grad_x, grad_y = torch.zeros_like(x), torch.zeros_like(y)
+            active = terms = ordered = violated = anchors = 0
+            for (hardest_neg, nearest), dim in zip(hardest, dims):
+                hinge = (paired - hardest_neg).add_(self.margin).relu_()
+                value = value + hinge.sum() / n
+                on = (hinge > 0).to(distance.dtype)
+                paired_weight = paired_weight + on
+                if dim == 1:  # anchor x_i, hardest negative y[nearest_i]
+                    to_x, to_y = aligned_pair_gradients(x, y.index_select(0, nearest), -on / n, hardest_neg,
+                                                        self.distance)
+                    grad_x.add_(to_x)
+                    grad_y.index_add_(0, nearest, to_y)
+                else:  # anchor y_j, hardest negative x[nearest_j]
+                    to_x, to_y = aligned_pair_gradients(x.index_select(0, nearest), y, -on / n, hardest_neg,
+                                                        self.distance)
+                    grad_x.index_add_(0, nearest, to_x)
+                    grad_y.add_(to_y)
+                order, violation, counted = _order_stats(paired, hardest_neg, self.margin)
+                active, terms = active + on.sum(), terms + torch.count_nonzero(torch.isfinite(hardest_neg))
+                ordered, violated, anchors = ordered + order, violated + violation, anchors + counted
+            to_x, to_y = aligned_pair_gradients(x, y, paired_weight / n, paired, self.distance)
+            grad_x.add_(to_x)
+            grad_y.add_(to_y)
+            mean_d_ap, mean_d_an = _diagonal_means(distance, paired)
+            self.record_stats(
+                active_fraction=active / terms.clamp_min(1),
+                correct_order_fraction=ordered / anchors.clamp_min(1),
+                margin_violation_fraction=violated / anchors.clamp_min(1),
+                mean_d_ap=mean_d_ap, mean_d_an=mean_d_an,
+            )
+        return with_gradients(value, [(emb_x, grad_x), (emb_y, grad_y)])
+
 
 @register_loss("info_nce")
 class SymmetricInfoNCELoss(MetricLoss):
@@ -199,6 +335,8 @@ class SymmetricInfoNCELoss(MetricLoss):
         self.temperature, self.label_positives = temperature, label_positives
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
+        if not self.label_positives:
+            return self._paired(embeddings, ref_embeddings)
         positive = paired_positives(labels, embeddings, ref_embeddings, ref_labels, self.label_positives)
         sim = F.normalize(embeddings, dim=1) @ F.normalize(ref_embeddings, dim=1).T
         with torch.no_grad():
@@ -217,6 +355,19 @@ class SymmetricInfoNCELoss(MetricLoss):
             self._record(s, positive)
         return with_gradients(value.to(sim.dtype), [(sim, grad)])
 
+    def _paired(self, emb_a: torch.Tensor, emb_b: torch.Tensor) -> torch.Tensor:
+        """The default case, each anchor's only positive its pair: logits scaled inside the matmul,
+        both softmaxes in two (n, n) buffers, and the two gradient matmuls left to backward."""
+        check_pairing(emb_a, emb_b)
+        x, y = F.normalize(emb_a, dim=1), F.normalize(emb_b, dim=1)
+        with torch.no_grad():
+            logits = torch.addmm(x.new_zeros(()), x.detach(), y.detach().T, beta=0, alpha=1 / self.temperature)
+            scratch = torch.empty_like(logits)
+            row_max, col_max = self._record_paired(logits, scratch)
+            value, grad = paired_info_nce(logits, row_max, col_max, out=scratch)
+        scale = 1 / (2 * max(logits.shape[0], 1) * self.temperature)
+        return _ProductGradient.apply(value, x, y, grad, scale)
+
     def _record(self, s: torch.Tensor, positive: torch.Tensor) -> None:
         pos_s, neg_s = s.masked_fill(~positive, float("inf")), s.masked_fill(positive, float("-inf"))
         active = ordered = violated = anchors = 0
@@ -228,8 +379,35 @@ class SymmetricInfoNCELoss(MetricLoss):
             violated, anchors = violated + violation, anchors + counted
         mean_s_ap, mean_s_an = _pair_means(s, positive)
         n_neg = 2 * (positive.numel() - torch.count_nonzero(positive))
+        self._store(active / n_neg.clamp_min(1), ordered, violated, anchors, mean_s_ap, mean_s_an)
+
+    def _record_paired(self, logits: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_record` for paired positives, in logit units (one temperature is 1), using the
+        (n, n) buffer ``scratch`` (a float compare and sum beat a boolean mask); returns the rows'
+        and the columns' maxima."""
+        diagonal = logits.diagonal()
+        paired = diagonal.clone()
+        diagonal.fill_(float("-inf"))
+        active = ordered = violated = anchors = 0
+        strongest = []
+        for dim in (1, 0):  # A->B anchors are rows, B->A anchors are columns
+            strongest_neg = logits.amax(dim)
+            order, violation, counted = _order_stats(-paired, -strongest_neg, 1.0)
+            near = torch.gt(logits, (paired - 1).unsqueeze(dim), out=scratch)
+            active = active + near.sum(dtype=torch.float32)
+            ordered, violated, anchors = ordered + order, violated + violation, anchors + counted
+            strongest.append(torch.maximum(strongest_neg, paired))
+        diagonal.copy_(paired)
+        mean_ap, mean_an = _diagonal_means(logits, paired)
+        n = logits.shape[0]
+        self._store(active / max(2 * (n * n - n), 1), ordered, violated, anchors,
+                    mean_ap * self.temperature, mean_an * self.temperature)
+        return strongest[0], strongest[1]
+
+    def _store(self, active_fraction, ordered, violated, anchors, mean_s_ap, mean_s_an) -> None:
+        """Record the statistics from the pooled counts and the mean positive/negative similarity."""
         self.record_stats(
-            active_fraction=active / n_neg.clamp_min(1),
+            active_fraction=active_fraction,
             correct_order_fraction=ordered / anchors.clamp_min(1),
             margin_violation_fraction=violated / anchors.clamp_min(1),
             mean_d_ap=1 - mean_s_ap, mean_d_an=1 - mean_s_an,

@@ -140,17 +140,22 @@ def test_single_pair_gives_zero_triplet_loss_and_finite_gradients():
 
 
 @pytest.mark.parametrize("negatives", ["hardest", "sum"])
-def test_triplet_stats_match_loops(negatives):
+@pytest.mark.parametrize("label_positives", [False, True])
+def test_triplet_stats_match_loops(negatives, label_positives):
     a, la, b, lb = paired_batch(seed=6)
     loss = build_loss("cross_modal_triplet", margin=0.3, negatives=negatives, direction="a_to_b",
-                      label_positives=True)
+                      label_positives=label_positives)
     loss(a, la, b, lb)
     n = len(a)
     d = [[float(cosine_distance(a[i], b[j])) for j in range(n)] for i in range(n)]
+
+    def positive(i, j):
+        return i == j or (label_positives and la[i] == lb[j])
+
     active = terms = ordered = violated = 0
     for i in range(n):
-        pos = [d[i][j] for j in range(n) if j == i or la[i] == lb[j]]
-        neg = [d[i][j] for j in range(n) if not (j == i or la[i] == lb[j])]
+        pos = [d[i][j] for j in range(n) if positive(i, j)]
+        neg = [d[i][j] for j in range(n) if not positive(i, j)]
         ordered += max(pos) < min(neg)
         violated += min(neg) < max(pos) + 0.3
         if negatives == "hardest":
@@ -163,3 +168,37 @@ def test_triplet_stats_match_loops(negatives):
     assert float(stats["active_fraction"]) == pytest.approx(active / terms)
     assert float(stats["correct_order_fraction"]) == pytest.approx(ordered / n)
     assert float(stats["margin_violation_fraction"]) == pytest.approx(violated / n)
+    all_pos = [d[i][j] for i in range(n) for j in range(n) if positive(i, j)]
+    all_neg = [d[i][j] for i in range(n) for j in range(n) if not positive(i, j)]
+    assert float(stats["mean_d_ap"]) == pytest.approx(sum(all_pos) / len(all_pos))
+    assert float(stats["mean_d_an"]) == pytest.approx(sum(all_neg) / len(all_neg))
+
+
+@pytest.mark.parametrize("label_positives", [False, True])
+def test_info_nce_stats_match_loops(label_positives):
+    a, la, b, lb = paired_batch(seed=7)
+    temperature = 0.2
+    loss = build_loss("info_nce", temperature=temperature, label_positives=label_positives)
+    loss(a, la, b, lb)
+    n = len(a)
+    s = [[1 - float(cosine_distance(a[i], b[j])) for j in range(n)] for i in range(n)]
+
+    def positive(i, j):
+        return i == j or (label_positives and la[i] == lb[j])
+
+    active = ordered = violated = 0
+    for pairs in ([[(i, j) for j in range(n)] for i in range(n)], [[(i, j) for i in range(n)] for j in range(n)]):
+        for anchor_pairs in pairs:  # rows (A->B anchors), then columns (B->A anchors)
+            weakest_pos = min(s[i][j] for i, j in anchor_pairs if positive(i, j))
+            neg = [s[i][j] for i, j in anchor_pairs if not positive(i, j)]
+            ordered += weakest_pos > max(neg)
+            violated += max(neg) > weakest_pos - temperature
+            active += sum(v > weakest_pos - temperature for v in neg)
+    all_pos = [s[i][j] for i in range(n) for j in range(n) if positive(i, j)]
+    all_neg = [s[i][j] for i in range(n) for j in range(n) if not positive(i, j)]
+    stats = loss.last_stats
+    assert float(stats["active_fraction"]) == pytest.approx(active / (2 * len(all_neg)))
+    assert float(stats["correct_order_fraction"]) == pytest.approx(ordered / (2 * n))
+    assert float(stats["margin_violation_fraction"]) == pytest.approx(violated / (2 * n))
+    assert float(stats["mean_d_ap"]) == pytest.approx(1 - sum(all_pos) / len(all_pos))
+    assert float(stats["mean_d_an"]) == pytest.approx(1 - sum(all_neg) / len(all_neg))

@@ -47,7 +47,7 @@ class CircleLoss(MetricLoss):
         s = cosine_similarity(x, y)
         with torch.no_grad():
             m, gamma = self.m, self.gamma
-            groups = SimilarityGroups.split(s, x, y, labels, ref_labels)
+            groups = SimilarityGroups.split(s, labels, ref_labels)
             hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
             positive, negative = groups.positive, groups.negative
             scratch = torch.empty_like(s)

@@ -54,7 +54,7 @@ class MultiSimilarityLoss(MetricLoss):
         x, y = normalized_rows(embeddings, ref_embeddings)
         s = cosine_similarity(x, y)
         with torch.no_grad():
-            groups = SimilarityGroups.split(s, x, y, labels, ref_labels)
+            groups = SimilarityGroups.split(s, labels, ref_labels)
             hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
             n_violating = groups.count(self.base, self.base, torch.empty_like(s))
             pos_used, neg_used = groups.positive, groups.negative

@@ -47,10 +47,11 @@ def similarity_gradients(x: torch.Tensor, y: torch.Tensor | None, grad: torch.Te
 
 
 def _class_keys(labels: torch.Tensor, other: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """One key per distinct label, shared by ``labels`` and ``other``: the label's first position
-    in their sorted concatenation, so keys are exact in ``dtype`` (no host sync)."""
+    """One key per distinct label, shared by ``labels`` and ``other``: the label's first position in
+    their sorted concatenation, exact in ``dtype`` (comparing int64 labels into a float tensor
+    costs twenty times more than comparing float keys)."""
     known = torch.sort(torch.cat([labels, other])).values
-    return torch.searchsorted(known, labels), torch.searchsorted(known, other)
+    return torch.searchsorted(known, labels).to(dtype), torch.searchsorted(known, other).to(dtype)
 
 
 def compare(op, a: torch.Tensor, b, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,9 +87,8 @@ class SimilarityGroups:
     positive pairs and ``negative_view`` is ``s`` moved down by it off the negative pairs, so each
     group's extreme is one row reduction and each group is one comparison with a threshold.
     ``hardest_pos`` (least similar positive, ``+inf`` if none) and ``hardest_neg`` (most similar
-    negative, ``-inf`` if none) are per row. ``positive_sum`` / ``negative_sum`` are the sums of
-    ``s`` over each group, computed from per-class sums of the rows in O(n d) rather than over
-    the matrix.
+    negative, ``-inf`` if none) are per row; ``positive_sum`` / ``negative_sum`` are the sums of
+    ``s`` over each group.
     """
 
     positive: torch.Tensor
@@ -104,34 +104,26 @@ class SimilarityGroups:
 
     @classmethod
     @torch.no_grad()
-    def split(cls, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor,
-              ref_labels: torch.Tensor | None) -> "SimilarityGroups":
+    def split(cls, s: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None) -> "SimilarityGroups":
         same_source = ref_labels is None
-        other, y = (labels, x) if same_source else (ref_labels, y)
-        keys, other_keys = _class_keys(labels, other, s.dtype)
-        row_keys, column_keys = keys.to(s.dtype).unsqueeze(1), other_keys.to(s.dtype).unsqueeze(0)
-        positive = compare(torch.eq, row_keys, column_keys)
-        negative = compare(torch.ne, row_keys, column_keys)
-        negative_view = torch.add(s, positive, alpha=-OFF_GROUP)
-        positive_view = torch.add(s, negative, alpha=OFF_GROUP)
+        keys, other_keys = _class_keys(labels, labels if same_source else ref_labels, s.dtype)
+        rows, columns = keys.unsqueeze(1), other_keys.unsqueeze(0)
+        positive = torch.eq(rows, columns, out=torch.empty_like(s))
+        negative = torch.ne(rows, columns, out=torch.empty_like(s))
         if same_source:
             positive.diagonal().zero_()
+        positive_sum = torch.dot(s.reshape(-1), positive.reshape(-1))
+        negative_sum = torch.dot(s.reshape(-1), negative.reshape(-1))
+        positive_view = torch.add(s, negative, alpha=OFF_GROUP)
+        negative_view = torch.add(s, positive, alpha=-OFF_GROUP)
+        if same_source:  # a sample is neither its own positive nor negative
             positive_view.diagonal().add_(OFF_GROUP)
+            negative_view.diagonal().sub_(OFF_GROUP)
         hardest_pos, hardest_neg = positive_view.amin(1), negative_view.amax(1)
         hardest_pos = hardest_pos.masked_fill(hardest_pos > OFF_GROUP / 2, float("inf"))
         hardest_neg = hardest_neg.masked_fill(hardest_neg < -OFF_GROUP / 2, float("-inf"))
-        size = keys.numel() + other_keys.numel()
-        class_x = x.new_zeros(size, x.shape[1]).index_add_(0, keys, x)
-        class_y = class_x if same_source else y.new_zeros(size, y.shape[1]).index_add_(0, other_keys, y)
-        same_label_sum = (class_x * class_y).sum()
-        per_class = other_keys.new_zeros(size).index_add_(0, other_keys, torch.ones_like(other_keys))
-        same_label_count = per_class[keys].sum()
-        n_positive = same_label_count - keys.numel() if same_source else same_label_count
-        n_negative = s.numel() - same_label_count
-        self_sum = (x * x).sum() if same_source else same_label_sum.new_zeros(())
-        total_sum = x.sum(0) @ y.sum(0)
         return cls(positive, negative, positive_view, negative_view, hardest_pos, hardest_neg,
-                   n_positive, n_negative, same_label_sum - self_sum, total_sum - same_label_sum)
+                   positive.sum(), negative.sum(), positive_sum, negative_sum)
 
     def positives_below(self, threshold, out: torch.Tensor | None = None) -> torch.Tensor:
         """0/1 (n, m) mask of the positive pairs with similarity below ``threshold`` (a number or

@@ -11,6 +11,7 @@ from .distances import with_gradients
 from .pairs import SimilarityGroups, cosine_similarity, masked_exp, normalized_rows, similarity_gradients
 from .params import HyperParam
 from .registry import register_loss
+from .workspace import Workspace
 
 
 @register_loss("circle")
@@ -40,17 +41,18 @@ class CircleLoss(MetricLoss):
 
     def __init__(self, m: float = 0.25, gamma: float = 256.0) -> None:
         super().__init__()
+        self.workspace = Workspace()
         self.m, self.gamma = m, gamma
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         x, y = normalized_rows(embeddings, ref_embeddings)
-        s = cosine_similarity(x, y)
+        s = cosine_similarity(x, y, self.workspace)
         with torch.no_grad():
             m, gamma = self.m, self.gamma
-            groups = SimilarityGroups.split(s, labels, ref_labels)
+            groups = SimilarityGroups.split(s, labels, ref_labels, self.workspace)
             hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
             positive, negative = groups.positive, groups.negative
-            scratch = torch.empty_like(s)
+            scratch = self.workspace("scratch", s)
             n_active = groups.count(1 + m, -m, scratch)  # a pair weighs when its a_p or a_n > 0
             n_violating = groups.count(1 - m, m, scratch)
             # logits: gamma a_p ((1 - m) - s_p) and gamma a_n (s_n - m), with the paper's self-paced

@@ -13,6 +13,7 @@ from .distances import with_gradients
 from .pairs import SimilarityGroups, cosine_similarity, masked_exp, normalized_rows, similarity_gradients
 from .params import HyperParam
 from .registry import register_loss
+from .workspace import Workspace
 
 
 @register_loss("multi_similarity")
@@ -48,15 +49,16 @@ class MultiSimilarityLoss(MetricLoss):
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, miner: bool = True,
                  epsilon: float = 0.1) -> None:
         super().__init__()
+        self.workspace = Workspace()
         self.alpha, self.beta, self.base, self.miner, self.epsilon = alpha, beta, base, miner, epsilon
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         x, y = normalized_rows(embeddings, ref_embeddings)
-        s = cosine_similarity(x, y)
+        s = cosine_similarity(x, y, self.workspace)
         with torch.no_grad():
-            groups = SimilarityGroups.split(s, labels, ref_labels)
+            groups = SimilarityGroups.split(s, labels, ref_labels, self.workspace)
             hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
-            n_violating = groups.count(self.base, self.base, torch.empty_like(s))
+            n_violating = groups.count(self.base, self.base, self.workspace("scratch", s))
             pos_used, neg_used = groups.positive, groups.negative
             if self.miner:  # PML's MultiSimilarityMiner: S_ap - epsilon < max S_an, S_an + epsilon > min S_ap
                 groups.positives_below(hardest_neg + self.epsilon, out=pos_used)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .workspace import Workspace
+
 
 def normalized_rows(embeddings: torch.Tensor,
                     ref_embeddings: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -26,10 +28,11 @@ def normalized_rows(embeddings: torch.Tensor,
     return rows(embeddings), None if ref_embeddings is None else rows(ref_embeddings)
 
 
-def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None, workspace: Workspace) -> torch.Tensor:
     """Detached (n, m) cosine similarities of rows from :func:`normalized_rows`."""
     with torch.no_grad():
-        return x @ (x if y is None else y).T
+        y = x if y is None else y
+        return torch.mm(x, y.T, out=workspace("similarity", x, (x.shape[0], y.shape[0])))
 
 
 def similarity_gradients(x: torch.Tensor, y: torch.Tensor | None, grad: torch.Tensor,
@@ -104,18 +107,18 @@ class SimilarityGroups:
 
     @classmethod
     @torch.no_grad()
-    def split(cls, s: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None) -> "SimilarityGroups":
+    def split(cls, s: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None,
+              workspace: Workspace) -> "SimilarityGroups":
         same_source = ref_labels is None
         keys, other_keys = _class_keys(labels, labels if same_source else ref_labels, s.dtype)
-        rows, columns = keys.unsqueeze(1), other_keys.unsqueeze(0)
-        positive = torch.eq(rows, columns, out=torch.empty_like(s))
-        negative = torch.ne(rows, columns, out=torch.empty_like(s))
+        positive = torch.eq(keys.unsqueeze(1), other_keys.unsqueeze(0), out=workspace("positive", s))
+        negative = torch.sub(s.new_ones(()), positive, out=workspace("negative", s))
         if same_source:
             positive.diagonal().zero_()
         positive_sum = torch.dot(s.reshape(-1), positive.reshape(-1))
         negative_sum = torch.dot(s.reshape(-1), negative.reshape(-1))
-        positive_view = torch.add(s, negative, alpha=OFF_GROUP)
-        negative_view = torch.add(s, positive, alpha=-OFF_GROUP)
+        positive_view = torch.add(s, negative, alpha=OFF_GROUP, out=workspace("positive_view", s))
+        negative_view = torch.add(s, positive, alpha=-OFF_GROUP, out=workspace("negative_view", s))
         if same_source:  # a sample is neither its own positive nor negative
             positive_view.diagonal().add_(OFF_GROUP)
             negative_view.diagonal().sub_(OFF_GROUP)

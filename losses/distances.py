@@ -2,7 +2,8 @@
 
 - :func:`pairwise_distances`: an (n, m) matrix, differentiable by autograd.
 - :func:`paired_distances`: row-wise ``d(x_i, y_i)`` for explicitly chosen pairs.
-- :func:`distance_sum_gradients`, :func:`self_distance_sum_gradient` and :func:`with_gradients`:
+- :func:`distance_sum_gradients`, :func:`self_distance_sum_gradient`, :func:`column_distance_gradients`
+  and :func:`with_gradients`:
   the closed-form gradient of ``sum_ij W_ij d(x_i, y_j)`` for a fixed (detached) weight matrix ``W``. Hinge-type losses are
   piecewise linear in the distances, so a loss whose value and ``W`` come from a no-grad pass gets
   its exact gradient from two matmuls, without an autograd graph through (n, m) intermediates.
@@ -125,11 +126,37 @@ def self_distance_sum_gradient(x: torch.Tensor, weights: torch.Tensor, kind: str
     """
     check_distance(kind)
     with torch.no_grad():
-        symmetric = _linear_weights(weights + weights.T, kind, distances, in_place=True)
+        symmetric = _linear_weights(weights.T.contiguous().add_(weights), kind, distances, in_place=True)
         if kind == "cosine":
             return symmetric @ x.neg()
         scale = 2.0 if kind == "squared_euclidean" else 1.0
         return torch.addmm(symmetric.sum(1, keepdim=True) * x, symmetric, x, alpha=-1).mul_(scale)
+
+
+def column_distance_gradients(x: torch.Tensor, y: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
+                              distances: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_ap weights_ap * d(x_a, y[columns_ap])`` with respect to ``x`` and ``y``.
+
+    :func:`distance_sum_gradients` for a few columns per row of ``x`` ((n, p) ``columns``,
+    ``weights`` and their ``distances``) instead of a dense weight matrix; pairs at distance 0 get
+    gradient 0.
+    """
+    with torch.no_grad():
+        (n, p), dim = columns.shape, y.shape[1]
+        flat_columns = columns.reshape(-1)
+        weights = weights.unsqueeze(2)
+        others = y.index_select(0, flat_columns).view(n, p, dim)
+        if kind == "cosine":
+            grad_x = torch.bmm(weights.transpose(1, 2), others).squeeze(1).neg_()
+            to_columns = (weights * x.unsqueeze(1)).view(n * p, dim)
+            return grad_x, torch.zeros_like(y).index_add_(0, flat_columns, to_columns, alpha=-1)
+        if kind == "euclidean":
+            weights = (weights / distances.unsqueeze(2)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            weights = 2 * weights
+        to_columns = others.sub_(x.unsqueeze(1)).mul_(weights)  # weight * (y_j - x_a)
+        grad_x = to_columns.sum(1).neg_()
+        return grad_x, torch.zeros_like(y).index_add_(0, flat_columns, to_columns.view(n * p, dim))
 
 
 class _WithGradients(torch.autograd.Function):

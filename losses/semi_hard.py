@@ -7,7 +7,7 @@ from .mining import PositiveSlots
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
 from .triplet import TripletLoss, reduction_param
-from .triplet_terms import DenseTriplets, nearest_farther_triplet_loss
+from .triplet_terms import PairTriplets, nearest_farther_triplet_loss
 
 
 @register_loss("semi_hard")
@@ -41,6 +41,6 @@ class SemiHardLoss(TripletLoss):
         self.fallback = fallback
 
     def weigh(self, distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
-              swap_distances: torch.Tensor | None) -> DenseTriplets:
+              swap_distances: torch.Tensor | None) -> PairTriplets:
         return nearest_farther_triplet_loss(distances, slots, negatives, self.margin, self.fallback,
-                                            self.reduction)
+                                            self.reduction, self.workspace)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import torch
 
 from .base import MetricLoss
-from .distances import (check_distance, distance_matrix, distance_sum_gradients, paired_distances,
-                        prepare_embeddings, self_distance_sum_gradient, with_gradients)
+from .distances import (check_distance, column_distance_gradients, distance_matrix, distance_sum_gradients,
+                        paired_distances, prepare_embeddings, self_distance_sum_gradient, with_gradients)
 from .mining import TRIPLET_MINING, PositiveSlots, margin_selection, negative_mask, positive_slots
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
-from .triplet_terms import REDUCTIONS, DenseTriplets, dense_triplet_loss, hinge, threshold_triplet_loss
+from .triplet_terms import (REDUCTIONS, DenseTriplets, PairTriplets, dense_triplet_loss, hinge,
+                            threshold_triplet_loss)
+from .workspace import Workspace
+
 
 def reduction_param(default: str = "mean_nonzero") -> HyperParam:
     return HyperParam("reduction", str, default,
@@ -67,7 +70,8 @@ class TripletLoss(MetricLoss):
     triplets (PML with a ``MeanReducer``; for ``all`` that is every valid triplet, whereas PML's
     ``TripletMarginMiner("all")`` keeps only margin violators). With reference embeddings,
     anchors come from ``embeddings`` and positives/negatives from the references, as in PML.
-    Memory is O(n * k * m) for k positives per anchor; the gradient is computed in closed form.
+    Memory is O(n * m), O(n * k * m) for k positives per anchor with ``soft_margin`` or ``swap``; the
+    gradient is computed in closed form.
     """
 
     paper = "Schroff et al., FaceNet, CVPR 2015 (m = 0.2, squared euclidean on L2-normalised embeddings)"
@@ -98,12 +102,13 @@ class TripletLoss(MetricLoss):
         self.margin, self.distance, self.normalize = margin, distance, normalize
         self.mining, self.reduction, self.soft_margin, self.swap = mining, reduction, soft_margin, swap
         self.curriculum = HardnessCurriculum(curriculum_start, curriculum_end, seed)
+        self.workspace = Workspace()
 
     def set_progress(self, fraction: float) -> None:
         self.curriculum.progress = min(max(float(fraction), 0.0), 1.0)
 
     def weigh(self, distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
-              swap_distances: torch.Tensor | None) -> DenseTriplets:
+              swap_distances: torch.Tensor | None) -> DenseTriplets | PairTriplets:
         """Loss value, gradient weights and statistics from the detached distances."""
         admitted = self.curriculum.admitted(*distances.shape, distances.device) if self.mining == "curriculum" else None
         if self.soft_margin or swap_distances is not None:
@@ -111,7 +116,7 @@ class TripletLoss(MetricLoss):
                                       margin_selection(self.mining, self.margin, admitted), self.soft_margin,
                                       self.reduction, swap_distances)
         return threshold_triplet_loss(distances, slots, negatives, self.margin, self.mining, self.reduction,
-                                      admitted)
+                                      admitted, self.workspace)
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         x = prepare_embeddings(embeddings, self.distance, self.normalize)
@@ -124,6 +129,10 @@ class TripletLoss(MetricLoss):
                 swap_distances = distances if ref_embeddings is None else distance_matrix(y, None, self.distance)
         result = self.weigh(distances, slots, negatives, swap_distances)
         self.record_stats(**result.stats)
+        if isinstance(result, PairTriplets):
+            grad_x, grad_y = column_distance_gradients(x, y, result.columns, result.weights, result.distances,
+                                                       self.distance)
+            return with_gradients(result.value, [(x, grad_x), (y, grad_y)])
         weights = result.weights
         if ref_embeddings is None:
             if result.swap_weights is not None:

@@ -448,6 +448,38 @@ def test_many_positives_per_anchor_are_chunked_without_changing_the_result(monke
     assert_agree(value_and_grad(lambda e: build_loss("semi_hard")(e, labels), x), whole_semi_hard, torch.float64)
 
 
+@pytest.mark.parametrize("name,params", [("triplet", dict(mining="all")),
+                                         ("triplet", dict(mining="semi-hard", reduction="mean")),
+                                         ("triplet", dict(mining="curriculum", curriculum_start=0.5)),
+                                         ("semi_hard", dict())])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_blocks_of_anchors_do_not_change_the_result(monkeypatch, name, params, with_ref):
+    x, labels = pk_batch(5, 4, 6, torch.float64, seed=25)
+    ref, ref_labels = pk_batch(5, 3, 6, torch.float64, seed=26)
+    inputs = (x, ref) if with_ref else (x,)
+
+    def run(*tensors):
+        loss = build_loss(name, **params)
+        return loss(tensors[0], labels, tensors[1], ref_labels) if with_ref else loss(tensors[0], labels)
+
+    whole = value_and_grad(run, *inputs)
+    import losses.triplet_terms as terms
+
+    original = terms.row_blocks
+    monkeypatch.setattr(terms, "row_blocks", lambda n, m: original(n, m, budget=3 * m))
+    assert len(list(terms.row_blocks(20, 15))) == 7
+    assert_agree(value_and_grad(run, *inputs), whole, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["triplet", "batch_all", "semi_hard"])
+def test_values_do_not_depend_on_an_earlier_call(name):
+    x, labels = pk_batch(4, 3, 6, torch.float64, seed=27)
+    fresh = value_and_grad(lambda e: build_loss(name)(e, labels), x)
+    reused = build_loss(name)
+    reused(*pk_batch(8, 4, 6, torch.float64, seed=28))
+    assert_agree(value_and_grad(lambda e: reused(e, labels), x), fresh, torch.float64)
+
+
 @pytest.mark.parametrize("name", MY_LOSSES)
 def test_declarations(name):
     info = loss_info(name)

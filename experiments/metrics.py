@@ -120,7 +120,7 @@ def _ranking_metrics(query, query_labels, ref, ref_labels, same_source, distance
         scores = closeness(query[idx], buffer[:idx.shape[0]])
         if same_source:
             scores.scatter_(1, idx[:, None], float("-inf"))
-        nearest = scores.topk(k, dim=1, largest=True, sorted=True).indices
+        nearest = _top_k_indices(scores, k)
         hits = ref_ids[nearest] == query_ids[idx][:, None]
         sums += _chunk_sums(hits, relevant[idx], ks)
 
@@ -131,6 +131,25 @@ def _ranking_metrics(query, query_labels, ref, ref_labels, same_source, distance
                       "are NaN", RuntimeWarning, stacklevel=3)
         return {name: math.nan for name in names}
     return dict(zip(names, (sums / n_valid).tolist()))
+
+
+def _top_k_indices(scores: torch.Tensor, k: int, block: int = 32) -> torch.Tensor:
+    """Indices of each row's ``k`` largest scores, nearest first.
+
+    When ``k`` is small against the row, the row is cut into blocks and top-k runs only on the
+    ``k`` blocks with the largest maxima: those maxima are ``k`` distinct scores, so every score
+    above the k-th of them lies in those blocks, and the blocks hold at least ``k`` scores as large.
+    """
+    rows, n = scores.shape
+    if 4 * k * block > n:
+        return scores.topk(k, dim=1).indices
+    whole = n - n % block
+    maxima = scores[:, :whole].unflatten(1, (-1, block)).amax(2)
+    offsets = torch.arange(block, device=scores.device)
+    candidates = (maxima.topk(k, dim=1, sorted=False).indices.unsqueeze(2) * block + offsets).flatten(1)
+    if whole < n:  # the last, partial block is always a candidate
+        candidates = torch.cat([candidates, torch.arange(whole, n, device=scores.device).expand(rows, -1)], 1)
+    return candidates.gather(1, scores.gather(1, candidates).topk(k, dim=1).indices)
 
 
 def _chunk_sums(hits: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
 from experiments.clustering import kmeans, normalized_mutual_info
-from experiments.metrics import retrieval_metrics
+from experiments.metrics import _top_k_indices, retrieval_metrics
 
 PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
              "map_at_r": "mean_average_precision_at_r"}
@@ -160,3 +160,13 @@ def test_bad_input_raises_clear_value_error(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         retrieval_metrics(**args)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_block_top_k_finds_the_k_largest_scores_with_ties(seed):
+    generator = torch.Generator().manual_seed(seed)
+    for n, k in ((4000, 3), (1000, 7), (999, 1), (130, 1)):
+        scores = torch.randint(0, 40, (6, n), generator=generator).float()  # many ties
+        nearest = _top_k_indices(scores, k)
+        assert nearest.shape == (6, k) and all(len(set(row)) == k for row in nearest.tolist())
+        assert torch.equal(scores.gather(1, nearest), scores.topk(k, dim=1).values)

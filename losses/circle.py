@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from .base import MetricLoss
 from .distances import with_gradients
-from .pairs import (SimilarityGroups, clamped_exp_, cosine_similarity, masked_row_sums, normalized_rows,
-                    similarity_gradients)
+from .pairs import SimilarityGroups, cosine_similarity, masked_exp, normalized_rows, similarity_gradients
 from .params import HyperParam
 from .registry import register_loss
 from .workspace import Workspace
@@ -54,14 +53,14 @@ class CircleLoss(MetricLoss):
             hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
             positive, negative = groups.positive, groups.negative
             scratch = self.workspace("scratch", s)
-            n_active = groups.count(1 + m, -m, scratch)  # a pair weighs when its a_p or a_n > 0
             n_violating = groups.count(1 - m, m, scratch)
             # logits: gamma a_p ((1 - m) - s_p) and gamma a_n (s_n - m), with the paper's self-paced
             # weights a_p = relu(1 + m - s_p) and a_n = relu(s_n + m) held constant; taken from the
-            # groups' views, the weights are 0 outside their group. Every (n, m) step writes into a
-            # spent buffer (fresh large tensors cost page faults on CPU).
+            # groups' views, the weights are 0 outside their group, so their non-zeros are the active
+            # pairs. Every (n, m) step writes into a spent buffer (fresh ones page-fault on CPU).
             weight_pos = torch.sub(s.new_tensor(1 + m), groups.positive_view, out=groups.positive_view).relu_()
             weight_neg = torch.add(groups.negative_view, m, out=groups.negative_view).relu_()
+            n_active = torch.count_nonzero(weight_pos) + torch.count_nonzero(weight_neg)
             offset_pos, offset_neg = torch.sub(s.new_tensor(1 - m), s, out=scratch), s.sub_(m)
             # the positive logit falls as s_p rises: its row maximum is the least similar positive's;
             # the negatives' maximum is taken with them lifted by 1 past the others (logit / gamma
@@ -71,14 +70,12 @@ class CircleLoss(MetricLoss):
             top_neg = (logit_neg.amax(1) - 1) * 8
             has_pos, has_neg = torch.isfinite(hardest_pos), torch.isfinite(hardest_neg)
             shift_pos, shift_neg = torch.where(has_pos, top_pos, 0), torch.where(has_neg, top_neg, 0)
-            # exponentials of every pair; the groups' masks enter only the sums and the zero weights
-            # the gradient
-            exp_pos = clamped_exp_(torch.addcmul((-gamma * shift_pos)[:, None], offset_pos, weight_pos,
-                                                 value=gamma, out=offset_pos))
-            exp_neg = clamped_exp_(torch.addcmul((-gamma * shift_neg)[:, None], offset_neg, weight_neg,
-                                                 value=gamma, out=logit_neg))
-            norm_pos = masked_row_sums(exp_pos, positive).masked_fill_(~has_pos, 1)
-            norm_neg = masked_row_sums(exp_neg, negative).masked_fill_(~has_neg, 1)
+            exp_pos = masked_exp(torch.addcmul((-gamma * shift_pos)[:, None], offset_pos, weight_pos,
+                                               value=gamma, out=offset_pos), positive)
+            exp_neg = masked_exp(torch.addcmul((-gamma * shift_neg)[:, None], offset_neg, weight_neg,
+                                               value=gamma, out=logit_neg), negative)
+            norm_pos = exp_pos.sum(1).masked_fill_(~has_pos, 1)
+            norm_neg = exp_neg.sum(1).masked_fill_(~has_neg, 1)
             has_both = has_pos & has_neg
             total = torch.where(has_both, gamma * (shift_pos + shift_neg) + (norm_pos * norm_neg).log(), 0)
             per_anchor = F.softplus(total) * has_both

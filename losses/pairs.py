@@ -72,22 +72,13 @@ def compare(op, a: torch.Tensor, b, out: torch.Tensor | None = None) -> torch.Te
 OFF_GROUP = 8.0
 
 
-def clamped_exp_(logits: torch.Tensor) -> torch.Tensor:
-    """``exp(logits)`` in place, for logits at most 0 where they count (shifted by their group's
-    maximum). Clamping to the smallest normal exponent keeps the CPU's ``exp`` off its slow paths
-    (``-inf`` and subnormal results) and every value finite; a clamped term is below ``tiny``
-    (1e-38 in float32), which no sum it enters can resolve."""
-    return logits.clamp_(math.log(torch.finfo(logits.dtype).tiny) + 1, 1).exp_()
-
-
 def masked_exp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """:func:`clamped_exp_` where ``mask`` is 1 and 0 elsewhere, in place."""
-    return clamped_exp_(logits).mul_(mask)
-
-
-def masked_row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(values * mask).sum(1)`` as one batched dot product per row, with no (n, m) product."""
-    return torch.bmm(values.unsqueeze(1), mask.unsqueeze(2)).view(-1)
+    """``exp(logits)`` where ``mask`` is 1 and 0 elsewhere, in place; ``logits`` must be at most 0 on
+    the mask (shifted by the group maximum). Clamping to the smallest normal exponent keeps the
+    CPU's ``exp`` off its slow paths (``-inf`` and subnormal results) and every value finite; a
+    clamped term is below ``tiny`` (1e-38 in float32), which no sum it enters can resolve."""
+    floor = math.log(torch.finfo(logits.dtype).tiny) + 1
+    return logits.clamp_(floor, 1).exp_().mul_(mask)
 
 
 @dataclass

@@ -17,7 +17,7 @@ SERVER_STORE ?= postgresql://tripletlab@127.0.0.1:5432/mlflow
 SERVER_PORT ?= 5000
 ARTIFACTS ?= mlartifacts
 
-.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval train clean
+.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep train clean
 
 install: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-eval: install
 
 bench-train: install
 	$(PY) -m benchmarks.bench_train
+
+bench-sweep: install
+	$(PY) -m benchmarks.bench_sweep $(ARGS)
 
 clean:
 	rm -rf runs mlartifacts mlflow.db .pytest_cache

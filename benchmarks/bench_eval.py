@@ -150,11 +150,12 @@ def to_markdown(report: dict) -> str:
     for case in report["cases"]:
         seconds = case["median_seconds"]
         skipped = case.get("skipped", {})
-        diff = max(case["max_abs_diff"].values(), default=float("nan"))
+        diffs = case["max_abs_diff"].values()
+        diff = f"{max(diffs):.1e}" if diffs else "-"
         lines.append(f"| {case['n']} | {case['classes']} | "
                      + " | ".join(f"{seconds[n]:.3f}" if n in seconds else "skipped" for n in names) + " | "
                      + " | ".join(f"{case['speedup'][n]:.2f}x" if n in seconds else "-" for n in names[1:])
-                     + f" | {diff:.1e} | {case['metrics']['map_at_r']:.4f} |")
+                     + f" | {diff} | {case['metrics']['map_at_r']:.4f} |")
         notes += [f"- {case['n']} x {case['classes']}: {name} skipped, {why}" for name, why in skipped.items()]
     if notes:
         lines += ["", "Skipped contenders:", *notes]

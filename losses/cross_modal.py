@@ -250,13 +250,17 @@ class CrossModalTripletLoss(MetricLoss):
             loss = loss + with_gradients(closed_form_value, [(distance, closed_form_grad / n_pos)])
         with torch.no_grad():
             mean_d_ap, mean_d_an = _pair_means(detached, positive)
-            self.record_stats(
-                active_fraction=active / terms.clamp_min(1),
-                correct_order_fraction=ordered / anchors.clamp_min(1),
-                margin_violation_fraction=violated / anchors.clamp_min(1),
-                mean_d_ap=mean_d_ap, mean_d_an=mean_d_an,
-            )
+            self._record_counts(active, terms, ordered, violated, anchors, mean_d_ap, mean_d_an)
         return loss
+
+    def _record_counts(self, active, terms, ordered, violated, anchors, mean_d_ap, mean_d_an) -> None:
+        """Record the statistics from the pooled counts of both directions (see the class docstring)."""
+        self.record_stats(
+            active_fraction=active / terms.clamp_min(1),
+            correct_order_fraction=ordered / anchors.clamp_min(1),
+            margin_violation_fraction=violated / anchors.clamp_min(1),
+            mean_d_ap=mean_d_ap, mean_d_an=mean_d_an,
+        )
 
     def _paired_hardest(self, emb_a: torch.Tensor, emb_b: torch.Tensor) -> torch.Tensor:
         """The default case, each anchor's only positive its pair: no (n, n) masks, and each hinge's
@@ -295,12 +299,7 @@ class CrossModalTripletLoss(MetricLoss):
             grad_x.add_(to_x)
             grad_y.add_(to_y)
             mean_d_ap, mean_d_an = _diagonal_means(distance, paired)
-            self.record_stats(
-                active_fraction=active / terms.clamp_min(1),
-                correct_order_fraction=ordered / anchors.clamp_min(1),
-                margin_violation_fraction=violated / anchors.clamp_min(1),
-                mean_d_ap=mean_d_ap, mean_d_an=mean_d_an,
-            )
+            self._record_counts(active, terms, ordered, violated, anchors, mean_d_ap, mean_d_an)
         return with_gradients(value, [(emb_x, grad_x), (emb_y, grad_y)])
 
 

@@ -4,6 +4,7 @@ while, and a loss that turns NaN. After each, the counts are exact, no trial or 
 RUNNING, and the sweep resumes with the same command."""
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -42,8 +43,16 @@ class NanAfterTwoSteps(MetricLoss):
 '''
 
 
+@functools.lru_cache(maxsize=None)
+def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage, so one connection pool, per database for all of a test's polling: a URL given
+    to ``load_study`` builds a new engine each time, and ten polls a second would soon hold every
+    connection the server allows."""
+    return optuna.storages.RDBStorage(url)
+
+
 def study_trials(storage: str, sweep: str, loss: str = LOSS) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=f"{sweep}/{loss}", storage=storage).get_trials(deepcopy=False)
+    return optuna.load_study(study_name=f"{sweep}/{loss}", storage=rdb_storage(storage)).get_trials(deepcopy=False)
 
 
 def runs_of(client: MlflowClient, sweep: str, role: str | None = None) -> list:

@@ -136,9 +136,10 @@ def _active_and_violating(name, pos, neg):
     return len(kept_pos) + len(kept_neg), sum(s < base for s in pos) + sum(s > base for s in neg)
 
 
+@pytest.mark.parametrize("seed", [8, 9, 10])
 @pytest.mark.parametrize("name", ["multi_similarity", "circle"])
-def test_pair_stats_match_loops(name):
-    x, y = clustered_batch(4, 3, 6, torch.float64, seed=8, spread=1.2)
+def test_pair_stats_match_loops(name, seed):
+    x, y = clustered_batch(8, 4, 6, torch.float64, seed=seed, spread=1.2)
     loss = build_loss(name)
     loss(x, y)
     unit = torch.nn.functional.normalize(x, dim=1)

@@ -17,7 +17,7 @@ SERVER_STORE ?= postgresql://tripletlab@127.0.0.1:5432/mlflow
 SERVER_PORT ?= 5000
 ARTIFACTS ?= mlartifacts
 
-.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep train clean
+.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep bench-reference train clean
 
 install: $(STAMP)
 
@@ -63,6 +63,9 @@ bench-train: install
 
 bench-sweep: install
 	$(PY) -m benchmarks.bench_sweep $(ARGS)
+
+bench-reference: install
+	$(PY) -m benchmarks.bench_reference $(ARGS)
 
 clean:
 	rm -rf runs mlartifacts mlflow.db .pytest_cache

@@ -164,7 +164,7 @@ def run_setting(setting: Setting, args, device) -> dict:
             timed(method, fn)
 
     cfg = from_dict({"dataset": setting.dataset, "loss": LOSS, "batch": {"p": setting.p, "k": setting.k},
-                     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0,
+                     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0,
                                    "schedule": "constant"},
                      "train": {"amp": False}, "epochs": args.epochs})
     untrained = test_metrics(initial, test)

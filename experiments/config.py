@@ -60,7 +60,7 @@ class OptimizerConfig:
     name: str = "adamw"  # adamw | sgd
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0  # linear warm-up (at most all epochs), then the schedule
+    warmup_fraction: float = 0.2  # linear warm-up over this share of all steps, then the schedule
     schedule: str = "cosine"  # cosine: decay to zero by the last step | constant
     momentum: float = 0.9  # sgd only
 
@@ -294,7 +294,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(cfg.model.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {cfg.model.embedding_dim}")
     _check(cfg.optimizer.lr > 0, f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
     _check(cfg.optimizer.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {cfg.optimizer.weight_decay}")
-    _check(cfg.optimizer.warmup_epochs >= 0, f"optimizer.warmup_epochs must be >= 0, got {cfg.optimizer.warmup_epochs}")
+    _check(0 <= cfg.optimizer.warmup_fraction < 1,
+           f"optimizer.warmup_fraction (share of all steps) must be in [0, 1), got {cfg.optimizer.warmup_fraction}")
     _check(0 <= cfg.optimizer.momentum < 1, f"optimizer.momentum must be in [0, 1), got {cfg.optimizer.momentum}")
     _check(0 <= cfg.dataset.val_fraction < 1, f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}")
     parse_image_size(cfg.dataset.image_size, None)

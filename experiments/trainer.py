@@ -71,6 +71,13 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_scheduler(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The run's schedule: warm-up over ``optimizer.warmup_fraction`` of all steps (default 0.2,
+    whatever the number of epochs), then ``optimizer.schedule``."""
+    warmup = round(cfg.optimizer.warmup_fraction * total_steps)
+    return warmup_schedule(optimizer, warmup, total_steps, cosine=cfg.optimizer.schedule == "cosine")
+
+
 def progress_enabled() -> bool:
     return sys.stderr.isatty() and os.environ.get("TRIPLETLAB_PROGRESS", "1") != "0"
 
@@ -113,8 +120,7 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
     optimizer = make_optimizer(cfg, params)
     steps = len(sampler)
     total = cfg.epochs * steps
-    scheduler = warmup_schedule(optimizer, min(round(cfg.optimizer.warmup_epochs * steps), total), total,
-                                cosine=cfg.optimizer.schedule == "cosine")
+    scheduler = make_scheduler(cfg, optimizer, total)
     forward = torch.compile(model) if cfg.train.compile else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and device.type == "cuda")
     model.to(memory_format=torch.channels_last)  # faster convolutions on CUDA and on CPU (oneDNN) alike

@@ -24,7 +24,7 @@ SERVER_START_TIMEOUT = 180  # seconds; a cold start migrates the schema, slow on
 
 # Tiny and fast: digits, 20 images per class, 1 epoch, small batches (under a second per trial).
 TINY_TRIAL = ["epochs=1", "pruner=none", "dataset.max_per_class=20", "model.embedding_dim=8",
-              "batch.p=3", "batch.k=4", "optimizer.warmup_epochs=0"]
+              "batch.p=3", "batch.k=4", "optimizer.warmup_fraction=0"]
 
 
 @dataclass

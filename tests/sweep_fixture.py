@@ -16,7 +16,7 @@ from experiments.cli import main as cli_main
 
 TINY_LOSSES = ("batch_hard", "multi_similarity")
 TINY_SETTINGS = ["trials=3", "seeds=2", "epochs=1", "pruner=none", "model.embedding_dim=16",
-                 "optimizer.warmup_epochs=0", "batch.p=8", "batch.k=4", "dataset.max_per_class=40"]
+                 "optimizer.warmup_fraction=0", "batch.p=8", "batch.k=4", "dataset.max_per_class=40"]
 
 
 @dataclass

@@ -28,7 +28,7 @@ from experiments.tracking import prepare_store
 from losses.plugins import PluginWarning, load_plugins
 
 TINY = ["epochs=1", "dataset.max_per_class=20", "model.embedding_dim=8", "batch.p=3", "batch.k=4",
-        "optimizer.warmup_epochs=0"]
+        "optimizer.warmup_fraction=0"]
 SECRET = "do-not-print-me-42"
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from experiments.models import SmallCNN, SmallResNet, build_model
-from experiments.trainer import load_checkpoint, pick_device, save_checkpoint, warmup_schedule
+from experiments.config import load_config
+from experiments.trainer import load_checkpoint, make_scheduler, pick_device, save_checkpoint, warmup_schedule
 
 
 @pytest.mark.parametrize("size, channels, kind", [((8, 8), 1, SmallCNN), ((28, 28), 1, SmallCNN),
@@ -31,6 +32,24 @@ def test_seed_fixes_the_initial_weights():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'vgg'; choose one of auto, cnn, resnet"):
         build_model("vgg", 1, (8, 8), 8)
+
+
+@pytest.mark.parametrize("epochs", [3, 30])
+def test_warmup_is_a_share_of_all_steps_whatever_the_epochs(epochs):
+    """A 3-epoch run warms up over its first fifth, not a whole epoch of three."""
+    steps_per_epoch = 50
+    total = epochs * steps_per_epoch
+    cfg = load_config(None, [f"epochs={epochs}"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(cfg, optimizer, total)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = rates.index(max(rates))
+    assert peak == round(0.2 * total) - 1 and rates[peak] == pytest.approx(1.0)
+    assert rates[0] == pytest.approx(1 / round(0.2 * total)) and rates[-1] < 0.01
 
 
 def test_warmup_then_cosine_and_constant():

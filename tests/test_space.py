@@ -58,7 +58,7 @@ def test_sampled_values_lie_in_the_space_and_apply_to_the_experiment_config():
     space = build_space("multi_similarity", search={"optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
                         overrides={"miner": False})
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
-    base = from_dict({"epochs": 1, "optimizer": {"warmup_epochs": 0}})
+    base = from_dict({"epochs": 1, "optimizer": {"warmup_fraction": 0}})
     for _ in range(8):
         trial = study.ask()
         values = space.suggest(trial)

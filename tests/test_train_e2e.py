@@ -179,7 +179,7 @@ def test_exception_in_training_fails_the_run(store):
 
 def test_non_finite_loss(store):
     with pytest.raises(NonFiniteLossError, match="lower optimizer.lr"):
-        store.run(load_config(None, [*TINY, "optimizer.lr=1e30", "optimizer.warmup_epochs=0"]))
+        store.run(load_config(None, [*TINY, "optimizer.lr=1e30", "optimizer.warmup_fraction=0"]))
     _failed(store, "NonFiniteLossError")
 
 

@@ -33,7 +33,8 @@ class DatasetConfig:
     val_fraction: float = 0.2  # share of the training classes held out for validation
     image_size: int | list = 0  # 0: the dataset's default; N: N x N; [height, width]
     max_per_class: int = 0  # 0: all images
-    augment: bool = False  # random flips/shifts on the training batches
+    augment: bool = False  # random flips/shifts on the training batches (random resized crops with crop_size)
+    crop_size: int = 0  # S > 0: train on S x S random resized crops (augment) and evaluate the centre crop
 
 
 @dataclass
@@ -44,9 +45,11 @@ class LossConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "auto"  # auto | cnn | resnet
+    name: str = "auto"  # auto | cnn | resnet | resnet18 | resnet50 | torchvision:<arch> | timm:<arch>
     embedding_dim: int = 64
     normalize: bool = True  # L2-normalise the embedding
+    weights: str = ""  # local file of pretrained backbone weights (ImageNet statistics); empty = random init
+    freeze_bn: bool = False  # backbone BatchNorm in eval mode, affine parameters fixed (Musgrave et al. 2020)
 
 
 @dataclass
@@ -116,7 +119,7 @@ _SECTION_TYPES = {
     "train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig,
 }
 _CHOICES = {
-    "model.name": ("auto", "cnn", "resnet"),
+    "model.name": ("auto", "cnn", "resnet", "resnet18", "resnet50", "torchvision:<arch>", "timm:<arch>"),
     "optimizer.name": ("adamw", "sgd"),
     "optimizer.schedule": ("cosine", "constant"),
 }
@@ -282,12 +285,23 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_choice(value: Any, choices: tuple[str, ...]) -> bool:
+    """``value`` is one of ``choices`` or fills a ``<library>:<arch>`` choice with a name."""
+    library, sep, arch = str(value).partition(":")
+    return value in choices or (bool(sep and arch) and f"{library}:<arch>" in choices)
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Check ranges and the loss hyperparameters; fills the loss's defaults into ``cfg.loss.params``."""
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        _check(value in choices, f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+        _check(_is_choice(value, choices),
+               f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+    backbone = cfg.model.name not in ("auto", "cnn", "resnet")
+    for key, value in (("model.weights", cfg.model.weights), ("model.freeze_bn", cfg.model.freeze_bn)):
+        _check(backbone or not value, f"{key} needs an ImageNet backbone (model.name resnet18, resnet50, "
+                                      f"torchvision:<arch> or timm:<arch>), got model.name={cfg.model.name}")
     _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     _check(cfg.batch.p >= 2, f"batch.p (classes per batch) must be >= 2 so each batch has negatives, got {cfg.batch.p}")
     _check(cfg.batch.k >= 2, f"batch.k (images per class) must be >= 2 so each batch has positives, got {cfg.batch.k}")
@@ -298,8 +312,13 @@ def validate(cfg: ExperimentConfig) -> None:
            f"optimizer.warmup_fraction (share of all steps) must be in [0, 1), got {cfg.optimizer.warmup_fraction}")
     _check(0 <= cfg.optimizer.momentum < 1, f"optimizer.momentum must be in [0, 1), got {cfg.optimizer.momentum}")
     _check(0 <= cfg.dataset.val_fraction < 1, f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}")
-    parse_image_size(cfg.dataset.image_size, None)
+    size = parse_image_size(cfg.dataset.image_size, None)
     _check(cfg.dataset.max_per_class >= 0, f"dataset.max_per_class must be >= 0 (0 = all), got {cfg.dataset.max_per_class}")
+    crop = cfg.dataset.crop_size
+    _check(crop >= 0, f"dataset.crop_size must be >= 0 (0 = no crop), got {crop}")
+    _check(size is None or crop <= min(size),
+           f"dataset.crop_size={crop} is larger than dataset.image_size={cfg.dataset.image_size}; crops are "
+           "taken from the resized images, so raise image_size (e.g. 256 for 224 crops)")
     _check(cfg.train.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {cfg.train.grad_clip}")
     _check(cfg.train.early_stopping_patience >= 0,
            f"train.early_stopping_patience must be >= 0 (0 = off), got {cfg.train.early_stopping_patience}")

@@ -120,14 +120,26 @@ def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def build_model(name: str, in_channels: int, image_size: tuple[int, int], embedding_dim: int,
-                normalize: bool = True, seed: int = 0) -> nn.Module:
-    """The embedding network ``name`` (``auto``, ``cnn`` or ``resnet``), initialised from ``seed``."""
+                normalize: bool = True, seed: int = 0, freeze_bn: bool = False) -> nn.Module:
+    """The embedding network ``name`` (``auto``, ``cnn``, ``resnet``, or an ImageNet backbone of
+    ``experiments.backbones``: ``resnet18``, ``resnet50``, ``torchvision:<arch>``, ``timm:<arch>``),
+    initialised from ``seed``; ``freeze_bn`` keeps a backbone's BatchNorm frozen."""
+    from experiments.backbones import build_backbone, is_backbone  # backbones build on EmbeddingHead
+
     if name == "auto":
         name = "cnn" if max(image_size) <= SMALL_IMAGE_SIDE else "resnet"
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of auto, {', '.join(MODELS)}")
+    if name not in MODELS and not is_backbone(name):
+        raise ValueError(f"unknown model {name!r}; choose one of auto, {', '.join(MODELS)}, resnet18, "
+                         "resnet50, torchvision:<arch> or timm:<arch>")
     if in_channels < 1 or min(image_size) < 1:
         raise ValueError(f"images must have >= 1 channel and positive size, got {in_channels} x {image_size}")
+    if is_backbone(name):
+        if in_channels not in (1, 3):
+            raise ValueError(f"model.name={name} takes RGB or grey images, got {in_channels} channels")
+        return build_backbone(name, embedding_dim, normalize, freeze_bn, seed)
+    if freeze_bn:
+        raise ValueError("model.freeze_bn freezes pretrained BatchNorm statistics: use it with resnet18, "
+                         f"resnet50, torchvision:<arch> or timm:<arch>, not {name}")
     model = MODELS[name](in_channels, tuple(image_size), embedding_dim, normalize)
     reset_parameters(model, torch.Generator().manual_seed(seed))
     return model

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from experiments.backbones import input_options, load_backbone_weights
 from experiments.config import ExperimentConfig, flatten_config
 from experiments.crossmodal import is_paired
 from experiments.datasets import LabeledImages, load_dataset
@@ -118,13 +119,18 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
     log_run_config(run, cfg, splits.info, int(train_split.labels.max()) + 1, sampler)
 
     _, channels, height, width = train_split.images.shape
-    model = build_model(cfg.model.name, channels, (height, width), cfg.model.embedding_dim,
-                        cfg.model.normalize, cfg.seed).to(device)
+    crop = cfg.dataset.crop_size
+    model = build_model(cfg.model.name, channels, (crop, crop) if crop else (height, width),
+                        cfg.model.embedding_dim, cfg.model.normalize, cfg.seed, freeze_bn=cfg.model.freeze_bn)
+    if cfg.model.weights:
+        run.log_params(load_backbone_weights(model, cfg.model.weights))
+    model = model.to(device)
+    inputs = input_options(crop, cfg.model.weights)
     with torch.random.fork_rng(devices=[]):  # a loss drawing random numbers (triplet_center's centres)
         torch.manual_seed(cfg.seed)
         loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
-    train_data = DeviceImages(train_split, device, augment=cfg.dataset.augment, seed=cfg.seed)
-    val_data = DeviceImages(splits.val, device, augment=False) if len(splits.val) > 1 else None
+    train_data = DeviceImages(train_split, device, augment=cfg.dataset.augment, seed=cfg.seed, **inputs)
+    val_data = DeviceImages(splits.val, device, augment=False, **inputs) if len(splits.val) > 1 else None
     checkpoints = Path(cfg.train.checkpoint_dir) / run.run_id if cfg.train.checkpoint_dir else None
 
     outcome = train(model, loss_fn, train_data, sampler, val_data, cfg, device, on_epoch=on_epoch,
@@ -132,7 +138,8 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
                     checkpoint_dir=checkpoints)
     if not evaluate_test:
         return finish_run(run, cfg, outcome, None, None)
-    embeddings, labels = embed_split(model, DeviceImages(splits.test, device, augment=False), cfg.eval.batch_size)
+    embeddings, labels = embed_split(model, DeviceImages(splits.test, device, augment=False, **inputs),
+                                     cfg.eval.batch_size)
     verification = cfg.eval.verification
     if verification is None:
         verification = cfg.dataset.name in IDENTITY_DATASETS

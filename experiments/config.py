@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from experiments.datasets.imaging import parse_image_size
+from experiments.splits import DEFAULT_SPLIT
 from losses import validate_params
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -29,7 +30,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class DatasetConfig:
     name: str = "digits"
     path: str = ""  # empty: the dataset's environment variable or its built-in location
-    split: str = "standard"  # standard | class-disjoint (see experiments/splits.py)
+    split: str = DEFAULT_SPLIT  # standard | class-disjoint | official (see experiments/splits.py)
     val_fraction: float = 0.2  # share of the training classes held out for validation
     image_size: int | list = 0  # 0: the dataset's default; N: N x N; [height, width]
     max_per_class: int = 0  # 0: all images

@@ -51,12 +51,19 @@ def validate_split(model: nn.Module, data: DeviceImages, batch_size: int) -> dic
 
 
 def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: bool, seed: int = 0,
-                 margin: float = FACENET_MARGIN) -> dict[str, float]:
+                 margin: float = FACENET_MARGIN,
+                 gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """Every retrieval metric, embedding quality (alignment, uniformity, class distances and the
     easy/semi-hard/hard triplet shares at ``margin``) and, with ``verification``, face
     verification metrics (``verification_<name>``) over all pairs of at most
-    ``verification.MAX_SAMPLES`` embeddings (a seeded subset when there are more)."""
-    metrics = {k: float(v) for k, v in retrieval_metrics(embeddings, labels, seed=seed).items()}
+    ``verification.MAX_SAMPLES`` embeddings (a seeded subset when there are more).
+
+    With ``gallery`` (embeddings, labels), ``embeddings`` are queries and retrieval ranks the
+    gallery (In-shop's protocol, Liu et al. 2016); quality and verification cover both sets."""
+    ref = gallery if gallery is not None else (None, None)
+    metrics = {k: float(v) for k, v in retrieval_metrics(embeddings, labels, *ref, seed=seed).items()}
+    if gallery is not None:
+        embeddings, labels = torch.cat([embeddings, gallery[0]]), torch.cat([labels, gallery[1]])
     metrics.update({k: float(v) for k, v in embedding_quality(embeddings, labels, margin=margin).items()})
     if verification:
         if embeddings.shape[0] > MAX_SAMPLES:

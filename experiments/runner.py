@@ -140,15 +140,22 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
         return finish_run(run, cfg, outcome, None, None)
     embeddings, labels = embed_split(model, DeviceImages(splits.test, device, augment=False, **inputs),
                                      cfg.eval.batch_size)
+    gallery = None  # query/gallery retrieval (In-shop's official split): the test images are the queries
+    if splits.gallery is not None:
+        gallery = embed_split(model, DeviceImages(splits.gallery, device, augment=False, **inputs),
+                              cfg.eval.batch_size)
     verification = cfg.eval.verification
     if verification is None:
         verification = cfg.dataset.name in IDENTITY_DATASETS
     margin = cfg.loss.params.get("margin")
     test = test_metrics(embeddings, labels, verification, cfg.seed,
-                        margin=float(margin) if isinstance(margin, (int, float)) else FACENET_MARGIN)
+                        margin=float(margin) if isinstance(margin, (int, float)) else FACENET_MARGIN,
+                        gallery=gallery)
     npz = None
     if log_embeddings and cfg.tracking.log_embeddings:
         npz = {"embeddings": embeddings.cpu().numpy(), "labels": labels.cpu().numpy()}
+        if gallery is not None:
+            npz.update(ref_embeddings=gallery[0].cpu().numpy(), ref_labels=gallery[1].cpu().numpy())
     return finish_run(run, cfg, outcome, test, npz)
 
 

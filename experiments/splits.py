@@ -9,6 +9,13 @@ leaving at least 2 to train on); a dataset therefore needs at least 8 classes.
 ``standard`` keeps the same classes everywhere: the dataset's own test set where it has one
 (Fashion-MNIST), else a seeded per-class sample of ``STANDARD_TEST_FRACTION`` of each class's
 images; validation is a seeded per-class sample of ``val_fraction`` of the remaining images.
+
+``official`` is the split papers report on, as the dataset defines it: Fashion-MNIST's own test
+set, Omniglot's evaluation alphabets, the second half of the classes of CUB-200-2011 and Cars196
+(Oh Song et al., CVPR 2016), Stanford Online Products' Ebay_test.txt, In-shop's query images
+retrieved among its gallery images. Validation comes from the official training part: a seeded
+``val_fraction`` of its classes when the test classes are unseen (as for ``class-disjoint``),
+else a seeded per-class sample (Fashion-MNIST).
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ from typing import Any
 
 import torch
 
-SPLITS = ("class-disjoint", "standard")
+SPLITS = ("class-disjoint", "standard", "official")
+DEFAULT_SPLIT = "standard"
 STANDARD_TEST_FRACTION = 0.5
 MIN_VAL_CLASSES = 2
 MIN_TRAIN_CLASSES = 2
@@ -25,12 +33,16 @@ MIN_TRAIN_CLASSES = 2
 
 @dataclass
 class SplitIndices:
-    """Indices into the dataset for each split, and ``info``: classes, counts and seed."""
+    """Indices into the dataset for each split, and ``info``: classes, counts and seed.
+
+    ``gallery`` is set when test retrieval is query against gallery (``test`` holds the queries).
+    """
 
     train: torch.Tensor
     val: torch.Tensor
     test: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    gallery: torch.Tensor | None = None
 
 
 def _check_fraction(value: float, key: str) -> float:
@@ -76,6 +88,14 @@ def _info(name: str, seed: int, labels: torch.Tensor, parts: dict[str, torch.Ten
     return info
 
 
+def _sample_val_classes(train_classes: torch.Tensor, val_fraction: float,
+                        generator: torch.Generator) -> torch.Tensor:
+    """A seeded ``val_fraction`` of ``train_classes``: at least 2, leaving at least 2 to train."""
+    n = train_classes.numel()
+    n_val = min(max(round(val_fraction * n), MIN_VAL_CLASSES), n - MIN_TRAIN_CLASSES)
+    return train_classes[torch.randperm(n, generator=generator)[:n_val]]
+
+
 def class_disjoint_split(labels: torch.Tensor, val_fraction: float, seed: int) -> SplitIndices:
     """First half of the sorted classes trains (minus seeded validation classes), second half tests."""
     val_fraction = _check_fraction(val_fraction, "dataset.val_fraction")
@@ -88,9 +108,7 @@ def class_disjoint_split(labels: torch.Tensor, val_fraction: float, seed: int) -
             f"{MIN_TRAIN_CLASSES} to train); this dataset has {classes.numel()}: use dataset.split=standard"
         )
     train_half, test_classes = classes[:n_half], classes[n_half:]
-    n_val = min(max(round(val_fraction * n_half), MIN_VAL_CLASSES), n_half - MIN_TRAIN_CLASSES)
-    generator = torch.Generator().manual_seed(seed)
-    val_classes = train_half[torch.randperm(n_half, generator=generator)[:n_val]]
+    val_classes = _sample_val_classes(train_half, val_fraction, torch.Generator().manual_seed(seed))
     is_val = torch.isin(labels, val_classes)
     is_test = torch.isin(labels, test_classes)
     parts = {
@@ -120,11 +138,52 @@ def standard_split(labels: torch.Tensor, standard_test: torch.Tensor | None, val
     return SplitIndices(**parts, info=info)
 
 
+def official_split(labels: torch.Tensor, official_test: torch.Tensor, gallery: torch.Tensor | None,
+                   val_fraction: float, seed: int, test_source: str = "the dataset's official test set"
+                   ) -> SplitIndices:
+    """The official test images (the queries, when ``gallery`` marks a gallery); the rest trains,
+    minus validation classes (test classes unseen) or a per-class validation sample (same classes)."""
+    val_fraction = _check_fraction(val_fraction, "dataset.val_fraction")
+    is_gallery = torch.zeros_like(official_test) if gallery is None else gallery
+    rest = torch.nonzero(~official_test & ~is_gallery).flatten()
+    test = torch.nonzero(official_test).flatten()
+    if rest.numel() == 0 or test.numel() == 0:
+        empty = "training" if rest.numel() == 0 else "test"
+        raise ValueError(f"split=official: the dataset's official {empty} part is empty; dataset.path must "
+                         "hold the complete dataset (or use dataset.split=standard)")
+    train_classes = torch.unique(labels[rest])
+    generator = torch.Generator().manual_seed(seed)
+    if bool(torch.isin(labels[test], train_classes).any()):
+        is_val = per_class_sample(labels[rest], val_fraction, generator)
+        val_source = f"seeded per-class sample ({val_fraction:g} of each training class)"
+    else:
+        if train_classes.numel() < MIN_VAL_CLASSES + MIN_TRAIN_CLASSES:
+            raise ValueError(f"split=official needs at least {MIN_VAL_CLASSES + MIN_TRAIN_CLASSES} official "
+                             f"training classes (>= {MIN_VAL_CLASSES} validate, >= {MIN_TRAIN_CLASSES} "
+                             f"train); this dataset has {train_classes.numel()}")
+        is_val = torch.isin(labels[rest], _sample_val_classes(train_classes, val_fraction, generator))
+        val_source = f"seeded {val_fraction:g} of the official training classes"
+    parts = {"train": rest[~is_val], "val": rest[is_val], "test": test}
+    if gallery is not None:
+        parts["gallery"] = torch.nonzero(gallery).flatten()
+    info = _info("official", seed, labels, parts, val_fraction=val_fraction, test_source=test_source,
+                 val_source=val_source)
+    return SplitIndices(parts["train"], parts["val"], parts["test"], info, parts.get("gallery"))
+
+
 def split_indices(split: str, labels: torch.Tensor, standard_test: torch.Tensor | None,
-                  val_fraction: float, seed: int) -> SplitIndices:
-    """Dispatch on ``dataset.split``."""
+                  val_fraction: float, seed: int, *, official_test: torch.Tensor | None = None,
+                  gallery: torch.Tensor | None = None, test_source: str = "the dataset's official test set"
+                  ) -> SplitIndices:
+    """Dispatch on ``dataset.split``; ``official`` needs ``official_test`` (and ``gallery`` if any)."""
     if split == "class-disjoint":
         return class_disjoint_split(labels, val_fraction, seed)
     if split == "standard":
         return standard_split(labels, standard_test, val_fraction, seed)
+    if split == "official":
+        if official_test is None:
+            raise ValueError("dataset.split=official needs a dataset with an official test set "
+                             "(fashion-mnist, omniglot, cub200, cars196, sop, inshop); use "
+                             "dataset.split=standard or class-disjoint")
+        return official_split(labels, official_test, gallery, val_fraction, seed, test_source)
     raise ValueError(f"dataset.split must be one of {', '.join(SPLITS)}; got {split!r}")

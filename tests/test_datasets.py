@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from experiments.config import ExperimentConfig
 from experiments.datasets import dataset_path, env_var, list_datasets, load_dataset
 from experiments.splits import cap_per_class, class_disjoint_split, standard_split
 
@@ -330,8 +331,18 @@ def test_bad_options_raise_clear_errors(values, message):
         load_dataset(cfg(**values), seed=0)
 
 
+def test_split_default_is_the_configs_everywhere():
+    default = ExperimentConfig().dataset.split
+    assert default == "standard"
+    for unset in ({"name": "digits"}, {"name": "digits", "split": None}, SimpleNamespace(name="digits")):
+        assert load_dataset(unset, seed=0).info["split"] == default
+    splits = load_dataset({"name": "digits"}, seed=0)
+    assert splits.info["train_classes"] == splits.info["test_classes"] == list(range(10))
+
+
 def test_registry_lists_the_builtins():
-    assert list_datasets() == ["digits", "fashion-mnist", "image-folder", "omniglot", "orl-faces"]
+    assert list_datasets() == ["cars196", "cub200", "digits", "fashion-mnist", "image-folder", "inshop",
+                               "omniglot", "orl-faces", "sop"]
 
 
 # ---------------------------------------------------------------- splits

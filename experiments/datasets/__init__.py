@@ -1,7 +1,9 @@
 """Datasets by name: ``load_dataset(dataset_cfg, seed) -> DatasetSplits``.
 
-Built-ins: ``digits`` (bundled with scikit-learn), ``fashion-mnist``, ``orl-faces``, ``omniglot``
-and ``image-folder`` (bring your own: one sub-folder per class). Nothing is downloaded: every
+Built-ins: ``digits`` (bundled with scikit-learn), ``fashion-mnist``, ``orl-faces``, ``omniglot``,
+the natural-image benchmarks ``cub200`` (CUB-200-2011), ``cars196``, ``sop`` (Stanford Online
+Products) and ``inshop`` (In-shop Clothes), and ``image-folder`` (bring your own: one sub-folder
+per class). ``dataset.split=official`` uses each dataset's published split. Nothing is downloaded: every
 dataset but ``digits`` reads ``dataset.path`` or, when that is empty, the environment variable
 ``TRIPLETLAB_<NAME>_PATH`` (e.g. ``TRIPLETLAB_FASHION_MNIST_PATH``), or else a system-wide install
 (Debian's ``dataset-fashion-mnist`` package puts Fashion-MNIST in /usr/share/datasets/fashion-mnist).
@@ -16,14 +18,15 @@ from pathlib import Path
 
 import torch
 
+from experiments.datasets import cars, cub, inshop, omniglot, sop
 from experiments.datasets.base import DatasetSplits, LabeledImages, SourceImages
 from experiments.datasets.digits import load_digits
 from experiments.datasets.idx import load_fashion_mnist
 from experiments.datasets.image_folder import load_image_folder
 from experiments.datasets.imaging import channel_stats, parse_image_size, resize_images
-from experiments.datasets.omniglot import load_omniglot
+from experiments.datasets.listed_images import DEFAULT_SIZE as NATURAL_SIZE
 from experiments.datasets.orl import load_orl_faces
-from experiments.splits import SPLITS, cap_per_class, split_indices
+from experiments.splits import DEFAULT_SPLIT, SPLITS, cap_per_class, split_indices
 
 __all__ = ["DatasetSpec", "DatasetSplits", "LabeledImages", "SourceImages", "dataset_path", "env_var",
            "list_datasets", "load_dataset", "register_dataset"]
@@ -37,6 +40,8 @@ class DatasetSpec:
     ``None`` to keep the native size; ``resizes`` says the loader applies ``size`` itself (else
     ``load_dataset`` resizes after loading). ``hflip`` says a horizontal flip keeps the class.
     ``system_path`` is used when neither ``dataset.path`` nor the environment variable is set.
+    ``official`` describes the dataset's official split (empty: it has none); ``official_missing``
+    is the error when the given files lack its official test part.
     """
 
     loader: Callable[..., SourceImages]
@@ -45,6 +50,8 @@ class DatasetSpec:
     default_size: tuple[int, int] | None = None
     resizes: bool = False
     system_path: str = ""
+    official: str = ""
+    official_missing: str = ""
 
 
 _DATASETS: dict[str, DatasetSpec] = {}
@@ -61,11 +68,23 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
+def _natural_images(loader: Callable[..., SourceImages], official: str) -> DatasetSpec:
+    """A natural-image benchmark: RGB photos resized at load (default 256x256); a flip keeps the class."""
+    return DatasetSpec(loader, hflip=True, default_size=NATURAL_SIZE, resizes=True, official=official)
+
+
 register_dataset("digits", DatasetSpec(lambda path, size: load_digits(), needs_path=False))
 register_dataset("fashion-mnist", DatasetSpec(lambda path, size: load_fashion_mnist(path), hflip=True,
-                                              system_path="/usr/share/datasets/fashion-mnist"))
+                                              system_path="/usr/share/datasets/fashion-mnist",
+                                              official="the official 10,000 test images (same classes)"))
 register_dataset("orl-faces", DatasetSpec(lambda path, size: load_orl_faces(path), hflip=True))
-register_dataset("omniglot", DatasetSpec(load_omniglot, default_size=(28, 28), resizes=True))
+register_dataset("omniglot", DatasetSpec(omniglot.load_omniglot, default_size=(28, 28), resizes=True,
+                                         official=omniglot.OFFICIAL,
+                                         official_missing=omniglot.OFFICIAL_MISSING))
+register_dataset("cub200", _natural_images(cub.load_cub, cub.OFFICIAL))
+register_dataset("cars196", _natural_images(cars.load_cars, cars.OFFICIAL))
+register_dataset("sop", _natural_images(sop.load_sop, sop.OFFICIAL))
+register_dataset("inshop", _natural_images(inshop.load_inshop, inshop.OFFICIAL))
 register_dataset("image-folder", DatasetSpec(load_image_folder, hflip=True, default_size=(64, 64), resizes=True))
 
 
@@ -118,11 +137,22 @@ def _load_source(name: str, spec: DatasetSpec, path: Path | None, size) -> Sourc
     return _last_source[key]
 
 
+def _part_codes(split: str, masks: dict[str, torch.Tensor | None]) -> torch.Tensor | None:
+    """Per image, 0 train / 1 test / 2 gallery of the dataset's own parts the split keeps, or ``None``."""
+    if split == "standard" and masks["standard_test"] is not None:
+        return masks["standard_test"].long()
+    if split == "official":
+        gallery = masks["gallery"]
+        return masks["official_test"].long() + (2 * gallery.long() if gallery is not None else 0)
+    return None
+
+
 def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
     """Load the dataset named by ``dataset_cfg.name`` and split it by ``dataset_cfg.split``.
 
     ``dataset_cfg`` is any object (or mapping) with ``name``, ``path``, ``split``
-    (``class-disjoint`` | ``standard``, default class-disjoint), ``val_fraction`` (default 0.2),
+    (``standard`` | ``class-disjoint`` | ``official``, default ``splits.DEFAULT_SPLIT``, the
+    config's default), ``val_fraction`` (default 0.2),
     ``image_size`` (0 = the dataset's default) and ``max_per_class`` (0 = all). Labels keep the
     dataset's own class ids; ``info`` records the source, the split's classes, counts and seed,
     and the normalisation statistics of the training split (also set on every split).
@@ -131,26 +161,36 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset.name {name!r}; choose one of {', '.join(list_datasets())}")
     spec = _DATASETS[name]
-    split = _option(dataset_cfg, "split", "class-disjoint")
+    split = _option(dataset_cfg, "split", DEFAULT_SPLIT)
     if split not in SPLITS:
         raise ValueError(f"dataset.split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if split == "official" and not spec.official:
+        raise ValueError(f"dataset {name!r} has no official split; use dataset.split=standard or "
+                         "class-disjoint")
     val_fraction = _option(dataset_cfg, "val_fraction", 0.2)
     max_per_class = _option(dataset_cfg, "max_per_class", 0)
     size = parse_image_size(_option(dataset_cfg, "image_size", 0), spec.default_size)
     path = dataset_path(name, _option(dataset_cfg, "path", ""), spec.system_path) if spec.needs_path else None
 
     source = _load_source(name, spec, path, size)
+    if split == "official" and source.official_test is None:
+        raise ValueError(spec.official_missing or f"dataset {name!r} at {path}: no official test images "
+                         "found; use dataset.split=standard or class-disjoint")
     images = source.images if spec.resizes else resize_images(source.images, size)
-    labels, standard_test = source.labels, source.standard_test
+    labels = source.labels
+    masks = {"standard_test": source.standard_test, "official_test": source.official_test,
+             "gallery": source.gallery}
 
-    # Cap each class, and each class within the dataset's own train/test parts when those are kept.
-    cap_groups = labels * 2 + standard_test.long() if standard_test is not None and split == "standard" else labels
-    kept = cap_per_class(cap_groups, max_per_class, seed)
+    # Cap each class, and each class within the dataset's own parts (train / test / gallery) when kept.
+    part = _part_codes(split, masks)
+    kept = cap_per_class(labels if part is None else labels * 3 + part, max_per_class, seed)
     if kept.numel() < labels.numel():
         images, labels = images[kept], labels[kept]
-        standard_test = standard_test[kept] if standard_test is not None else None
+        masks = {key: mask[kept] if mask is not None else None for key, mask in masks.items()}
 
-    parts = split_indices(split, labels, standard_test, val_fraction, seed)
+    parts = split_indices(split, labels, masks["standard_test"], val_fraction, seed,
+                          official_test=masks["official_test"], gallery=masks["gallery"],
+                          test_source=spec.official)
     train_images = images[parts.train]
     mean, std = channel_stats(train_images)
 
@@ -174,4 +214,5 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
         val=make(images[parts.val], parts.val),
         test=make(images[parts.test], parts.test),
         info=info,
+        gallery=make(images[parts.gallery], parts.gallery) if parts.gallery is not None else None,
     )

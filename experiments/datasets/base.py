@@ -48,19 +48,26 @@ class LabeledImages:
 
 @dataclass
 class DatasetSplits:
-    """Train, validation and test images plus ``info``, the record of the split kept with the run."""
+    """Train, validation and test images plus ``info``, the record of the split kept with the run.
+
+    With a ``gallery`` (In-shop's official split), ``test`` holds the queries and test retrieval
+    ranks the gallery for each query; else each test image queries the rest of ``test``.
+    """
 
     train: LabeledImages
     val: LabeledImages
     test: LabeledImages
     info: dict[str, Any] = field(default_factory=dict)
+    gallery: LabeledImages | None = None
 
 
 @dataclass
 class SourceImages:
     """What a format loader returns: all images of a dataset with original class ids.
 
-    ``standard_test`` marks the dataset's own test images (``None`` when it has no such split);
+    ``standard_test`` marks the dataset's own test images of the training classes (``None`` when it
+    has no such split); ``official_test`` marks the test images of the official split (its queries
+    when there is a gallery) and ``gallery`` its gallery images (bool masks, ``None`` = none);
     ``class_names`` maps class id to a readable name where the format has one.
     """
 
@@ -68,3 +75,5 @@ class SourceImages:
     labels: torch.Tensor
     standard_test: torch.Tensor | None = None
     class_names: dict[int, str] | None = None
+    official_test: torch.Tensor | None = None
+    gallery: torch.Tensor | None = None

@@ -76,7 +76,8 @@ def _find(directory: Path, stem: str) -> Path:
 
 
 def load_fashion_mnist(path: Path) -> SourceImages:
-    """The 70,000 images, with ``standard_test`` marking the official 10,000 test images."""
+    """The 70,000 images, with ``standard_test`` and ``official_test`` marking the official 10,000
+    test images (the same 10 classes as the 60,000 training images)."""
     parts = []
     for split, (images_stem, labels_stem) in FILES.items():
         images_path, labels_path = _find(path, images_stem), _find(path, labels_stem)
@@ -90,4 +91,4 @@ def load_fashion_mnist(path: Path) -> SourceImages:
                          f"are {tuple(parts[1][0].shape[2:])}")
     images, labels, is_test = (torch.cat(columns) for columns in zip(*parts))
     names = {i: name for i, name in enumerate(CLASS_NAMES)} if int(labels.max()) < len(CLASS_NAMES) else None
-    return SourceImages(images, labels, standard_test=is_test, class_names=names)
+    return SourceImages(images, labels, standard_test=is_test, class_names=names, official_test=is_test)

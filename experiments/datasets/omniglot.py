@@ -5,6 +5,10 @@ Reads the numpy layout (``.npz`` with ``images`` bool (C, 20, 105, 105), True = 
 ``labels`` (C, 20)), or the official ``images_background.zip`` / ``images_evaluation.zip`` and their
 extracted ``<alphabet>/<character>/*.png`` folders. Ink becomes 255 on a 0 background. Images are
 resized once at load (default 28x28, area interpolation), as in most metric-learning uses.
+
+The official split (Lake et al. 2015) trains on ``images_background`` (30 alphabets, 964
+characters) and tests on ``images_evaluation`` (20 other alphabets, 659 characters): a source whose
+name contains "evaluation" is marked as the official test part when a background source is given too.
 """
 from __future__ import annotations
 
@@ -20,6 +24,12 @@ from experiments.datasets.base import SourceImages
 from experiments.datasets.imaging import resize_images
 
 CHUNK = 1024
+OFFICIAL = "images_background trains, images_evaluation tests (disjoint alphabets, Lake et al. 2015)"
+OFFICIAL_MISSING = (
+    "dataset.split=official for omniglot needs the evaluation set: it trains on images_background and "
+    "tests on images_evaluation, so dataset.path must be the folder holding both (as .npz, .zip or "
+    "extracted folders); dataset.split=class-disjoint works with the background set alone"
+)
 
 
 def _from_npz(path: Path, size) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
@@ -97,13 +107,17 @@ def _sources(path: Path) -> list[Path]:
 
 def load_omniglot(path: Path, size) -> SourceImages:
     """All characters as (N, 1, *size) uint8; several sources (background, then evaluation) get
-    consecutive class ids."""
-    images, labels, names, offset = [], [], {}, 0
+    consecutive class ids; ``official_test`` marks the evaluation images when both sets are given."""
+    images, labels, evaluation, names, offset = [], [], [], {}, 0
     for source in _sources(path):
         reader = _from_npz if source.suffix == ".npz" else _from_pngs
         part_images, part_labels, part_names = reader(source, size)
         images.append(part_images)
         labels.append(part_labels + offset)
+        evaluation.append(torch.full((part_labels.numel(),), "evaluation" in source.name))
         names.update({i + offset: f"{source.stem}/{name}" for i, name in part_names.items()})
         offset += int(part_labels.max()) + 1
-    return SourceImages(torch.cat(images), torch.cat(labels), class_names=names or None)
+    is_evaluation = torch.cat(evaluation)
+    both_sets = bool(is_evaluation.any()) and not bool(is_evaluation.all())
+    return SourceImages(torch.cat(images), torch.cat(labels), class_names=names or None,
+                        official_test=is_evaluation if both_sets else None)

@@ -1,13 +1,19 @@
 """The ``tripletlab`` command line: ``losses``, ``train``, ``sweep``, ``analyze``.
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and ``main(args) -> int``;
-this file only dispatches, loads plugins, and turns user errors into one clear line.
+this file only dispatches, loads plugins, and turns errors into one clear line (an unexpected one
+with the path of a log file holding its traceback).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 SUBCOMMANDS = {
     "losses": ("experiments.losses_command", "list registered losses with their hyperparameters"),
@@ -19,6 +25,16 @@ SUBCOMMANDS = {
 
 class UserError(Exception):
     """An error caused by the user's input; printed as one line, exit status 2."""
+
+
+def log_traceback(command: str) -> Path:
+    """Write the exception being handled, with its traceback, to a new log file; returns its path."""
+    from experiments.tracking import mask_secrets
+
+    name = f"tripletlab-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path = Path(tempfile.gettempdir()) / name
+    path.write_text(mask_secrets(traceback.format_exc()))
+    return path
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
@@ -57,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tripletlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:  # a bug or an environment problem: one line here, the traceback in a file
+        from experiments.tracking import mask_secrets
+
+        first = (str(exc).strip().splitlines() or [""])[0]
+        summary = mask_secrets(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+        print(f"tripletlab {args.command}: unexpected error: {summary} (traceback in "
+              f"{log_traceback(args.command)}; include it when reporting a bug)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

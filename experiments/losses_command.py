@@ -3,14 +3,24 @@ from __future__ import annotations
 
 from losses import list_losses, loss_info
 
+WILDCARDS = "*?["
+
 
 def configure(parser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style wildcard, e.g. 'batch_*'")
 
 
 def format_table(pattern: str = "*") -> str:
+    """The table of the losses matching ``pattern``; ``ValueError`` (with suggestions) when none does."""
     rows = [("loss", "parameter", "type", "default", "valid", "search", "source / paper")]
-    for name in list_losses(pattern):
+    if any(c in pattern for c in WILDCARDS):
+        names = list_losses(pattern)
+        if not names:
+            raise ValueError(f"no loss matches {pattern!r}; registered: {', '.join(list_losses())}")
+    else:
+        loss_info(pattern)  # an unknown name raises, suggesting the closest ones
+        names = [pattern]
+    for name in names:
         info = loss_info(name)
         ref = f"{info.source}; {info.paper}" if info.source != "tripletlab" else info.paper
         if not info.params:

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import sys
+
 from experiments.config import load_config, valid_keys
 from experiments.tracking import mask_secrets, resolve_tracking_uri
 
@@ -27,7 +29,7 @@ def main(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from experiments.runner import run_experiment  # heavy imports only when training
+    from experiments.runner import NonFiniteLossError, run_experiment  # heavy imports only when training
 
     uri = resolve_tracking_uri(args.tracking_uri)
     print(f"training {cfg.loss.name} on {cfg.dataset.name} for {cfg.epochs} epochs; tracking at {mask_secrets(uri)}")
@@ -38,8 +40,12 @@ def main(args) -> int:
               f"({metrics['epoch_seconds']:.1f}s)", flush=True)
         return False
 
-    result = run_experiment(cfg, tracking_uri=uri, experiment_name=args.experiment, run_name=args.run_name,
-                            on_epoch=report)
+    try:
+        result = run_experiment(cfg, tracking_uri=uri, experiment_name=args.experiment,
+                                run_name=args.run_name, on_epoch=report)
+    except NonFiniteLossError as exc:  # the run is recorded FAILED with the same reason
+        print(f"tripletlab train: the run failed: {exc}", file=sys.stderr)
+        return 1
     if result.test_metrics:
         shown = ("precision_at_1", "r_precision", "map_at_r")
         print("test  " + "  ".join(f"{k} {result.test_metrics[k]:.4f}" for k in shown if k in result.test_metrics))

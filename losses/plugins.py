@@ -1,8 +1,10 @@
 """Plugin discovery: built-in losses, the ``tripletlab.losses`` entry-point group, and modules or
 ``.py`` files named by ``--plugin`` or ``TRIPLETLAB_PLUGINS``.
 
-A plugin that fails to import is reported with a warning naming it and its error; every other
-loss keeps working (as MLflow's plugin loader does).
+A plugin that fails to import is reported on stderr, naming it and its error, and issued as a
+:class:`PluginWarning` for code that records or escalates warnings (the stderr line is the report,
+so warning filters such as ``PYTHONWARNINGS=ignore`` cannot hide it); every other loss keeps
+working (as MLflow's plugin loader does).
 """
 from __future__ import annotations
 
@@ -38,6 +40,16 @@ class PluginWarning(UserWarning):
     """A plugin could not be loaded; the other losses are unaffected."""
 
 
+# The stderr line of _report is what users see; shown as well, the warning would repeat it. Appended,
+# so any filter a user or test sets (PYTHONWARNINGS=error, pytest.warns) still takes precedence.
+warnings.filterwarnings("ignore", category=PluginWarning, append=True)
+
+
+def _report(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+    warnings.warn(message, PluginWarning, stacklevel=4)
+
+
 def _import_as(source: str, fn) -> bool:
     previous = registry._current_source
     registry._current_source = source
@@ -45,8 +57,7 @@ def _import_as(source: str, fn) -> bool:
         fn()
         return True
     except Exception as exc:  # a broken plugin must not take down the others
-        warnings.warn(f"tripletlab plugin {source!r} failed to load and was skipped: "
-                      f"{type(exc).__name__}: {exc}", PluginWarning, stacklevel=3)
+        _report(f"tripletlab plugin {source!r} failed to load and was skipped: {type(exc).__name__}: {exc}")
         return False
     finally:
         registry._current_source = previous
@@ -93,8 +104,7 @@ def load_plugin(spec: str) -> bool:
     path = Path(spec)
     if spec.endswith(".py"):
         if not path.is_file():
-            warnings.warn(f"tripletlab plugin {spec!r} failed to load and was skipped: no such file",
-                          PluginWarning, stacklevel=2)
+            _report(f"tripletlab plugin {spec!r} failed to load and was skipped: no such file")
             return False
         return _import_as(spec, lambda: _import_file(path))
     return _import_as(spec, lambda: importlib.import_module(spec))

@@ -19,12 +19,12 @@ from experiments.tracking import mask_secrets, resolve_tracking_uri
 
 from .config import load_sweep_config
 from .context import SweepContext
-from .final import final_tasks, summarize, write_outputs
-from .storage import default_storage, open_storage
+from .final import final_tasks, summarize, wait_for_finished_studies, write_outputs
+from .storage import budget_lock, default_storage, open_storage
 from .study import base_experiment, create_studies
 from .table import markdown_table
 from .tracking import ensure_parent_runs, finish_runs, prepare_tracking
-from .workers import plan_workers, run_phase
+from .workers import finish_finals, plan_workers, run_phase
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -67,22 +67,28 @@ def main(args: argparse.Namespace) -> int:
     slots = plan_workers(args.workers, base.device, cfg.trials_per_gpu)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    # Everything shared is opened and created once, here, before any worker starts.
+    # Everything shared is opened and created once, here, before any worker starts; the budget lock
+    # keeps the commands of several machines from each creating the parent runs.
     storage = open_storage(storage_spec, cfg.heartbeat_interval, cfg.grace_period)
     experiment_id = prepare_tracking(ctx)
     create_studies(ctx, storage)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    ensure_parent_runs(ctx, experiment_id)
+    lock = budget_lock(storage, ctx.lock_path, cfg.name)
+    with lock:
+        ensure_parent_runs(ctx, experiment_id)
     (sweep_dir / "sweep.yaml").write_text(cfg.to_yaml())
     print(f"sweep {cfg.name!r}: {len(cfg.losses)} losses x {cfg.trials} trials, {cfg.seeds} final seeds, "
           f"{len(slots)} worker(s); studies in {mask_secrets(storage_spec)}", flush=True)
 
     failed = run_phase(ctx, "tune", slots, storage)
+    wait_for_finished_studies(ctx, storage)  # final runs start only on finished studies
     tasks = final_tasks(ctx, storage)
     failed += run_phase(ctx, "final", slots[:max(1, min(len(slots), len(tasks)))], storage, tasks)
+    finish_finals(ctx, storage, tasks)
     table = summarize(ctx, storage)
     paths = write_outputs(ctx, table)
-    finish_runs(ctx, experiment_id, paths)
+    with lock:
+        finish_runs(ctx, experiment_id, paths)
 
     print()
     print(markdown_table(table))

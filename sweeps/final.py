@@ -8,6 +8,7 @@ seeds already done for the same best trial.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from .context import SweepContext
-from .storage import budget_trials
-from .study import base_experiment, trial_experiment
+from .storage import budget_lock, budget_trials, recover_stale_trials, worker_identity
+from .study import base_experiment, trial_experiment, tune
 from .table import TABLE_METRICS, short_value, t_interval, write_table
+from .tracking import end_orphaned_runs
+
+WAIT_REPORT_SECONDS = 30  # a progress line at least this often while waiting for other workers
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -50,6 +54,40 @@ def final_runs(ctx: SweepContext, client: MlflowClient, loss: str, best_number: 
     return {int(run.data.tags["tripletlab.seed"]): run for run in runs}
 
 
+def _running_on(trials: list[optuna.trial.FrozenTrial]) -> str:
+    return ", ".join(f"trial {t.number} on {t.user_attrs.get('worker_host', '?')} "
+                     f"(pid {t.user_attrs.get('worker_pid', '?')})" for t in trials)
+
+
+def wait_for_finished_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> None:
+    """Return once every loss's study holds its budget with no trial running: the best trial is final.
+
+    Stale trials are recovered first; their retries, and any trial still to start, run here. Trials
+    running on live workers (other machines included) are waited for, with a line naming them.
+    """
+    lock = budget_lock(storage, ctx.lock_path, ctx.sweep.name)
+    poll = max(0.5, min(5.0, ctx.sweep.heartbeat_interval))
+    for loss in ctx.sweep.losses:
+        study = optuna.load_study(study_name=ctx.study_name(loss), storage=storage)
+        shown, shown_at = "", 0.0
+        while True:
+            with lock:
+                recover_stale_trials(study, storage, ctx.sweep.grace_period)
+                end_orphaned_runs(ctx, loss, study)
+                trials = budget_trials(study)
+            if len(trials) < ctx.budget(loss) or any(t.state == TrialState.WAITING for t in trials):
+                tune(ctx, loss, storage)
+                continue
+            running = _running_on([t for t in trials if t.state == TrialState.RUNNING])
+            if not running:
+                break
+            if running != shown or time.monotonic() - shown_at > WAIT_REPORT_SECONDS:
+                print(f"[{loss}] waiting for trials on live workers before the final runs: {running}",
+                      flush=True)
+                shown, shown_at = running, time.monotonic()
+            time.sleep(poll)
+
+
 def final_tasks(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> list[tuple[str, int]]:
     """The (loss, seed) retrains still to do: losses with a completed trial, seeds not yet done."""
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
@@ -64,21 +102,24 @@ def final_tasks(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> list
     return tasks
 
 
-def run_final(ctx: SweepContext, storage: optuna.storages.BaseStorage, loss: str, seed: int) -> None:
-    """Retrain ``loss``'s best configuration with ``seed`` and test it; a failure is reported, not raised."""
+def run_final(ctx: SweepContext, storage: optuna.storages.BaseStorage, loss: str, seed: int) -> str | None:
+    """Retrain ``loss``'s best configuration with ``seed`` and test it; a failure is reported and
+    returned (the error as one line), not raised."""
     from experiments.runner import run_experiment
 
     best = best_trial(optuna.load_study(study_name=ctx.study_name(loss), storage=storage))
     cfg = trial_experiment(base_experiment(ctx), best_values(ctx, loss, best), seed)
     tags = {"tripletlab.role": "final", "tripletlab.sweep": ctx.sweep.name, "tripletlab.best_trial": str(best.number),
-            "optuna.study_name": ctx.study_name(loss)}
+            "optuna.study_name": ctx.study_name(loss),
+            **{f"tripletlab.worker_{k}": str(v) for k, v in worker_identity().items()}}
     try:
         result = run_experiment(cfg, tracking_uri=ctx.tracking_uri, experiment_name=ctx.sweep.name,
                                 parent_run_id=ctx.parents[loss], run_name=f"{loss}/seed-{seed}", tags=tags)
     except Exception as exc:
         print(f"[{loss}] final seed {seed} failed: {type(exc).__name__}: {exc}", flush=True)
-        return
+        return f"{type(exc).__name__}: {exc}"
     print(f"[{loss}] final seed {seed}: test MAP@R {result.test_metrics['map_at_r']:.4f}", flush=True)
+    return None
 
 
 def _trial_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:

@@ -26,7 +26,8 @@ from experiments.tracking import mask_secrets
 
 from .context import SweepContext
 from .space import SearchSpace
-from .storage import BudgetLock, beat, budget_trials, enqueue_retry, mark_worker, recover_stale_trials
+from .storage import (ExclusiveStep, beat, budget_lock, budget_trials, enqueue_retry, mark_worker,
+                      recover_stale_trials)
 from .table import short_value
 from .tracking import end_orphaned_runs
 
@@ -102,7 +103,7 @@ def create_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> N
 class Objective:
     """One trial: sample, train as an MLflow child run, report each epoch, return val MAP@R."""
 
-    def __init__(self, ctx: SweepContext, loss: str, lock: BudgetLock) -> None:
+    def __init__(self, ctx: SweepContext, loss: str, lock: ExclusiveStep) -> None:
         self.ctx, self.loss, self.lock = ctx, loss, lock
         self.space: SearchSpace = ctx.space(loss)
         self.base = base_experiment(ctx)
@@ -174,7 +175,7 @@ def tune(ctx: SweepContext, loss: str, storage: optuna.storages.BaseStorage, wor
     study = optuna.load_study(study_name=ctx.study_name(loss), storage=storage,
                               sampler=make_sampler(ctx, worker_index), pruner=make_pruner(ctx))
     target = ctx.budget(loss)
-    lock = BudgetLock(ctx.lock_path)
+    lock = budget_lock(storage, ctx.lock_path, ctx.sweep.name)
     objective = Objective(ctx, loss, lock)
     while True:
         lock.acquire()

@@ -15,6 +15,7 @@ from experiments.provenance import provenance_tags
 from experiments.tracking import get_or_create_experiment, prepare_store
 
 from .context import SweepContext
+from .storage import claim_alive, final_claim
 
 
 def _find_or_create(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
@@ -62,27 +63,57 @@ def finish_runs(ctx: SweepContext, experiment_id: str, artifacts: list[Path]) ->
     return summary
 
 
-def end_orphaned_runs(ctx: SweepContext, loss: str, study: optuna.Study) -> list[str]:
-    """End as KILLED the RUNNING trial runs of ``loss`` whose Optuna trial is no longer running
-    (its worker died and the trial was failed as stale); returns their run ids."""
-    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+def _runs(client: MlflowClient, ctx: SweepContext, query: str) -> list:
     experiment = client.get_experiment_by_name(ctx.sweep.name)
     if experiment is None:
         return []
-    runs = client.search_runs([experiment.experiment_id], filter_string=(
-        f"tags.`optuna.study_name` = '{ctx.study_name(loss)}' and tags.`tripletlab.role` = 'trial' "
-        "and attributes.status = 'RUNNING'"))
+    return client.search_runs([experiment.experiment_id], filter_string=query, max_results=5000)
+
+
+def _end_killed(client: MlflowClient, run_id: str, reason: str) -> None:
+    client.set_tag(run_id, "tripletlab.error", f"worker lost: {reason}")
+    client.set_terminated(run_id, status="KILLED")
+
+
+def end_orphaned_runs(ctx: SweepContext, loss: str, study: optuna.Study) -> list[str]:
+    """End as KILLED the RUNNING trial runs of ``loss`` whose Optuna trial is no longer running
+    (its worker died and the trial was failed as stale); returns their run ids. A run its worker
+    finished just before dying, whose trial was then failed and retried, is tagged ``failed``."""
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    study_runs = f"tags.`optuna.study_name` = '{ctx.study_name(loss)}' and tags.`tripletlab.role` = 'trial'"
+    runs = _runs(client, ctx, f"{study_runs} and attributes.status = 'RUNNING'")
+    runs += _runs(client, ctx, f"{study_runs} and tags.`tripletlab.trial_state` = 'complete'")
     if not runs:
         return []
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     ended = []
     for run in runs:
         trial = trials.get(int(run.data.tags.get("optuna.trial_number", -1)))
-        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
+        if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE):
             continue
         reason = trial.user_attrs.get("fail_reason") or "its worker stopped before ending the run"
         client.set_tag(run.info.run_id, "tripletlab.trial_state", "failed")
-        client.set_tag(run.info.run_id, "tripletlab.error", f"worker lost: {reason}")
-        client.set_terminated(run.info.run_id, status="KILLED")
+        if run.info.status == "RUNNING":
+            _end_killed(client, run.info.run_id, reason)
+            ended.append(run.info.run_id)
+    return ended
+
+
+def end_orphaned_final_runs(ctx: SweepContext, loss: str, study: optuna.Study) -> list[str]:
+    """End as KILLED the RUNNING final runs of ``loss`` whose worker no longer holds a live claim
+    on their seed (it died, or its claim went stale and another worker took the seed); returns
+    their run ids."""
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    runs = _runs(client, ctx, f"tags.`mlflow.parentRunId` = '{ctx.parents[loss]}' "
+                              "and tags.`tripletlab.role` = 'final' and attributes.status = 'RUNNING'")
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        claim = final_claim(study, int(tags["tripletlab.seed"]))
+        owner = (tags.get("tripletlab.worker_host"), tags.get("tripletlab.worker_pid"))
+        if claim_alive(claim, ctx.sweep.grace_period) and owner == (claim["host"], str(claim["pid"])):
+            continue
+        _end_killed(client, run.info.run_id,
+                    f"its worker (pid {owner[1]} on {owner[0]}) stopped before ending it")
         ended.append(run.info.run_id)
     return ended

@@ -12,13 +12,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from mlflow import MlflowClient
 
 from .context import SweepContext
-from .storage import open_storage
+from .storage import (Heartbeat, budget_lock, claim_alive, final_claim, open_storage, set_final_claim,
+                      worker_identity)
 
 STORAGE_ENV = "TRIPLETLAB_SWEEP_STORAGE"
 
@@ -66,11 +69,69 @@ def tune_all(ctx: SweepContext, storage: optuna.storages.BaseStorage, worker_ind
         tune(ctx, loss, storage, worker_index)
 
 
-def run_finals(ctx: SweepContext, storage: optuna.storages.BaseStorage, tasks: list[tuple[str, int]]) -> None:
-    from .final import run_final
+def _claimed_elsewhere(claim: dict | None, best: int, grace_period: float) -> bool:
+    """Whether another live worker is running this final seed of best trial ``best``."""
+    if not claim or claim.get("best_trial") != best:
+        return False
+    me = worker_identity()
+    mine = (claim.get("host"), claim.get("pid")) == (me["host"], me["pid"])
+    return not mine and claim_alive(claim, grace_period)
 
+
+def run_finals(ctx: SweepContext, storage: optuna.storages.BaseStorage, tasks: list[tuple[str, int]],
+               retry_failed: bool = True) -> list[tuple[str, int]]:
+    """Run each (loss, seed) retrain that is neither done nor claimed by a live worker (on any
+    machine), claiming it first; returns the tasks live workers elsewhere are running.
+
+    A claim (study user attribute, see :func:`sweeps.storage.final_claim`) is taken under the
+    budget lock and kept fresh by a heartbeat; it is given up when the run ends, or marked failed
+    when it failed (``retry_failed=False`` leaves such seeds alone).
+    """
+    from .final import best_trial, final_runs, run_final
+    from .tracking import end_orphaned_final_runs
+
+    lock = budget_lock(storage, ctx.lock_path, ctx.sweep.name)
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    elsewhere = []
     for loss, seed in tasks:
-        run_final(ctx, storage, loss, seed)
+        study = optuna.load_study(study_name=ctx.study_name(loss), storage=storage)
+        best = best_trial(study).number
+        with lock:
+            end_orphaned_final_runs(ctx, loss, study)
+            claim = final_claim(study, seed)
+            if seed in final_runs(ctx, client, loss, best):
+                continue
+            if _claimed_elsewhere(claim, best, ctx.sweep.grace_period):
+                elsewhere.append((loss, seed))
+                continue
+            if claim and claim.get("failed") and claim.get("best_trial") == best and not retry_failed:
+                continue
+            set_final_claim(study, seed, best)
+        outcome = None
+        try:
+            with Heartbeat(lambda: set_final_claim(study, seed, best), ctx.sweep.heartbeat_interval):
+                outcome = run_final(ctx, storage, loss, seed)
+        finally:
+            with lock:
+                set_final_claim(study, seed, None if outcome is None else best, failed=outcome)
+    return elsewhere
+
+
+def finish_finals(ctx: SweepContext, storage: optuna.storages.BaseStorage,
+                  tasks: list[tuple[str, int]]) -> None:
+    """After the final phase: run here the retrains a dead worker left, wait for those running on
+    live workers elsewhere (with a line naming them), and take over any whose worker dies."""
+    poll = max(0.5, min(5.0, ctx.sweep.heartbeat_interval))
+    shown = None
+    while True:
+        tasks = run_finals(ctx, storage, tasks, retry_failed=False)
+        if not tasks:
+            return
+        if tasks != shown:
+            print("waiting for final runs on live workers: "
+                  + ", ".join(f"{loss} seed {seed}" for loss, seed in tasks), flush=True)
+            shown = tasks
+        time.sleep(poll)
 
 
 def run_phase(ctx: SweepContext, phase: str, slots: list[WorkerSlot], storage: optuna.storages.BaseStorage,
@@ -109,7 +170,11 @@ def worker_main(spec_path: str, index: int) -> int:
 
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(ctx.storage, ctx.sweep.heartbeat_interval, ctx.sweep.grace_period)
+    try:
+        storage = open_storage(ctx.storage, ctx.sweep.heartbeat_interval, ctx.sweep.grace_period)
+    except ValueError as exc:  # the database went away after the command opened it
+        print(f"worker {index} ({spec['phase']}): error: {exc}", file=sys.stderr, flush=True)
+        return 1
     if spec["phase"] == "tune":
         tune_all(ctx, storage, index)
     else:

@@ -7,7 +7,8 @@ system user when running as root (PostgreSQL refuses to run as root). Without ei
 that need it skip and say why.
 
 Import the fixtures into a test module with ``from postgres_fixture import postgres_server,
-postgres_url``.
+postgres_url``. A test that restarts the server uses ``restartable_postgres`` instead: always a
+throwaway cluster of its own, never the shared server.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -129,6 +132,7 @@ class _ThrowawayCluster:
             raise RuntimeError(f"{args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
 
     def start(self) -> str:
+        """Create the cluster and start it; returns the URL of its admin role."""
         password_file = self.root / "password"
         password_file.write_text(self.password + "\n")
         if self.user:
@@ -136,11 +140,21 @@ class _ThrowawayCluster:
                 os.chown(path, self.user.pw_uid, self.user.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", CLUSTER_ROLE, "-E", "UTF8", "--no-sync",
                   "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}")
+        self._start_server()
+        return f"postgresql://{CLUSTER_ROLE}:{self.password}@127.0.0.1:{self.port}/postgres"
+
+    def _start_server(self) -> None:
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}"
                    " -c fsync=off -c synchronous_commit=off -c full_page_writes=off")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options,
                   "-w", "-t", "60", "start")
-        return f"postgresql://{CLUSTER_ROLE}:{self.password}@127.0.0.1:{self.port}/postgres"
+
+    def restart(self, down_seconds: float) -> None:
+        """Stop the server as an administrator would (``-m fast``: sessions are cut), stay down
+        ``down_seconds``, start it again on the same port."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        time.sleep(down_seconds)
+        self._start_server()
 
     def stop(self) -> None:
         try:
@@ -148,6 +162,22 @@ class _ThrowawayCluster:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _started_cluster(why_needed: str) -> tuple[_ThrowawayCluster, str]:
+    """A throwaway cluster, started, and its admin URL; or a skip saying why there is none."""
+    bin_dir = _bin_dir()
+    if bin_dir is None:
+        pytest.skip(f"no PostgreSQL: {why_needed} (apt-get install postgresql; .ci/run does it)")
+    try:
+        cluster = _ThrowawayCluster(bin_dir)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        return cluster, cluster.start()
+    except Exception as exc:  # noqa: BLE001
+        cluster.stop()
+        pytest.skip(f"could not start a throwaway PostgreSQL cluster with {bin_dir}: {exc}")
 
 
 @pytest.fixture(scope="session")
@@ -163,21 +193,28 @@ def postgres_server():
             pytest.fail(f"{ENV_URL} is set but the server cannot be used: {exc}")
         yield server
         return
-    bin_dir = _bin_dir()
-    if bin_dir is None:
-        pytest.skip(f"no PostgreSQL: set {ENV_URL} or install the server "
-                    "(apt-get install postgresql); .ci/run does both")
-    try:
-        cluster = _ThrowawayCluster(bin_dir)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    try:
-        admin_url = cluster.start()
-    except Exception as exc:  # noqa: BLE001
-        cluster.stop()
-        pytest.skip(f"could not start a throwaway PostgreSQL cluster with {bin_dir}: {exc}")
+    cluster, admin_url = _started_cluster(f"set {ENV_URL} or install the server")
     try:
         yield PostgresServer(admin_url)
+    finally:
+        cluster.stop()
+
+
+@dataclass(frozen=True)
+class RestartablePostgres:
+    """A server of the test module's own, and how to restart it."""
+
+    server: PostgresServer
+    restart: Callable[[float], None]  # restart(down_seconds)
+
+
+@pytest.fixture(scope="module")
+def restartable_postgres():
+    """A throwaway PostgreSQL cluster for one test module, which its tests may restart."""
+    pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install '.[postgres]')")
+    cluster, admin_url = _started_cluster("a test that restarts the server needs initdb and pg_ctl")
+    try:
+        yield RestartablePostgres(PostgresServer(admin_url), cluster.restart)
     finally:
         cluster.stop()
 

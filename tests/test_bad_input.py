@@ -1,7 +1,9 @@
 """Bad input, table-driven: each case feeds one mistake to ``tripletlab train``, ``tripletlab
 sweep`` or the loader that reads it, and checks the error type, that the message names the
 problem, and that nothing is left half-written (no RUNNING MLflow run, no Optuna study that a
-corrected re-run would trip over)."""
+corrected re-run would trip over). A second table runs whole ``tripletlab`` commands that fail
+(a NaN loss, an unexpected exception, a broken plugin under ``PYTHONWARNINGS=ignore``, an unknown
+loss name) and checks the exit status and the one line on stderr, with no traceback."""
 from __future__ import annotations
 
 import gzip
@@ -22,6 +24,7 @@ from PIL import Image
 from postgres_fixture import free_port
 
 from experiments.cli import build_parser
+from experiments.cli import main as cli_main
 from experiments.datasets.base import LabeledImages
 from experiments.paired_data import load_paired_file
 from experiments.tracking import prepare_store
@@ -210,3 +213,87 @@ def test_bad_input_is_refused_cleanly(case: Case, tracking_store: str, tmp_path:
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
         studies = optuna.get_all_study_names(storage)
         assert not studies, f"the failed sweep left studies {studies} in {journal}"
+
+
+# --- whole commands that fail: exit status and one line on stderr ----------------------------
+
+FAILING_LOSS = """
+from losses import HyperParam, MetricLoss, register_loss
+
+@register_loss({name!r})
+class Failing(MetricLoss):
+    \"\"\"A loss that trains for two steps, then {what}.\"\"\"
+    paper = "none: a fault-injection loss"
+    hyperparams = (HyperParam("scale", float, 1.0, "scale", low=0.0),)
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale, self.calls = scale, 0
+
+    def compute(self, embeddings, labels, ref_embeddings, ref_labels):
+        self.calls += 1
+        if self.calls > 2:
+            {action}
+        return self.scale * embeddings.pow(2).mean()
+"""
+
+
+def failing_loss_plugin(root: Path, name: str, what: str, action: str) -> Path:
+    return plugin_file(root, name, FAILING_LOSS.format(name=name, what=what, action=action))
+
+
+def train_with_plugin_loss(w: Workspace, name: str, what: str, action: str) -> list[str]:
+    plugin = failing_loss_plugin(w.root, name, what, action)
+    return ["--plugin", str(plugin), "train", "--tracking-uri", w.tracking_uri, "--experiment", "bad-input",
+            f"loss.name={name}", *TINY]
+
+
+@dataclass(frozen=True)
+class CommandCase:
+    id: str
+    argv: Callable[[Workspace], list[str]]
+    exit_code: int
+    stderr: str  # regular expression the error line must match
+    warnings_filter: str = "default"  # "ignore": as under PYTHONWARNINGS=ignore
+
+
+COMMAND_CASES = [
+    CommandCase("train-nan-loss", lambda w: train_with_plugin_loss(
+        w, "nan_later", "returns NaN", "return embeddings.sum() * float('nan')"), 1,
+        r"^tripletlab train: the run failed: the training loss or embeddings became non-finite in epoch 1; "
+        r"lower optimizer\.lr .* or set train\.grad_clip$"),
+    CommandCase("train-unexpected-exception", lambda w: train_with_plugin_loss(
+        w, "raises_later", "raises", "raise RuntimeError('kaboom in compute')"), 1,
+        r"^tripletlab train: unexpected error: RuntimeError: kaboom in compute "
+        r"\(traceback in (?P<log>\S+\.log);"),
+    CommandCase("plugin-broken-warnings-ignored", lambda w: [
+        "--plugin", str(plugin_file(w.root, "exploding", "raise RuntimeError('boom on import')\n")),
+        "losses", "triplet"], 0,
+        r"^warning: tripletlab plugin .*exploding\.py.* RuntimeError: boom on import$", warnings_filter="ignore"),
+    CommandCase("losses-unknown-name", lambda w: ["losses", "tripplet"], 2,
+                r"^tripletlab losses: error: unknown loss 'tripplet'\. Did you mean 'triplet'"),
+    CommandCase("losses-pattern-matches-nothing", lambda w: ["losses", "tripplet*"], 2,
+                r"^tripletlab losses: error: no loss matches 'tripplet\*'; registered: .*batch_hard"),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in COMMAND_CASES])
+def test_failing_command_prints_one_line_and_exits_non_zero(case: CommandCase, tracking_store: str,
+                                                           tmp_path: Path, capsys, restore_registry):
+    with warnings.catch_warnings():
+        warnings.simplefilter(case.warnings_filter)
+        code = cli_main(case.argv(Workspace(tmp_path, tracking_store)))
+    err = capsys.readouterr().err
+    assert code == case.exit_code, err
+    assert "Traceback" not in err, err
+    matches = [m for m in map(re.compile(case.stderr).search, err.splitlines()) if m]
+    assert len(matches) == 1, f"expected one line matching {case.stderr!r} on stderr, got:\n{err}"
+    if "log" in matches[0].groupdict():  # the traceback went to the named log file
+        log = Path(matches[0]["log"])
+        assert "Traceback" in log.read_text() and "kaboom in compute" in log.read_text()
+        log.unlink()
+    client = MlflowClient(tracking_uri=tracking_store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], "runs left RUNNING"
+    failed = [r for r in runs if r.info.status == "FAILED" and r.data.tags.get("tripletlab.loss") in case.id]
+    assert not failed or "tripletlab.error" in failed[0].data.tags

@@ -1,12 +1,16 @@
 """Faults on real servers (PostgreSQL study, PostgreSQL-backed ``mlflow server``): a worker killed
-with SIGKILL or stopped with SIGINT in the middle of a trial, the tracking server going away for a
-while, and a loss that turns NaN. After each, the counts are exact, no trial or run is left
-RUNNING, and the sweep resumes with the same command."""
+with SIGKILL or stopped with SIGINT in the middle of a trial, a trial held by a live worker when
+the budget is reached, the tracking server going away for a while, and a loss that turns NaN.
+After each, the counts are exact, no trial or run is left RUNNING, final runs start only on a
+finished study, and the sweep resumes with the same command."""
 from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
+import socket
+import subprocess
 import time
 
 import optuna
@@ -17,11 +21,15 @@ from mlflow_server_fixture import (finish, kill_group, mlflow_server, start_swee
 from optuna.trial import TrialState
 from postgres_fixture import postgres_server, postgres_url  # noqa: F401
 
+from sweeps.storage import budget_trials, fail_for_retry, open_storage, recover_stale_trials
+
 pytestmark = pytest.mark.postgres
 
 LOSS = "batch_hard"
 # Trials long enough (a few seconds) that a test can catch one in the middle.
 LONGER_TRIAL = ["dataset.max_per_class=60", "epochs=3"]
+# Optuna's default grace period: a dead worker must be seen at once by its process, not its heartbeat.
+DEFAULT_GRACE = ["grace_period=600"]
 
 NAN_PLUGIN = '''
 from losses import HyperParam, MetricLoss, register_loss
@@ -87,11 +95,56 @@ def assert_nothing_running(storage: str, sweep: str, client: MlflowClient) -> No
     assert not stuck, f"MLflow runs left RUNNING: {stuck}"
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _running(study: optuna.Study, host: str, pid: int) -> optuna.Trial:
+    trial = study.ask({"loss.margin": optuna.distributions.FloatDistribution(0.01, 1.0)})
+    for key, value in {"worker_host": host, "worker_pid": pid, "heartbeat": time.time()}.items():
+        trial.set_user_attr(key, value)
+    return trial
+
+
+def test_database_liveness_asks_the_process_here_and_the_heartbeat_elsewhere(postgres_url):  # noqa: F811
+    storage = open_storage(postgres_url, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="liveness", storage=storage, direction="maximize")
+    here = socket.gethostname()
+    silent = _running(study, "another-machine", 4242)
+    storage.record_heartbeat(silent._trial_id)
+    time.sleep(3)  # older than the grace period
+    beating = _running(study, "another-machine", 4242)
+    storage.record_heartbeat(beating._trial_id)
+    dead = _running(study, here, _dead_pid())  # no heartbeat yet, but its process is gone
+    alive = _running(study, here, os.getpid())
+    orphan = _running(study, here, _dead_pid())
+    assert fail_for_retry(storage, study.trials[orphan.number], "stale: test")  # its recoverer died here
+
+    assert recover_stale_trials(study, storage, grace_period=2) == [silent.number, dead.number]
+    by_number = {t.number: t for t in study.get_trials()}
+    assert "no heartbeat from its worker (pid 4242 on another-machine) for over 2s" in \
+        by_number[silent.number].user_attrs["fail_reason"]
+    assert "exited without finishing it" in by_number[dead.number].user_attrs["fail_reason"]
+    assert by_number[beating.number].state == by_number[alive.number].state == TrialState.RUNNING
+    waiting = [t for t in by_number.values() if t.state == TrialState.WAITING]
+    retried = sorted(t.system_attrs["retry_history"][0] for t in waiting)
+    assert retried == [silent.number, dead.number, orphan.number]
+    assert len(budget_trials(study)) == 5
+    assert recover_stale_trials(study, storage, grace_period=2) == []
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 3, "a retry was queued twice"
+
+
+def final_runs_of(client: MlflowClient, sweep: str) -> list:
+    return [r for r in runs_of(client, sweep, "final") if r.info.status == "FINISHED"]
+
+
 def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_server, postgres_url, tmp_path):  # noqa: F811
     sweep, trials = "killed", 4
     client = MlflowClient(tracking_uri=mlflow_server.url)
     command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=2, trials=trials,
-                            extra=LONGER_TRIAL)
+                            extra=[*LONGER_TRIAL, *DEFAULT_GRACE])
     log = tmp_path / "sweep.log"
     leader = start_sweep(command, log)
     try:
@@ -101,12 +154,18 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
         code = finish(leader, log)
     finally:
         kill_group(leader)
+    # The command reports the lost worker, and has already failed its trial (its process is gone:
+    # no wait for the 600 s grace period) and retried it before the final run.
     assert code != 0 and "re-run the same command to resume" in log.read_text()
+    assert len(final_runs_of(client, sweep)) == 1
+    assert_nothing_running(postgres_url, sweep, client)
 
-    # Restart: the same command, one worker (the machine that lost its worker).
+    # Re-run at once, one worker (the machine that lost its worker): nothing is left to do.
     restart_log = tmp_path / "restart.log"
     restart = [*command[:command.index("--workers") + 1], "1", *command[command.index("--workers") + 2:]]
     assert finish(start_sweep(restart, restart_log), restart_log) == 0, restart_log.read_text()[-3000:]
+    assert not re.search(r"\] trial \d+", restart_log.read_text()), "the re-run ran trials again"
+    assert len(final_runs_of(client, sweep)) == 1
 
     by_number = {t.number: t for t in study_trials(postgres_url, sweep)}
     assert by_number[victim.number].state == TrialState.FAIL
@@ -125,6 +184,47 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
     assert len(killed_runs) == 1
     assert killed_runs[0].info.status in ("FAILED", "KILLED"), "the dead worker's run was left RUNNING"
     assert "worker lost" in killed_runs[0].data.tags["tripletlab.error"]
+    assert_nothing_running(postgres_url, sweep, client)
+
+
+def test_final_runs_wait_for_a_live_worker_and_take_over_its_trial_when_it_dies(
+        mlflow_server, postgres_url, tmp_path):  # noqa: F811
+    sweep, trials = "waits", 2
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
+                            trials=trials, extra=DEFAULT_GRACE)
+    # Another worker of the same machine holds trial 0: a live process the test controls.
+    holder = subprocess.Popen(["sleep", "600"])
+    study = optuna.create_study(study_name=f"{sweep}/{LOSS}", storage=rdb_storage(postgres_url),
+                                direction="maximize")
+    _running(study, socket.gethostname(), holder.pid)
+    log = tmp_path / "sweep.log"
+    sweeping = start_sweep(command, log)
+    try:
+        line = (f"[{LOSS}] waiting for trials on live workers before the final runs: "
+                f"trial 0 on {socket.gethostname()} (pid {holder.pid})")
+        wait_for(lambda: line in log.read_text(), 240, "the line saying what the final runs wait for",
+                 sweeping, log)
+        time.sleep(2)  # still waiting: the trial's worker is alive
+        assert sweeping.poll() is None and not runs_of(client, sweep, "final")
+        holder.kill()
+        holder.wait()
+        code = finish(sweeping, log)
+    finally:
+        holder.kill()
+        kill_group(sweeping)
+    assert code == 0, log.read_text()[-3000:]
+
+    by_number = {t.number: t for t in study_trials(postgres_url, sweep)}
+    assert by_number[0].state == TrialState.FAIL
+    assert "exited without finishing" in by_number[0].user_attrs["fail_reason"]
+    [retry] = [t for t in by_number.values() if t.system_attrs.get("retry_history") == [0]]
+    assert retry.state == TrialState.COMPLETE
+    assert [t.state for t in by_number.values()].count(TrialState.COMPLETE) == trials
+    [final] = final_runs_of(client, sweep)
+    best = max((t for t in by_number.values() if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert final.data.tags["tripletlab.best_trial"] == str(best.number)
+    assert log.read_text().index(line) < log.read_text().index("final seed 1")
     assert_nothing_running(postgres_url, sweep, client)
 
 

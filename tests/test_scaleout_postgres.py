@@ -1,6 +1,12 @@
 """Scale-out on real servers: three sweep workers share one Optuna study in PostgreSQL and log to
-one PostgreSQL-backed ``mlflow server``; nothing is lost or duplicated."""
+one PostgreSQL-backed ``mlflow server``; nothing is lost or duplicated. The budget lock is on the
+database, so workers on different machines (no shared lock file) start exactly ``trials`` trials."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
@@ -10,6 +16,7 @@ from optuna.trial import TrialState
 from postgres_fixture import postgres_server, postgres_url  # noqa: F401
 
 from experiments.server import DEFAULT_HOST, build_parser, server_command
+from sweeps.storage import AdvisoryLock, budget_lock, open_storage
 
 pytestmark = pytest.mark.postgres
 
@@ -62,3 +69,81 @@ def test_three_workers_share_one_study(mlflow_server, postgres_url, tmp_path):  
         run = by_id[trial.user_attrs["mlflow_run_id"]]
         assert run.data.tags["optuna.trial_number"] == str(trial.number)
         assert run.data.tags["tripletlab.trial_state"] == "complete"
+
+
+# A worker of another machine: its own lock directory, the real budget step ("count, then ask")
+# with a pause inside it, so that workers without a common lock would each start the last trials.
+RACER = """
+import sys, time
+import optuna
+from sweeps.storage import budget_lock, budget_trials, open_storage
+
+url, lock_dir, target, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+storage = open_storage(url, heartbeat_interval=1, grace_period=3)
+study = optuna.load_study(study_name="race/batch_hard", storage=storage)
+lock = budget_lock(storage, lock_dir + "/budget.lock", "race")
+while not __import__("os").path.exists(go):
+    time.sleep(0.01)
+while True:
+    with lock:
+        if len(budget_trials(study)) >= target:
+            break
+        time.sleep(0.05)
+        trial = study.ask()
+    time.sleep(0.02)
+    study.tell(trial, 0.5)
+"""
+
+
+def _python(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_advisory_lock_excludes_other_connections(postgres_url):  # noqa: F811
+    storage = open_storage(postgres_url)
+    lock = budget_lock(storage, "unused", "exclusive")
+    assert isinstance(lock, AdvisoryLock)
+    script = ("import sys, time; from sweeps.storage import budget_lock, open_storage; "
+              "lock = budget_lock(open_storage(sys.argv[1]), 'unused', 'exclusive'); "
+              "print('ready', flush=True); t = time.time(); lock.acquire(); print(time.time() - t)")
+    with lock:
+        proc = _python("-c", script, postgres_url)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.5)  # the other process waits on the database
+    waited = float(proc.communicate(timeout=120)[0].split()[-1])
+    assert waited >= 1.0
+
+
+def test_advisory_lock_of_a_killed_worker_is_released(postgres_url):  # noqa: F811
+    script = ("import sys, time; from sweeps.storage import budget_lock, open_storage; "
+              "budget_lock(open_storage(sys.argv[1]), 'unused', 'killed').acquire(); "
+              "print('held', flush=True); time.sleep(600)")
+    holder = _python("-c", script, postgres_url)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    lock = budget_lock(open_storage(postgres_url), "unused", "killed")
+    start = time.monotonic()
+    with lock:
+        assert time.monotonic() - start < 10
+
+
+def test_budget_is_exact_for_workers_on_several_machines(postgres_url, tmp_path):  # noqa: F811
+    target, machines = 12, 4
+    optuna.create_study(study_name="race/batch_hard", storage=open_storage(postgres_url))
+    go = tmp_path / "go"
+    racers = []
+    for machine in range(machines):
+        lock_dir = tmp_path / f"machine-{machine}"
+        lock_dir.mkdir()
+        racers.append(_python("-c", RACER, postgres_url, str(lock_dir), str(target), str(go)))
+    time.sleep(3)  # every racer imported Optuna and waits for the start
+    go.write_text("")
+    outputs = [racer.communicate(timeout=180)[0] for racer in racers]
+    assert [r.returncode for r in racers] == [0] * machines, outputs
+    trials = optuna.load_study(study_name="race/batch_hard", storage=postgres_url).get_trials(deepcopy=False)
+    overshoot = len(trials) - target
+    assert overshoot == 0, f"{len(trials)} trials for a budget of {target}"
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * target

@@ -55,8 +55,8 @@ class ModelConfig:
 
 @dataclass
 class BatchConfig:
-    p: int = 8  # classes per batch
-    k: int = 8  # images per class
+    p: int = 0  # classes per batch; 0 = auto: min(32, training classes), Hermans et al.'s P=32
+    k: int = 4  # images per class (Hermans et al.'s K=4)
 
 
 @dataclass
@@ -304,7 +304,8 @@ def validate(cfg: ExperimentConfig) -> None:
         _check(backbone or not value, f"{key} needs an ImageNet backbone (model.name resnet18, resnet50, "
                                       f"torchvision:<arch> or timm:<arch>), got model.name={cfg.model.name}")
     _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    _check(cfg.batch.p >= 2, f"batch.p (classes per batch) must be >= 2 so each batch has negatives, got {cfg.batch.p}")
+    _check(cfg.batch.p == 0 or cfg.batch.p >= 2,
+           f"batch.p (classes per batch) must be >= 2 so each batch has negatives (or 0 = auto), got {cfg.batch.p}")
     _check(cfg.batch.k >= 2, f"batch.k (images per class) must be >= 2 so each batch has positives, got {cfg.batch.k}")
     _check(cfg.model.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {cfg.model.embedding_dim}")
     _check(cfg.optimizer.lr > 0, f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")

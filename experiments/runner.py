@@ -75,8 +75,10 @@ def _split_params(info: dict[str, Any]) -> dict[str, str]:
 
 def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, Any], num_classes: int,
                    sampler: PKSampler) -> None:
-    """Fill derived loss params, then log the flattened config, the split and the resolved YAML."""
+    """Fill derived loss params and the sampler's resolved P, then log the flattened config, the
+    split and the resolved YAML."""
     _fill_derived_params(cfg, num_classes)
+    cfg.batch.p = sampler.p
     run.log_params({**flatten_config(cfg), **_split_params(split_info)})
     run.params_logged = True
     run.log_params({"data.classes_with_replacement": len(sampler.classes_with_replacement)})

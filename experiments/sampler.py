@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+AUTO_P = 32  # p=0: min(AUTO_P, classes), as Hermans et al.'s P=32, K=4 batches
+
 
 def _positive_int(value, key: str, minimum: int, why: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -28,11 +30,12 @@ class PKSampler:
 
     ``classes_with_replacement`` lists the class ids with fewer than K images (sampled with
     replacement); its ``len()`` is how many there are. Iterating starts epoch ``self.epoch`` and then advances it; ``set_epoch(e)``
-    jumps to an epoch, so a resumed run sees the same batches.
+    jumps to an epoch, so a resumed run sees the same batches. ``p=0`` takes ``min(AUTO_P, classes)``.
     """
 
     def __init__(self, labels: torch.Tensor, p: int, k: int, seed: int = 0):
-        self.p = _positive_int(p, "batch.p", 2, "a batch needs at least 2 classes for negatives")
+        if isinstance(p, bool) or p != 0:
+            p = _positive_int(p, "batch.p", 2, "a batch needs at least 2 classes for negatives; 0 = auto")
         self.k = _positive_int(k, "batch.k", 2, "each class needs at least 2 images for positives")
         self.seed = _positive_int(seed, "seed", 0, "a non-negative random seed")
         labels = torch.as_tensor(labels).detach().to("cpu", torch.int64).flatten()
@@ -40,6 +43,7 @@ class PKSampler:
             raise ValueError("PKSampler needs a non-empty training split")
         classes, self._class_of, self._counts = torch.unique(labels, return_inverse=True, return_counts=True)
         self.num_classes = int(self._counts.numel())
+        self.p = min(AUTO_P, self.num_classes) if p == 0 else p
         if self.p > self.num_classes:
             raise ValueError(f"batch.p={self.p} exceeds the {self.num_classes} classes of the training split; "
                              f"set batch.p to at most {self.num_classes} (or use a dataset with more classes)")

@@ -89,6 +89,13 @@ def test_a_split_smaller_than_a_batch_still_gives_one_batch():
     assert next(iter(sampler)).shape == (12,)
 
 
+def test_auto_p_takes_32_classes_or_all_of_fewer():
+    """p=0 (the default) is Hermans et al.'s P=32, or every class of a smaller training split."""
+    assert PKSampler(torch.arange(400) % 40, p=0, k=4).p == 32
+    small = PKSampler(torch.arange(100) % 10, p=0, k=4)
+    assert small.p == 10 and all(len(torch.unique(b % 10)) == 10 for b in small)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"p": 11, "k": 4}, r"batch\.p=11 exceeds the 10 classes .* set batch\.p to at most 10"),
     ({"p": 1, "k": 4}, r"batch\.p must be an int >= 2"),

@@ -18,10 +18,20 @@ from experiments.trainer import pick_device, train
 from losses import build_loss, loss_info
 
 
+def check_image_tower_options(cfg) -> None:
+    """The image tower is the small CNN or ResNet: refuse the backbone-only options, never ignore them."""
+    unsupported = [key for key, value in (("model.weights", cfg.model.weights), ("model.freeze_bn", cfg.model.freeze_bn),
+                                          ("dataset.crop_size", cfg.dataset.crop_size)) if value]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} are not supported for the paired dataset {cfg.dataset.name!r} "
+                         "(its image tower is the small CNN or ResNet): remove them")
+
+
 def train_and_evaluate_paired(cfg, run, on_epoch, evaluate_test: bool, log_embeddings: bool):
     """Train on a paired dataset and evaluate retrieval in both directions; one MLflow run."""
     from experiments.runner import finish_run, log_run_config
 
+    check_image_tower_options(cfg)
     device = pick_device(cfg.device)
     run.set_tags({"tripletlab.device": str(device), "tripletlab.task": "cross-modal"})
     splits = load_paired(cfg.dataset, cfg.seed)

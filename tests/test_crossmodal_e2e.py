@@ -48,3 +48,12 @@ def test_single_modality_loss_trains_on_concatenated_modalities(tmp_path):
     result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="cm")
     assert result.test_metrics["image_to_text_recall_at_10"] > 0
     assert np.isfinite(result.history[0]["train/loss"])
+
+
+def test_backbone_options_are_refused_not_ignored(tmp_path):
+    """The paired image tower is the small CNN: model.freeze_bn and a crop are errors, and the run says so."""
+    cfg = load_config("experiments/configs/digits-crossmodal.yaml",
+                      ["epochs=1", "model.name=resnet18", "model.freeze_bn=true", "dataset.image_size=32",
+                       "dataset.crop_size=28"])
+    with pytest.raises(ValueError, match=r"model\.freeze_bn, dataset\.crop_size are not supported .*remove them"):
+        run_experiment(cfg, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="cm")

@@ -97,6 +97,16 @@ def test_train_command_logs_a_finished_run(store, tmp_path, capsys):
     assert (artifacts / "metrics.json").is_file() and (artifacts / "split.json").is_file()
 
 
+def test_auto_batch_p_is_logged_as_the_resolved_value(store, tmp_path):
+    """batch.p=0 (the default) trains on every class of digits' 10 and records P=10, not 0."""
+    result = store.run(load_config(None, ["epochs=1", "dataset.max_per_class=24", "model.embedding_dim=8",
+                                          "device=cpu"]), evaluate_test=False)
+    run = MlflowClient(store.uri).get_run(result.run_id)
+    assert run.data.params["batch.p"] == "10" and run.data.params["batch.k"] == "4"
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert load_config(str(artifacts / "config.yaml"), []).batch.p == 10
+
+
 def test_same_seed_gives_identical_metrics(store):
     cfg = load_config(None, TINY)
     first = store.run(cfg)

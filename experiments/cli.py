@@ -18,6 +18,7 @@ from pathlib import Path
 SUBCOMMANDS = {
     "losses": ("experiments.losses_command", "list registered losses with their hyperparameters"),
     "train": ("experiments.train_command", "train one model and track it in MLflow"),
+    "evaluate": ("experiments.evaluate_command", "test a trained model again (an MLflow run or a checkpoint)"),
     "sweep": ("sweeps.command", "tune and compare losses with Optuna"),
     "analyze": ("analysis.command", "figures and a report from a finished sweep"),
 }

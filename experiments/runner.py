@@ -7,12 +7,14 @@ on ``KeyboardInterrupt``. Logging goes to the run by id, so runs can train in pa
 from __future__ import annotations
 
 import copy
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from experiments.backbones import input_options, load_backbone_weights
 from experiments.config import ExperimentConfig, flatten_config
@@ -29,6 +31,8 @@ from experiments.trainer import NonFiniteLossError, pick_device, train
 from losses import build_loss, loss_info
 
 IDENTITY_DATASETS = ("orl-faces",)  # verification metrics on by default
+MODEL_ARTIFACT = "model"  # model/weights.pt, or model/fold_<i>/weights.pt for each fold's model
+WEIGHTS_FILE = "weights.pt"
 
 
 @dataclass
@@ -86,15 +90,23 @@ def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, 
     run.log_text(cfg.to_yaml(), "config.yaml")
 
 
-def finish_run(run: RunLogger, cfg: ExperimentConfig, outcome, test: dict[str, float] | None,
-               embeddings_npz: dict[str, Any] | None) -> RunResult:
-    """Log the final metrics, the metrics JSON and the embeddings; build the :class:`RunResult`."""
+def tested_val_metrics(cfg: ExperimentConfig, outcome) -> dict[str, float]:
+    """Unprefixed validation metrics of the model that is tested (the last epoch, or the best one
+    under early stopping), plus ``best_map_at_r`` when any epoch was validated."""
     tested_epoch = outcome.best_epoch if cfg.train.early_stopping_patience else outcome.history[-1]["epoch"]
     tested = next((h for h in outcome.history if h["epoch"] == tested_epoch), outcome.history[-1])
     val_metrics = {k: tested[f"val/{k}"] for k in VAL_METRICS if f"val/{k}" in tested}
-    final = {"train_seconds": outcome.train_seconds}
     if outcome.best_epoch:
         val_metrics["best_map_at_r"] = outcome.best_map_at_r
+    return val_metrics
+
+
+def finish_run(run: RunLogger, cfg: ExperimentConfig, outcome, test: dict[str, float] | None,
+               embeddings_npz: dict[str, Any] | None) -> RunResult:
+    """Log the final metrics, the metrics JSON and the embeddings; build the :class:`RunResult`."""
+    val_metrics = tested_val_metrics(cfg, outcome)
+    final = {"train_seconds": outcome.train_seconds}
+    if outcome.best_epoch:
         final["val/best_map_at_r"] = outcome.best_map_at_r
     if outcome.stopped:
         run.set_tags({"tripletlab.stopped": outcome.stopped})
@@ -107,52 +119,109 @@ def finish_run(run: RunLogger, cfg: ExperimentConfig, outcome, test: dict[str, f
     return RunResult(run.run_id, outcome.history, val_metrics, test, pruned=outcome.stopped == "pruned")
 
 
+def build_run_model(cfg: ExperimentConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The freshly initialised embedding network of ``cfg`` for images of ``image_shape`` (C, H, W)."""
+    channels, height, width = image_shape
+    crop = cfg.dataset.crop_size
+    return build_model(cfg.model.name, channels, (crop, crop) if crop else (height, width),
+                       cfg.model.embedding_dim, cfg.model.normalize, cfg.seed, freeze_bn=cfg.model.freeze_bn)
+
+
+def fit_model(cfg: ExperimentConfig, run: RunLogger, train_split: LabeledImages, sampler: PKSampler,
+              val_split: LabeledImages, device: torch.device, on_epoch, log_epoch,
+              checkpoint_dir: Path | None):
+    """Build the model (and its pretrained backbone weights) and the loss, train on ``train_split``
+    (dense labels) validating on ``val_split``; returns ``(model, TrainOutcome)``."""
+    model = build_run_model(cfg, tuple(train_split.images.shape[1:]))
+    if cfg.model.weights:
+        run.log_params(load_backbone_weights(model, cfg.model.weights))
+    model = model.to(device)
+    inputs = input_options(cfg.dataset.crop_size, cfg.model.weights)
+    with torch.random.fork_rng(devices=[]):  # a loss drawing random numbers (triplet_center's centres)
+        torch.manual_seed(cfg.seed)
+        loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
+    train_data = DeviceImages(train_split, device, augment=cfg.dataset.augment, seed=cfg.seed, **inputs)
+    val_data = DeviceImages(val_split, device, augment=False, **inputs) if len(val_split) > 1 else None
+    outcome = train(model, loss_fn, train_data, sampler, val_data, cfg, device, on_epoch=on_epoch,
+                    log_epoch=log_epoch, checkpoint_dir=checkpoint_dir)
+    return model, outcome
+
+
+def embed_test(cfg: ExperimentConfig, model: nn.Module, splits, device: torch.device):
+    """``(embeddings, labels)`` of the test split, fed to the model as in training, never augmented."""
+    inputs = input_options(cfg.dataset.crop_size, cfg.model.weights)
+    return embed_split(model, DeviceImages(splits.test, device, augment=False, **inputs), cfg.eval.batch_size)
+
+
+def embed_gallery(cfg: ExperimentConfig, model: nn.Module, splits, device: torch.device):
+    """``(embeddings, labels)`` of the gallery the test queries are ranked against (In-shop's
+    official split), or ``None`` when test images query one another."""
+    if splits.gallery is None:
+        return None
+    inputs = input_options(cfg.dataset.crop_size, cfg.model.weights)
+    gallery = DeviceImages(splits.gallery, device, augment=False, **inputs)
+    return embed_split(model, gallery, cfg.eval.batch_size)
+
+
+def score_test(cfg: ExperimentConfig, embeddings: torch.Tensor, labels: torch.Tensor,
+               gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """The run's unprefixed test metrics of ``embeddings``: retrieval (against ``gallery`` when
+    given), embedding quality at the loss's margin, and verification metrics where
+    ``eval.verification`` (or the dataset) asks."""
+    verification = cfg.eval.verification
+    if verification is None:
+        verification = cfg.dataset.name in IDENTITY_DATASETS
+    margin = cfg.loss.params.get("margin")
+    return test_metrics(embeddings, labels, verification, cfg.seed,
+                        margin=float(margin) if isinstance(margin, (int, float)) else FACENET_MARGIN,
+                        gallery=gallery)
+
+
+def weights_artifact_dir(fold: int | None = None) -> str:
+    """Where a run's model weights go: ``model``, or ``model/fold_<i>`` for fold ``i``'s model."""
+    return MODEL_ARTIFACT if fold is None else f"{MODEL_ARTIFACT}/fold_{fold}"
+
+
+def log_weights(run: RunLogger, model: nn.Module, fold: int | None = None) -> None:
+    """The model's state dict (CPU tensors, ``torch.save``) as ``<weights_artifact_dir>/weights.pt``;
+    the run's ``config.yaml`` rebuilds the network (:func:`build_run_model`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / WEIGHTS_FILE
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, local)
+        run.client.log_artifact(run.run_id, str(local), weights_artifact_dir(fold))
+
+
 def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluate_test: bool,
-                        log_embeddings: bool) -> RunResult:
+                        log_embeddings: bool, folds: int = 1, fold_seed: int = 0, on_fold=None,
+                        log_model: bool = False) -> RunResult:
     if is_paired(cfg.dataset.name):
+        if folds > 1:
+            raise ValueError(f"folds={folds}: cross-validation folds are for image datasets, not the "
+                             f"paired dataset {cfg.dataset.name!r}; use folds=1")
         from experiments.crossmodal_run import train_and_evaluate_paired
 
         return train_and_evaluate_paired(cfg, run, on_epoch, evaluate_test, log_embeddings)
     device = pick_device(cfg.device)
     run.set_tags({"tripletlab.device": str(device)})
     splits = load_dataset(cfg.dataset, cfg.seed)
+    if folds > 1:
+        from experiments.fold_run import train_and_evaluate_folds
+
+        return train_and_evaluate_folds(cfg, run, splits, device, folds, fold_seed, on_epoch, on_fold,
+                                        evaluate_test, log_embeddings, log_model)
     train_split = with_dense_labels(splits.train)
     sampler = PKSampler(train_split.labels, cfg.batch.p, cfg.batch.k, cfg.seed)
     log_run_config(run, cfg, splits.info, int(train_split.labels.max()) + 1, sampler)
-
-    _, channels, height, width = train_split.images.shape
-    crop = cfg.dataset.crop_size
-    model = build_model(cfg.model.name, channels, (crop, crop) if crop else (height, width),
-                        cfg.model.embedding_dim, cfg.model.normalize, cfg.seed, freeze_bn=cfg.model.freeze_bn)
-    if cfg.model.weights:
-        run.log_params(load_backbone_weights(model, cfg.model.weights))
-    model = model.to(device)
-    inputs = input_options(crop, cfg.model.weights)
-    with torch.random.fork_rng(devices=[]):  # a loss drawing random numbers (triplet_center's centres)
-        torch.manual_seed(cfg.seed)
-        loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
-    train_data = DeviceImages(train_split, device, augment=cfg.dataset.augment, seed=cfg.seed, **inputs)
-    val_data = DeviceImages(splits.val, device, augment=False, **inputs) if len(splits.val) > 1 else None
     checkpoints = Path(cfg.train.checkpoint_dir) / run.run_id if cfg.train.checkpoint_dir else None
-
-    outcome = train(model, loss_fn, train_data, sampler, val_data, cfg, device, on_epoch=on_epoch,
-                    log_epoch=lambda epoch, metrics: run.log_metrics(metrics, step=epoch),
-                    checkpoint_dir=checkpoints)
+    model, outcome = fit_model(cfg, run, train_split, sampler, splits.val, device, on_epoch,
+                               lambda epoch, metrics: run.log_metrics(metrics, step=epoch), checkpoints)
+    if log_model:
+        log_weights(run, model)
     if not evaluate_test:
         return finish_run(run, cfg, outcome, None, None)
-    embeddings, labels = embed_split(model, DeviceImages(splits.test, device, augment=False, **inputs),
-                                     cfg.eval.batch_size)
-    gallery = None  # query/gallery retrieval (In-shop's official split): the test images are the queries
-    if splits.gallery is not None:
-        gallery = embed_split(model, DeviceImages(splits.gallery, device, augment=False, **inputs),
-                              cfg.eval.batch_size)
-    verification = cfg.eval.verification
-    if verification is None:
-        verification = cfg.dataset.name in IDENTITY_DATASETS
-    margin = cfg.loss.params.get("margin")
-    test = test_metrics(embeddings, labels, verification, cfg.seed,
-                        margin=float(margin) if isinstance(margin, (int, float)) else FACENET_MARGIN,
-                        gallery=gallery)
+    embeddings, labels = embed_test(cfg, model, splits, device)
+    gallery = embed_gallery(cfg, model, splits, device)
+    test = score_test(cfg, embeddings, labels, gallery)
     npz = None
     if log_embeddings and cfg.tracking.log_embeddings:
         npz = {"embeddings": embeddings.cpu().numpy(), "labels": labels.cpu().numpy()}
@@ -164,8 +233,18 @@ def _train_and_evaluate(cfg: ExperimentConfig, run: RunLogger, on_epoch, evaluat
 def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, experiment_name: str = "tripletlab",
                    parent_run_id: str | None = None, run_name: str | None = None, tags: dict[str, str] | None = None,
                    on_epoch: Callable[[int, dict[str, float]], bool] | None = None, evaluate_test: bool = True,
-                   log_embeddings: bool = True) -> RunResult:
-    """Train and evaluate ``cfg`` as one MLflow run; see the module docstring and docs/design.md."""
+                   log_embeddings: bool = True, folds: int = 1, fold_seed: int | None = None,
+                   on_fold: Callable[[int, dict[str, float]], bool] | None = None,
+                   log_model: bool = False) -> RunResult:
+    """Train and evaluate ``cfg`` as one MLflow run; see the module docstring and docs/design.md.
+
+    ``folds`` > 1 cross-validates on class-disjoint folds of the training classes, dealt by
+    ``fold_seed`` (default: the run's seed), one model per fold (``experiments.fold_run``, which
+    also says what ``on_epoch`` and ``on_fold`` receive). ``log_model`` logs the trained weights
+    (``model/weights.pt``, or ``model/fold_<i>/weights.pt``) for ``tripletlab evaluate``.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ValueError(f"folds must be an integer >= 1 (1 = no cross-validation), got {folds!r}")
     cfg = copy.deepcopy(cfg)
     uri = prepare_store(tracking_uri)
     experiment_id = get_or_create_experiment(experiment_name, uri)
@@ -178,7 +257,8 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, ex
                     run_tags, parent_run_id)
     status = "FAILED"
     try:
-        result = _train_and_evaluate(cfg, run, on_epoch, evaluate_test, log_embeddings)
+        result = _train_and_evaluate(cfg, run, on_epoch, evaluate_test, log_embeddings, folds,
+                                     cfg.seed if fold_seed is None else fold_seed, on_fold, log_model)
         status = "FINISHED"
         return result
     except KeyboardInterrupt:

@@ -82,9 +82,25 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty() and os.environ.get("TRIPLETLAB_PROGRESS", "1") != "0"
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                    config: dict | None = None) -> None:
+    """Model and optimizer state, the epoch and the resolved config (``ExperimentConfig.to_dict()``),
+    so that the file alone rebuilds the model (``tripletlab evaluate CHECKPOINT``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, path)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "config": config}, path)
+
+
+def checkpoint_config(path: Path) -> dict | None:
+    """The resolved config a checkpoint carries (``None`` for a checkpoint saved without one)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{path} is not a readable checkpoint (torch.load with weights_only: "
+                         f"{type(exc).__name__}); pass a file written to train.checkpoint_dir") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} is not a checkpoint of train.checkpoint_dir (no 'model' state)")
+    return state.get("config")
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -176,11 +192,11 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
                 if patience:
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if checkpoint_dir is not None:
-                    save_checkpoint(checkpoint_dir / "best.pt", model, optimizer, epoch)
+                    save_checkpoint(checkpoint_dir / "best.pt", model, optimizer, epoch, cfg.to_dict())
             else:
                 bad_epochs += 1
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir / "last.pt", model, optimizer, epoch)
+            save_checkpoint(checkpoint_dir / "last.pt", model, optimizer, epoch, cfg.to_dict())
         out.history.append({"epoch": epoch, **metrics})
         if log_epoch is not None:
             log_epoch(epoch, metrics)

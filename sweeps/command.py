@@ -15,6 +15,7 @@ import optuna
 
 from experiments.crossmodal import is_paired, load_paired
 from experiments.datasets import load_dataset
+from experiments.folds import class_folds, training_pool
 from experiments.tracking import mask_secrets, resolve_tracking_uri
 
 from .config import load_sweep_config
@@ -63,7 +64,12 @@ def main(args: argparse.Namespace) -> int:
     ctx = SweepContext(cfg, storage_spec, resolve_tracking_uri(args.tracking_uri), sweep_dir, plugins)
     base = base_experiment(ctx)
     check_data = load_paired if is_paired(base.dataset.name) else load_dataset
-    check_data(base.dataset, base.seed)  # a missing or broken data file fails here, before any study or run exists
+    data = check_data(base.dataset, base.seed)  # a missing or broken data file fails here, before any run
+    if cfg.folds > 1:  # and so do folds the data cannot fill
+        if is_paired(base.dataset.name):
+            raise ValueError(f"folds={cfg.folds}: cross-validation folds are for image datasets, not the "
+                             f"paired dataset {base.dataset.name!r}; use folds=1")
+        class_folds(training_pool(data).classes(), cfg.folds, cfg.seed)
     slots = plan_workers(args.workers, base.device, cfg.trials_per_gpu)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -77,8 +83,9 @@ def main(args: argparse.Namespace) -> int:
     with lock:
         ensure_parent_runs(ctx, experiment_id)
     (sweep_dir / "sweep.yaml").write_text(cfg.to_yaml())
-    print(f"sweep {cfg.name!r}: {len(cfg.losses)} losses x {cfg.trials} trials, {cfg.seeds} final seeds, "
-          f"{len(slots)} worker(s); studies in {mask_secrets(storage_spec)}", flush=True)
+    folds = f" x {cfg.folds} folds" if cfg.folds > 1 else ""
+    print(f"sweep {cfg.name!r}: {len(cfg.losses)} losses x {cfg.trials} trials{folds}, "
+          f"{cfg.seeds} final seeds, {len(slots)} worker(s); studies in {mask_secrets(storage_spec)}", flush=True)
 
     failed = run_phase(ctx, "tune", slots, storage)
     wait_for_finished_studies(ctx, storage)  # final runs start only on finished studies
@@ -92,6 +99,9 @@ def main(args: argparse.Namespace) -> int:
 
     print()
     print(markdown_table(table))
+    if cfg.folds > 1:
+        print(f"Test metrics of the {cfg.folds} fold models' concatenated embeddings (concat.) and the mean "
+              "of the separated fold models' (separated).")
     print(f"Test metrics in % as mean [95% t-interval] over seeds; trials complete/pruned/failed. "
           f"Wrote {', '.join(str(p) for p in paths[:2])} in {time.perf_counter() - start:.0f}s.")
     print(_browse_hint(ctx))

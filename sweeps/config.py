@@ -6,7 +6,8 @@ A sweep config is YAML (see ``sweeps/configs/``)::
     losses: [triplet, circle]     # default: every built-in loss that is not cross-modal
     trials: 12                    # Optuna trials per loss (the same budget for every loss)
     seeds: 3                      # final retrains of each loss's best configuration
-    pruner: {name: median}        # median | hyperband | threshold | none (+ the pruner's options)
+    folds: 1                      # > 1: class-disjoint cross-validation, one model per fold (4 in the paper)
+    pruner: {name: median}        # median | hyperband | threshold | wilcoxon | none (+ the pruner's options)
     search:                       # shared parameters tuned for every loss
       optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
     loss_overrides:               # narrow or fix one loss's space; dotted keys set its training
@@ -36,7 +37,7 @@ from experiments.config import from_dict as experiment_from_dict
 from .space import build_space
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PRUNERS = ("median", "hyperband", "threshold", "none")
+PRUNERS = ("median", "hyperband", "threshold", "wilcoxon", "none")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -56,6 +57,7 @@ class SweepConfig:
     trials: int = 20
     seeds: int = 3
     seed: int = 0  # seeds the sampler and every tuning run; final seeds are seed+1 .. seed+seeds
+    folds: int = 1  # class-disjoint cross-validation folds of the training classes (dealt by seed); 1 = none
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     sampler: dict[str, Any] = field(default_factory=dict)  # TPESampler options, e.g. n_startup_trials
     search: dict[str, Any] = field(default_factory=dict)
@@ -220,12 +222,16 @@ def sweep_from_dict(values: dict[str, Any], default_name: str = "") -> SweepConf
     cfg = SweepConfig(
         name=name, losses=tuple(losses), trials=_as_int(values, "trials", 20, 1),
         seeds=_as_int(values, "seeds", 3, 1), seed=_as_int(values, "seed", 0, 0),
+        folds=_as_int(values, "folds", 1, 1),
         pruner=_pruner(values.get("pruner", "median")), sampler=dict(sampler), search=dict(search),
         loss_overrides={k: dict(v) for k, v in overrides.items()}, experiment=copy.deepcopy(experiment),
         plugins=tuple(plugins), trials_per_gpu=_as_int(values, "trials_per_gpu", 2, 1),
         heartbeat_interval=_as_int(values, "heartbeat_interval", 60, 1),
         grace_period=_as_int(values, "grace_period", 600, 1),
     )
+    _check(cfg.pruner["name"] != "wilcoxon" or cfg.folds > 1,
+           "pruner wilcoxon compares a trial with the best one fold by fold, so it needs folds >= 2 "
+           "(e.g. folds=4); with folds=1 choose median, hyperband, threshold or none")
     _check(cfg.grace_period > cfg.heartbeat_interval,
            f"grace_period ({cfg.grace_period}s) must exceed heartbeat_interval ({cfg.heartbeat_interval}s)")
     for loss in cfg.losses:

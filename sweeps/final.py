@@ -3,7 +3,11 @@
 The final seeds (``seed+1 .. seed+N``) differ from the tuning seed, so the reported numbers are
 not the very run that won the selection. Each final run is an MLflow child of the loss's parent
 run (role ``final``) evaluated once on the held-out test classes; re-running a sweep skips the
-seeds already done for the same best trial.
+seeds already done for the same best trial. Every final run logs its weights (``model/``) for
+``tripletlab evaluate``. With ``folds`` > 1 a final seed trains one model per fold (the trials'
+folds) and the table shows the test metrics of the concatenated embeddings (``test/<metric>``),
+with those of the separated per-fold models (``test/separated/<metric>``) beside them, as
+"A Metric Learning Reality Check" (Musgrave et al., ECCV 2020) reports both.
 """
 from __future__ import annotations
 
@@ -114,17 +118,27 @@ def run_final(ctx: SweepContext, storage: optuna.storages.BaseStorage, loss: str
             **{f"tripletlab.worker_{k}": str(v) for k, v in worker_identity().items()}}
     try:
         result = run_experiment(cfg, tracking_uri=ctx.tracking_uri, experiment_name=ctx.sweep.name,
-                                parent_run_id=ctx.parents[loss], run_name=f"{loss}/seed-{seed}", tags=tags)
+                                parent_run_id=ctx.parents[loss], run_name=f"{loss}/seed-{seed}", tags=tags,
+                                folds=ctx.sweep.folds, fold_seed=ctx.sweep.seed, log_model=True)
     except Exception as exc:
         print(f"[{loss}] final seed {seed} failed: {type(exc).__name__}: {exc}", flush=True)
         return f"{type(exc).__name__}: {exc}"
-    print(f"[{loss}] final seed {seed}: test MAP@R {result.test_metrics['map_at_r']:.4f}", flush=True)
+    test = result.test_metrics
+    folds = (f" ({ctx.sweep.folds} folds concatenated; separated {test['separated/map_at_r']:.4f})"
+             if ctx.sweep.folds > 1 else "")
+    print(f"[{loss}] final seed {seed}: test MAP@R {test['map_at_r']:.4f}{folds}", flush=True)
     return None
 
 
 def _trial_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
     return sum((t.datetime_complete - t.datetime_start).total_seconds()
                for t in trials if t.datetime_complete is not None and t.datetime_start is not None)
+
+
+def _interval(finals: dict[int, Any], key: str, column: str) -> dict[str, float]:
+    """``<column>_mean|_ci_low|_ci_high``: the t-interval of metric ``key`` over the final runs."""
+    mean, low, high = t_interval([r.data.metrics[key] for r in finals.values() if key in r.data.metrics])
+    return {f"{column}_mean": mean, f"{column}_ci_low": low, f"{column}_ci_high": high}
 
 
 def _log_parent(client: MlflowClient, run_id: str, row: dict[str, Any], best_params: dict[str, Any]) -> None:
@@ -140,6 +154,8 @@ def _log_parent(client: MlflowClient, run_id: str, row: dict[str, Any], best_par
     for metric in TABLE_METRICS:
         for suffix in ("mean", "ci_low", "ci_high"):
             metrics[f"final/test/{metric}_{suffix}"] = row[f"{metric}_{suffix}"]
+            if f"separated_{metric}_{suffix}" in row:
+                metrics[f"final/test/separated/{metric}_{suffix}"] = row[f"separated_{metric}_{suffix}"]
     for key, value in metrics.items():
         if value is not None and math.isfinite(float(value)):
             client.log_metric(run_id, key, float(value))
@@ -165,9 +181,11 @@ def summarize(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> pd.Dat
         }
         row["compute_seconds"] = row["tuning_seconds"] + row["final_seconds"]
         for metric in TABLE_METRICS:
-            values = [r.data.metrics[f"test/{metric}"] for r in finals.values() if f"test/{metric}" in r.data.metrics]
-            mean, low, high = t_interval(values)
-            row.update({f"{metric}_mean": mean, f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+            row.update(_interval(finals, f"test/{metric}", metric))
+        if ctx.sweep.folds > 1:  # test/<metric> above: the folds' concatenated embeddings
+            row["folds"] = ctx.sweep.folds
+            for metric in TABLE_METRICS:
+                row.update(_interval(finals, f"test/separated/{metric}", f"separated_{metric}"))
         tuned = best.params if best is not None else {}
         row["best_params"] = ", ".join(f"{k}={short_value(v)}" for k, v in tuned.items())
         rows.append(row)

@@ -3,6 +3,13 @@
 Each trial samples the loss's search space, trains on the training classes and returns the
 validation MAP@R of the model that would be tested (validation split only, as the Reality Check
 protocol asks). Every epoch reports val MAP@R to the pruner and refreshes the trial's heartbeat.
+
+With ``folds`` > 1 a trial trains one model per class-disjoint fold of the training classes
+(``experiments.fold_run``) and returns the mean of the folds' val MAP@R. ``wilcoxon`` (Optuna's
+WilcoxonPruner) gets each fold's val MAP@R at step = fold index, once the fold is trained, and
+compares it with the best trial's same fold; the other pruners get, at step
+``fold * epochs + epoch``, the running mean: the trained folds' val MAP@R and the current fold's
+latest, averaged. A pruned trial ends PRUNED, so it is counted as pruned and never retrained.
 A trial that raises (a non-finite loss included) ends FAILED with ``fail_reason`` recorded on the
 trial and ``tripletlab.trial_state=failed`` on its run; the sweep carries on.
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from typing import Any
 
 import optuna
@@ -57,25 +65,31 @@ def make_sampler(ctx: SweepContext, worker_index: int = 0) -> optuna.samplers.TP
 
 
 def make_pruner(ctx: SweepContext) -> optuna.pruners.BasePruner:
-    """``median`` (MedianPruner), ``hyperband`` (HyperbandPruner over epochs), ``threshold``, ``none``."""
+    """``median`` (MedianPruner), ``hyperband`` (HyperbandPruner over all the epochs of all folds),
+    ``threshold``, ``wilcoxon`` (WilcoxonPruner over folds), ``none``."""
     options = {k: v for k, v in ctx.sweep.pruner.items() if k != "name"}
     name = ctx.sweep.pruner["name"]
     try:
         if name == "median":
             return optuna.pruners.MedianPruner(**options)
         if name == "hyperband":
-            epochs = from_dict(ctx.sweep.experiment).epochs
-            return optuna.pruners.HyperbandPruner(**{"min_resource": 1, "max_resource": epochs, **options})
+            steps = from_dict(ctx.sweep.experiment).epochs * ctx.sweep.folds
+            return optuna.pruners.HyperbandPruner(**{"min_resource": 1, "max_resource": steps, **options})
         if name == "threshold":
             return optuna.pruners.ThresholdPruner(**options)
+        if name == "wilcoxon":
+            with warnings.catch_warnings():  # experimental since Optuna 3.6
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.pruners.WilcoxonPruner(**options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"pruner {name!r}: {exc}") from None
     return optuna.pruners.NopPruner()
 
 
 def _fingerprint(ctx: SweepContext, loss: str) -> str:
-    return json.dumps({"space": ctx.space(loss).describe(), "experiment": base_experiment(ctx).to_dict()},
-                      sort_keys=True, default=str)
+    folds = {"folds": ctx.sweep.folds} if ctx.sweep.folds > 1 else {}  # folds=1 studies keep their print
+    return json.dumps({"space": ctx.space(loss).describe(), "experiment": base_experiment(ctx).to_dict(),
+                       **folds}, sort_keys=True, default=str)
 
 
 def create_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> None:
@@ -101,7 +115,7 @@ def create_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> N
 
 
 class Objective:
-    """One trial: sample, train as an MLflow child run, report each epoch, return val MAP@R."""
+    """One trial: sample, train as an MLflow child run, report each epoch (or fold), return val MAP@R."""
 
     def __init__(self, ctx: SweepContext, loss: str, lock: ExclusiveStep) -> None:
         self.ctx, self.loss, self.lock = ctx, loss, lock
@@ -118,10 +132,24 @@ class Objective:
         tags = {"tripletlab.role": "trial", "tripletlab.sweep": self.ctx.sweep.name,
                 "optuna.study_name": self.ctx.study_name(self.loss), "optuna.trial_number": str(trial.number)}
 
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
-            trial.report(metrics[OBJECTIVE], epoch)
+        folds, by_fold = self.ctx.sweep.folds, self.ctx.sweep.pruner["name"] == "wilcoxon"
+        trained: list[float] = []  # val MAP@R of each fold trained so far
+        reached = [0]  # the fold in training
+
+        def on_epoch(step: int, metrics: dict[str, float]) -> bool:
+            reached[0] = int(metrics.get("fold", 0))
             beat(trial)
+            if by_fold:
+                return False
+            trial.report((sum(trained) + metrics[OBJECTIVE]) / (len(trained) + 1), step)
             return trial.should_prune()
+
+        def on_fold(fold: int, val_metrics: dict[str, float]) -> bool:
+            trained.append(val_metrics["map_at_r"])
+            if not by_fold:
+                return False
+            trial.report(val_metrics["map_at_r"], fold)
+            return fold < folds - 1 and trial.should_prune()  # a fully trained trial is kept
 
         from experiments.runner import run_experiment
 
@@ -131,6 +159,7 @@ class Objective:
                 cfg, tracking_uri=self.ctx.tracking_uri, experiment_name=self.ctx.sweep.name,
                 parent_run_id=self.ctx.parents.get(self.loss), run_name=f"{self.loss}/trial-{trial.number}",
                 tags=tags, on_epoch=on_epoch, evaluate_test=False, log_embeddings=False,
+                folds=folds, fold_seed=self.ctx.sweep.seed, on_fold=on_fold if folds > 1 else None,
             )
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted; retried when the sweep resumes")
@@ -143,11 +172,14 @@ class Objective:
             print(f"[{self.loss}] trial {trial.number} failed after {time.time() - start:.0f}s: {reason}", flush=True)
             raise
         trial.set_user_attr("mlflow_run_id", result.run_id)
+        if folds > 1:
+            trial.set_user_attr("fold_val_map_at_r", trained)
         if result.pruned:
             self.client.set_tag(result.run_id, "tripletlab.trial_state", "pruned")
-            print(f"[{self.loss}] trial {trial.number} pruned at epoch {len(result.history)} "
-                  f"({time.time() - start:.0f}s)", flush=True)
-            raise optuna.TrialPruned(f"pruned at epoch {len(result.history)}")
+            where = f"epoch {len(result.history)}" if folds == 1 else f"fold {reached[0] + 1}/{folds}"
+            print(f"[{self.loss}] trial {trial.number} pruned at {where} ({time.time() - start:.0f}s)",
+                  flush=True)
+            raise optuna.TrialPruned(f"pruned at {where}")
         if "map_at_r" not in result.val_metrics:
             raise ValueError("the run logged no validation MAP@R; a sweep needs dataset.val_fraction > 0")
         self.client.set_tag(result.run_id, "tripletlab.trial_state", "complete")

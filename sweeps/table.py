@@ -2,7 +2,9 @@
 
 As in "A Metric Learning Reality Check" (Musgrave et al., ECCV 2020): P@1, R-precision and MAP@R
 on the held-out classes, each the mean over seeds with a Student-t confidence interval
-``mean +- t_{0.975, n-1} * s / sqrt(n)`` (``s`` the sample standard deviation).
+``mean +- t_{0.975, n-1} * s / sqrt(n)`` (``s`` the sample standard deviation). A cross-validated
+sweep (``folds`` > 1) shows the metrics of the folds' concatenated embeddings, marked "concat.",
+and the MAP@R of the separated per-fold models (their mean) in a column of its own.
 """
 from __future__ import annotations
 
@@ -49,12 +51,18 @@ def percent_cell(mean: float, low: float, high: float) -> str:
 
 def markdown_table(table: pd.DataFrame) -> str:
     """The table as GitHub Markdown: metrics in percent, ``mean [95% CI]``."""
-    header = ["loss", *(f"{METRIC_LABELS[m]} (%)" for m in TABLE_METRICS), "val MAP@R (%)",
+    folds = "separated_map_at_r_mean" in table.columns
+    kind = " concat." if folds else ""
+    header = ["loss", *(f"{METRIC_LABELS[m]}{kind} (%)" for m in TABLE_METRICS),
+              *(["MAP@R separated (%)"] if folds else []), "val MAP@R (%)",
               "trials c/p/f", "seeds", "compute (s)", "tuned hyperparameters"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         cells = [f"`{row['loss']}`"]
         cells += [percent_cell(row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in TABLE_METRICS]
+        if folds:
+            cells.append(percent_cell(row["separated_map_at_r_mean"], row["separated_map_at_r_ci_low"],
+                                      row["separated_map_at_r_ci_high"]))
         cells.append("n/a" if math.isnan(row["best_val_map_at_r"]) else f"{100 * row['best_val_map_at_r']:.1f}")
         cells.append(f"{row['trials_complete']}/{row['trials_pruned']}/{row['trials_failed']}")
         cells.append(str(row["seeds"]))

@@ -2,16 +2,25 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
+import torch
+import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.cli import main as cli_main
+from experiments.config import from_dict
+from experiments.runner import build_run_model
 from sweep_fixture import TINY_LOSSES, run_sweep, sweep_args, tiny_sweep, working_directory  # noqa: F401
+from sweeps.config import load_sweep_config
+from sweeps.context import SweepContext
 from sweeps.storage import open_storage
+from sweeps.study import make_pruner
 
 
 def _runs(sweep, role=None, parent=None):
@@ -154,3 +163,55 @@ def test_a_plugin_loss_is_swept_by_naming_it(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
     assert all(0.1 <= t.params["loss.margin"] <= 1.0 for t in study.trials)
     assert len(_runs(sweep, "final")) == 1
+
+
+def test_every_final_run_logs_weights_that_rebuild_its_model(tiny_sweep):
+    client = MlflowClient(tracking_uri=tiny_sweep.tracking_uri)
+    finals = _runs(tiny_sweep, "final")
+    assert len(finals) == len(TINY_LOSSES) * tiny_sweep.seeds
+    for run in finals:
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/weights.pt"]
+    with tempfile.TemporaryDirectory() as tmp:
+        run_id = finals[0].info.run_id
+        config = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
+        cfg = from_dict(yaml.safe_load(config))
+        weights = client.download_artifacts(run_id, "model/weights.pt", tmp)
+        state = torch.load(weights, weights_only=True)
+    model = build_run_model(cfg, (1, 8, 8))  # digits: 8x8 grey
+    model.load_state_dict(state)  # every tensor fits the network the config rebuilds
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert _runs(tiny_sweep, "trial") and all(not client.list_artifacts(r.info.run_id, "model")
+                                              for r in _runs(tiny_sweep, "trial"))
+
+
+def _sweep(*overrides: str):
+    return load_sweep_config("quick", list(overrides))
+
+
+def test_folds_default_to_one_and_bad_fold_settings_are_refused():
+    assert _sweep().folds == 1 and "folds: 4" in _sweep("folds=4").to_yaml()
+    with pytest.raises(ValueError, match="'folds' must be an integer >= 1"):
+        _sweep("folds=0")
+    with pytest.raises(ValueError, match="pruner wilcoxon .* needs folds >= 2"):
+        _sweep("pruner=wilcoxon")
+    with pytest.raises(ValueError, match="one of median, hyperband, threshold, wilcoxon, none"):
+        _sweep("pruner=wilcox")
+
+
+def test_pruners_over_folds(tmp_path):
+    def pruner(*overrides):
+        return make_pruner(SweepContext(_sweep(*overrides), "", "", tmp_path))
+
+    wilcoxon = pruner("folds=4", "pruner={name: wilcoxon, p_threshold: 0.2}")
+    assert isinstance(wilcoxon, optuna.pruners.WilcoxonPruner) and wilcoxon._p_threshold == 0.2
+    with pytest.raises(ValueError, match="pruner 'wilcoxon'"):
+        pruner("folds=4", "pruner={name: wilcoxon, patience: 2}")
+    hyperband = pruner("folds=3", "epochs=2", "pruner=hyperband")  # steps run over the epochs of every fold
+    assert hyperband._max_resource == 6
+
+
+def test_folds_on_a_split_that_trains_on_the_test_classes_fail_before_any_study(tmp_path, capsys):
+    sweep = run_sweep(tmp_path, name="standard-folds", losses=("batch_hard",), extra=["folds=2"])
+    assert sweep.exit_code == 2
+    assert "use dataset.split=class-disjoint" in capsys.readouterr().err
+    assert not Path(sweep.storage).exists()

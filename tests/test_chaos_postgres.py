@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ OTHER_HOST = "chaos-machine-b"
 # Trials of a few seconds (two epochs), so that most kills land in the middle of one.
 EXTRA = [f"losses=[{','.join(LOSSES)}]", f"seeds={SEEDS}", "epochs=2", "dataset.max_per_class=30"]
 DEADLINE = 420  # seconds for the whole sweep, kills and restarts included
+STARTING = 6  # seconds after a start in which a command is left alone: it is still importing
 
 
 def _can_unshare() -> str | None:
@@ -68,10 +70,12 @@ class Machine:
     process: subprocess.Popen | None = None
     groups: set[int] = field(default_factory=set)  # every start's process group (orphaned workers too)
     starts: int = 0
+    started_at: float = 0.0
     done: bool = False
 
     def start(self) -> None:
         self.starts += 1
+        self.started_at = time.monotonic()
         with open(self.log, "a") as out:
             out.write(f"\n=== start {self.starts} of {self.name} ===\n")
         self.process = start_sweep(self.command, self.log)
@@ -128,6 +132,24 @@ def trial_started(url: str, sweep: str) -> bool:
         return False
 
 
+def restart_in_background(name: str, restart, events: list[str], start: float) -> threading.Thread:
+    """Run ``restart()`` in a thread (the kills and restarts of commands go on meanwhile)."""
+    def run() -> None:
+        restart()
+        events.append(f"{time.monotonic() - start:.0f}s {name} back")
+
+    events.append(f"{time.monotonic() - start:.0f}s {name} restarting")
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def restart_tracking(tracking) -> None:
+    tracking.stop()
+    time.sleep(2)
+    tracking.start()
+
+
 def run_chaos(machines: list[Machine], url: str, sweep: str, restart_postgres, tracking) -> dict:
     """Start the machines, then kill at random until ``KILLS`` kills; restart PostgreSQL after the
     second kill and the tracking server after the fourth; return what happened."""
@@ -135,7 +157,7 @@ def run_chaos(machines: list[Machine], url: str, sweep: str, restart_postgres, t
     for machine in machines:
         machine.start()
     start = time.monotonic()
-    events, kills, next_kill = [], 0, None
+    events, kills, next_kill, restarts = [], 0, None, []
     while not all(m.done for m in machines):
         elapsed = time.monotonic() - start
         if elapsed > DEADLINE:
@@ -146,7 +168,8 @@ def run_chaos(machines: list[Machine], url: str, sweep: str, restart_postgres, t
         if next_kill is None and trial_started(url, sweep):
             next_kill = elapsed + rng.uniform(1, 3)
         if kills < KILLS and next_kill is not None and elapsed >= next_kill:
-            alive = {pid: m for m in machines if not m.done for pid in m.pids()}
+            settled = [m for m in machines if not m.done and time.monotonic() - m.started_at > STARTING]
+            alive = {pid: m for m in settled for pid in m.pids()}
             busy = sorted(busy_workers(url, sweep) & alive.keys())
             if not busy and elapsed < next_kill + 3:  # most kills should land in a trial or a final run
                 time.sleep(0.2)
@@ -159,15 +182,14 @@ def run_chaos(machines: list[Machine], url: str, sweep: str, restart_postgres, t
                 busy_mark = " (busy)" if victim in busy else ""
                 events.append(f"{elapsed:.0f}s kill {alive[victim].name}:{victim}{busy_mark}")
             next_kill = elapsed + rng.uniform(3, 6)
-            if kills == 2:
-                restart_postgres(2.0)
-                events.append(f"{time.monotonic() - start:.0f}s postgres restarted")
-            elif kills == 4:
-                tracking.stop()
-                time.sleep(2)
-                tracking.start()
-                events.append(f"{time.monotonic() - start:.0f}s tracking server restarted")
+            if kills == 2 and not restarts:
+                restarts.append(restart_in_background("postgres", lambda: restart_postgres(2.0), events, start))
+            elif kills == 4 and len(restarts) == 1:
+                restarts.append(restart_in_background("tracking server", lambda: restart_tracking(tracking),
+                                                      events, start))
         time.sleep(0.2)
+    for thread in restarts:
+        thread.join()
     return {"kills": kills, "events": events, "starts": {m.name: m.starts for m in machines},
             "seconds": round(time.monotonic() - start)}
 

@@ -238,7 +238,7 @@ def test_random_kills_and_server_restarts_end_in_the_exact_state(
         for trial in trials:
             if trial.number not in counted_numbers:
                 assert trial.state == TrialState.FAIL and "retried" in trial.user_attrs["fail_reason"], trial
-        hosts |= {t.user_attrs["worker_host"] for t in counted}
+        hosts |= {t.user_attrs["worker_host"] for t in trials if "worker_host" in t.user_attrs}
         print(f"{loss}: " + "; ".join(f"{t.number} {t.state.name} {t.user_attrs.get('worker_host')} "
                                       f"{t.user_attrs.get('fail_reason', '')}".strip() for t in trials))
 
@@ -262,4 +262,5 @@ def test_random_kills_and_server_restarts_end_in_the_exact_state(
         for run in finals:
             assert run.data.tags["tripletlab.best_trial"] == str(best.number)
             assert {k: run.data.params[k] for k in best.params} == {k: str(v) for k, v in best.params.items()}
+    # Both machines drew trials from the shared study (random kills may leave one with no finished trial).
     assert OTHER_HOST in hosts and len(hosts) == 2, f"the trials did not run on both machines: {hosts}"

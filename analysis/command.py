@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .embeddings import PROJECTION_POINTS
 from .load import BASELINE_LOSS, load_studies, load_sweep
+from .paired import DETECT_POINTS, PAIRINGS
 from .report import build_report
 
 
@@ -30,6 +31,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"test points per loss in the 2-D projection (default {PROJECTION_POINTS})")
     parser.add_argument("--baseline", default=BASELINE_LOSS, metavar="LOSS",
                         help=f"loss the others are tested against, paired by seed (default {BASELINE_LOSS})")
+    parser.add_argument("--pairs", choices=PAIRINGS, default="all",
+                        help="paired comparisons of every pair of losses, or of each loss against --baseline "
+                             "(default all)")
+    parser.add_argument("--detect", type=float, default=DETECT_POINTS, metavar="POINTS",
+                        help=f"MAP@R difference, in points, to estimate the seeds needed for (80%% power; "
+                             f"default {DETECT_POINTS:g})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the projection")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
 
@@ -37,6 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.points < 10:
         raise ValueError(f"--points must be at least 10, got {args.points}")
+    if not args.detect > 0:
+        raise ValueError(f"--detect must be a positive number of MAP@R points, got {args.detect}")
     sweep = load_sweep(args.experiment, args.tracking_uri)
     sweep_dir = args.output_dir / sweep.name
     storage = args.storage
@@ -46,8 +55,11 @@ def main(args: argparse.Namespace) -> int:
         sweep.storage = storage
         sweep.studies = load_studies(storage, sweep.name, sweep.losses)
     report = build_report(sweep, sweep_dir / "report", points=args.points, seed=args.seed, baseline=args.baseline,
-                          log_to_mlflow=not args.no_log)
+                          log_to_mlflow=not args.no_log, pairing=args.pairs, detect_points=args.detect)
     print(f"analysed sweep {sweep.name!r}: {len(report.figures)} figures, {len(report.table)} losses")
+    print("ranking by test MAP@R (points), with paired decisions:")
+    for line in report.decisions.lines:
+        print(f"  {line}")
     for note in report.notes:
         print(f"  note: {note}")
     print(f"report: {report.html}")

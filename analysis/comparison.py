@@ -46,7 +46,8 @@ def paired_p_value(values: pd.Series, baseline: pd.Series) -> tuple[float, int]:
     return float(stats.ttest_rel(both.iloc[:, 0], both.iloc[:, 1]).pvalue), n
 
 
-def _seed_values(finals: pd.DataFrame, metric: str) -> pd.Series:
+def seed_values(finals: pd.DataFrame, metric: str) -> pd.Series:
+    """``test/<metric>`` per seed (index), the mean where a seed has several runs."""
     column = f"metrics.test/{metric}"
     if column not in finals:
         return pd.Series(dtype=float)
@@ -73,7 +74,7 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
     ``tuned``, ``trials_complete``, ``trials_pruned``, ``wall_clock_s`` and, vs ``baseline``,
     ``map_at_r_diff`` and ``p_value`` (paired t-test on MAP@R, ``pairs`` seeds)."""
     finals, parents, trials = sweep.role("final"), sweep.role("parent"), sweep.runs[sweep.runs["role"] == "trial"]
-    base_values = _seed_values(finals[finals["loss"] == baseline], PAIRED_METRIC)
+    base_values = seed_values(finals[finals["loss"] == baseline], PAIRED_METRIC)
     rows = []
     for loss in sweep.losses:
         own = finals[finals["loss"] == loss]
@@ -81,14 +82,14 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
         parent = parent_rows.iloc[-1] if len(parent_rows) else None
         row = {"loss": loss, "seeds": int(own["seed"].nunique())}
         for metric in TABLE_METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(_seed_values(own, metric))
+            row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(seed_values(own, metric))
         row["tuned"] = _tuned_params(parent)
         states = trials.loc[trials["loss"] == loss, "tags.tripletlab.trial_state"] \
             if "tags.tripletlab.trial_state" in trials else pd.Series(dtype=str)
         row["trials_complete"] = int((states == "complete").sum())
         row["trials_pruned"] = int((states == "pruned").sum())
         row["wall_clock_s"] = _wall_clock(sweep, loss)
-        values = _seed_values(own, PAIRED_METRIC)
+        values = seed_values(own, PAIRED_METRIC)
         if loss == baseline or base_values.empty:
             row["map_at_r_diff"], row["p_value"], row["pairs"] = math.nan, math.nan, 0
         else:

@@ -18,9 +18,12 @@ from mlflow import MlflowClient
 from .colors import loss_colors
 from .comparison import comparison_table, format_table
 from .crossmodal import joint_projection_figure, recall_table
+from .decisions import decision_table, decisions_note, noise_table, ranking_lines
 from .convergence import convergence_figure, convergence_histories
 from .embeddings import PROJECTION_POINTS, distance_figure, load_test_embeddings, projection_figure, triplet_quality_figure
 from .load import BASELINE_LOSS, ROLE_TAG, Sweep
+from .noise import noise_floor, per_seed, run_intervals
+from .paired import DETECT_POINTS, paired_comparisons
 from .tuning import IMPORTANCE_EVALUATOR, tuning_figure
 
 REPORT_ARTIFACT_DIR = "report"
@@ -41,6 +44,16 @@ CAPTIONS = {
 
 
 @dataclass
+class Decisions:
+    """The "Is the difference real?" section: noise floor, paired comparisons, ranking lines."""
+
+    noise: pd.DataFrame
+    comparisons: pd.DataFrame
+    lines: list[str]
+    delta: float
+
+
+@dataclass
 class Report:
     """What :func:`build_report` wrote."""
 
@@ -51,6 +64,7 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     run_id: str | None = None
+    decisions: Decisions | None = None
 
 
 def _save(fig: Figure, directory: Path, name: str) -> Path:
@@ -87,13 +101,32 @@ def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int =
     return figures, overlaps
 
 
+def build_decisions(sweep: Sweep, directory: Path, notes: list[str], pairing: str, baseline: str,
+                    delta: float, seed: int) -> Decisions:
+    """Noise floor and paired comparisons of test MAP@R; writes ``noise_floor.csv``,
+    ``run_intervals.csv`` and ``paired_comparisons.csv``."""
+    values = per_seed(sweep)
+    intervals = run_intervals(sweep, notes, seed=seed)
+    noise = noise_floor(values, intervals)
+    comparisons = paired_comparisons(values, pairing, baseline, delta)
+    intervals.to_csv(directory / "run_intervals.csv", index=False)
+    noise.to_csv(directory / "noise_floor.csv")
+    comparisons.to_csv(directory / "paired_comparisons.csv", index=False)
+    return Decisions(noise, comparisons, ranking_lines(noise, comparisons, delta), delta)
+
+
 def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS, seed: int = 0,
-                 baseline: str = BASELINE_LOSS, log_to_mlflow: bool = True) -> Report:
-    """Write figures, table, ``report.html`` and ``report.md`` to ``directory``; log them to MLflow."""
+                 baseline: str = BASELINE_LOSS, log_to_mlflow: bool = True, pairing: str = "all",
+                 detect_points: float = DETECT_POINTS) -> Report:
+    """Write figures, tables, ``report.html`` and ``report.md`` to ``directory``; log them to MLflow.
+
+    ``pairing`` ("all" or "baseline") picks the paired comparisons; ``detect_points`` is the MAP@R
+    difference, in points, the seeds-needed estimate is for."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     figures, overlaps = build_figures(sweep, directory, notes, points, seed)
+    decisions = build_decisions(sweep, directory, notes, pairing, baseline, detect_points / 100, seed)
     table = comparison_table(sweep, baseline)
     table["pair_distance_overlap"] = [overlaps.get(loss, math.nan) for loss in table.index]
     table.to_csv(directory / "comparison_table.csv")
@@ -101,12 +134,14 @@ def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS,
         notes.append(f"no {baseline!r} baseline in this sweep: no paired tests (choose one with --baseline)")
     shown = format_table(table, baseline)
     shown["pair-distance overlap"] = ["n/a" if math.isnan(v) else f"{v:.3f}" for v in table["pair_distance_overlap"]]
-    report = Report(directory, directory / "report.html", directory / "report.md", table, figures, notes)
+    report = Report(directory, directory / "report.html", directory / "report.md", table, figures, notes,
+                    decisions=decisions)
     recalls = recall_table(sweep)
     if not recalls.empty:
         recalls.to_csv(directory / "crossmodal_recall.csv")
-    report.html.write_text(_html(sweep, shown, figures, notes, baseline, recalls), encoding="utf-8")
-    report.markdown.write_text(_markdown(sweep, shown, figures, notes, baseline, recalls), encoding="utf-8")
+    report.html.write_text(_html(sweep, shown, figures, notes, baseline, recalls, decisions), encoding="utf-8")
+    report.markdown.write_text(_markdown(sweep, shown, figures, notes, baseline, recalls, decisions),
+                               encoding="utf-8")
     if log_to_mlflow:
         report.run_id = log_report(sweep, directory)
     return report
@@ -145,10 +180,16 @@ def _table_note(baseline: str) -> str:
 
 
 def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
-          recalls: pd.DataFrame) -> str:
+          recalls: pd.DataFrame, decisions: Decisions) -> str:
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _header(sweep))
     body = [f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>", f"<table class='meta'>{head}</table>",
-            "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"), f"<p>{html.escape(_table_note(baseline))}</p>"]
+            "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"), f"<p>{html.escape(_table_note(baseline))}</p>",
+            "<h2 id='decisions'>Is the difference real?</h2>",
+            "<pre class='ranking'>" + html.escape("\n".join(decisions.lines)) + "</pre>",
+            "<h3>Noise floor</h3>", noise_table(decisions.noise).to_html(escape=True, classes="noise"),
+            "<h3>Paired comparisons</h3>",
+            decision_table(decisions.comparisons, decisions.delta).to_html(escape=True, classes="paired"),
+            f"<p>{html.escape(decisions_note(decisions.delta))}</p>"]
     if not recalls.empty:
         body += ["<h2>Cross-modal retrieval</h2>", recalls.to_html(escape=True, classes="recall"),
                  f"<p>{html.escape(RECALL_NOTE)}</p>"]
@@ -174,10 +215,14 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
-              recalls: pd.DataFrame) -> str:
+              recalls: pd.DataFrame, decisions: Decisions) -> str:
     lines = [f"# tripletlab sweep report: {sweep.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _header(sweep)]
     lines += ["", "## Comparison", "", markdown_table(table), "", _table_note(baseline), ""]
+    lines += ["## Is the difference real?", "", "```", *decisions.lines, "```", "", "### Noise floor", "",
+              markdown_table(noise_table(decisions.noise)), "", "### Paired comparisons", "",
+              markdown_table(decision_table(decisions.comparisons, decisions.delta)), "",
+              decisions_note(decisions.delta), ""]
     if not recalls.empty:
         lines += ["## Cross-modal retrieval", "", markdown_table(recalls.astype(str)), "", RECALL_NOTE, ""]
     for name, png in figures.items():

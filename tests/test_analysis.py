@@ -116,6 +116,34 @@ def test_table_has_one_row_per_loss_with_the_values_logged_in_mlflow(analysed):
     assert math.isnan(table.loc[baseline, "p_value"])
 
 
+def test_paired_decisions_and_noise_floor_match_mlflow_and_scipy(analysed):
+    sweep = analysed["sweep"]
+    client = MlflowClient(tracking_uri=analysed["uri"])
+    finals = final_runs(client, sweep.experiment_name)
+    by_seed = {loss: pd.Series({r.data.tags["tripletlab.seed"]: r.data.metrics["test/map_at_r"] for r in finals
+                                if r.data.tags["tripletlab.loss"] == loss}).sort_index() for loss in sweep.losses}
+    noise = pd.read_csv(analysed["report"] / "noise_floor.csv", index_col="loss")
+    for loss, values in by_seed.items():
+        assert noise.loc[loss, "sd"] == pytest.approx(values.std(ddof=1))
+        assert noise.loc[loss, "seeds"] == sweep.seeds
+    [pair] = pd.read_csv(analysed["report"] / "paired_comparisons.csv").to_dict("records")
+    first, second = pair["loss"], pair["other"]
+    assert by_seed[first].mean() >= by_seed[second].mean()  # the better-ranked loss comes first
+    d = by_seed[first] - by_seed[second]
+    assert pair["diff_mean"] == pytest.approx(d.mean()) and pair["pairs"] == sweep.seeds
+    assert pair["p_t"] == pytest.approx(stats.ttest_rel(by_seed[first], by_seed[second]).pvalue)
+    assert pair["p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
+    # the per-query AP@R recomputed from each run's test embeddings averages to the logged MAP@R
+    intervals = pd.read_csv(analysed["report"] / "run_intervals.csv")
+    assert len(intervals) == len(finals)
+    np.testing.assert_allclose(intervals["map_at_r_from_queries"], intervals["map_at_r"], atol=1e-5)
+    assert (intervals["query_ci_low"] < intervals["map_at_r"]).all()
+    assert (intervals["map_at_r"] < intervals["query_ci_high"]).all()
+    line = f"{first} vs {second}: {100 * d.mean():+.1f} ["
+    assert line in analysed["stdout"] and line in (analysed["report"] / "report.md").read_text()
+    assert "Is the difference real?" in (analysed["report"] / "report.html").read_text()
+
+
 def test_html_embeds_every_figure_and_markdown_links_them(analysed):
     html = (analysed["report"] / "report.html").read_text()
     markdown = (analysed["report"] / "report.md").read_text()
@@ -200,6 +228,19 @@ def test_run_without_embeddings_skips_its_panels_and_says_so(logged_sweep, tmp_p
     client = MlflowClient(tracking_uri=logged_sweep.tracking_uri)
     assert client.get_run(report.run_id).data.tags["tripletlab.role"] == "summary"
     assert "report/report.html" in {a.path for a in client.list_artifacts(report.run_id, "report")}
+
+
+def test_baseline_pairing_and_detect_option(logged_sweep, tmp_path):
+    sweep = load_sweep(logged_sweep.name, logged_sweep.tracking_uri)
+    report = build_report(sweep, tmp_path / "report", points=60, log_to_mlflow=False, pairing="baseline",
+                          detect_points=2.0)
+    pairs = report.decisions.comparisons
+    assert sorted(pairs["loss"]) == ["batch_hard", "multi_similarity"] and set(pairs["other"]) == {"triplet"}
+    assert "seeds for 2 point" in (tmp_path / "report" / "report.md").read_text()
+    ranked = [line.split(". ", 1)[1].split(":")[0] for line in report.decisions.lines[:3]]
+    assert " over 3 seeds" in report.decisions.lines[0]
+    assert ranked == ["multi_similarity", "batch_hard", "triplet"]  # the fixture's quality rises with the loss index
+    assert any("batch_hard" in note and "query-bootstrap" in note for note in report.notes)
 
 
 def test_paired_test_against_the_triplet_baseline(logged_sweep):

@@ -1,0 +1,66 @@
+"""The noise floor of a sweep: how far test MAP@R moves between final seeds, and within one run when
+its test queries are resampled.
+
+Noise studies of deep-learning comparisons (e.g. Picard 2021; Bouthillier et al., MLSys 2021) find
+the spread over seeds as large as many published gaps between methods. Per loss this module gives
+the spread over the final seeds (sd, min-max) and the mean half-width of the per-run percentile
+bootstrap over test queries (:mod:`analysis.query_scores`); the paired comparisons
+(:mod:`analysis.paired`) are read against both.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .comparison import seed_values
+from .load import Sweep, load_embeddings
+from .query_scores import BOOTSTRAP_RESAMPLES, average_precision_at_r, bootstrap_interval
+
+METRIC = "map_at_r"
+
+
+def per_seed(sweep: Sweep, metric: str = METRIC) -> dict[str, pd.Series]:
+    """``{loss: per-seed test metric}`` of every loss with a finished final run."""
+    finals = sweep.role("final")
+    return {loss: values for loss in sweep.losses
+            if not (values := seed_values(finals[finals["loss"] == loss], metric)).empty}
+
+
+def run_intervals(sweep: Sweep, notes: list[str], resamples: int = BOOTSTRAP_RESAMPLES,
+                  seed: int = 0) -> pd.DataFrame:
+    """One row per final run with test embeddings: ``run_id``, ``loss``, ``seed``, ``queries``,
+    ``map_at_r`` (as logged), ``map_at_r_from_queries`` (mean per-query AP@R) and the query
+    bootstrap's ``query_ci_low`` / ``query_ci_high``."""
+    rows, missing = [], set()
+    for _, run in sweep.role("final").iterrows():
+        arrays = load_embeddings(sweep, run["run_id"])
+        if arrays is None:
+            missing.add(run["loss"])
+            continue
+        ap = average_precision_at_r(arrays["embeddings"], arrays["labels"],
+                                    arrays.get("ref_embeddings"), arrays.get("ref_labels"))
+        low, high = bootstrap_interval(ap, resamples, seed=seed)
+        rows.append({"run_id": run["run_id"], "loss": run["loss"], "seed": run["seed"],
+                     "queries": int(np.count_nonzero(~np.isnan(ap))),
+                     "map_at_r": run.get(f"metrics.test/{METRIC}", math.nan),
+                     "map_at_r_from_queries": float(np.nanmean(ap)) if np.isfinite(ap).any() else math.nan,
+                     "query_ci_low": low, "query_ci_high": high})
+    for loss in sorted(missing):
+        notes.append(f"{loss}: final runs without embeddings/test.npz have no query-bootstrap interval")
+    return pd.DataFrame(rows, columns=["run_id", "loss", "seed", "queries", "map_at_r", "map_at_r_from_queries",
+                                       "query_ci_low", "query_ci_high"])
+
+
+def noise_floor(values: dict[str, pd.Series], intervals: pd.DataFrame) -> pd.DataFrame:
+    """Per loss (index): ``seeds``, ``mean``, ``sd`` (over seeds), ``min``, ``max`` of test MAP@R and
+    ``query_half_width``, the mean half-width of its runs' query-bootstrap intervals."""
+    rows = []
+    for loss, series in values.items():
+        own = intervals[intervals["loss"] == loss]
+        half = ((own["query_ci_high"] - own["query_ci_low"]) / 2).mean() if len(own) else math.nan
+        rows.append({"loss": loss, "seeds": len(series), "mean": float(series.mean()),
+                     "sd": float(series.std(ddof=1)) if len(series) > 1 else math.nan,
+                     "min": float(series.min()), "max": float(series.max()), "query_half_width": float(half)})
+    return pd.DataFrame(rows, columns=["loss", "seeds", "mean", "sd", "min", "max", "query_half_width"]).set_index("loss")

@@ -1,0 +1,151 @@
+"""Paired decisions, seeds needed, per-query AP@R and the query bootstrap, each against an independent
+oracle: Monte Carlo simulation, the normal-approximation sample size, brute-force enumeration and
+loops, SciPy, and the project's own retrieval metrics. The report's use of them is tested end to end
+in test_analysis.py."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.noise import noise_floor
+from analysis.paired import compare, decision_line, paired_comparisons, seeds_needed, t_test_power, wilcoxon_p_value
+from analysis.query_scores import average_precision_at_r, bootstrap_interval
+from experiments.metrics import retrieval_metrics
+
+
+def simulated_power(n: int, delta: float, sd: float, runs: int = 40_000, seed: int = 0) -> float:
+    """Share of simulated paired t-tests with ``n`` normal differences that reject at 5%."""
+    d = np.random.default_rng(seed).normal(delta, sd, size=(runs, n))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    return float((2 * stats.t.sf(np.abs(t), n - 1) < 0.05).mean())
+
+
+@pytest.mark.parametrize("n, delta, sd", [(3, 0.01, 0.005), (6, 0.01, 0.012), (12, 0.004, 0.01)])
+def test_power_matches_a_simulation(n, delta, sd):
+    assert t_test_power(n, delta, sd) == pytest.approx(simulated_power(n, delta, sd), abs=0.012)
+
+
+@pytest.mark.parametrize("sd", [0.004, 0.012, 0.03])
+def test_seeds_needed_is_the_smallest_n_with_80_percent_power(sd):
+    n = seeds_needed(sd, 0.01)
+    assert simulated_power(n, 0.01, sd) >= 0.8 - 0.01
+    assert n == 2 or simulated_power(n - 1, 0.01, sd) < 0.8 + 0.01
+    # the normal approximation with Guenther's correction, n ~ ((z_.975 + z_.8) sd / delta)^2 + z_.975^2 / 2
+    z = stats.norm.ppf(0.975)
+    approx = ((z + stats.norm.ppf(0.8)) * sd / 0.01) ** 2 + z ** 2 / 2
+    assert abs(n - approx) <= 1.5 or n == 2
+    assert seeds_needed(sd, 0.005) > n  # a smaller difference needs more seeds
+    assert math.isnan(seeds_needed(math.nan, 0.01)) and math.isinf(seeds_needed(10.0, 1e-6))
+
+
+def test_wilcoxon_matches_exact_enumeration_of_sign_flips():
+    d = np.array([0.012, -0.004, 0.021, 0.007, -0.015, 0.018])
+    ranks = stats.rankdata(np.abs(d))
+    observed = ranks[d > 0].sum()
+    sums = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product((0, 1), repeat=len(d))]
+    sums = np.array(sums)
+    expected = min(1.0, 2 * min((sums <= observed).mean(), (sums >= observed).mean()))
+    assert wilcoxon_p_value(d) == pytest.approx(expected)
+    assert math.isnan(wilcoxon_p_value([0.0, 0.0]))
+
+
+def test_compare_matches_scipy_on_the_seeds_both_losses_share():
+    a = pd.Series([0.61, 0.64, 0.60, 0.66, 0.70], index=["1", "2", "3", "4", "9"])
+    b = pd.Series([0.60, 0.61, 0.61, 0.62], index=["1", "2", "3", "4"])
+    got = compare(a, b)
+    d = a[b.index] - b
+    assert got["pairs"] == 4 and got["diff_mean"] == pytest.approx(d.mean())
+    assert (got["diff_ci_low"], got["diff_ci_high"]) == pytest.approx(
+        stats.t.interval(0.95, 3, loc=d.mean(), scale=stats.sem(d)))
+    assert got["p_t"] == pytest.approx(stats.ttest_rel(a[b.index], b).pvalue)
+    assert got["p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
+    assert got["diff_sd"] == pytest.approx(d.std(ddof=1))
+    assert got["resolved"] == (got["p_t"] < 0.05)
+    assert got["seeds_needed"] == seeds_needed(d.std(ddof=1), 0.01)
+
+
+def test_identical_differences_are_resolved_by_their_sign():
+    a = pd.Series([0.7, 0.8, 0.9], index=["1", "2", "3"])
+    assert compare(a, a - 0.02)["resolved"] and not compare(a, a)["resolved"]
+
+
+def test_pairs_follow_the_ranking_and_the_baseline_option():
+    values = {"triplet": pd.Series([0.50, 0.52, 0.51], index=["1", "2", "3"]),
+              "batch_hard": pd.Series([0.55, 0.56, 0.57], index=["1", "2", "3"]),
+              "ms": pd.Series([0.53, 0.50, 0.55], index=["1", "2", "3"])}
+    every = paired_comparisons(values)
+    assert list(zip(every["loss"], every["other"])) == [("batch_hard", "ms"), ("batch_hard", "triplet"),
+                                                        ("ms", "triplet")]
+    assert (every["diff_mean"] > 0).all()
+    against = paired_comparisons(values, "baseline", "triplet")
+    assert list(zip(against["loss"], against["other"])) == [("batch_hard", "triplet"), ("ms", "triplet")]
+    assert paired_comparisons(values, "baseline", "absent").empty
+    with pytest.raises(ValueError, match="unknown pairing"):
+        paired_comparisons(values, "some")
+
+
+def test_decision_line_reads_like_the_issue():
+    row = {"loss": "batch_hard", "other": "triplet", "pairs": 3, "diff_mean": 0.008, "diff_ci_low": -0.004,
+           "diff_ci_high": 0.020, "p_t": 0.18, "resolved": False, "seeds_needed": 9}
+    assert decision_line(row) == "batch_hard vs triplet: +0.8 [-0.4, 2.0], p=0.18: not resolved, ~9 seeds needed"
+    assert decision_line({**row, "p_t": 0.003, "resolved": True}).endswith("p=0.003: resolved (3 seeds)")
+    assert "likely smaller" in decision_line({**row, "seeds_needed": 3})
+
+
+def brute_force_ap_at_r(emb, labels, ref, ref_labels, same_source):
+    out = []
+    for i, (q, label) in enumerate(zip(emb, labels)):
+        others = [j for j in range(len(ref)) if not (same_source and j == i)]
+        r = sum(ref_labels[j] == label for j in others)
+        if r == 0:
+            out.append(math.nan)
+            continue
+        ranked = sorted(others, key=lambda j: math.dist(q, ref[j]))[:r]
+        hits, total = 0, 0.0
+        for position, j in enumerate(ranked, start=1):
+            if ref_labels[j] == label:
+                hits += 1
+                total += hits / position
+        out.append(total / r)
+    return np.array(out)
+
+
+def test_per_query_ap_at_r_matches_a_loop_and_the_runs_map_at_r():
+    rng = np.random.default_rng(4)
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3] * 3)  # class 3 below has a single query in `ref`
+    emb = rng.normal(size=(labels.size, 5)) + labels[:, None] * 0.7
+    got = average_precision_at_r(emb, labels, chunk_size=7)
+    np.testing.assert_allclose(got, brute_force_ap_at_r(emb, labels, emb, labels, True), atol=1e-12)
+    assert np.nanmean(got) == pytest.approx(retrieval_metrics(emb, labels, with_nmi=False)["map_at_r"], abs=1e-6)
+    ref, ref_labels = rng.normal(size=(12, 5)), np.array([0, 1, 2] * 4)  # a gallery without class 3
+    against = average_precision_at_r(emb, labels, ref, ref_labels)
+    np.testing.assert_allclose(against, brute_force_ap_at_r(emb, labels, ref, ref_labels, False), atol=1e-12)
+    assert np.isnan(against[labels == 3]).all()
+
+
+def test_bootstrap_interval_matches_scipy_and_normal_theory():
+    x = np.random.default_rng(5).beta(2, 3, size=800)
+    low, high = bootstrap_interval(x, resamples=4000, seed=1)
+    reference = stats.bootstrap((x,), np.mean, n_resamples=4000, method="percentile",
+                                rng=np.random.default_rng(2)).confidence_interval
+    assert low == pytest.approx(reference.low, abs=0.003) and high == pytest.approx(reference.high, abs=0.003)
+    half = stats.norm.ppf(0.975) * x.std(ddof=1) / math.sqrt(x.size)
+    assert (high - low) / 2 == pytest.approx(half, rel=0.08)
+    assert low < x.mean() < high
+    assert bootstrap_interval(np.append(x, np.nan), resamples=4000, seed=1) == (low, high)
+    assert all(math.isnan(v) for v in bootstrap_interval([0.3]))
+
+
+def test_noise_floor_spread_and_query_half_width():
+    values = {"triplet": pd.Series([0.50, 0.54, 0.52], index=["1", "2", "3"])}
+    intervals = pd.DataFrame({"loss": ["triplet", "triplet"], "query_ci_low": [0.49, 0.50],
+                              "query_ci_high": [0.53, 0.56]})
+    floor = noise_floor(values, intervals)
+    assert floor.loc["triplet", "sd"] == pytest.approx(np.std([0.50, 0.54, 0.52], ddof=1))
+    assert (floor.loc["triplet", "min"], floor.loc["triplet", "max"]) == (0.50, 0.54)
+    assert floor.loc["triplet", "query_half_width"] == pytest.approx(0.025)

@@ -36,6 +36,7 @@ class DatasetConfig:
     max_per_class: int = 0  # 0: all images
     augment: bool = False  # random flips/shifts on the training batches (random resized crops with crop_size)
     crop_size: int = 0  # S > 0: train on S x S random resized crops (augment) and evaluate the centre crop
+    resident_mb: float = 0  # largest split (MiB of uint8) kept whole on the device, larger ones stream; 0: measured
 
 
 @dataclass
@@ -316,6 +317,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0 <= cfg.dataset.val_fraction < 1, f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}")
     size = parse_image_size(cfg.dataset.image_size, None)
     _check(cfg.dataset.max_per_class >= 0, f"dataset.max_per_class must be >= 0 (0 = all), got {cfg.dataset.max_per_class}")
+    _check(cfg.dataset.resident_mb >= 0,
+           f"dataset.resident_mb must be >= 0 (0 = measured from free memory), got {cfg.dataset.resident_mb}")
     crop = cfg.dataset.crop_size
     _check(crop >= 0, f"dataset.crop_size must be >= 0 (0 = no crop), got {crop}")
     _check(size is None or crop <= min(size),

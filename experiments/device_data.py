@@ -10,21 +10,89 @@ image's area and aspect ratio 3/4 to 4/3, resized bilinearly), and evaluation (a
 ``augment``) sees the S x S centre crop. Either adds a horizontal flip with probability 0.5 when
 the dataset allows it (``LabeledImages.hflip``). Randomness comes from a seeded generator on the
 device, so augmented batches are reproducible.
+
+A split is kept whole on the device (gathered there once) when its uint8 size fits the resident
+budget: ``resident_mb`` when set, else a quarter of the memory measured free on the device (on
+CUDA ``torch.cuda.mem_get_info``; on the CPU and MPS, available RAM). A larger split streams: each
+batch's rows are gathered from the dataset's store (the decoded-image cache file) into pinned host
+memory by a background thread, ``PREFETCH_DEPTH`` batches ahead of the step loop, copied to the
+device and augmented there. Memory then holds a few batches, not the split.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from experiments.datasets.base import LabeledImages
-from experiments.datasets.imaging import channel_stats
+
+PREFETCH_DEPTH = 3  # batches gathered ahead of the step loop when streaming
+GATHER_BYTES = 64 << 20  # the host chunk when a split is gathered whole onto a CUDA device
 
 RRC_SCALE = (0.16, 1.0)  # RandomResizedCrop area range (Musgrave et al. 2020; torchvision: 0.08)
 RRC_RATIO = (3 / 4, 4 / 3)  # aspect ratio (width / height) range
 RRC_TRIES = 10  # boxes drawn per image before the fallback, as torchvision
+RESIDENT_SHARE = 4  # auto budget: 1 / RESIDENT_SHARE of the free device memory
+
+
+def resident_budget(device: torch.device, resident_mb: float = 0) -> int:
+    """The bytes of uint8 images a split may take to be kept whole on ``device``: ``resident_mb``
+    MiB when set, else 1 / ``RESIDENT_SHARE`` of the memory free there now."""
+    if resident_mb:
+        return int(resident_mb * (1 << 20))
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // RESIDENT_SHARE
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf figure: keep whole, as before streaming
+        return 1 << 62
+    return free // RESIDENT_SHARE
+
+
+def prefetch(function: Callable, items: Iterable, depth: int = PREFETCH_DEPTH) -> Iterator[tuple]:
+    """``(item, function(item))`` for each of ``items``, computed up to ``depth`` items ahead in a
+    background thread (which also iterates ``items``); its errors are raised here. Closing the
+    iterator stops the thread."""
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop, finished = threading.Event(), object()
+
+    def put(value) -> None:
+        while not stop.is_set():
+            try:
+                results.put(value, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                put((item, function(item)))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((finished, exc))
+            return
+        put((finished, None))
+
+    thread = threading.Thread(target=work, name="tripletlab-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, value = results.get()
+            if item is finished:
+                if value is not None:
+                    raise value
+                return
+            yield item, value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _channel_tensor(values: Sequence[float], channels: int, key: str, device: torch.device) -> torch.Tensor:
@@ -42,19 +110,27 @@ class DeviceImages:
     split. ``augment`` turns on the random crop (and flip where ``split.hflip``); ``crop_size`` > 0
     makes it a random resized crop to that side, and unaugmented batches are centre crops.
     ``channels=3`` turns grey images into 3 channels, each normalised with its own statistic
-    (ImageNet statistics on grey data).
+    (ImageNet statistics on grey data). ``resident_mb`` is the largest split kept whole on the
+    device (0: measured, see ``resident_budget``); ``images`` is ``None`` for a streamed split.
     """
 
     def __init__(self, split: LabeledImages, device: str | torch.device, augment: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  seed: int = 0, pad: int | None = None, crop_size: int = 0, channels: int | None = None,
-                 scale: tuple[float, float] = RRC_SCALE, ratio: tuple[float, float] = RRC_RATIO):
+                 scale: tuple[float, float] = RRC_SCALE, ratio: tuple[float, float] = RRC_RATIO,
+                 resident_mb: float = 0):
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
+        if isinstance(resident_mb, bool) or not isinstance(resident_mb, (int, float)) or not resident_mb >= 0:
+            raise ValueError(f"resident_mb must be a number >= 0 (0 = measured); got {resident_mb!r}")
+        self.split = split
+        self.pin = self.device.type == "cuda"
+        self.streams = split.nbytes > resident_budget(self.device, resident_mb)
+        self.images = None if self.streams else self._whole(split)
         self.labels = split.labels.to(self.device)
         self.augment = bool(augment)
         self.hflip = bool(split.hflip)
-        stored, height, width = self.images.shape[1:]
+        stored, height, width = split.image_shape
+        self.height, self.width = height, width
         self.channels = stored if channels is None else int(channels)
         if self.channels != stored and (stored, self.channels) != (1, 3):
             raise ValueError(f"channels={channels}: only grey images can be repeated (to 3 channels); "
@@ -70,7 +146,7 @@ class DeviceImages:
         self.scale, self.log_ratio = tuple(scale), (math.log(ratio[0]), math.log(ratio[1]))
         if mean is None or std is None:
             own_mean, own_std = (split.mean, split.std) if split.mean is not None and split.std is not None \
-                else channel_stats(split.images)
+                else split.channel_stats()
             mean = own_mean if mean is None else mean
             std = own_std if std is None else std
         if stored == 1:  # a grey statistic holds for every repeated channel
@@ -86,8 +162,24 @@ class DeviceImages:
         self._rows = torch.arange(height, device=self.device)
         self._cols = torch.arange(width, device=self.device)
 
+    def _whole(self, split: LabeledImages) -> torch.Tensor:
+        """The split's images on the device: on the CPU one gather (a tensor store without rows is
+        used as is); on an accelerator gathered in chunks, so host memory holds one chunk."""
+        if self.device.type == "cpu":
+            return split.images if split.rows is None else split.gather()
+        out = torch.empty((len(split), *split.image_shape), dtype=torch.uint8, device=self.device)
+        chunk = max(1, GATHER_BYTES // max(1, math.prod(split.image_shape)))
+        for start in range(0, len(split), chunk):
+            indices = torch.arange(start, min(start + chunk, len(split)))
+            out[start:start + chunk].copy_(split.gather(indices, pin=self.pin), non_blocking=self.pin)
+        return out
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def _host_pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        """A streamed split's uint8 images at ``indices``, gathered on the host (pinned for CUDA)."""
+        return self.split.gather(torch.as_tensor(indices, dtype=torch.int64).cpu(), pin=self.pin)
 
     def _crop_and_flip(self, images: torch.Tensor) -> torch.Tensor:
         """Random crops of the zero-padded images, flipped where drawn; one gather on the device."""
@@ -109,7 +201,7 @@ class DeviceImages:
         aspect ``ratio``, the first of ``RRC_TRIES`` draws that fits the image, else the whole image
         clipped to the ratio range; a uniform position. Returns int64 ``(n, 4)`` boxes
         (left, top, width, height) and a bool ``(n,)`` flip flag, all on the device."""
-        height, width = self.images.shape[-2:]
+        height, width = self.height, self.width
         shape, options = (n, RRC_TRIES), {"generator": self.generator, "device": self.device}
         area = torch.empty(shape, device=self.device).uniform_(*self.scale, generator=self.generator)
         area *= height * width
@@ -157,10 +249,8 @@ class DeviceImages:
         images broadcast to ``channels`` against the statistics."""
         return (images.float().div_(255.0) - self.mean) / self.std
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images and labels at ``indices`` (any device), augmented if ``augment``."""
-        indices = torch.as_tensor(indices, dtype=torch.int64).to(self.device, non_blocking=True)
-        images = self.images[indices]
+    def _finish(self, images: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment (if ``augment``) and normalise uint8 ``images`` on the device; their labels."""
         if self.crop_size and self.augment and images.shape[0] > 0:
             images = self._resized_crops(images)
         elif self.crop_size:
@@ -169,12 +259,44 @@ class DeviceImages:
             images = self._crop_and_flip(images)
         return self.normalise(images), self.labels[indices]
 
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels at ``indices`` (any device), augmented if ``augment``."""
+        indices = torch.as_tensor(indices, dtype=torch.int64).to(self.device, non_blocking=True)
+        if self.streams:
+            images = self._host_pixels(indices).to(self.device, non_blocking=self.pin)
+        else:
+            images = self.images[indices]
+        return self._finish(images, indices)
+
+    def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``batch(indices)`` for each of ``index_batches`` (a sampler); a streamed split gathers them
+        ahead in a background thread."""
+        if not self.streams:
+            yield from (self.batch(indices) for indices in index_batches)
+            return
+        for indices, host in prefetch(self._host_pixels, index_batches):
+            indices = torch.as_tensor(indices, dtype=torch.int64).to(self.device, non_blocking=True)
+            yield self._finish(host.to(self.device, non_blocking=self.pin), indices)
+
     def iterate(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every image once, in order, in chunks of ``batch_size``, never augmented (evaluation),
         centre-cropped to ``crop_size`` when set."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-        for start in range(0, len(self), batch_size):
-            images = self.images[start:start + batch_size]
+        chunks = (torch.arange(start, min(start + batch_size, len(self))) for start in range(0, len(self), batch_size))
+        if self.streams:
+            pairs = ((indices, host.to(self.device, non_blocking=self.pin))
+                     for indices, host in prefetch(self._host_pixels, chunks))
+        else:
+            pairs = ((indices, self.images[indices[0]:indices[-1] + 1]) for indices in chunks)
+        for indices, images in pairs:
             images = self.centre_crop(images) if self.crop_size else images
-            yield self.normalise(images), self.labels[start:start + batch_size]
+            yield self.normalise(images), self.labels[indices[0]:indices[-1] + 1]
+
+
+def training_batches(data, index_batches: Iterable[torch.Tensor]) -> Iterator:
+    """``data.batch(indices)`` for each of ``index_batches``; through ``DeviceImages.batches`` (which
+    prefetches a streamed split) when ``data`` is one."""
+    if isinstance(data, DeviceImages):
+        return data.batches(index_batches)
+    return (data.batch(indices) for indices in index_batches)

@@ -125,7 +125,7 @@ def evaluate(cfg: ExperimentConfig, states: list[dict]) -> tuple[dict[str, float
                          "dataset")
     device = pick_device(cfg.device)
     splits = load_dataset(cfg.dataset, cfg.seed)
-    models = _models(cfg, states, tuple(splits.test.images.shape[1:]), device)
+    models = _models(cfg, states, splits.test.image_shape, device)
     if len(models) > 1:
         return test_fold_models(cfg, models, splits, device)[0], str(device)
     embeddings, labels = embed_test(cfg, models[0], splits, device)

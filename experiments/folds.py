@@ -35,8 +35,7 @@ def training_pool(splits: DatasetSplits) -> LabeledImages:
     """The training and validation images together (what the folds divide), checked to share no
     class with the test split (nor its gallery, where the test queries rank one)."""
     train, val = splits.train, splits.val
-    pool = LabeledImages(torch.cat([train.images, val.images]), torch.cat([train.labels, val.labels]),
-                         train.hflip, train.mean, train.std)
+    pool = train.joined(val)
     tested = set(splits.test.classes()) | set(splits.gallery.classes() if splits.gallery is not None else [])
     shared = sorted(set(pool.classes()) & tested)
     if shared:

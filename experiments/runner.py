@@ -69,7 +69,7 @@ def with_dense_labels(split: LabeledImages) -> LabeledImages:
     """The training split with class ids renumbered 0..C-1 (losses with one parameter per class,
     like triplet_center, index by label; a class-disjoint split keeps the dataset's own ids)."""
     _, dense = torch.unique(split.labels, return_inverse=True)
-    return LabeledImages(split.images, dense, split.hflip, split.mean, split.std)
+    return split.with_labels(dense)
 
 
 def _split_params(info: dict[str, Any]) -> dict[str, str]:
@@ -119,6 +119,11 @@ def finish_run(run: RunLogger, cfg: ExperimentConfig, outcome, test: dict[str, f
     return RunResult(run.run_id, outcome.history, val_metrics, test, pruned=outcome.stopped == "pruned")
 
 
+def data_options(cfg: ExperimentConfig) -> dict:
+    """``DeviceImages`` options for a run: the model's inputs and the resident budget."""
+    return {**input_options(cfg.dataset.crop_size, cfg.model.weights), "resident_mb": cfg.dataset.resident_mb}
+
+
 def build_run_model(cfg: ExperimentConfig, image_shape: tuple[int, int, int]) -> nn.Module:
     """The freshly initialised embedding network of ``cfg`` for images of ``image_shape`` (C, H, W)."""
     channels, height, width = image_shape
@@ -132,11 +137,11 @@ def fit_model(cfg: ExperimentConfig, run: RunLogger, train_split: LabeledImages,
               checkpoint_dir: Path | None):
     """Build the model (and its pretrained backbone weights) and the loss, train on ``train_split``
     (dense labels) validating on ``val_split``; returns ``(model, TrainOutcome)``."""
-    model = build_run_model(cfg, tuple(train_split.images.shape[1:]))
+    model = build_run_model(cfg, train_split.image_shape)
     if cfg.model.weights:
         run.log_params(load_backbone_weights(model, cfg.model.weights))
     model = model.to(device)
-    inputs = input_options(cfg.dataset.crop_size, cfg.model.weights)
+    inputs = data_options(cfg)
     with torch.random.fork_rng(devices=[]):  # a loss drawing random numbers (triplet_center's centres)
         torch.manual_seed(cfg.seed)
         loss_fn = build_loss(cfg.loss.name, **cfg.loss.params).to(device)
@@ -149,7 +154,7 @@ def fit_model(cfg: ExperimentConfig, run: RunLogger, train_split: LabeledImages,
 
 def embed_test(cfg: ExperimentConfig, model: nn.Module, splits, device: torch.device):
     """``(embeddings, labels)`` of the test split, fed to the model as in training, never augmented."""
-    inputs = input_options(cfg.dataset.crop_size, cfg.model.weights)
+    inputs = data_options(cfg)
     return embed_split(model, DeviceImages(splits.test, device, augment=False, **inputs), cfg.eval.batch_size)
 
 
@@ -158,7 +163,7 @@ def embed_gallery(cfg: ExperimentConfig, model: nn.Module, splits, device: torch
     official split), or ``None`` when test images query one another."""
     if splits.gallery is None:
         return None
-    inputs = input_options(cfg.dataset.crop_size, cfg.model.weights)
+    inputs = data_options(cfg)
     gallery = DeviceImages(splits.gallery, device, augment=False, **inputs)
     return embed_split(model, gallery, cfg.eval.batch_size)
 

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from experiments.config import ExperimentConfig
+from experiments.device_data import training_batches
 from experiments.evaluation import channels_last, validate_split
 from experiments.interrupts import raise_if_interrupted
 from losses import STAT_NAMES, MetricLoss
@@ -151,10 +152,10 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
         totals = torch.zeros(1 + len(STAT_NAMES), device=device)
         stat_counts = torch.zeros(len(STAT_NAMES), device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
-        for step, indices in enumerate(tqdm(sampler, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                                            disable=not progress_enabled())):
+        for step, (images, labels) in enumerate(tqdm(training_batches(train_data, sampler), total=steps,
+                                                     desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                                                     disable=not progress_enabled())):
             raise_if_interrupted()
-            images, labels = train_data.batch(indices)
             images = channels_last(images)
             with amp:
                 embeddings = forward(images)

@@ -12,6 +12,13 @@ from losses import list_losses, registry  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_cache(tmp_path_factory):
+    """A decoded-image cache of the test session's own (``TRIPLETLAB_CACHE``), not the user's."""
+    os.environ["TRIPLETLAB_CACHE"] = str(tmp_path_factory.mktemp("image-cache"))
+    return os.environ["TRIPLETLAB_CACHE"]
+
+
 @pytest.fixture
 def restore_registry():
     """The loss registry as it was before the test (built-ins and entry points included)."""

@@ -7,7 +7,9 @@ per class). ``dataset.split=official`` uses each dataset's published split. Noth
 dataset but ``digits`` reads ``dataset.path`` or, when that is empty, the environment variable
 ``TRIPLETLAB_<NAME>_PATH`` (e.g. ``TRIPLETLAB_FASHION_MNIST_PATH``), or else a system-wide install
 (Debian's ``dataset-fashion-mnist`` package puts Fashion-MNIST in /usr/share/datasets/fashion-mnist).
-The most recently loaded dataset stays in memory, so the trials of a sweep read files once.
+The most recently loaded dataset stays in memory, so the trials of a sweep read files once; the
+image folders (``image-folder`` and the natural-image benchmarks) are decoded once into the
+decoded-image cache on disk (``decode_cache``), shared by every process, and read from there.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from experiments.datasets.base import DatasetSplits, LabeledImages, SourceImages
 from experiments.datasets.digits import load_digits
 from experiments.datasets.idx import load_fashion_mnist
 from experiments.datasets.image_folder import load_image_folder
-from experiments.datasets.imaging import channel_stats, parse_image_size, resize_images
+from experiments.datasets.image_store import as_store
+from experiments.datasets.imaging import parse_image_size, resize_images
 from experiments.datasets.listed_images import DEFAULT_SIZE as NATURAL_SIZE
 from experiments.datasets.orl import load_orl_faces
 from experiments.splits import DEFAULT_SPLIT, SPLITS, cap_per_class, split_indices
@@ -128,7 +131,7 @@ def _fingerprint(path: Path | None) -> tuple[int, int, int]:
 
 def _load_source(name: str, spec: DatasetSpec, path: Path | None, size) -> SourceImages:
     """``spec.loader(path, size)``, reusing the previous result when the same unchanged files are
-    asked for again (the splits index into it and copy, so it is never modified)."""
+    asked for again (splits are rows of it, and ``LabeledImages.images`` copies them out)."""
     key = (name, str(path), size, _fingerprint(path))
     if key not in _last_source:
         source = spec.loader(path, size)
@@ -176,31 +179,31 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
     if split == "official" and source.official_test is None:
         raise ValueError(spec.official_missing or f"dataset {name!r} at {path}: no official test images "
                          "found; use dataset.split=standard or class-disjoint")
-    images = source.images if spec.resizes else resize_images(source.images, size)
+    store = as_store(source.images if spec.resizes else resize_images(source.images, size))
     labels = source.labels
     masks = {"standard_test": source.standard_test, "official_test": source.official_test,
              "gallery": source.gallery}
 
     # Cap each class, and each class within the dataset's own parts (train / test / gallery) when kept.
     part = _part_codes(split, masks)
-    kept = cap_per_class(labels if part is None else labels * 3 + part, max_per_class, seed)
-    if kept.numel() < labels.numel():
-        images, labels = images[kept], labels[kept]
-        masks = {key: mask[kept] if mask is not None else None for key, mask in masks.items()}
+    rows = cap_per_class(labels if part is None else labels * 3 + part, max_per_class, seed)
+    if rows.numel() < labels.numel():
+        labels = labels[rows]
+        masks = {key: mask[rows] if mask is not None else None for key, mask in masks.items()}
 
     parts = split_indices(split, labels, masks["standard_test"], val_fraction, seed,
                           official_test=masks["official_test"], gallery=masks["gallery"],
                           test_source=spec.official)
-    train_images = images[parts.train]
-    mean, std = channel_stats(train_images)
+    mean, std = store.channel_stats(rows[parts.train])
 
-    def make(part_images: torch.Tensor, indices: torch.Tensor) -> LabeledImages:
-        return LabeledImages(part_images, labels[indices], spec.hflip, mean, std)
+    def make(indices: torch.Tensor) -> LabeledImages:
+        """The split at ``indices``: rows of the dataset's store, not a copy."""
+        return LabeledImages(store, labels[indices], spec.hflip, mean, std, rows=rows[indices])
 
     info = {
         "dataset": name,
         "source": str(path) if path is not None else "scikit-learn load_digits",
-        "image_shape": list(images.shape[1:]),
+        "image_shape": list(store.shape[1:]),
         "max_per_class": max_per_class,
         "hflip": spec.hflip,
         "mean": list(mean),
@@ -210,9 +213,9 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
     if source.class_names:
         info["class_names"] = {int(k): v for k, v in sorted(source.class_names.items())}
     return DatasetSplits(
-        train=make(train_images, parts.train),
-        val=make(images[parts.val], parts.val),
-        test=make(images[parts.test], parts.test),
+        train=make(parts.train),
+        val=make(parts.val),
+        test=make(parts.test),
         info=info,
-        gallery=make(images[parts.gallery], parts.gallery) if parts.gallery is not None else None,
+        gallery=make(parts.gallery) if parts.gallery is not None else None,
     )

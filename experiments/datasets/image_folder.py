@@ -2,24 +2,21 @@
 
 Images are read with Pillow, converted to grey ("L") when every image is grey and to RGB
 otherwise, and resized to ``dataset.image_size`` (default 64x64, Pillow's antialiased bilinear
-filter), decoding in a few threads. The class id is the index of the class folder in natural
+filter), decoding in a few threads once into the decoded-image cache (``decode_cache``), which
+later loads read. The class id is the index of the class folder in natural
 name order (``s2`` before ``s10``; ``001.Albatross`` before ``002.Auklet``).
 """
 from __future__ import annotations
 
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from experiments.datasets.base import SourceImages
+from experiments.datasets.decode_cache import decoded_images
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".pbm", ".tif", ".tiff", ".webp"}
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 
 def natural_key(name: str) -> list:
@@ -48,32 +45,11 @@ def _class_files(path: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _mode(file: Path) -> str:
-    try:
-        with Image.open(file) as image:
-            return image.mode
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"{file}: not a readable image ({exc}); fix or remove it") from exc
-
-
-def _read(file: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    try:
-        with Image.open(file) as image:
-            image = image.convert(mode).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"{file}: not a readable image ({exc}); fix or remove it") from exc
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-
-
 def load_image_folder(path: Path, size: tuple[int, int]) -> SourceImages:
-    """Every image as (N, 1 or 3, *size) uint8; ``class_names`` maps ids back to folder names."""
+    """Every image as (N, 1 or 3, *size) uint8 (in the decoded-image cache); ``class_names`` maps
+    ids back to folder names."""
     classes = _class_files(path)
     files = [(label, file) for label, name in enumerate(classes) for file in classes[name]]
-    mode = "L" if all(_mode(file) in GREY_MODES for _, file in files) else "RGB"
-    images = np.empty((len(files), 1 if mode == "L" else 3, *size), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
-        for row, array in enumerate(pool.map(lambda item: _read(item[1], mode, size), files)):
-            images[row] = array
+    images = decoded_images([file for _, file in files], size, "auto")
     labels = torch.tensor([label for label, _ in files], dtype=torch.int64)
-    return SourceImages(torch.from_numpy(images), labels, class_names=dict(enumerate(classes)))
+    return SourceImages(images, labels, class_names=dict(enumerate(classes)))

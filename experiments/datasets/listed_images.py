@@ -2,20 +2,17 @@
 share: finding the extracted folder, reading their whitespace-separated index files, and decoding
 the listed images to RGB.
 
-Images are decoded with Pillow in a few threads, converted to RGB (the datasets hold a few grey
-photos) and resized to ``dataset.image_size``, by default 256x256: the resize "A Metric Learning
+Images are decoded with Pillow in a few threads, once, into the decoded-image cache
+(``decode_cache``), converted to RGB (the datasets hold a few grey photos) and resized to
+``dataset.image_size``, by default 256x256: the resize "A Metric Learning
 Reality Check" (Musgrave et al., ECCV 2020) applies before its 227x227 crops.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from experiments.datasets.image_folder import _read as read_resized
+from experiments.datasets.decode_cache import decoded_images
+from experiments.datasets.image_store import ImageStore
 
 DEFAULT_SIZE = (256, 256)
 
@@ -69,10 +66,6 @@ def existing_files(root: Path, relative_paths: list[str], index: Path) -> list[P
     return files
 
 
-def decode_rgb(files: list[Path], size: tuple[int, int]) -> torch.Tensor:
-    """Every file as RGB, resized to ``size`` (height, width): uint8 (N, 3, *size)."""
-    images = np.empty((len(files), 3, *size), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes off the GIL
-        for row, array in enumerate(pool.map(lambda file: read_resized(file, "RGB", size), files)):
-            images[row] = array
-    return torch.from_numpy(images)
+def decode_rgb(files: list[Path], size: tuple[int, int]) -> ImageStore:
+    """Every file as RGB, resized to ``size`` (height, width): uint8 (N, 3, *size), from the cache."""
+    return decoded_images(files, size, "RGB")

@@ -32,7 +32,7 @@ from analysis_fixture import build_logged_sweep, copy_store
 from experiments.cli import main as cli_main
 from sweep_fixture import tiny_sweep, working_directory  # noqa: F401
 
-FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning")
+FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -142,6 +142,23 @@ def test_paired_decisions_and_noise_floor_match_mlflow_and_scipy(analysed):
     line = f"{first} vs {second}: {100 * d.mean():+.1f} ["
     assert line in analysed["stdout"] and line in (analysed["report"] / "report.md").read_text()
     assert "Is the difference real?" in (analysed["report"] / "report.html").read_text()
+
+
+def test_budget_curves_come_from_the_optuna_history(analysed):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    sweep = analysed["sweep"]
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(analysed["root"] / "runs" / sweep.name / "optuna.journal")))
+    curves = pd.read_csv(analysed["report"] / "budget_curves.csv")
+    for loss in sweep.losses:
+        values = [t.value for t in optuna.load_study(study_name=f"{sweep.name}/{loss}", storage=storage).trials]
+        own = curves[curves["loss"] == loss]
+        assert own["n"].tolist() == list(range(1, sweep.trials + 1))
+        assert own["expected"].iloc[0] == pytest.approx(np.mean(values))
+        assert own["expected"].iloc[-1] <= max(values) and own["expected"].is_monotonic_increasing
+    crossed = pd.read_csv(analysed["report"] / "budget_crossings.csv")
+    assert ("overtakes" if len(crossed) else "No budget curves cross") in analysed["stdout"]
 
 
 def test_html_embeds_every_figure_and_markdown_links_them(analysed):

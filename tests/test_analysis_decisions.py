@@ -1,6 +1,6 @@
 """Paired decisions, seeds needed, per-query AP@R and the query bootstrap, each against an independent
 oracle: Monte Carlo simulation, the normal-approximation sample size, brute-force enumeration and
-loops, SciPy, and the project's own retrieval metrics. The report's use of them is tested end to end
+loops, SciPy, and the project's own retrieval metrics; and the expected-max budget curves. The report's use of them is tested end to end
 in test_analysis.py."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from analysis.budget import budget_curves, crossing_note, crossings, expected_max
 from analysis.noise import noise_floor
 from analysis.paired import compare, decision_line, paired_comparisons, seeds_needed, t_test_power, wilcoxon_p_value
 from analysis.query_scores import average_precision_at_r, bootstrap_interval
@@ -149,3 +150,37 @@ def test_noise_floor_spread_and_query_half_width():
     assert floor.loc["triplet", "sd"] == pytest.approx(np.std([0.50, 0.54, 0.52], ddof=1))
     assert (floor.loc["triplet", "min"], floor.loc["triplet", "max"]) == (0.50, 0.54)
     assert floor.loc["triplet", "query_half_width"] == pytest.approx(0.025)
+
+
+# ---------- performance against tuning budget (Dodge et al. 2019) ----------
+
+def test_expected_max_matches_enumerating_every_draw():
+    values = np.array([0.42, 0.61, 0.55, 0.61, 0.30])
+    mean, sd = expected_max(values, 3)
+    for n in (1, 2, 3):
+        maxima = np.array([max(draw) for draw in itertools.product(values, repeat=n)])
+        assert mean[n - 1] == pytest.approx(maxima.mean()) and sd[n - 1] == pytest.approx(maxima.std())
+    assert expected_max(values, 200)[0][-1] == pytest.approx(values.max())
+
+
+def test_budget_curves_use_complete_and_pruned_trials_only():
+    trials = pd.DataFrame({"loss": ["a"] * 4 + ["b"] * 2, "number": [0, 1, 2, 3, 0, 1],
+                           "state": ["complete", "pruned", "failed", "complete", "complete", "complete"],
+                           "value": [0.5, 0.2, 0.99, 0.7, 0.4, np.nan]})
+    curves = budget_curves(trials)
+    a = curves[curves["loss"] == "a"]
+    assert a["n"].tolist() == [1, 2, 3] and a["expected"].iloc[0] == pytest.approx(np.mean([0.5, 0.2, 0.7]))
+    assert curves[curves["loss"] == "b"]["expected"].tolist() == [0.4]
+
+
+def test_crossings_are_interpolated_between_budgets():
+    curves = pd.DataFrame({"loss": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "n": [1, 2, 3] * 3,
+                           "expected": [1.0, 2.0, 3.0, 2.0, 2.5, 2.5, 3.0, 2.0, 3.0]})
+    crossed = crossings(curves)
+    assert list(zip(crossed["loss"], crossed["other"])) == [("a", "b"), ("b", "c"), ("b", "c")]  # a meets c, never crosses
+    ab, bc_first, bc_second = (row for _, row in crossed.iterrows())
+    assert ab["n"] == pytest.approx(2.5) and ab["expected"] == pytest.approx(2.5)
+    assert (ab["leader_before"], ab["leader_after"]) == ("b", "a")
+    assert bc_first["n"] == pytest.approx(1 + 1 / 1.5) and bc_second["n"] == pytest.approx(2.5)  # b - c: -1, 0.5, -0.5
+    assert (bc_first["leader_after"], bc_second["leader_after"]) == ("b", "c")
+    assert "overtakes" in crossing_note(crossed) and "No budget curves cross" in crossing_note(crossed.iloc[:0])

@@ -16,8 +16,15 @@ EXPERIMENT ?=
 SERVER_STORE ?= postgresql://tripletlab@127.0.0.1:5432/mlflow
 SERVER_PORT ?= 5000
 ARTIFACTS ?= mlartifacts
+# make bench-gpu runs on a CUDA machine that has torch but no virtual environment and no network;
+# make gpu-wheels downloads, for that machine's Python and platform, the wheels it installs from
+# (GPU_FAISS= leaves faiss out: faiss-gpu-cu12 is 48 MiB and needs torch's CUDA to be 12)
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORM ?= manylinux_2_28_x86_64
+GPU_FAISS ?= faiss-gpu-cu12
 
-.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep bench-reference train clean
+.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep bench-reference bench-gpu gpu-wheels train clean
 
 install: $(STAMP)
 
@@ -66,6 +73,12 @@ bench-sweep: install
 
 bench-reference: install
 	$(PY) -m benchmarks.bench_reference $(ARGS)
+
+bench-gpu:
+	$(GPU_PYTHON) -m benchmarks.bench_gpu $(ARGS)
+
+gpu-wheels: install
+	$(PY) -m benchmarks.gpu_wheels --dest .whl --python-version $(GPU_PYTHON_VERSION) --platform $(GPU_PLATFORM) --faiss "$(GPU_FAISS)"
 
 clean:
 	rm -rf runs mlartifacts mlflow.db .pytest_cache

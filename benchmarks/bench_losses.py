@@ -1,11 +1,12 @@
 """Time forward + backward of every registry loss against pytorch-metric-learning and a matmul floor.
 
-Each registry loss runs on random PK batches (K=4) at n in {128, 512, 2048} and d in {128, 512},
-side by side with PML's equivalent (TripletMarginLoss with BatchHardMiner / TripletMarginMiner,
+Each registry loss runs on random PK batches (K=4) at n in {128, 512, 2048} and d in {128, 512}
+(``--sizes``, ``--dims``; ``--dtypes float32,bfloat16`` adds reduced-precision inputs), side by side with PML's equivalent (TripletMarginLoss with BatchHardMiner / TripletMarginMiner,
 MultiSimilarityLoss with and without MultiSimilarityMiner, CircleLoss) and with the floor: forward
 and backward of ``(x @ x.T).sum()``, the Gram matrix every pairwise loss needs. Repeats are
 interleaved across contenders (rotating the order) and medians reported, so background load hits
-all alike. PML contenders that enumerate every triplet are skipped above ``--pml-max-triplets``.
+all alike. PML contenders that enumerate every triplet are skipped above ``--pml-max-triplets``; a
+contender that raises (e.g. PML on bfloat16 inputs) is left out of that grid point with its error.
 On CPU the times are process CPU time (all threads; wall time is kept in the JSON), so that other
 processes on a shared machine do not skew the ratios. Peak memory is CUDA's ``max_memory_allocated`` above the inputs; on CPU it is not measured (torch
 allocations are invisible to tracemalloc and a per-contender subprocess would dominate the run).
@@ -96,12 +97,12 @@ def all_cases() -> list[Case]:
     return cases + [Case(name, name, {}) for name in list_losses() if name not in known]
 
 
-def pk_batch(n: int, d: int, device: torch.device, seed: int):
+def pk_batch(n: int, d: int, device: torch.device, seed: int, dtype: torch.dtype = torch.float32):
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n // K).repeat_interleave(K)[torch.randperm(n, generator=generator)]
     x = torch.randn(n, d, generator=generator)
     x_b = x + 0.5 * torch.randn(n, d, generator=generator)
-    return x.to(device), x_b.to(device), labels.to(device)
+    return x.to(device, dtype), x_b.to(device, dtype), labels.to(device)
 
 
 def _step(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
@@ -140,11 +141,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def drop_failing(runs: dict[str, Callable[[], None]]) -> dict[str, str]:
+    """Run each once (the warm-up: allocator, kernels, lazy initialisation); remove those that raise
+    and return their errors by key."""
+    errors = {}
+    for key, run in list(runs.items()):
+        try:
+            run()
+        except Exception as error:  # noqa: BLE001 (any contender's failure is reported, not fatal)
+            errors[key] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:160]
+            del runs[key]
+    return errors
+
+
 def time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, tuple[float, float]]:
     """Median (wall, process CPU) milliseconds of each run over ``repeats`` rounds, the order
-    rotating every round."""
-    for run in runs.values():  # warm-up: allocator, kernels, lazy initialisation
-        run()
+    rotating every round (after a warm-up run of each, see :func:`drop_failing`)."""
     times: dict[str, list[tuple[float, float]]] = {key: [] for key in runs}
     keys = list(runs)
     for r in range(repeats):
@@ -169,41 +181,52 @@ def peak_memory_mb(run: Callable[[], None], device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
-def bench_device(device: torch.device, sizes, dims, repeats: int, max_triplets: int, cases) -> list[dict]:
+def _row(case: Case, n: int, d: int, dtype: torch.dtype, timed: dict, clock: int, notes: dict) -> dict:
+    """One result row from the timings (``None`` where a contender did not run) and its notes."""
+    def ms(key, index=clock):
+        return timed[key][index] if key in timed else None
+
+    ours, pml, floor = ms(f"ours:{case.label}"), ms(f"pml:{case.label}"), ms("floor")
+    return {"loss": case.label, "name": case.name, "n": n, "d": d, "dtype": str(dtype).removeprefix("torch."),
+            "ours_ms": ours, "pml_ms": pml, "floor_ms": floor,
+            "ratio_floor": ours / floor if ours and floor else None,
+            "ours_wall_ms": ms(f"ours:{case.label}", 0), "floor_wall_ms": ms("floor", 0),
+            "pml_wall_ms": ms(f"pml:{case.label}", 0), "ratio_pml": ours / pml if ours and pml else None,
+            "ours_note": notes.get(f"ours:{case.label}"),
+            "pml_note": notes.get(f"pml:{case.label}", None if case.pml else "no PML equivalent")}
+
+
+def bench_device(device: torch.device, sizes, dims, repeats: int, max_triplets: int, cases,
+                 dtypes=(torch.float32,)) -> list[dict]:
     rows = []
-    for n in sizes:
-        triplets = n * (K - 1) * (n - K)
-        for d in dims:
-            x, x_b, labels = pk_batch(n, d, device, seed=n + d)
-            x.requires_grad_(True)
-            x_b.requires_grad_(True)
-            runs = {"floor": floor_step(x)}
-            skipped = set()
-            for case in cases:
-                for who, run in contenders(case, x, x_b, labels, device).items():
-                    if who == "pml" and case.all_triplets and triplets > max_triplets:
-                        skipped.add(case.label)
-                        continue
-                    runs[f"{who}:{case.label}"] = run
-            timed = time_interleaved(runs, repeats, device)
-            clock = 1 if device.type == "cpu" else 0  # CPU: process time, robust to other processes' load
-            medians = {key: value[clock] for key, value in timed.items()}
-            for case in cases:
-                ours, pml = medians[f"ours:{case.label}"], medians.get(f"pml:{case.label}")
-                rows.append({
-                    "loss": case.label, "name": case.name, "n": n, "d": d, "ours_ms": ours, "pml_ms": pml,
-                    "floor_ms": medians["floor"], "ratio_floor": ours / medians["floor"],
-                    "ours_wall_ms": timed[f"ours:{case.label}"][0], "floor_wall_ms": timed["floor"][0],
-                    "pml_wall_ms": timed[f"pml:{case.label}"][0] if pml else None,
-                    "ratio_pml": ours / pml if pml else None,
-                    "pml_note": ("skipped: enumerates %d triplets (> --pml-max-triplets)" % triplets
-                                 if case.label in skipped else None if case.pml else "no PML equivalent"),
-                    "ours_peak_mb": peak_memory_mb(runs[f"ours:{case.label}"], device),
-                    "pml_peak_mb": peak_memory_mb(runs[f"pml:{case.label}"], device) if pml else None,
-                })
-            print(f"{device.type} n={n} d={d}: " + ", ".join(
-                f"{r['loss']} {r['ours_ms']:.2f} ms" + (f" ({r['ratio_pml']:.2f}x PML)" if r["ratio_pml"] else "")
-                for r in rows[-len(cases):]), flush=True)
+    for dtype in dtypes:
+        for n in sizes:
+            triplets = n * (K - 1) * (n - K)
+            for d in dims:
+                x, x_b, labels = pk_batch(n, d, device, seed=n + d, dtype=dtype)
+                x.requires_grad_(True)
+                x_b.requires_grad_(True)
+                runs = {"floor": floor_step(x)}
+                notes = {}
+                for case in cases:
+                    for who, run in contenders(case, x, x_b, labels, device).items():
+                        if who == "pml" and case.all_triplets and triplets > max_triplets:
+                            notes[f"pml:{case.label}"] = f"skipped: enumerates {triplets} triplets (> --pml-max-triplets)"
+                            continue
+                        runs[f"{who}:{case.label}"] = run
+                notes.update({key: f"failed: {why}" for key, why in drop_failing(runs).items()})
+                timed = time_interleaved(runs, repeats, device)
+                clock = 1 if device.type == "cpu" else 0  # CPU: process time, robust to other processes' load
+                for case in cases:
+                    row = _row(case, n, d, dtype, timed, clock, notes)
+                    row["ours_peak_mb"] = (peak_memory_mb(runs[f"ours:{case.label}"], device)
+                                           if row["ours_ms"] is not None else None)
+                    row["pml_peak_mb"] = (peak_memory_mb(runs[f"pml:{case.label}"], device)
+                                          if row["pml_ms"] is not None else None)
+                    rows.append(row)
+                print(f"{device.type} {row['dtype']} n={n} d={d}: " + ", ".join(
+                    f"{r['loss']} {_fmt(r['ours_ms'])} ms" + (f" ({r['ratio_pml']:.2f}x PML)" if r["ratio_pml"] else "")
+                    for r in rows[-len(cases):]), flush=True)
     return rows
 
 
@@ -243,11 +266,14 @@ def target_misses(rows: list[dict], all_triplet_labels: set[str]) -> list[str]:
     for r in rows:
         if r["n"] < 512:
             continue
+        where = f"{r['loss']} n={r['n']} d={r['d']}" + ("" if r["dtype"] == "float32" else f" {r['dtype']}")
         pml_target = 0.1 if r["loss"] in all_triplet_labels else 0.5
         if r["ratio_pml"] is not None and r["ratio_pml"] > pml_target:
-            misses.append(f"{r['loss']} n={r['n']} d={r['d']}: {r['ratio_pml']:.2f}x PML (target {pml_target}x)")
-        if r["ratio_floor"] > 3:
-            misses.append(f"{r['loss']} n={r['n']} d={r['d']}: {r['ratio_floor']:.2f}x floor (target 3x)")
+            misses.append(f"{where}: {r['ratio_pml']:.2f}x PML (target {pml_target}x)")
+        if r["ratio_floor"] is not None and r["ratio_floor"] > 3:
+            misses.append(f"{where}: {r['ratio_floor']:.2f}x floor (target 3x)")
+        if r["ours_note"]:
+            misses.append(f"{where}: {r['ours_note']}")
     return misses
 
 
@@ -266,13 +292,16 @@ def to_markdown(report: dict) -> str:
         "- peak memory: " + ("CUDA max_memory_allocated above the inputs" if dev["type"] == "cuda"
                              else "not measured on CPU"),
         "",
-        "| loss | n | d | ours ms | PML ms | floor ms | ours / PML | ours / floor | peak MB ours | peak MB PML | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| loss | n | d | dtype | ours ms | PML ms | floor ms | ours / PML | ours / floor | peak MB ours "
+        "| peak MB PML | note |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['loss']} | {r['n']} | {r['d']} | {_fmt(r['ours_ms'])} | {_fmt(r['pml_ms'])} | "
-                     f"{_fmt(r['floor_ms'])} | {_fmt(r['ratio_pml'])} | {_fmt(r['ratio_floor'])} | "
-                     f"{_fmt(r['ours_peak_mb'], '.1f')} | {_fmt(r['pml_peak_mb'], '.1f')} | {r['pml_note'] or ''} |")
+        note = "; ".join(n for n in (r["ours_note"] and f"ours {r['ours_note']}", r["pml_note"]) if n)
+        lines.append(f"| {r['loss']} | {r['n']} | {r['d']} | {r['dtype']} | {_fmt(r['ours_ms'])} | "
+                     f"{_fmt(r['pml_ms'])} | {_fmt(r['floor_ms'])} | {_fmt(r['ratio_pml'])} | "
+                     f"{_fmt(r['ratio_floor'])} | {_fmt(r['ours_peak_mb'], '.1f')} | {_fmt(r['pml_peak_mb'], '.1f')} "
+                     f"| {note} |")
     misses = report["target_misses"]
     lines += ["", "Targets at n >= 512: <= 0.5x PML (<= 0.1x for PML's all-triplet miners), <= 3x floor.",
               "Missed: " + ("none" if not misses else "")]
@@ -280,11 +309,12 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(device: torch.device, sizes, dims, repeats: int, max_triplets: int, out_dir: Path) -> dict:
+def run(device: torch.device, sizes, dims, repeats: int, max_triplets: int, out_dir: Path,
+        dtypes=(torch.float32,)) -> dict:
     cases = all_cases()
     info = describe_device(device)
     commit = git_commit()  # before the run: the code being measured
-    rows = bench_device(device, sizes, dims, repeats, max_triplets, cases)
+    rows = bench_device(device, sizes, dims, repeats, max_triplets, cases, dtypes)
     report = {
         "device": info, "torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
         "git_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -299,6 +329,18 @@ def run(device: torch.device, sizes, dims, repeats: int, max_triplets: int, out_
     return report
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _dtypes(text: str) -> tuple[torch.dtype, ...]:
+    names = text.split(",")
+    unknown = [n for n in names if not isinstance(getattr(torch, n, None), torch.dtype)]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {', '.join(unknown)}; e.g. float32,bfloat16")
+    return tuple(getattr(torch, n) for n in names)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke run")
@@ -308,17 +350,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--pml-max-triplets", type=int, default=5_000_000,
                         help="skip PML contenders that enumerate more triplets than this")
+    parser.add_argument("--sizes", type=_ints, help="comma-separated batch sizes n (default 128,512,2048; "
+                        "quick: 32,64)")
+    parser.add_argument("--dims", type=_ints, help="comma-separated dimensions d (default 128,512; quick: 16)")
+    parser.add_argument("--dtypes", type=_dtypes, default=(torch.float32,),
+                        help="comma-separated input dtypes, e.g. float32,bfloat16 (default float32)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
     torch.set_num_threads(args.threads)
     sizes, dims, repeats = ((32, 64), (16,), 2) if args.quick else ((128, 512, 2048), (128, 512), args.repeats)
+    sizes, dims = args.sizes or sizes, args.dims or dims
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         devices.append(torch.device("cuda"))
     for device in devices:
-        run(device, sizes, dims, repeats, args.pml_max_triplets, args.out)
+        run(device, sizes, dims, repeats, args.pml_max_triplets, args.out, args.dtypes)
     return 0
 
 

@@ -3,18 +3,22 @@
 Runs ``tripletlab sweep`` in a fresh output folder, MLflow store and Optuna journal (default: the
 Fashion-MNIST comparison of every built-in loss, 20 trials each, 10 epochs, 3 final seeds, the
 end-to-end benchmark of the speed issue) and samples ``nvidia-smi`` twice a second when it is
-present. Writes ``sweep-<device>.md`` and ``.json``: the wall time, each loss's trials (complete,
-pruned, failed), and the GPU utilisation (mean, median, share of samples at least 70% busy) and
-memory, with the device, torch version, commit, date and command.
+present. Writes ``sweep-<device>[-<tag>].md`` and ``.json``: the wall time, each loss's trials
+(complete, pruned, failed), the tuning throughput (finished trials per minute between the first
+trial's start and the last trial's end), and the GPU utilisation (mean, median, share of samples at
+least 70% busy) and memory, with the device, torch version, commit, date and command.
 
     python -m benchmarks.bench_sweep                           # needs Fashion-MNIST (see README)
     python -m benchmarks.bench_sweep --config quick trials=2   # a smoke run on digits
+    python -m benchmarks.bench_sweep --tag tpg4 trials_per_gpu=4 trials=8 epochs=1 seeds=1
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +35,8 @@ from sweeps.storage import default_storage, open_storage
 from .bench_losses import RESULTS_DIR, describe_device, device_slug, git_commit
 
 DEFAULT_OVERRIDES = ("trials=20", "epochs=10", "seeds=3")
-BUSY = 70  # percent: the issue's target share of time the GPU is busy
+BUSY = 70  # percent: the target share of time the GPU is busy
+TIMED_OUT = -1  # exit status recorded for a sweep stopped at --timeout
 
 
 class GpuSampler:
@@ -73,26 +78,47 @@ class GpuSampler:
                 "max_memory_mib": max(m for _, m in self.samples)}
 
 
-def trial_counts(storage_spec: str) -> dict[str, dict[str, int]]:
-    """Each study's trials by state (complete, pruned, failed), read back from the sweep's storage."""
+def trial_counts(storage_spec: str) -> tuple[dict[str, dict[str, int]], float | None]:
+    """Each study's trials by state (complete, pruned, failed), read back from the sweep's storage,
+    and the finished trials per minute over the span from the first start to the last finish."""
     storage = open_storage(storage_spec)
-    counts = {}
+    counts, starts, ends = {}, [], []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+        trials = study.get_trials(deepcopy=False)
+        states = [t.state.name.lower() for t in trials]
         counts[summary.study_name] = {state: states.count(state) for state in ("complete", "pruned", "fail")}
-    return counts
+        finished = [t for t in trials if t.datetime_start and t.datetime_complete]
+        starts += [t.datetime_start for t in finished]
+        ends += [t.datetime_complete for t in finished]
+    span = (max(ends) - min(starts)).total_seconds() if ends else 0.0
+    return counts, (60 * len(ends) / span if span > 0 else None)
 
 
-def run_sweep(config: str, overrides: list[str], workers: int | None, work_dir: Path) -> tuple[list[str], float, int]:
-    """Run the sweep CLI in ``work_dir``; returns the command, its wall seconds and exit status."""
+def run_sweep(config: str, overrides: list[str], workers: int | None, work_dir: Path,
+              timeout: float | None = None) -> tuple[list[str], float, int]:
+    """Run the sweep CLI in ``work_dir``; returns the command, its wall seconds and exit status
+    (``TIMED_OUT`` when it ran past ``timeout`` seconds and was stopped)."""
     command = [sys.executable, "-m", "experiments.cli", "sweep", "--config", config, *overrides,
                "--output-dir", str(work_dir / "runs"), "--tracking-uri", f"sqlite:///{work_dir / 'mlflow.db'}"]
     if workers:
         command += ["--workers", str(workers)]
     start = time.perf_counter()
-    status = subprocess.run(command).returncode
+    process = subprocess.Popen(command, start_new_session=True)  # its workers share its process group
+    status = TIMED_OUT
+    try:
+        status = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:  # timed out, or this process is being stopped: the sweep's workers go too
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
     return command, time.perf_counter() - start, status
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def to_markdown(report: dict) -> str:
@@ -103,7 +129,10 @@ def to_markdown(report: dict) -> str:
              f"- command: `tripletlab sweep --config {report['config']} {' '.join(report['overrides'])}"
              + (f" --workers {report['workers']}`" if report["workers"] else "`"),
              f"- wall time: **{report['wall_seconds'] / 60:.1f} min** ({report['wall_seconds']:.0f} s), "
-             f"exit status {report['exit_status']}", ""]
+             + ("stopped at the time limit" if report["exit_status"] == TIMED_OUT
+                else f"exit status {report['exit_status']}"),
+             "- tuning throughput: " + (f"{report['trials_per_minute']:.1f} finished trials per minute"
+                                        if report["trials_per_minute"] else "no finished trial"), ""]
     if gpu is None:
         lines.append("- GPU utilisation: not measured (no `nvidia-smi` on this machine)")
     else:
@@ -122,28 +151,33 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"sweep overrides (default: {' '.join(DEFAULT_OVERRIDES)})")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: the sweep's)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for sweep-<device>.md/.json")
-    args = parser.parse_args(argv)
+    parser.add_argument("--tag", default="", help="suffix of the result files: sweep-<device>-<tag>.md")
+    parser.add_argument("--timeout", type=float, default=None, help="stop the sweep after this many seconds")
+    parser.add_argument("--allow-failure", action="store_true",
+                        help="write the report and return even when the sweep fails or times out")
+    args = parser.parse_intermixed_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stopped from outside: end the sweep's process group
     overrides = args.overrides or list(DEFAULT_OVERRIDES)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="tripletlab-bench-sweep-") as tmp:
         work_dir = Path(tmp)
         sampler = GpuSampler()
-        command, seconds, status = run_sweep(args.config, overrides, args.workers, work_dir)
+        command, seconds, status = run_sweep(args.config, overrides, args.workers, work_dir, args.timeout)
         utilisation = sampler.stop()
         sweep_dirs = [p for p in (work_dir / "runs").iterdir() if p.is_dir()] if (work_dir / "runs").exists() else []
-        trials = trial_counts(default_storage(sweep_dirs[0])) if len(sweep_dirs) == 1 else {}
+        trials, per_minute = trial_counts(default_storage(sweep_dirs[0])) if len(sweep_dirs) == 1 else ({}, None)
     info = describe_device(device)
     report = {"device": info, "torch": torch.__version__, "git_commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "config": args.config, "overrides": overrides, "workers": args.workers,
               "command": command[1:], "wall_seconds": seconds, "exit_status": status,
-              "gpu_utilisation": utilisation, "trials": trials}
+              "gpu_utilisation": utilisation, "trials": trials, "trials_per_minute": per_minute}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"sweep-{device_slug(info)}"
+    stem = args.out / f"sweep-{device_slug(info)}{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(to_markdown(report))
     print(to_markdown(report))
-    if status != 0:
+    if status != 0 and not args.allow_failure:
         raise SystemExit(f"the sweep exited with status {status}; see its output above")
     return report
 

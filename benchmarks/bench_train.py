@@ -47,6 +47,8 @@ from experiments.sampler import PKSampler
 from experiments.trainer import pick_device, train
 from losses import build_loss
 
+from .bench_losses import describe_device, device_slug
+
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
 LOSS = {"name": "batch_hard", "margin": 0.1, "distance": "euclidean", "normalize": True, "reduction": "mean_nonzero"}
@@ -183,9 +185,8 @@ def run_setting(setting: Setting, args, device) -> dict:
 
 
 def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "cuda-" + torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    return device.type
+    """The file-name tag of the device, as the other benchmarks write it (``cpu``, ``cuda-nvidia-h100``)."""
+    return device_slug(describe_device(device)) if device.type in ("cpu", "cuda") else device.type
 
 
 def to_markdown(report: dict) -> str:

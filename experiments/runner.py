@@ -26,6 +26,8 @@ from experiments.evaluation import VAL_METRICS, embed_split, test_metrics
 from experiments.models import build_model
 from experiments.provenance import provenance_tags
 from experiments.sampler import PKSampler
+from experiments.dataset_inputs import dataset_inputs
+from experiments.system_metrics import system_metrics
 from experiments.tracking import RunLogger, get_or_create_experiment, mask_secrets, prepare_store
 from experiments.trainer import NonFiniteLossError, pick_device, train
 from losses import build_loss, loss_info
@@ -80,7 +82,7 @@ def _split_params(info: dict[str, Any]) -> dict[str, str]:
 def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, Any], num_classes: int,
                    sampler: PKSampler) -> None:
     """Fill derived loss params and the sampler's resolved P, then log the flattened config, the
-    split and the resolved YAML."""
+    split, the resolved YAML and the splits as MLflow dataset inputs."""
     _fill_derived_params(cfg, num_classes)
     cfg.batch.p = sampler.p
     run.log_params({**flatten_config(cfg), **_split_params(split_info)})
@@ -88,6 +90,7 @@ def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, 
     run.log_params({"data.classes_with_replacement": len(sampler.classes_with_replacement)})
     run.log_json(split_info, "split.json")
     run.log_text(cfg.to_yaml(), "config.yaml")
+    run.client.log_inputs(run.run_id, datasets=dataset_inputs(cfg.dataset.name, cfg.dataset.path, split_info))
 
 
 def tested_val_metrics(cfg: ExperimentConfig, outcome) -> dict[str, float]:
@@ -262,8 +265,9 @@ def run_experiment(cfg: ExperimentConfig, *, tracking_uri: str | None = None, ex
                     run_tags, parent_run_id)
     status = "FAILED"
     try:
-        result = _train_and_evaluate(cfg, run, on_epoch, evaluate_test, log_embeddings, folds,
-                                     cfg.seed if fold_seed is None else fold_seed, on_fold, log_model)
+        with system_metrics(run.run_id, uri):
+            result = _train_and_evaluate(cfg, run, on_epoch, evaluate_test, log_embeddings, folds,
+                                         cfg.seed if fold_seed is None else fold_seed, on_fold, log_model)
         status = "FINISHED"
         return result
     except KeyboardInterrupt:

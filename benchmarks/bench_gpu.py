@@ -6,12 +6,13 @@
 
 First the imports the benchmarks need (optuna, mlflow, pytorch-metric-learning, faiss) are checked,
 and what is missing is installed without network from the wheels of ``make gpu-wheels``
-(``benchmarks.gpu_deps``); the required ones must then import. Then each step of ``benchmarks.gpu_plan`` runs as its own process with a
-time limit: retrieval evaluation at 10k and 70k embeddings against PML (faiss-gpu k-NN where faiss
-sees the GPU), every loss at n = 256 to 4096, d = 128 and 512, float32 and bfloat16, against PML and
-the matmul floor, training on Fashion-MNIST and Omniglot against PML's trainer, a short sweep at
-trials_per_gpu 1, 2, 4 and 8 (trials per minute and nvidia-smi utilisation), and torch.compile of
-the CNN and of two losses. A failing step is recorded and the next one runs; a step that the time
+(``benchmarks.gpu_deps``); the required ones must then import. Then each step of
+``benchmarks.gpu_plan`` runs as its own process with a time limit: retrieval evaluation at 10k and
+70k embeddings against PML (faiss-gpu k-NN where faiss sees the GPU), every loss at n = 256 to 4096,
+d = 128 and 512, float32 and bfloat16, against PML and the matmul floor, training on Fashion-MNIST
+and Omniglot against PML's trainer, torch.compile of the CNN and of two losses, and a short sweep
+at trials_per_gpu 1, 2, 4 and 8 (trials per minute and nvidia-smi utilisation; the summary
+recommends the default). A failing step is recorded and the next one runs; a step that the time
 left of ``--budget-minutes`` cannot hold is skipped and says so. Each benchmark writes its own
 ``<benchmark>-cuda-<gpu>.md/.json``; this run adds ``gpu-cuda-<gpu>.md/.json`` with the summary.
 The dry run writes to ``runs/bench-gpu-dry-run/`` on toy data it makes, and with the aot_eager

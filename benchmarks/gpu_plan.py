@@ -17,6 +17,7 @@ DRY_TRIALS_PER_GPU = (1,)
 SWEEP_STEP = "sweep tpg={}"
 EVAL_SECONDS_TARGET = 2.0  # MAP@R of 70k embeddings on one GPU
 TRAIN_SPEEDUP_TARGET = 10.0  # tripletlab images/s over PML's trainer
+SAME_METRICS = 1e-4  # largest difference from PML's metrics (GPU top-k may order near-ties differently)
 FASTER_WITHIN = 0.05  # a smaller trials_per_gpu within 5% of the best trials/minute is preferred
 
 
@@ -48,7 +49,7 @@ def read_eval(out: Path, slug: str) -> tuple[str, str, bool | None]:
         vs = ", ".join(f"{v:.1f}x {name}" for name, v in c["speedup"].items()) or "no PML"
         parts.append(f"{c['n']}x{c['classes']}: {c['median_seconds']['tripletlab']:.2f} s ({vs})")
     worst = max(c["median_seconds"]["tripletlab"] for c in cases if c["n"] == largest)
-    exact = all(d < 1e-6 for c in cases for d in c["max_abs_diff"].values())
+    exact = all(d < SAME_METRICS for c in cases for d in c["max_abs_diff"].values())
     target = f"{largest} embeddings < {EVAL_SECONDS_TARGET:.0f} s; same metrics as PML"
     return "; ".join(parts), target, worst < EVAL_SECONDS_TARGET and exact
 
@@ -139,11 +140,9 @@ def gpu_steps(data: dict[str, str | None], threads: int) -> list[Step]:
                                         "--dtypes", "float32,bfloat16", "--repeats", "5"], 70, read_losses),
         Step("train", "bench_train", [*device, *train_data, "--epochs", "2", "--max-per-class", "2000",
                                       "--workers", "4"], 70, train_reader(), skip=no_data),
-    ]
-    steps += [_sweep_step(t, [*sweep_config, f"trials={max(4, 2 * t)}"], 45) for t in SWEEP_TRIALS_PER_GPU]
-    steps.append(Step("compile", "bench_compile", [*device, "--losses", "batch_hard,multi_similarity"], 80,
-                      read_compile))
-    return steps
+        Step("compile", "bench_compile", [*device, "--losses", "batch_hard,multi_similarity"], 80, read_compile),
+    ]  # the sweeps last: the recommendation uses those that ran
+    return steps + [_sweep_step(t, [*sweep_config, f"trials={max(4, 2 * t)}"], 45) for t in SWEEP_TRIALS_PER_GPU]
 
 
 def dry_steps(toy_data: dict[str, str]) -> list[Step]:
@@ -154,9 +153,8 @@ def dry_steps(toy_data: dict[str, str]) -> list[Step]:
         Step("losses", "bench_losses", [*cpu, "--quick", "--dtypes", "float32,bfloat16"], 10, read_losses),
         Step("train", "bench_train", [*cpu, "--quick", "--workers", "0", "--fashion-mnist", toy_data["fashion-mnist"],
                                       "--omniglot", toy_data["omniglot"]], 15, train_reader("-quick")),
+        Step("compile", "bench_compile", [*cpu, "--quick", "--backend", "aot_eager", "--losses", "batch_hard"], 15,
+             read_compile),
     ]
-    steps += [_sweep_step(t, ["--config", "quick", "losses=[batch_hard]", "trials=1", "seeds=1", "epochs=1",
-                              "pruner=none", "--workers", str(t)], 30) for t in DRY_TRIALS_PER_GPU]
-    steps.append(Step("compile", "bench_compile", [*cpu, "--quick", "--backend", "aot_eager", "--losses",
-                                                   "batch_hard"], 15, read_compile))
-    return steps
+    return steps + [_sweep_step(t, ["--config", "quick", "losses=[batch_hard]", "trials=1", "seeds=1", "epochs=1",
+                                    "pruner=none", "--workers", str(t)], 30) for t in DRY_TRIALS_PER_GPU]

@@ -1,6 +1,8 @@
 """The GPU benchmark's dry run end to end on the CPU, its offline installer and its wheel planning."""
+import argparse
 import base64
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -17,7 +19,7 @@ from benchmarks.gpu_plan import Step, gpu_steps, recommend_trials_per_gpu
 from benchmarks.gpu_wheels import MANIFEST, expand_platforms, to_download
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("deps", "eval", "losses", "train", "sweep tpg=1", "compile")
+STEPS = ("deps", "eval", "losses", "train", "compile", "sweep tpg=1")
 
 
 def test_dry_run_runs_every_step_and_writes_reports_and_summary(tmp_path):
@@ -162,8 +164,8 @@ def test_data_is_found_in_the_data_folder_and_training_is_skipped_without_it(tmp
 def test_full_plan_fits_the_budget_and_covers_every_measurement():
     steps = gpu_steps({"fashion-mnist": "f", "omniglot": "o"}, threads=8)
     assert sum(s.estimate_s for s in steps) <= 8 * 60 - 30  # 30 s left for installing the wheels
-    assert [s.name for s in steps] == ["eval", "losses", "train", "sweep tpg=1", "sweep tpg=2", "sweep tpg=4",
-                                       "sweep tpg=8", "compile"]
+    assert [s.name for s in steps] == ["eval", "losses", "train", "compile", "sweep tpg=1", "sweep tpg=2",
+                                       "sweep tpg=4", "sweep tpg=8"]
     losses = next(s for s in steps if s.name == "losses").argv
     assert losses[losses.index("--sizes") + 1] == "256,512,1024,2048,4096"
     assert losses[losses.index("--dtypes") + 1] == "float32,bfloat16" and "cuda" in losses
@@ -180,3 +182,22 @@ def test_a_step_the_time_left_cannot_hold_is_skipped_without_running(tmp_path):
     rows = run_steps(steps, tmp_path, "cpu", deadline=0.0)
     assert [(r["step"], r["status"]) for r in rows] == [("late", "skipped"), ("no data", "skipped")]
     assert "needs about 60 s" in rows[0]["result"] and rows[1]["result"] == "no data"
+
+
+class _Parsed(Exception):
+    pass
+
+
+def test_every_gpu_command_line_is_accepted_by_its_benchmark(monkeypatch):
+    for method in ("parse_args", "parse_intermixed_args"):
+        original = getattr(argparse.ArgumentParser, method)
+
+        def parse_then_stop(self, *args, original=original, **kwargs):
+            original(self, *args, **kwargs)  # exits with status 2 on an unknown or malformed argument
+            raise _Parsed
+
+        monkeypatch.setattr(argparse.ArgumentParser, method, parse_then_stop)
+    for step in gpu_steps({"fashion-mnist": "f", "omniglot": "o"}, threads=8):
+        module = importlib.import_module(f"benchmarks.{step.module}")
+        with pytest.raises(_Parsed):
+            module.main([*step.argv, "--out", "results"])

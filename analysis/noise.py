@@ -28,12 +28,10 @@ def per_seed(sweep: Sweep, metric: str = METRIC) -> dict[str, pd.Series]:
             if not (values := seed_values(finals[finals["loss"] == loss], metric)).empty}
 
 
-def run_intervals(sweep: Sweep, notes: list[str], resamples: int = BOOTSTRAP_RESAMPLES,
-                  seed: int = 0) -> pd.DataFrame:
-    """One row per final run with test embeddings: ``run_id``, ``loss``, ``seed``, ``queries``,
-    ``map_at_r`` (as logged), ``map_at_r_from_queries`` (mean per-query AP@R) and the query
-    bootstrap's ``query_ci_low`` / ``query_ci_high``."""
-    rows, missing = [], set()
+def query_scores(sweep: Sweep, notes: list[str]) -> pd.DataFrame:
+    """AP@R of every test query of every final run with test embeddings: columns ``run_id``,
+    ``loss``, ``seed``, ``label`` and ``ap`` (queries without a same-class reference left out)."""
+    frames, missing = [], set()
     for _, run in sweep.role("final").iterrows():
         arrays = load_embeddings(sweep, run["run_id"])
         if arrays is None:
@@ -41,14 +39,28 @@ def run_intervals(sweep: Sweep, notes: list[str], resamples: int = BOOTSTRAP_RES
             continue
         ap = average_precision_at_r(arrays["embeddings"], arrays["labels"],
                                     arrays.get("ref_embeddings"), arrays.get("ref_labels"))
-        low, high = bootstrap_interval(ap, resamples, seed=seed)
-        rows.append({"run_id": run["run_id"], "loss": run["loss"], "seed": run["seed"],
-                     "queries": int(np.count_nonzero(~np.isnan(ap))),
-                     "map_at_r": run.get(f"metrics.test/{METRIC}", math.nan),
-                     "map_at_r_from_queries": float(np.nanmean(ap)) if np.isfinite(ap).any() else math.nan,
-                     "query_ci_low": low, "query_ci_high": high})
+        keep = ~np.isnan(ap)
+        frames.append(pd.DataFrame({"run_id": run["run_id"], "loss": run["loss"], "seed": run["seed"],
+                                    "label": np.asarray(arrays["labels"])[keep], "ap": ap[keep]}))
     for loss in sorted(missing):
-        notes.append(f"{loss}: final runs without embeddings/test.npz have no query-bootstrap interval")
+        notes.append(f"{loss}: final runs without embeddings/test.npz have no query-bootstrap interval "
+                     "or per-class results")
+    columns = ["run_id", "loss", "seed", "label", "ap"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def run_intervals(sweep: Sweep, scores: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLES,
+                  seed: int = 0) -> pd.DataFrame:
+    """One row per final run in ``scores`` (:func:`query_scores`): ``run_id``, ``loss``, ``seed``,
+    ``queries``, ``map_at_r`` (as logged), ``map_at_r_from_queries`` (mean per-query AP@R) and the
+    query bootstrap's ``query_ci_low`` / ``query_ci_high``."""
+    logged = sweep.role("final").set_index("run_id").get(f"metrics.test/{METRIC}", pd.Series(dtype=float))
+    rows = []
+    for (run_id, loss, run_seed), own in scores.groupby(["run_id", "loss", "seed"], sort=False):
+        low, high = bootstrap_interval(own["ap"], resamples, seed=seed)
+        rows.append({"run_id": run_id, "loss": loss, "seed": run_seed, "queries": len(own),
+                     "map_at_r": logged.get(run_id, math.nan), "map_at_r_from_queries": float(own["ap"].mean()),
+                     "query_ci_low": low, "query_ci_high": high})
     return pd.DataFrame(rows, columns=["run_id", "loss", "seed", "queries", "map_at_r", "map_at_r_from_queries",
                                        "query_ci_low", "query_ci_high"])
 

@@ -23,13 +23,18 @@ from .decisions import decision_table, decisions_note, noise_table, ranking_line
 from .convergence import convergence_figure, convergence_histories
 from .embeddings import PROJECTION_POINTS, distance_figure, load_test_embeddings, projection_figure, triplet_quality_figure
 from .load import BASELINE_LOSS, ROLE_TAG, Sweep
-from .noise import noise_floor, per_seed, run_intervals
+from .noise import noise_floor, per_seed, query_scores, run_intervals
 from .paired import DETECT_POINTS, paired_comparisons
+from .per_class import class_comparisons, class_map_at_r, class_table
 from .tuning import IMPORTANCE_EVALUATOR, trials_table, tuning_figure
 
 REPORT_ARTIFACT_DIR = "report"
 RECALL_NOTE = ("Paired test set: Recall@K is the share of queries whose own caption (or image) ranks in the top K "
                "of the other modality; mean over the final seeds; chance R@1 is 1 / number of test pairs.")
+CLASS_NOTE = ("Per-class MAP@R: the mean AP@R of each test class's queries, averaged over the final seeds "
+              "(all classes in per_class_map_at_r.csv). Each pair is compared over the classes both losses have: "
+              "the classes where the first is ahead, paired t-test and Wilcoxon p-values over classes, and the "
+              "classes with the largest differences.")
 CAPTIONS = {
     "convergence": "Convergence of the final runs per loss: validation MAP@R, normalised training loss, "
                    "active-triplet and margin-violation fractions (mean and min-max band over seeds).",
@@ -48,12 +53,14 @@ CAPTIONS = {
 
 @dataclass
 class Decisions:
-    """The "Is the difference real?" section: noise floor, paired comparisons, ranking lines."""
+    """The "Is the difference real?" section: noise floor, paired comparisons, ranking lines, and
+    the same pairs compared class by class."""
 
     noise: pd.DataFrame
     comparisons: pd.DataFrame
     lines: list[str]
     delta: float
+    classes: pd.DataFrame
 
 
 @dataclass
@@ -117,16 +124,22 @@ def build_budget(sweep: Sweep, directory: Path, figures: dict[str, Path]) -> str
 
 def build_decisions(sweep: Sweep, directory: Path, notes: list[str], pairing: str, baseline: str,
                     delta: float, seed: int) -> Decisions:
-    """Noise floor and paired comparisons of test MAP@R; writes ``noise_floor.csv``,
-    ``run_intervals.csv`` and ``paired_comparisons.csv``."""
+    """Noise floor, paired comparisons and per-class results of test MAP@R; writes
+    ``noise_floor.csv``, ``run_intervals.csv``, ``paired_comparisons.csv``,
+    ``per_class_map_at_r.csv`` and ``class_comparisons.csv``."""
     values = per_seed(sweep)
-    intervals = run_intervals(sweep, notes, seed=seed)
+    scores = query_scores(sweep, notes)
+    intervals = run_intervals(sweep, scores, seed=seed)
     noise = noise_floor(values, intervals)
     comparisons = paired_comparisons(values, pairing, baseline, delta)
+    per_class = class_map_at_r(scores)
+    classes = class_comparisons(per_class, comparisons)
     intervals.to_csv(directory / "run_intervals.csv", index=False)
     noise.to_csv(directory / "noise_floor.csv")
     comparisons.to_csv(directory / "paired_comparisons.csv", index=False)
-    return Decisions(noise, comparisons, ranking_lines(noise, comparisons, delta), delta)
+    per_class.to_csv(directory / "per_class_map_at_r.csv")
+    classes.to_csv(directory / "class_comparisons.csv", index=False)
+    return Decisions(noise, comparisons, ranking_lines(noise, comparisons, delta), delta, classes)
 
 
 def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS, seed: int = 0,
@@ -204,7 +217,9 @@ def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: li
             "<h3>Noise floor</h3>", noise_table(decisions.noise).to_html(escape=True, classes="noise"),
             "<h3>Paired comparisons</h3>",
             decision_table(decisions.comparisons, decisions.delta).to_html(escape=True, classes="paired"),
-            f"<p>{html.escape(decisions_note(decisions.delta))}</p>"]
+            f"<p>{html.escape(decisions_note(decisions.delta))}</p>",
+            "<h3>Per-class results</h3>", class_table(decisions.classes).to_html(escape=True, classes="per-class"),
+            f"<p>{html.escape(CLASS_NOTE)}</p>"]
     if not recalls.empty:
         body += ["<h2>Cross-modal retrieval</h2>", recalls.to_html(escape=True, classes="recall"),
                  f"<p>{html.escape(RECALL_NOTE)}</p>"]
@@ -237,7 +252,8 @@ def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes
     lines += ["## Is the difference real?", "", "```", *decisions.lines, "```", "", "### Noise floor", "",
               markdown_table(noise_table(decisions.noise)), "", "### Paired comparisons", "",
               markdown_table(decision_table(decisions.comparisons, decisions.delta)), "",
-              decisions_note(decisions.delta), ""]
+              decisions_note(decisions.delta), "", "### Per-class results", "",
+              markdown_table(class_table(decisions.classes)), "", CLASS_NOTE, ""]
     if not recalls.empty:
         lines += ["## Cross-modal retrieval", "", markdown_table(recalls.astype(str)), "", RECALL_NOTE, ""]
     for name, png in figures.items():

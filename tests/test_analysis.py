@@ -116,7 +116,7 @@ def test_table_has_one_row_per_loss_with_the_values_logged_in_mlflow(analysed):
     assert math.isnan(table.loc[baseline, "p_value"])
 
 
-def test_paired_decisions_and_noise_floor_match_mlflow_and_scipy(analysed):
+def test_paired_decisions_noise_floor_and_classes_match_mlflow_and_scipy(analysed, tmp_path):
     sweep = analysed["sweep"]
     client = MlflowClient(tracking_uri=analysed["uri"])
     finals = final_runs(client, sweep.experiment_name)
@@ -142,6 +142,15 @@ def test_paired_decisions_and_noise_floor_match_mlflow_and_scipy(analysed):
     line = f"{first} vs {second}: {100 * d.mean():+.1f} ["
     assert line in analysed["stdout"] and line in (analysed["report"] / "report.md").read_text()
     assert "Is the difference real?" in (analysed["report"] / "report.html").read_text()
+    # per-class MAP@R covers every test class, and the pair's class comparison agrees with it
+    per_class = pd.read_csv(analysed["report"] / "per_class_map_at_r.csv", index_col="class")
+    run_id = finals[0].info.run_id
+    labels = np.load(client.download_artifacts(run_id, "embeddings/test.npz", str(tmp_path)))["labels"]
+    assert sorted(per_class.index) == sorted(set(labels.tolist()))
+    assert ((per_class >= 0) & (per_class <= 1)).all().all()
+    [by_class] = pd.read_csv(analysed["report"] / "class_comparisons.csv").to_dict("records")
+    assert (by_class["loss"], by_class["other"]) == (first, second)
+    assert by_class["better"] == int((per_class[first] > per_class[second]).sum())
 
 
 def test_budget_curves_come_from_the_optuna_history(analysed):

@@ -1,6 +1,7 @@
 """Paired decisions, seeds needed, per-query AP@R and the query bootstrap, each against an independent
 oracle: Monte Carlo simulation, the normal-approximation sample size, brute-force enumeration and
-loops, SciPy, and the project's own retrieval metrics; and the expected-max budget curves. The report's use of them is tested end to end
+loops, SciPy, and the project's own retrieval metrics; the expected-max budget curves
+and the per-class comparisons. The report's use of them is tested end to end
 in test_analysis.py."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from scipy import stats
 
 from analysis.budget import budget_curves, crossing_note, crossings, expected_max
 from analysis.noise import noise_floor
+from analysis.per_class import class_comparison, class_comparisons, class_map_at_r
 from analysis.paired import compare, decision_line, paired_comparisons, seeds_needed, t_test_power, wilcoxon_p_value
 from analysis.query_scores import average_precision_at_r, bootstrap_interval
 from experiments.metrics import retrieval_metrics
@@ -184,3 +186,28 @@ def test_crossings_are_interpolated_between_budgets():
     assert bc_first["n"] == pytest.approx(1 + 1 / 1.5) and bc_second["n"] == pytest.approx(2.5)  # b - c: -1, 0.5, -0.5
     assert (bc_first["leader_after"], bc_second["leader_after"]) == ("b", "c")
     assert "overtakes" in crossing_note(crossed) and "No budget curves cross" in crossing_note(crossed.iloc[:0])
+
+
+# ---------- per-class results ----------
+
+def test_class_map_at_r_and_the_paired_test_over_classes_match_loops_and_scipy():
+    rng = np.random.default_rng(6)
+    rows = [(f"{loss}-{seed}", loss, str(seed), label, ap) for loss in ("a", "b") for seed in (1, 2)
+            for label in (3, 7, 9, 11) for ap in rng.uniform(0.2 if loss == "a" else 0.0, 1.0, size=label % 4 + 2)]
+    scores = pd.DataFrame(rows, columns=["run_id", "loss", "seed", "label", "ap"])
+    table = class_map_at_r(scores)
+    for loss in ("a", "b"):
+        for label in (3, 7, 9, 11):
+            per_run = [np.mean([r[4] for r in rows if r[1] == loss and r[2] == seed and r[3] == label])
+                       for seed in ("1", "2")]
+            assert table.loc[label, loss] == pytest.approx(np.mean(per_run))
+    got = class_comparison(table, "a", "b", top=2)
+    d = table["a"] - table["b"]
+    assert got["classes"] == 4 and got["better"] == int((d > 0).sum())
+    assert got["p_t"] == pytest.approx(stats.ttest_rel(table["a"], table["b"]).pvalue)
+    assert got["p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
+    biggest = d.abs().sort_values(ascending=False).index[:2].tolist()
+    assert [c for c, _ in got["largest"]] == biggest
+    assert [v for _, v in got["largest"]] == pytest.approx(d[biggest].tolist())
+    pairs = pd.DataFrame({"loss": ["a", "a"], "other": ["b", "absent"]})
+    assert class_comparisons(table, pairs)["other"].tolist() == ["b"]

@@ -72,7 +72,8 @@ def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
 
 def run_step(step: Step, out: Path, slug: str, limit_s: float) -> dict:
     """Run one step's command in its own process for at most ``limit_s`` seconds and read its report."""
-    command = [sys.executable, "-m", f"benchmarks.{step.module}", *step.argv, "--out", str(out)]
+    out_arg = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out  # as recorded
+    command = [sys.executable, "-m", f"benchmarks.{step.module}", *step.argv, "--out", str(out_arg)]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
     try:
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="every step at toy size on the CPU")
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="stop starting steps after this")
-    parser.add_argument("--data-dir", type=Path, help="folder with fashion-mnist/ and omniglot/images_background.npz "
-                        f"(else ${FASHION_ENV}, ${OMNIGLOT_ENV})")
+    parser.add_argument("--data-dir", type=Path, help="folder with fashion-mnist/ (the IDX files) and omniglot/ "
+                        f"(its .npz or images_*.zip; else ${FASHION_ENV}, ${OMNIGLOT_ENV})")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="the folder of `make gpu-wheels`")
     parser.add_argument("--only", help="comma-separated step names to run (e.g. eval,losses)")
     parser.add_argument("--out", type=Path, help="result folder (default benchmarks/results; dry run: "
@@ -164,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start, deadline = time.perf_counter(), time.monotonic() + 60 * args.budget_minutes
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    steps_done = [deps_row(args.wheels)]  # before torch-dependent imports that need PML
+    steps_done = [deps_row(args.wheels)]  # before the imports that need PML
+    if steps_done[0]["status"] != "ok":
+        print(f"bench_gpu: {steps_done[0]['result']}", file=sys.stderr)
+        return 1
     import torch
 
     from .bench_losses import describe_device, device_slug, git_commit
@@ -181,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = dry_steps(data) if args.dry_run else gpu_steps(data, threads=min(8, os.cpu_count() or 1))
     if args.only:
         steps = [s for s in steps if s.name.split()[0] in args.only.split(",")]
-    if steps_done[0]["status"] == "ok":
-        steps_done += run_steps(steps, out, slug, deadline, judge=not args.dry_run)
+    steps_done += run_steps(steps, out, slug, deadline, judge=not args.dry_run)
     swept = [t for t in (DRY_TRIALS_PER_GPU if args.dry_run else SWEEP_TRIALS_PER_GPU)
              if any(r["step"] == SWEEP_STEP.format(t) and r["status"] == "ok" for r in steps_done)]
     best, rates = recommend_trials_per_gpu(out, slug, swept)

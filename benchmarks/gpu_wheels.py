@@ -1,13 +1,13 @@
 """Download the wheels a bare CUDA machine with torch lacks for ``make bench-gpu``, for offline install.
 
-Resolves optuna, mlflow, pytorch-metric-learning and a GPU faiss (pinned by constraints.txt where
-it pins them) for the target's Python and platform with ``pip install --dry-run --report``, drops
-what the target already has (``--provided``: torch, numpy, pandas, matplotlib, scikit-learn, scipy
-and everything they depend on, and the CUDA libraries of ``nvidia-*`` wheels that come with
-torch) and what the benchmarks never import (``--leave-out``: pyarrow, which only mlflow's dataset
-logging uses), then downloads the rest with ``pip download --no-deps`` into ``--dest`` and writes
-``manifest.json`` there: the wheels, the packages left out and the target. ``benchmarks.gpu_deps``
-installs from it with ``--no-index``.
+Resolves the project's dependencies (pyproject.toml) and a GPU faiss, pinned by constraints.txt
+where it pins them, for the target's Python and platform with ``pip install --dry-run --report``,
+drops what the target already has (``--provided``: torch, numpy, pandas, matplotlib, scikit-learn,
+scipy and everything they depend on, and the CUDA libraries, ``nvidia-cublas`` and the like, that
+come with torch) and what the benchmarks never import (``--leave-out``: optuna-dashboard, a web UI,
+and pyarrow, which only mlflow's dataset logging uses), then downloads the rest with ``pip download
+--no-deps`` into ``--dest`` and writes ``manifest.json`` there: the wheels, the packages left out
+and the target. ``benchmarks.gpu_deps`` installs from it with ``--no-index``.
 
     python -m benchmarks.gpu_wheels --dest .whl --python-version 3.12 --platform manylinux_2_28_x86_64
 """
@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("optuna", "mlflow", "pytorch-metric-learning")
 PROVIDED = ("torch", "numpy", "pandas", "matplotlib", "scikit-learn", "scipy")
-LEAVE_OUT = ("pyarrow",)
+LEAVE_OUT = ("optuna-dashboard", "pyarrow")
 MANIFEST = "manifest.json"
+CUDA_LIBRARY = re.compile(r"nvidia-(cu|nccl|nvjitlink|nvtx|nvshmem)")  # come with torch; not nvidia-ml-py
 
 
 def canonical(name: str) -> str:
@@ -69,6 +69,17 @@ def resolve(packages: list[str], flags: list[str], constraints: Path) -> list[di
         return json.loads(report.read_text())["install"]
 
 
+def project_packages(pyproject: Path, leave_out) -> list[str]:
+    """The project's dependencies (requirement strings), less those named in ``leave_out``."""
+    import tomllib  # Python >= 3.11, where the wheels are downloaded
+
+    from packaging.requirements import Requirement
+
+    skip = {canonical(n) for n in leave_out}
+    return [r for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+            if canonical(Requirement(r).name) not in skip]
+
+
 def _requirements(item: dict) -> list[str]:
     from packaging.requirements import Requirement  # not needed on the target, which only installs
 
@@ -98,7 +109,7 @@ def to_download(items: list[dict], provided, leave_out) -> tuple[list[str], list
     keep, dropped = [], []
     for item in items:
         name = canonical(item["metadata"]["name"])
-        if name in skip or name.startswith("nvidia-") or name == "triton":
+        if name in skip or CUDA_LIBRARY.match(name) or name == "triton":
             dropped.append(name)
         else:
             keep.append(f"{name}=={item['metadata']['version']}")
@@ -118,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     platforms = args.platform or ["manylinux_2_28_x86_64"]
     flags = target_flags(args.python_version, platforms)
-    packages = list(PACKAGES) + ([args.faiss] if args.faiss else [])
+    leave_out = [p for p in args.leave_out.split(",") if p]
+    packages = project_packages(REPO / "pyproject.toml", leave_out) + ([args.faiss] if args.faiss else [])
     items = resolve(packages, flags, args.constraints)
-    keep, dropped = to_download(items, [p for p in args.provided.split(",") if p],
-                                [p for p in args.leave_out.split(",") if p])
+    keep, dropped = to_download(items, [p for p in args.provided.split(",") if p], leave_out)
     args.dest.mkdir(parents=True, exist_ok=True)
     for old in args.dest.glob("*.whl"):
         old.unlink()

@@ -16,7 +16,7 @@ import pytest
 from benchmarks.bench_gpu import find_data, run_steps
 from benchmarks.gpu_deps import ensure, import_error, wheel_distribution
 from benchmarks.gpu_plan import Step, gpu_steps, recommend_trials_per_gpu
-from benchmarks.gpu_wheels import MANIFEST, expand_platforms, to_download
+from benchmarks.gpu_wheels import LEAVE_OUT, MANIFEST, expand_platforms, project_packages, to_download
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("deps", "eval", "losses", "train", "compile", "sweep tpg=1")
@@ -141,9 +141,10 @@ def test_download_list_drops_what_the_target_has_and_cuda_libraries():
              _item("pandas", "3.1.1", ["numpy>=2", "python-dateutil"]), _item("numpy", "2.4.6"),
              _item("python_dateutil", "2.9"), _item("pyarrow", "25.0"), _item("Flask", "3.1.3", ["click"]),
              _item("click", "8.5"), _item("nvidia-cublas-cu12", "12.6"), _item("faiss-gpu-cu12", "1.14",
-                                                                             ["nvidia-cublas-cu12"])]
+                                                                             ["nvidia-cublas-cu12"]),
+             _item("nvidia-ml-py", "13.5")]
     keep, dropped = to_download(items, provided=["pandas"], leave_out=["pyarrow"])
-    assert keep == ["mlflow==3.17.2", "flask==3.1.3", "click==8.5", "faiss-gpu-cu12==1.14"]
+    assert keep == ["mlflow==3.17.2", "flask==3.1.3", "click==8.5", "faiss-gpu-cu12==1.14", "nvidia-ml-py==13.5"]
     assert dropped == ["numpy", "nvidia-cublas-cu12", "pandas", "pyarrow", "python-dateutil"]
 
 
@@ -201,3 +202,20 @@ def test_every_gpu_command_line_is_accepted_by_its_benchmark(monkeypatch):
         module = importlib.import_module(f"benchmarks.{step.module}")
         with pytest.raises(_Parsed):
             module.main([*step.argv, "--out", "results"])
+
+
+def test_wheels_are_resolved_for_the_project_dependencies_less_those_left_out():
+    packages = project_packages(REPO / "pyproject.toml", LEAVE_OUT)
+    names = {p.split(">")[0].split("=")[0].split(";")[0].strip() for p in packages}
+    assert {"optuna", "mlflow", "pytorch-metric-learning", "torch"} <= names
+    assert "optuna-dashboard" not in names
+
+
+def test_without_the_required_modules_the_run_stops_and_says_why(tmp_path, monkeypatch, capsys):
+    import benchmarks.bench_gpu as bench_gpu
+
+    outcome = {"missing": ["mlflow"], "installed": [], "still_missing": ["mlflow"], "error": "no manifest.json"}
+    monkeypatch.setattr(bench_gpu, "ensure", lambda wheels: outcome)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main() extends it
+    assert bench_gpu.main(["--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(tmp_path)]) == 1
+    assert "still missing: mlflow" in capsys.readouterr().err and not (tmp_path / "out").exists()

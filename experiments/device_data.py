@@ -163,10 +163,10 @@ class DeviceImages:
         self._cols = torch.arange(width, device=self.device)
 
     def _whole(self, split: LabeledImages) -> torch.Tensor:
-        """The split's images on the device: on the CPU one gather (a tensor store without rows is
-        used as is); on an accelerator gathered in chunks, so host memory holds one chunk."""
+        """The split's images on the device: on the CPU ``split.images`` (one gather, or a tensor
+        store without rows as is); on an accelerator gathered in chunks, so host memory holds one."""
         if self.device.type == "cpu":
-            return split.images if split.rows is None else split.gather()
+            return split.images
         out = torch.empty((len(split), *split.image_shape), dtype=torch.uint8, device=self.device)
         chunk = max(1, GATHER_BYTES // max(1, math.prod(split.image_shape)))
         for start in range(0, len(split), chunk):

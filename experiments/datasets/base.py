@@ -27,13 +27,13 @@ class LabeledImages:
                  rows: torch.Tensor | None = None):
         self.store, self.rows = as_store(store), rows
         self.labels, self.hflip, self.mean, self.std = labels, hflip, mean, std
+        if rows is not None and (not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1):
+            raise ValueError(f"rows must be an int64 tensor (N,) of store rows; got {rows!r:.80}")
         count = self.store.shape[0] if rows is None else rows.shape[0]
         if getattr(labels, "dtype", None) != torch.int64 or tuple(labels.shape) != (count,):
             raise ValueError(f"labels must be an int64 tensor of shape ({count},); got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)} with shape "
                              f"{tuple(getattr(labels, 'shape', ()))}")
-        if rows is not None and (rows.dtype != torch.int64 or rows.dim() != 1):
-            raise ValueError(f"rows must be an int64 tensor (N,); got {rows.dtype} with shape {tuple(rows.shape)}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -29,19 +29,25 @@ def normalise_train_loss(history: pd.DataFrame) -> pd.DataFrame:
     """Divide each run's ``train/loss`` by its first-epoch value (left as is when that is 0)."""
     out = history.copy()
     is_loss = out["key"] == "train/loss"
+    if not is_loss.any():
+        return out
     first = out[is_loss].sort_values("step").groupby("run_id")["value"].first()
     scale = out.loc[is_loss, "run_id"].map(first).where(lambda s: s != 0, 1.0)
     out.loc[is_loss, "value"] = out.loc[is_loss, "value"] / scale
     return out
 
 
-def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict) -> Figure:
-    """A 2x2 figure of :data:`PANELS`; missing metrics leave a note in their panel."""
+def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict, panels=PANELS,
+                       title: str = "Convergence of the final runs") -> Figure:
+    """A figure of ``panels`` (key, title, y label), two per row (three past four panels); missing
+    metrics leave a note in their panel."""
     history = normalise_train_loss(history)
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
-    axes = fig.subplots(2, 2)
+    cols = 2 if len(panels) <= 4 else 3
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(5.5 * cols, 3.75 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     seeds = history.groupby("loss")["run_id"].nunique()
-    for ax, (key, title, ylabel) in zip(axes.flat, PANELS):
+    for ax, (key, panel_title, ylabel) in zip(axes.flat, panels):
         data = history[history["key"] == key]
         for loss in losses:
             runs = data[data["loss"] == loss]
@@ -53,7 +59,7 @@ def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict) -
             ax.fill_between(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors[loss], alpha=0.2)
         if data.empty:
             ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.set(title=panel_title, xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
         epochs = sorted(history["step"].unique())
         if len(epochs) <= 12:
@@ -63,5 +69,5 @@ def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict) -
     if handles:
         fig.legend(handles, labels, loc="outside right center", title="loss")
     n = f"{seeds.min()}" if len(seeds) and seeds.min() == seeds.max() else (f"{seeds.min()}-{seeds.max()}" if len(seeds) else "0")
-    fig.suptitle(f"Convergence of the final runs (line: mean, band: min-max over {n} seeds)")
+    fig.suptitle(f"{title} (line: mean, band: min-max over {n} seeds)")
     return fig

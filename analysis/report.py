@@ -21,6 +21,8 @@ from .comparison import comparison_table, format_table
 from .crossmodal import joint_projection_figure, recall_table
 from .decisions import decision_table, decisions_note, noise_table, ranking_lines
 from .convergence import convergence_figure, convergence_histories
+from .geometry import GEOMETRY_NOTE, PANELS as GEOMETRY_PANELS, correlation_table, geometry_correlations, \
+    geometry_histories
 from .embeddings import PROJECTION_POINTS, distance_figure, load_test_embeddings, projection_figure, triplet_quality_figure
 from .load import BASELINE_LOSS, ROLE_TAG, Sweep
 from .noise import noise_floor, per_seed, query_scores, run_intervals
@@ -46,6 +48,8 @@ CAPTIONS = {
                              "circles are images, triangles captions, colours classes.",
     "tuning": f"Optuna optimisation history, hyperparameter importances ({IMPORTANCE_EVALUATOR}), and validation "
               "MAP@R against the margin and the mining strategy for the margin-based losses.",
+    "geometry": "Embedding geometry of the final runs on the validation split, per epoch: alignment, uniformity, "
+                "intra- and inter-class distance and their ratio, spectral decay ρ (mean and min-max band over seeds).",
     "budget": "Expected best validation MAP@R after n trials per loss (Dodge et al. 2019), from the Optuna history "
               "(pruned trials at their last report), with a ±1 sd band; an X marks where two losses' curves cross.",
 }
@@ -94,6 +98,13 @@ def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int =
         notes.append("no per-epoch history in the final runs: convergence figure skipped")
     else:
         figures["convergence"] = _save(convergence_figure(history, sweep.losses, colors), directory, "convergence")
+    geometry = geometry_histories(sweep)
+    if geometry.empty:
+        notes.append("no per-epoch validation geometry in the final runs: geometry figure skipped")
+    else:
+        figures["geometry"] = _save(convergence_figure(geometry, sweep.losses, colors, GEOMETRY_PANELS,
+                                                       "Embedding geometry on the validation split"),
+                                    directory, "geometry")
     embeddings = load_test_embeddings(sweep, notes)
     if embeddings:
         figures["embedding_projection"] = _save(projection_figure(embeddings, colors, points, seed),
@@ -156,6 +167,8 @@ def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS,
     decisions = build_decisions(sweep, directory, notes, pairing, baseline, detect_points / 100, seed)
     decisions.lines.append(build_budget(sweep, directory, figures))
     table = comparison_table(sweep, baseline)
+    correlations = geometry_correlations(sweep)
+    correlations.to_csv(directory / "geometry_correlations.csv")
     table["pair_distance_overlap"] = [overlaps.get(loss, math.nan) for loss in table.index]
     table.to_csv(directory / "comparison_table.csv")
     if baseline not in table.index:
@@ -167,8 +180,10 @@ def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS,
     recalls = recall_table(sweep)
     if not recalls.empty:
         recalls.to_csv(directory / "crossmodal_recall.csv")
-    report.html.write_text(_html(sweep, shown, figures, notes, baseline, recalls, decisions), encoding="utf-8")
-    report.markdown.write_text(_markdown(sweep, shown, figures, notes, baseline, recalls, decisions),
+    geometry = correlation_table(correlations)
+    report.html.write_text(_html(sweep, shown, figures, notes, baseline, recalls, decisions, geometry),
+                           encoding="utf-8")
+    report.markdown.write_text(_markdown(sweep, shown, figures, notes, baseline, recalls, decisions, geometry),
                                encoding="utf-8")
     if log_to_mlflow:
         report.run_id = log_report(sweep, directory)
@@ -208,7 +223,7 @@ def _table_note(baseline: str) -> str:
 
 
 def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
-          recalls: pd.DataFrame, decisions: Decisions) -> str:
+          recalls: pd.DataFrame, decisions: Decisions, geometry: pd.DataFrame) -> str:
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _header(sweep))
     body = [f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>", f"<table class='meta'>{head}</table>",
             "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"), f"<p>{html.escape(_table_note(baseline))}</p>",
@@ -219,7 +234,9 @@ def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: li
             decision_table(decisions.comparisons, decisions.delta).to_html(escape=True, classes="paired"),
             f"<p>{html.escape(decisions_note(decisions.delta))}</p>",
             "<h3>Per-class results</h3>", class_table(decisions.classes).to_html(escape=True, classes="per-class"),
-            f"<p>{html.escape(CLASS_NOTE)}</p>"]
+            f"<p>{html.escape(CLASS_NOTE)}</p>",
+            "<h2>Embedding geometry and retrieval</h2>", geometry.to_html(escape=True, classes="geometry"),
+            f"<p>{html.escape(GEOMETRY_NOTE)}</p>"]
     if not recalls.empty:
         body += ["<h2>Cross-modal retrieval</h2>", recalls.to_html(escape=True, classes="recall"),
                  f"<p>{html.escape(RECALL_NOTE)}</p>"]
@@ -245,7 +262,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
-              recalls: pd.DataFrame, decisions: Decisions) -> str:
+              recalls: pd.DataFrame, decisions: Decisions, geometry: pd.DataFrame) -> str:
     lines = [f"# tripletlab sweep report: {sweep.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _header(sweep)]
     lines += ["", "## Comparison", "", markdown_table(table), "", _table_note(baseline), ""]
@@ -254,6 +271,7 @@ def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes
               markdown_table(decision_table(decisions.comparisons, decisions.delta)), "",
               decisions_note(decisions.delta), "", "### Per-class results", "",
               markdown_table(class_table(decisions.classes)), "", CLASS_NOTE, ""]
+    lines += ["## Embedding geometry and retrieval", "", markdown_table(geometry), "", GEOMETRY_NOTE, ""]
     if not recalls.empty:
         lines += ["## Cross-modal retrieval", "", markdown_table(recalls.astype(str)), "", RECALL_NOTE, ""]
     for name, png in figures.items():

@@ -6,6 +6,7 @@ from torch import nn
 
 from experiments.device_data import DeviceImages
 from experiments.embedding_quality import FACENET_MARGIN, embedding_quality
+from experiments.geometry import embedding_geometry
 from experiments.metrics import retrieval_metrics
 from experiments.verification import MAX_SAMPLES, verification_metrics
 
@@ -43,11 +44,12 @@ def validation_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 
 def validate_split(model: nn.Module, data: DeviceImages, batch_size: int) -> dict[str, float]:
-    """The validation metrics of ``model`` on a split (NaN when its embeddings are not finite)."""
+    """The validation metrics of ``model`` on a split (NaN when its embeddings are not finite) and
+    the geometry of its embeddings (:mod:`experiments.geometry`)."""
     embeddings, labels = embed_split(model, data, batch_size)
     if not bool(torch.isfinite(embeddings).all()):
         return {k: float("nan") for k in VAL_METRICS}
-    return validation_metrics(embeddings, labels)
+    return {**validation_metrics(embeddings, labels), **embedding_geometry(embeddings, labels)}
 
 
 def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: bool, seed: int = 0,

@@ -29,13 +29,14 @@ def main(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    from experiments.evaluation import VAL_METRICS
     from experiments.runner import NonFiniteLossError, run_experiment  # heavy imports only when training
 
     uri = resolve_tracking_uri(args.tracking_uri)
     print(f"training {cfg.loss.name} on {cfg.dataset.name} for {cfg.epochs} epochs; tracking at {mask_secrets(uri)}")
 
     def report(epoch: int, metrics: dict[str, float]) -> bool:
-        val = "  ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+        val = "  ".join(f"{k} {metrics[f'val/{k}']:.4f}" for k in VAL_METRICS if f"val/{k}" in metrics)
         print(f"epoch {epoch:3d}/{cfg.epochs}  loss {metrics['train/loss']:.4f}  {val}  "
               f"({metrics['epoch_seconds']:.1f}s)", flush=True)
         return False

@@ -1,7 +1,8 @@
 """A small sweep written straight into a real MLflow SQLite store and a real Optuna journal.
 
 It follows the MLflow layout of docs/design.md (parent / trial / final runs, per-epoch metrics,
-``embeddings/test.npz``) without training anything, so the analysis tests can control every value.
+``embeddings/test.npz``) without training anything, so the analysis tests can control every value (validation geometry
+per epoch falls as the run's quality rises).
 ``copy_store`` copies a real sweep's store so a test can write to the copy.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from optuna.storages.journal import JournalFileBackend
 
 TEST_METRICS = ("precision_at_1", "r_precision", "map_at_r")
 TRIPLET_KINDS = ("easy_fraction", "semi_hard_fraction", "hard_fraction")
+GEOMETRY_KEYS = ("alignment", "uniformity", "intra_class_distance", "inter_class_distance", "distance_ratio",
+                 "spectral_decay")
 EPOCH_STATS = ("active_fraction", "correct_order_fraction", "margin_violation_fraction", "mean_d_ap", "mean_d_an")
 
 
@@ -76,6 +79,7 @@ def build_logged_sweep(root: Path, name: str = "tiny-sweep", losses=("triplet", 
                       "val/precision_at_1": quality * 1.2 * (1 - 0.5 ** epoch),
                       "val/r_precision": quality * 1.1 * (1 - 0.5 ** epoch), "epoch_seconds": 0.5}
             values.update({f"train/{s}": 0.9 ** epoch * (0.8 if "fraction" in s else 1.0) for s in EPOCH_STATS})
+            values.update({f"val/{k}": (1 + i) * (1 - quality) * 0.8 ** epoch for i, k in enumerate(GEOMETRY_KEYS)})
             metrics += [Metric(k, v, 1000 + epoch, epoch) for k, v in values.items()]
         client.log_batch(run_id, metrics=metrics)
 

@@ -32,7 +32,7 @@ from analysis_fixture import build_logged_sweep, copy_store
 from experiments.cli import main as cli_main
 from sweep_fixture import tiny_sweep, working_directory  # noqa: F401
 
-FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget")
+FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget", "geometry")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -151,6 +151,22 @@ def test_paired_decisions_noise_floor_and_classes_match_mlflow_and_scipy(analyse
     [by_class] = pd.read_csv(analysed["report"] / "class_comparisons.csv").to_dict("records")
     assert (by_class["loss"], by_class["other"]) == (first, second)
     assert by_class["better"] == int((per_class[first] > per_class[second]).sum())
+
+
+def test_geometry_is_logged_per_epoch_and_correlated_with_map_at_r(analysed):
+    sweep = analysed["sweep"]
+    client = MlflowClient(tracking_uri=analysed["uri"])
+    finals = final_runs(client, sweep.experiment_name)
+    for run in finals:
+        history = client.get_metric_history(run.info.run_id, "val/spectral_decay")
+        assert [m.step for m in history] == [1] and history[0].value > 0  # the tiny sweep trains 1 epoch
+    correlations = pd.read_csv(analysed["report"] / "geometry_correlations.csv", index_col="quantity")
+    ratio = [r.data.metrics["val/distance_ratio"] for r in finals]
+    test = [r.data.metrics["test/map_at_r"] for r in finals]
+    expected = stats.spearmanr(ratio, test)
+    assert correlations.loc["distance_ratio", "rho_test"] == pytest.approx(expected.statistic)
+    assert correlations.loc["distance_ratio", "runs_test"] == len(finals)
+    assert correlations.loc["spectral_decay", "runs_val"] == sweep.trials * len(sweep.losses)
 
 
 def test_budget_curves_come_from_the_optuna_history(analysed):

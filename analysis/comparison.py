@@ -15,6 +15,7 @@ from scipy import stats
 
 from sweeps.table import percent_cell
 
+from .cost import cost_columns
 from .load import BASELINE_LOSS, Sweep
 
 TABLE_METRICS = {"precision_at_1": "P@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
@@ -72,7 +73,8 @@ def _short(value: str) -> str:
 def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFrame:
     """One row per loss: ``<metric>_mean|_ci_low|_ci_high`` for P@1, R-precision, MAP@R, ``seeds``,
     ``tuned``, ``trials_complete``, ``trials_pruned``, ``wall_clock_s`` and, vs ``baseline``,
-    ``map_at_r_diff`` and ``p_value`` (paired t-test on MAP@R, ``pairs`` seeds)."""
+    ``map_at_r_diff`` and ``p_value`` (paired t-test on MAP@R, ``pairs`` seeds), and the cost columns
+    ``step_ms``, ``loss_ms`` and ``loss_peak_mb`` (:mod:`analysis.cost`)."""
     finals, parents, trials = sweep.role("final"), sweep.role("parent"), sweep.runs[sweep.runs["role"] == "trial"]
     base_values = seed_values(finals[finals["loss"] == baseline], PAIRED_METRIC)
     rows = []
@@ -97,7 +99,8 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
             row["map_at_r_diff"] = float((values[shared] - base_values[shared]).mean()) if len(shared) else math.nan
             row["p_value"], row["pairs"] = paired_p_value(values, base_values)
         rows.append(row)
-    return pd.DataFrame(rows).set_index("loss")
+    table = pd.DataFrame(rows).set_index("loss")
+    return table.join(cost_columns(finals))
 
 
 def _wall_clock(sweep: Sweep, loss: str) -> float:
@@ -118,7 +121,14 @@ def format_table(table: pd.DataFrame, baseline: str = BASELINE_LOSS) -> pd.DataF
     out["tuned hyperparameters"] = table["tuned"]
     out["trials (complete / pruned)"] = [f"{c} / {p}" for c, p in table[["trials_complete", "trials_pruned"]].itertuples(index=False)]
     out["wall clock"] = [_duration(s) for s in table["wall_clock_s"]]
+    out["ms / step"] = [_number(v) for v in table["step_ms"]]
+    out["loss + mining ms"] = [_number(v) for v in table["loss_ms"]]
+    out["loss + mining peak MB"] = [_number(v) for v in table["loss_peak_mb"]]
     return out
+
+
+def _number(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3g}"
 
 
 def _duration(seconds: float) -> str:

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from .budget import budget_curves, budget_figure, crossing_note, crossings
 from .colors import loss_colors
+from .cost import cost_figure
 from .comparison import comparison_table, format_table
 from .crossmodal import joint_projection_figure, recall_table
 from .decisions import decision_table, decisions_note, noise_table, ranking_lines
@@ -50,6 +51,9 @@ CAPTIONS = {
               "MAP@R against the margin and the mining strategy for the margin-based losses.",
     "geometry": "Embedding geometry of the final runs on the validation split, per epoch: alignment, uniformity, "
                 "intra- and inter-class distance and their ratio, spectral decay ρ (mean and min-max band over seeds).",
+    "cost": "Cost per loss: test MAP@R against the total compute time of its trials and final runs, and the time "
+            "per training step with the loss and mining's part (forward and backward on one training batch) and its "
+            "peak memory.",
     "budget": "Expected best validation MAP@R after n trials per loss (Dodge et al. 2019), from the Optuna history "
               "(pruned trials at their last report), with a ±1 sd band; an X marks where two losses' curves cross.",
 }
@@ -170,6 +174,8 @@ def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS,
     correlations = geometry_correlations(sweep)
     correlations.to_csv(directory / "geometry_correlations.csv")
     table["pair_distance_overlap"] = [overlaps.get(loss, math.nan) for loss in table.index]
+    if not sweep.role("final").empty:
+        figures["cost"] = _save(cost_figure(table, loss_colors(sweep.losses)), directory, "cost")
     table.to_csv(directory / "comparison_table.csv")
     if baseline not in table.index:
         notes.append(f"no {baseline!r} baseline in this sweep: no paired tests (choose one with --baseline)")
@@ -219,6 +225,8 @@ def _table_note(baseline: str) -> str:
     return ("Test-split metrics, in %: mean and Student-t 95% interval over the final seeds "
             f"(clipped to [0, 100]). p: two-sided paired t-test of MAP@R against the {baseline} baseline, paired by "
             "seed (— when fewer than two shared seeds). Wall clock: the loss's trial and final runs, summed. "
+            "ms / step: wall time per training step in the final runs (validation left out); loss + mining: one forward and "
+            "backward of the loss alone on a training batch, its time and peak memory (mean over final runs). "
             "Pair-distance overlap: see the distance figure (lower separates classes better).")
 
 

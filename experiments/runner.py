@@ -27,6 +27,7 @@ from experiments.models import build_model
 from experiments.provenance import provenance_tags
 from experiments.sampler import PKSampler
 from experiments.dataset_inputs import dataset_inputs
+from experiments.loss_cost import training_batch_cost
 from experiments.system_metrics import system_metrics
 from experiments.tracking import RunLogger, get_or_create_experiment, mask_secrets, prepare_store
 from experiments.trainer import NonFiniteLossError, pick_device, train
@@ -139,7 +140,9 @@ def fit_model(cfg: ExperimentConfig, run: RunLogger, train_split: LabeledImages,
               val_split: LabeledImages, device: torch.device, on_epoch, log_epoch,
               checkpoint_dir: Path | None):
     """Build the model (and its pretrained backbone weights) and the loss, train on ``train_split``
-    (dense labels) validating on ``val_split``; returns ``(model, TrainOutcome)``."""
+    (dense labels) validating on ``val_split``, then log the cost: ``cost/step_ms`` (the training
+    loop's time per step, validation left out) and the loss's own on one training batch
+    (:mod:`experiments.loss_cost`); returns ``(model, TrainOutcome)``."""
     model = build_run_model(cfg, train_split.image_shape)
     if cfg.model.weights:
         run.log_params(load_backbone_weights(model, cfg.model.weights))
@@ -152,6 +155,8 @@ def fit_model(cfg: ExperimentConfig, run: RunLogger, train_split: LabeledImages,
     val_data = DeviceImages(val_split, device, augment=False, **inputs) if len(val_split) > 1 else None
     outcome = train(model, loss_fn, train_data, sampler, val_data, cfg, device, on_epoch=on_epoch,
                     log_epoch=log_epoch, checkpoint_dir=checkpoint_dir)
+    step_ms = 1000 * sum(h["epoch_seconds"] for h in outcome.history) / (len(outcome.history) * len(sampler))
+    run.log_metrics({"cost/step_ms": step_ms, **training_batch_cost(model, loss_fn, train_data, sampler)})
     return model, outcome
 
 

@@ -113,7 +113,9 @@ def build_logged_sweep(root: Path, name: str = "tiny-sweep", losses=("triplet", 
             values = {f"test/{m}": quality * (1 + 0.1 * j) for j, m in enumerate(TEST_METRICS)}
             values.update({"test/easy_fraction": 0.5, "test/semi_hard_fraction": 0.3, "test/hard_fraction": 0.2,
                            "test/alignment": 0.5 - 0.05 * index, "test/uniformity": -2.0 - 0.1 * index,
-                           "val/best_map_at_r": quality, "train_seconds": 3.0 + seed})
+                           "val/best_map_at_r": quality, "train_seconds": 3.0 + seed,
+                           "cost/step_ms": 20.0 + index, "cost/loss_ms": 1.0 + index + seed,
+                           "cost/loss_peak_mb": 0.5 * (1 + index)})
             for m in TEST_METRICS:
                 test_values[m].append(values[f"test/{m}"])
             client.log_batch(final, metrics=[Metric(k, v, 0, 0) for k, v in values.items()],

@@ -32,7 +32,7 @@ from analysis_fixture import build_logged_sweep, copy_store
 from experiments.cli import main as cli_main
 from sweep_fixture import tiny_sweep, working_directory  # noqa: F401
 
-FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget", "geometry")
+FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget", "geometry", "cost")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -283,6 +283,17 @@ def test_baseline_pairing_and_detect_option(logged_sweep, tmp_path):
     assert " over 3 seeds" in report.decisions.lines[0]
     assert ranked == ["multi_similarity", "batch_hard", "triplet"]  # the fixture's quality rises with the loss index
     assert any("batch_hard" in note and "query-bootstrap" in note for note in report.notes)
+
+
+def test_cost_columns_are_the_final_runs_means(logged_sweep):
+    sweep = load_sweep(logged_sweep.name, logged_sweep.tracking_uri)
+    table = comparison_table(sweep)
+    client = MlflowClient(tracking_uri=logged_sweep.tracking_uri)
+    exp = client.get_experiment_by_name(logged_sweep.name)
+    for loss in logged_sweep.losses:
+        runs = client.search_runs([exp.experiment_id], f"tags.`tripletlab.role` = 'final' and tags.`tripletlab.loss` = '{loss}'")
+        for column, key in (("step_ms", "cost/step_ms"), ("loss_ms", "cost/loss_ms"), ("loss_peak_mb", "cost/loss_peak_mb")):
+            assert table.loc[loss, column] == pytest.approx(np.mean([r.data.metrics[key] for r in runs]))
 
 
 def test_paired_test_against_the_triplet_baseline(logged_sweep):

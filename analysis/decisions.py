@@ -19,8 +19,9 @@ def ranking_lines(noise: pd.DataFrame, decisions: pd.DataFrame, delta: float) ->
     lines = []
     for rank, (loss, row) in enumerate(noise.sort_values("mean", ascending=False).iterrows(), start=1):
         query = "" if math.isnan(row["query_half_width"]) else f", query bootstrap ±{_points(row['query_half_width'])}"
+        rerun = f", sd {_points(row['rerun_sd'])} over {int(row['reruns'])} runs of a seed" if row["reruns"] else ""
         lines.append(f"{rank}. {loss}: MAP@R {_points(row['mean'])} (sd {_points(row['sd'])} over "
-                     f"{int(row['seeds'])} seeds, range {_points(row['min'])}-{_points(row['max'])}{query})")
+                     f"{int(row['seeds'])} seeds, range {_points(row['min'])}-{_points(row['max'])}{rerun}{query})")
     lines += [decision_line(row, delta) for _, row in decisions.iterrows()]
     return lines
 
@@ -33,6 +34,8 @@ def noise_table(noise: pd.DataFrame) -> pd.DataFrame:
         "MAP@R %": [_points(v) for v in noise["mean"]],
         "sd over seeds": [_points(v) for v in noise["sd"]],
         "range over seeds": [f"{_points(lo)}-{_points(hi)}" for lo, hi in zip(noise["min"], noise["max"])],
+        "sd at a fixed seed (reruns)": [f"{_points(sd)} ({n} runs)" if n else "not rerun"
+                                        for sd, n in zip(noise["rerun_sd"], noise["reruns"])],
         "query bootstrap ± (per run, 95%)": [_points(v) for v in noise["query_half_width"]],
     }, index=noise.index)
 
@@ -58,4 +61,5 @@ def decisions_note(delta: float) -> str:
             f"with its Student-t 95% interval; p: two-sided paired t-test and Wilcoxon signed-rank test. Resolved: "
             f"the t-test rejects at {ALPHA:g}. Seeds needed: the paired t-test's sample size to detect a "
             f"{100 * delta:g}-point difference with {POWER:.0%} power, given the observed sd of the differences. "
+            "sd at a fixed seed: pooled over the final runs repeated by `tripletlab rerun`, each with its reruns. "
             "Query bootstrap: the mean half-width of the runs' 95% percentile-bootstrap intervals over test queries.")

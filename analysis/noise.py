@@ -3,9 +3,10 @@ its test queries are resampled.
 
 Noise studies of deep-learning comparisons (e.g. Picard 2021; Bouthillier et al., MLSys 2021) find
 the spread over seeds as large as many published gaps between methods. Per loss this module gives
-the spread over the final seeds (sd, min-max) and the mean half-width of the per-run percentile
-bootstrap over test queries (:mod:`analysis.query_scores`); the paired comparisons
-(:mod:`analysis.paired`) are read against both.
+the spread over the final seeds (sd, min-max), the spread at a fixed seed where ``tripletlab
+rerun`` repeated a final run (nondeterministic kernels), and the mean half-width of the per-run
+percentile bootstrap over test queries (:mod:`analysis.query_scores`); the paired comparisons
+(:mod:`analysis.paired`) are read against them.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import math
 
 import numpy as np
 import pandas as pd
+
+from sweeps.rerun_command import RERUN_OF_TAG, RERUN_ROLE
 
 from .comparison import seed_values
 from .load import Sweep, load_embeddings
@@ -65,9 +68,32 @@ def run_intervals(sweep: Sweep, scores: pd.DataFrame, resamples: int = BOOTSTRAP
                                        "query_ci_low", "query_ci_high"])
 
 
-def noise_floor(values: dict[str, pd.Series], intervals: pd.DataFrame) -> pd.DataFrame:
-    """Per loss (index): ``seeds``, ``mean``, ``sd`` (over seeds), ``min``, ``max`` of test MAP@R and
-    ``query_half_width``, the mean half-width of its runs' query-bootstrap intervals."""
+def rerun_spread(sweep: Sweep, metric: str = METRIC) -> pd.DataFrame:
+    """Per loss (index) with reruns (``tripletlab rerun``): ``reruns`` (runs of one seed, the final run
+    included, summed over the repeated seeds) and ``rerun_sd``, the pooled sd of test MAP@R within a seed."""
+    column, runs = f"metrics.test/{metric}", sweep.role(RERUN_ROLE)
+    rows = []
+    if column in runs and len(runs):
+        finals = sweep.role("final").set_index("run_id")
+        for loss, own in runs.groupby("loss"):
+            variances, count = [], 0
+            for original, group in own.groupby(f"tags.{RERUN_OF_TAG}"):
+                values = group[column].dropna().tolist()
+                if original in finals.index and pd.notna(finals.loc[original, column]):
+                    values.append(finals.loc[original, column])
+                if len(values) > 1:
+                    variances.append(float(np.var(values, ddof=1)))
+                    count += len(values)
+            if variances:
+                rows.append({"loss": loss, "reruns": count, "rerun_sd": math.sqrt(float(np.mean(variances)))})
+    return pd.DataFrame(rows, columns=["loss", "reruns", "rerun_sd"]).set_index("loss")
+
+
+def noise_floor(values: dict[str, pd.Series], intervals: pd.DataFrame,
+                reruns: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per loss (index): ``seeds``, ``mean``, ``sd`` (over seeds), ``min``, ``max`` of test MAP@R,
+    ``query_half_width``, the mean half-width of its runs' query-bootstrap intervals, and from
+    ``reruns`` (:func:`rerun_spread`) ``reruns`` and ``rerun_sd`` (0 and NaN without)."""
     rows = []
     for loss, series in values.items():
         own = intervals[intervals["loss"] == loss]
@@ -75,4 +101,9 @@ def noise_floor(values: dict[str, pd.Series], intervals: pd.DataFrame) -> pd.Dat
         rows.append({"loss": loss, "seeds": len(series), "mean": float(series.mean()),
                      "sd": float(series.std(ddof=1)) if len(series) > 1 else math.nan,
                      "min": float(series.min()), "max": float(series.max()), "query_half_width": float(half)})
-    return pd.DataFrame(rows, columns=["loss", "seeds", "mean", "sd", "min", "max", "query_half_width"]).set_index("loss")
+    table = pd.DataFrame(rows, columns=["loss", "seeds", "mean", "sd", "min", "max", "query_half_width"]).set_index("loss")
+    if reruns is None:
+        reruns = pd.DataFrame(columns=["reruns", "rerun_sd"])
+    table["reruns"] = reruns["reruns"].reindex(table.index).fillna(0).astype(int)
+    table["rerun_sd"] = reruns["rerun_sd"].reindex(table.index).astype(float)
+    return table

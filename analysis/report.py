@@ -26,7 +26,7 @@ from .geometry import GEOMETRY_NOTE, PANELS as GEOMETRY_PANELS, correlation_tabl
     geometry_histories
 from .embeddings import PROJECTION_POINTS, distance_figure, load_test_embeddings, projection_figure, triplet_quality_figure
 from .load import BASELINE_LOSS, ROLE_TAG, Sweep
-from .noise import noise_floor, per_seed, query_scores, run_intervals
+from .noise import noise_floor, per_seed, query_scores, rerun_spread, run_intervals
 from .paired import DETECT_POINTS, paired_comparisons
 from .per_class import class_comparisons, class_map_at_r, class_table
 from .tuning import IMPORTANCE_EVALUATOR, trials_table, tuning_figure
@@ -145,7 +145,7 @@ def build_decisions(sweep: Sweep, directory: Path, notes: list[str], pairing: st
     values = per_seed(sweep)
     scores = query_scores(sweep, notes)
     intervals = run_intervals(sweep, scores, seed=seed)
-    noise = noise_floor(values, intervals)
+    noise = noise_floor(values, intervals, rerun_spread(sweep))
     comparisons = paired_comparisons(values, pairing, baseline, delta)
     per_class = class_map_at_r(scores)
     classes = class_comparisons(per_class, comparisons)

@@ -1,4 +1,4 @@
-"""The ``tripletlab`` command line: ``losses``, ``train``, ``sweep``, ``analyze``.
+"""The ``tripletlab`` command line: ``losses``, ``train``, ``evaluate``, ``sweep``, ``rerun``, ``analyze``.
 
 Each subcommand lives in its own module exposing ``configure(parser)`` and ``main(args) -> int``;
 this file only dispatches, loads plugins, and turns errors into one clear line (an unexpected one
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "train": ("experiments.train_command", "train one model and track it in MLflow"),
     "evaluate": ("experiments.evaluate_command", "test a trained model again (an MLflow run or a checkpoint)"),
     "sweep": ("sweeps.command", "tune and compare losses with Optuna"),
+    "rerun": ("sweeps.rerun_command", "train a sweep's final run again with the same seed (noise at a fixed seed)"),
     "analyze": ("analysis.command", "figures and a report from a finished sweep"),
 }
 

@@ -45,7 +45,8 @@ def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def analysed(tiny_sweep, tmp_path_factory):  # noqa: F811
-    """A copy of the tiny sweep, analysed once by ``tripletlab analyze`` (default experiment).
+    """A copy of the tiny sweep, one final run of its first loss repeated by ``tripletlab rerun``,
+    analysed once by ``tripletlab analyze`` (default experiment).
 
     The command runs in a fresh process: MLflow caches artifact locations by run id within a
     process, so in this one the copy's runs would still resolve to the original's artifacts.
@@ -53,9 +54,14 @@ def analysed(tiny_sweep, tmp_path_factory):  # noqa: F811
     assert tiny_sweep.exit_code == 0
     root = tmp_path_factory.mktemp("analysed") / "sweep"
     uri = copy_store(tiny_sweep.root, root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRIPLETLAB_PROGRESS": "0"}
+    rerun = subprocess.run([sys.executable, "-m", "experiments.cli", "rerun", "--loss", tiny_sweep.losses[0],
+                            "--times", "1", "--tracking-uri", uri], cwd=root, capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
     done = subprocess.run([sys.executable, "-m", "experiments.cli", "analyze", "--tracking-uri", uri,
                            "--baseline", tiny_sweep.losses[0]], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     return {"root": root, "uri": uri, "sweep": tiny_sweep, "report": root / "runs" / tiny_sweep.name / "report",
             "stdout": done.stdout}
@@ -126,6 +132,15 @@ def test_paired_decisions_noise_floor_and_classes_match_mlflow_and_scipy(analyse
     for loss, values in by_seed.items():
         assert noise.loc[loss, "sd"] == pytest.approx(values.std(ddof=1))
         assert noise.loc[loss, "seeds"] == sweep.seeds
+    # the rerun repeats the first loss's first final seed; training on the CPU is deterministic
+    exp = client.get_experiment_by_name(sweep.experiment_name)
+    [rerun] = client.search_runs([exp.experiment_id], "tags.`tripletlab.role` = 'rerun'")
+    [original] = [r for r in finals if r.info.run_id == rerun.data.tags["tripletlab.rerun_of"]]
+    assert original.data.tags["tripletlab.loss"] == sweep.losses[0]
+    assert original.data.tags["tripletlab.seed"] == rerun.data.tags["tripletlab.seed"] == min(by_seed[sweep.losses[0]].index)
+    assert rerun.data.metrics["test/map_at_r"] == original.data.metrics["test/map_at_r"]
+    assert noise.loc[sweep.losses[0], "reruns"] == 2 and noise.loc[sweep.losses[0], "rerun_sd"] == 0
+    assert noise.loc[sweep.losses[1], "reruns"] == 0
     [pair] = pd.read_csv(analysed["report"] / "paired_comparisons.csv").to_dict("records")
     first, second = pair["loss"], pair["other"]
     assert by_seed[first].mean() >= by_seed[second].mean()  # the better-ranked loss comes first
@@ -243,6 +258,15 @@ def test_experiment_without_finished_runs_is_one_line(analysed):
                            analysed["root"])
     assert code == 2 and err.count("\n") == 1
     assert "no finished trial or final runs" in err
+
+
+def test_rerun_of_an_unknown_loss_or_seed_is_one_line(analysed):
+    sweep = ["--experiment", analysed["sweep"].experiment_name, "--tracking-uri", analysed["uri"]]
+    code, _, err = run_cli(["rerun", "--loss", "no_such_loss", *sweep], analysed["root"])
+    assert code == 2 and err.count("\n") == 1 and "no finished final run of loss 'no_such_loss'" in err
+    loss = analysed["sweep"].losses[1]
+    code, _, err = run_cli(["rerun", "--loss", loss, "--seed", "99", *sweep], analysed["root"])
+    assert code == 2 and "no final run with seed 99" in err
 
 
 def test_missing_store_is_one_line(tmp_path):

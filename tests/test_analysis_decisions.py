@@ -14,7 +14,8 @@ import pytest
 from scipy import stats
 
 from analysis.budget import budget_curves, crossing_note, crossings, expected_max
-from analysis.noise import noise_floor
+from analysis.load import Sweep
+from analysis.noise import noise_floor, rerun_spread
 from analysis.per_class import class_comparison, class_comparisons, class_map_at_r
 from analysis.paired import compare, decision_line, paired_comparisons, seeds_needed, t_test_power, wilcoxon_p_value
 from analysis.query_scores import average_precision_at_r, bootstrap_interval
@@ -211,3 +212,17 @@ def test_class_map_at_r_and_the_paired_test_over_classes_match_loops_and_scipy()
     assert [v for _, v in got["largest"]] == pytest.approx(d[biggest].tolist())
     pairs = pd.DataFrame({"loss": ["a", "a"], "other": ["b", "absent"]})
     assert class_comparisons(table, pairs)["other"].tolist() == ["b"]
+
+
+def test_rerun_spread_pools_the_variance_within_each_repeated_seed():
+    finals = pd.DataFrame({"run_id": ["f1", "f2"], "loss": ["a", "a"], "role": "final", "status": "FINISHED",
+                           "metrics.test/map_at_r": [0.50, 0.60]})
+    reruns = pd.DataFrame({"run_id": ["r1", "r2", "r3"], "loss": ["a", "a", "a"], "role": "rerun", "status": "FINISHED",
+                           "metrics.test/map_at_r": [0.52, 0.51, 0.64], "tags.tripletlab.rerun_of": ["f1", "f1", "f2"]})
+    sweep = Sweep("s", "0", "sqlite://", pd.concat([finals, reruns], ignore_index=True))
+    spread = rerun_spread(sweep)
+    pooled = math.sqrt(np.mean([np.var([0.50, 0.52, 0.51], ddof=1), np.var([0.60, 0.64], ddof=1)]))
+    assert spread.loc["a", "reruns"] == 5 and spread.loc["a", "rerun_sd"] == pytest.approx(pooled)
+    floor = noise_floor({"a": pd.Series([0.5, 0.6]), "b": pd.Series([0.4, 0.45])},
+                        pd.DataFrame(columns=["loss", "query_ci_low", "query_ci_high"]), spread)
+    assert floor.loc["b", "reruns"] == 0 and math.isnan(floor.loc["b", "rerun_sd"])

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 SPLIT_CONTEXTS = {"train": "train", "val": "validation", "test": "test", "gallery": "gallery"}
 DIGEST_LENGTH = 16
+ATTEMPTS = 3
 
 
 def dataset_source(path: str, info: dict[str, Any]) -> tuple[str, str]:
@@ -44,3 +48,18 @@ def dataset_inputs(name: str, path: str, info: dict[str, Any]) -> list[DatasetIn
                           profile=profile)
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXTS[split])]))
     return inputs
+
+
+def log_dataset_inputs(client, run_ids: list[str], inputs: list[DatasetInput]) -> None:
+    """Log ``inputs`` to each run, retrying when a run logging the same dataset at the same moment
+    (parallel trials share their splits) made the store refuse the duplicate; a store that still
+    refuses gets a warning, never a failed run."""
+    for run_id in run_ids:
+        for attempt in range(ATTEMPTS):
+            try:
+                client.log_inputs(run_id, datasets=inputs)
+                break
+            except MlflowException as exc:
+                if attempt == ATTEMPTS - 1:
+                    warnings.warn(f"dataset inputs not logged to run {run_id}: {exc}", RuntimeWarning, stacklevel=2)
+                time.sleep(0.1 * (attempt + 1))

@@ -26,7 +26,7 @@ from experiments.evaluation import VAL_METRICS, embed_split, test_metrics
 from experiments.models import build_model
 from experiments.provenance import provenance_tags
 from experiments.sampler import PKSampler
-from experiments.dataset_inputs import dataset_inputs
+from experiments.dataset_inputs import dataset_inputs, log_dataset_inputs
 from experiments.loss_cost import training_batch_cost
 from experiments.system_metrics import system_metrics
 from experiments.tracking import RunLogger, get_or_create_experiment, mask_secrets, prepare_store
@@ -83,7 +83,8 @@ def _split_params(info: dict[str, Any]) -> dict[str, str]:
 def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, Any], num_classes: int,
                    sampler: PKSampler) -> None:
     """Fill derived loss params and the sampler's resolved P, then log the flattened config, the
-    split, the resolved YAML and the splits as MLflow dataset inputs."""
+    split, the resolved YAML and the splits as MLflow dataset inputs (on the parent run too: a sweep's
+    parent rows then show their dataset)."""
     _fill_derived_params(cfg, num_classes)
     cfg.batch.p = sampler.p
     run.log_params({**flatten_config(cfg), **_split_params(split_info)})
@@ -91,7 +92,9 @@ def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, 
     run.log_params({"data.classes_with_replacement": len(sampler.classes_with_replacement)})
     run.log_json(split_info, "split.json")
     run.log_text(cfg.to_yaml(), "config.yaml")
-    run.client.log_inputs(run.run_id, datasets=dataset_inputs(cfg.dataset.name, cfg.dataset.path, split_info))
+    parent = run.client.get_run(run.run_id).data.tags.get("mlflow.parentRunId")
+    log_dataset_inputs(run.client, [run.run_id, *([parent] if parent else [])],
+                       dataset_inputs(cfg.dataset.name, cfg.dataset.path, split_info))
 
 
 def tested_val_metrics(cfg: ExperimentConfig, outcome) -> dict[str, float]:

@@ -3,13 +3,15 @@ and system metrics sampled while it trains; read back through ``MlflowClient``."
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from experiments.config import load_config
-from experiments.dataset_inputs import dataset_inputs
+from experiments.dataset_inputs import dataset_inputs, log_dataset_inputs
+from experiments.tracking import get_or_create_experiment
 from experiments.runner import run_experiment
 from experiments.system_metrics import SWITCH
 from sweep_fixture import tiny_sweep  # noqa: F401
@@ -60,6 +62,23 @@ def test_sweep_runs_carry_their_dataset_splits(tiny_sweep, tmp_path):  # noqa: F
         digests = tuple(sorted(d.digest for d in contexts(run).values()))
         by_seed.setdefault(run.data.tags["tripletlab.seed"], set()).add(digests)
     assert all(len(d) == 1 for d in by_seed.values()) and len(by_seed) == tiny_sweep.seeds
+    # parent rows show their dataset too: every split any of their children used
+    for parent in client.search_runs([experiment.experiment_id], "tags.`tripletlab.role` = 'parent'"):
+        children = [r for r in finals if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        assert {d.dataset.digest for d in parent.inputs.dataset_inputs} >= {
+            d.digest for r in children for d in contexts(r).values()}
+
+
+def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = get_or_create_experiment("inputs", uri)
+    runs = [client.create_run(experiment).info.run_id for _ in range(6)]
+    inputs = dataset_inputs("digits", "", DIGITS_INFO)
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda run_id: log_dataset_inputs(MlflowClient(uri), [run_id], inputs), runs))
+    for run_id in runs:
+        assert len(client.get_run(run_id).inputs.dataset_inputs) == 3
 
 
 @pytest.mark.parametrize("switch", ["true", "false"])

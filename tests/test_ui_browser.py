@@ -1,5 +1,6 @@
 """A real browser on the real UI: ``mlflow server`` on a finished tiny sweep, its experiment page
-rendered by headless Chromium, which must list the sweep's parent runs (one per loss) by name.
+rendered by headless Chromium, which must list the sweep's parent runs (one per loss) by name, each
+with its dataset in the Dataset column.
 
 Skips when Chromium is not installed (``apt-get install chromium``; ``.ci/run`` installs it). The
 screenshot is saved with the test's files, and also to ``$TRIPLETLAB_UI_SCREENSHOT`` when set
@@ -90,6 +91,9 @@ def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):  # noqa: F
 
     missing = [name for name, run_id in parents.items() if not run_link(dom, run_id, name)]
     assert not missing, f"the experiment page does not list parent runs {missing}"
+    for name, run_id in parents.items():  # the Dataset column: name and digest of a split the loss's runs used
+        digests = {d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
+        assert any(f'title="digits ({digest})"' in dom for digest in digests), f"no dataset shown for {name}"
     assert screenshot.stat().st_size > 10_000 and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     target = os.environ.get("TRIPLETLAB_UI_SCREENSHOT")
     if target:

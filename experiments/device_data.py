@@ -14,9 +14,10 @@ device, so augmented batches are reproducible.
 A split is kept whole on the device (gathered there once) when its uint8 size fits the resident
 budget: ``resident_mb`` when set, else a quarter of the memory measured free on the device (on
 CUDA ``torch.cuda.mem_get_info``; on the CPU and MPS, available RAM). A larger split streams: each
-batch's rows are gathered from the dataset's store (the decoded-image cache file) into pinned host
-memory by a background thread, ``PREFETCH_DEPTH`` batches ahead of the step loop, copied to the
-device and augmented there. Memory then holds a few batches, not the split.
+batch's rows are gathered from the dataset's store (the decoded-image cache file) into reused
+(pinned, for CUDA) host buffers by a background thread, ``PREFETCH_DEPTH`` batches ahead of the step
+loop, copied to the device and augmented there. Memory then holds ``PREFETCH_DEPTH + 2`` batches,
+not the split.
 """
 from __future__ import annotations
 
@@ -93,6 +94,39 @@ def prefetch(function: Callable, items: Iterable, depth: int = PREFETCH_DEPTH) -
     finally:
         stop.set()
         thread.join()
+
+
+class HostBuffers:
+    """The reused host buffers of a streamed split: step ``s`` fills buffer ``s % count``.
+
+    With ``count = depth + 2`` for a prefetch queue of ``depth`` a buffer is refilled only after
+    its batch left the queue and the consumer moved on to the next one; on CUDA ``fill`` also waits
+    for the buffer's copy to the device, marked by ``copied``, to finish.
+    """
+
+    def __init__(self, split: LabeledImages, count: int, pin: bool):
+        self.split, self.pin = split, pin
+        self.buffers: list[torch.Tensor | None] = [None] * count
+        self.copies: list[torch.cuda.Event | None] = [None] * count
+
+    def fill(self, step_and_indices: tuple[int, torch.Tensor]) -> torch.Tensor:
+        """The split's images at the indices, gathered into the step's buffer."""
+        step, indices = step_and_indices
+        slot, count = step % len(self.buffers), len(indices)
+        if self.copies[slot] is not None:
+            self.copies[slot].synchronize()
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.shape[0] < count:
+            buffer = torch.empty((count, *self.split.image_shape), dtype=torch.uint8, pin_memory=self.pin)
+            self.buffers[slot] = buffer
+        return self.split.gather(torch.as_tensor(indices, dtype=torch.int64), out=buffer[:count])
+
+    def copied(self, step: int) -> None:
+        """Mark the step's buffer as being copied to the device (on CUDA, by the current stream)."""
+        if self.pin:
+            event = torch.cuda.Event()
+            event.record()
+            self.copies[step % len(self.buffers)] = event
 
 
 def _channel_tensor(values: Sequence[float], channels: int, key: str, device: torch.device) -> torch.Tensor:
@@ -268,15 +302,23 @@ class DeviceImages:
             images = self.images[indices]
         return self._finish(images, indices)
 
+    def _streamed(self, index_batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(indices, uint8 images on the device)`` for each of ``index_batches``, gathered ahead by
+        a background thread into reused host buffers."""
+        buffers = HostBuffers(self.split, PREFETCH_DEPTH + 2, self.pin)
+        for (step, indices), host in prefetch(buffers.fill, enumerate(index_batches), PREFETCH_DEPTH):
+            images = host.to(self.device, non_blocking=self.pin)
+            buffers.copied(step)
+            yield torch.as_tensor(indices, dtype=torch.int64), images
+
     def batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``batch(indices)`` for each of ``index_batches`` (a sampler); a streamed split gathers them
         ahead in a background thread."""
         if not self.streams:
             yield from (self.batch(indices) for indices in index_batches)
             return
-        for indices, host in prefetch(self._host_pixels, index_batches):
-            indices = torch.as_tensor(indices, dtype=torch.int64).to(self.device, non_blocking=True)
-            yield self._finish(host.to(self.device, non_blocking=self.pin), indices)
+        for indices, images in self._streamed(index_batches):
+            yield self._finish(images, indices.to(self.device, non_blocking=True))
 
     def iterate(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every image once, in order, in chunks of ``batch_size``, never augmented (evaluation),
@@ -285,8 +327,7 @@ class DeviceImages:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         chunks = (torch.arange(start, min(start + batch_size, len(self))) for start in range(0, len(self), batch_size))
         if self.streams:
-            pairs = ((indices, host.to(self.device, non_blocking=self.pin))
-                     for indices, host in prefetch(self._host_pixels, chunks))
+            pairs = self._streamed(chunks)
         else:
             pairs = ((indices, self.images[indices[0]:indices[-1] + 1]) for indices in chunks)
         for indices, images in pairs:

@@ -52,10 +52,12 @@ class LabeledImages:
         """The split's rows of ``store``, as an int64 tensor."""
         return torch.arange(self.store.shape[0]) if self.rows is None else self.rows
 
-    def gather(self, indices: torch.Tensor | None = None, pin: bool = False) -> torch.Tensor:
-        """The split's images at ``indices`` (default all), copied into a CPU tensor (pinned if ``pin``)."""
+    def gather(self, indices: torch.Tensor | None = None, pin: bool = False,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The split's images at ``indices`` (default all), copied into ``out`` or a new CPU tensor
+        (pinned if ``pin``)."""
         rows = self.store_rows()
-        return self.store.gather(rows if indices is None else rows[indices.cpu()], pin=pin)
+        return self.store.gather(rows if indices is None else rows[indices.cpu()], pin=pin, out=out)
 
     @property
     def images(self) -> torch.Tensor:

@@ -25,12 +25,18 @@ class ImageStore(ABC):
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _empty(self, count: int, pin: bool) -> torch.Tensor:
-        return torch.empty((count, *self.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+    def _empty(self, count: int, pin: bool, out: torch.Tensor | None) -> torch.Tensor:
+        if out is None:
+            return torch.empty((count, *self.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        if out.shape != (count, *self.shape[1:]) or out.dtype != torch.uint8 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous uint8 tensor {(count, *self.shape[1:])}; "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        return out
 
     @abstractmethod
-    def gather(self, rows: torch.Tensor, pin: bool = False) -> torch.Tensor:
-        """The images at ``rows`` (int64), in that order; in pinned memory when ``pin``."""
+    def gather(self, rows: torch.Tensor, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The images at ``rows`` (int64), in that order, written into ``out`` when given, else into
+        a new tensor (in pinned memory when ``pin``)."""
 
     @abstractmethod
     def channel_stats(self, rows: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -48,8 +54,8 @@ class TensorImages(ImageStore):
         self.tensor = images
         self.shape = tuple(images.shape)
 
-    def gather(self, rows: torch.Tensor, pin: bool = False) -> torch.Tensor:
-        return torch.index_select(self.tensor, 0, rows.cpu(), out=self._empty(rows.numel(), pin))
+    def gather(self, rows: torch.Tensor, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.index_select(self.tensor, 0, rows.cpu(), out=self._empty(rows.numel(), pin, out))
 
     def channel_stats(self, rows: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return channel_stats(self.tensor[rows])
@@ -85,8 +91,8 @@ class CachedImages(ImageStore):
             raise ValueError(f"{self.path}: the decoded-image cache file ended early (changed after it was "
                              "opened); delete it and run again to rebuild it")
 
-    def gather(self, rows: torch.Tensor, pin: bool = False) -> torch.Tensor:
-        out = self._empty(rows.numel(), pin)
+    def gather(self, rows: torch.Tensor, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._empty(rows.numel(), pin, out)
         if rows.numel() == 0:
             return out
         flat = memoryview(out.numpy()).cast("B")

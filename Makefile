@@ -24,7 +24,7 @@ GPU_PYTHON_VERSION ?= 3.12
 GPU_PLATFORM ?= manylinux_2_28_x86_64
 GPU_FAISS ?= faiss-gpu-cu12
 
-.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep bench-reference bench-gpu gpu-wheels train clean
+.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep bench-reference bench-data bench-gpu gpu-wheels train clean
 
 install: $(STAMP)
 
@@ -73,6 +73,9 @@ bench-sweep: install
 
 bench-reference: install
 	$(PY) -m benchmarks.bench_reference $(ARGS)
+
+bench-data: install
+	$(PY) -m benchmarks.bench_data $(ARGS)
 
 bench-gpu:
 	$(GPU_PYTHON) -m benchmarks.bench_gpu $(ARGS)

@@ -1,8 +1,9 @@
 """Figure 2, embedding quality on the test classes.
 
 - a 2-D projection of each loss's best final run (chosen on validation MAP@R), coloured by class:
-  UMAP (McInnes et al. 2018) when ``umap-learn`` is installed, else t-SNE (van der Maaten &
-  Hinton 2008; perplexity 30, PCA initialisation, 500 iterations) on a class-stratified subsample;
+  UMAP (McInnes et al. 2018; seeded, so single-threaded and reproducible), or t-SNE (van der
+  Maaten & Hinton 2008; perplexity 30, PCA initialisation, 500 iterations) where ``umap-learn``
+  cannot be imported, on a class-stratified subsample;
 - histograms of positive-pair and negative-pair Euclidean distances with their overlap area
   (0: perfectly separated, 1: identical distributions);
 - the fractions of easy / semi-hard / hard test triplets (FaceNet's definitions) and the
@@ -62,7 +63,7 @@ def overlap_area(a: np.ndarray, b: np.ndarray, bins: int = 60) -> float:
 
 
 def project_2d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """``(points (n, 2), method name)``: UMAP if installed, else t-SNE after PCA to 50 dimensions."""
+    """``(points (n, 2), method name)``: UMAP, or t-SNE after PCA to 50 dimensions where UMAP cannot be imported."""
     try:
         import umap
     except ImportError:
@@ -75,7 +76,7 @@ def project_2d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         perplexity = min(30.0, (len(x) - 1) / 3)
         return TSNE(2, perplexity=perplexity, init="pca", max_iter=TSNE_ITERATIONS,
                     random_state=seed).fit_transform(x), "t-SNE"
-    return umap.UMAP(random_state=seed).fit_transform(embeddings), "UMAP"
+    return umap.UMAP(random_state=seed, n_jobs=1).fit_transform(embeddings), "UMAP"
 
 
 def best_final_runs(sweep: Sweep) -> pd.DataFrame:

@@ -87,6 +87,11 @@ def test_every_figure_is_a_decodable_png_and_an_svg(analysed):
         assert "<svg" in svg and "</svg>" in svg
 
 
+def test_projection_is_umap_by_default(analysed):
+    svg = (analysed["report"] / "embedding_projection.svg").read_text()
+    assert "<!-- UMAP 1 (a.u.) -->" in svg and "t-SNE" not in svg
+
+
 def test_table_has_one_row_per_loss_with_the_values_logged_in_mlflow(analysed):
     sweep = analysed["sweep"]
     table = pd.read_csv(analysed["report"] / "comparison_table.csv", index_col="loss")
@@ -275,6 +280,12 @@ def test_missing_store_is_one_line(tmp_path):
     assert not (tmp_path / "absent.db").exists()
 
 
+@pytest.fixture
+def without_umap(monkeypatch):
+    """``import umap`` fails, as where umap-learn is missing: t-SNE, and no numba compilation here."""
+    monkeypatch.setitem(sys.modules, "umap", None)
+
+
 @pytest.fixture(scope="module")
 def logged_sweep(tmp_path_factory):
     """A sweep logged directly (no training) in which ``batch_hard`` has no embeddings artifact."""
@@ -282,12 +293,13 @@ def logged_sweep(tmp_path_factory):
                               seeds=(0, 1, 2), trials=4, embeddings_for=("triplet", "multi_similarity"))
 
 
-def test_run_without_embeddings_skips_its_panels_and_says_so(logged_sweep, tmp_path):
+def test_run_without_embeddings_skips_its_panels_and_says_so(logged_sweep, without_umap, tmp_path):
     sweep = load_sweep(logged_sweep.name, logged_sweep.tracking_uri, logged_sweep.storage)
     report = build_report(sweep, tmp_path / "report", points=60)
     assert any("batch_hard" in note and "embeddings/test.npz" in note for note in report.notes)
     assert "batch_hard" in (tmp_path / "report" / "report.html").read_text().split("<h2>Notes</h2>")[1]
     assert set(FIGURES) == set(report.figures)
+    assert "<!-- t-SNE 1 (a.u.) -->" in (tmp_path / "report" / "embedding_projection.svg").read_text()
     assert math.isnan(report.table.loc["batch_hard", "pair_distance_overlap"])
     assert 0 <= report.table.loc["triplet", "pair_distance_overlap"] <= 1
     # the summary run is created (this sweep has none) and carries the report
@@ -296,7 +308,7 @@ def test_run_without_embeddings_skips_its_panels_and_says_so(logged_sweep, tmp_p
     assert "report/report.html" in {a.path for a in client.list_artifacts(report.run_id, "report")}
 
 
-def test_baseline_pairing_and_detect_option(logged_sweep, tmp_path):
+def test_baseline_pairing_and_detect_option(logged_sweep, without_umap, tmp_path):
     sweep = load_sweep(logged_sweep.name, logged_sweep.tracking_uri)
     report = build_report(sweep, tmp_path / "report", points=60, log_to_mlflow=False, pairing="baseline",
                           detect_points=2.0)

@@ -1,11 +1,14 @@
 """A tiny cross-modal sweep and its analysis, end to end on real storage and a real MLflow store."""
+import sys
+
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from experiments.cli import main
 
 
-def test_crossmodal_sweep_and_report(tmp_path):
+def test_crossmodal_sweep_and_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # t-SNE: no numba compilation in this test
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "runs"
     code = main(["sweep", "--config", "sweeps/configs/crossmodal.yaml", "--tracking-uri", uri, "--output-dir", str(out),

@@ -24,7 +24,7 @@ from .final import final_tasks, summarize, wait_for_finished_studies, write_outp
 from .storage import budget_lock, default_storage, open_storage
 from .study import base_experiment, create_studies
 from .table import markdown_table
-from .tracking import ensure_parent_runs, finish_runs, prepare_tracking
+from .tracking import ensure_parent_runs, finish_runs, prepare_tracking, runs_view_path
 from .workers import finish_finals, plan_workers, run_phase
 
 
@@ -45,10 +45,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print the sweep's Optuna storage (for optuna-dashboard) and exit")
 
 
-def _browse_hint(ctx: SweepContext) -> str:
+def _browse_hint(ctx: SweepContext, experiment_id: str) -> str:
     storage = mask_secrets(ctx.storage)
     return (f"Browse the runs:   make ui TRACKING_URI={mask_secrets(ctx.tracking_uri)}   "
             f"(mlflow ui --backend-store-uri {mask_secrets(ctx.tracking_uri)})\n"
+            f"  with the test metrics as columns: http://127.0.0.1:5000{runs_view_path(experiment_id)}\n"
             f"Browse the studies: make dashboard STORAGE={storage}   (optuna-dashboard {storage})")
 
 
@@ -104,5 +105,5 @@ def main(args: argparse.Namespace) -> int:
               "of the separated fold models' (separated).")
     print(f"Test metrics in % as mean [95% t-interval] over seeds; trials complete/pruned/failed. "
           f"Wrote {', '.join(str(p) for p in paths[:2])} in {time.perf_counter() - start:.0f}s.")
-    print(_browse_hint(ctx))
+    print(_browse_hint(ctx, experiment_id))
     return 1 if failed else 0

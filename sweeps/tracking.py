@@ -5,6 +5,7 @@ adding duplicates (design.md, "sweeps/").
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -34,10 +35,26 @@ def _identity(ctx: SweepContext, role: str) -> dict[str, str]:
             "tripletlab.split": str(dataset.get("split", "class-disjoint"))}
 
 
+# The MLflow UI's runs table with the datasets, models and test metrics as columns: a view state
+# stored as an experiment tag, opened by the URL of runs_view_path (MLflow's "share view" mechanism).
+RUNS_VIEW_KEY = "tripletlab"
+RUNS_VIEW_COLUMNS = ("attributes.`Dataset`", "attributes.`Models`", "metrics.`test/map_at_r`",
+                     "metrics.`test/precision_at_1`", "metrics.`test/r_precision`", "metrics.`cost/step_ms`")
+
+
+def runs_view_path(experiment_id: str) -> str:
+    """The path, below the UI's address, of the experiment's runs table in the view of ``RUNS_VIEW_COLUMNS``."""
+    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+
+
 def prepare_tracking(ctx: SweepContext) -> str:
-    """Create and migrate the store and the sweep's experiment once, before any worker starts."""
+    """Create and migrate the store and the sweep's experiment once, before any worker starts, and
+    store the experiment's runs view."""
     ctx.tracking_uri = prepare_store(ctx.tracking_uri)
-    return get_or_create_experiment(ctx.sweep.name, ctx.tracking_uri)
+    experiment_id = get_or_create_experiment(ctx.sweep.name, ctx.tracking_uri)
+    MlflowClient(tracking_uri=ctx.tracking_uri).set_experiment_tag(
+        experiment_id, f"mlflow.sharedViewState.{RUNS_VIEW_KEY}", json.dumps({"selectedColumns": list(RUNS_VIEW_COLUMNS)}))
+    return experiment_id
 
 
 def ensure_parent_runs(ctx: SweepContext, experiment_id: str) -> dict[str, str]:

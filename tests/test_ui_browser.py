@@ -1,6 +1,7 @@
 """A real browser on the real UI: ``mlflow server`` on a finished tiny sweep, its experiment page
-rendered by headless Chromium, which must list the sweep's parent runs (one per loss) by name, each
-with its dataset in the Dataset column.
+rendered by headless Chromium in the view the sweep stores (the URL ``tripletlab sweep`` prints),
+which must list the sweep's parent runs (one per loss) by name, each with its dataset in the Dataset
+column, and show the test metrics as columns.
 
 Skips when Chromium is not installed (``apt-get install chromium``; ``.ci/run`` installs it). The
 screenshot is saved with the test's files, and also to ``$TRIPLETLAB_UI_SCREENSHOT`` when set
@@ -21,12 +22,13 @@ from postgres_fixture import free_port
 from sweep_fixture import tiny_sweep  # noqa: F401
 
 from experiments.server import server_url, start_server, stop_server, wait_until_ready
+from sweeps.tracking import RUNS_VIEW_COLUMNS, runs_view_path
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,900"]
+                  "--window-size=2400,900"]  # wide: the grid draws only the columns in view
 # (virtual time for the React app to fetch and draw the runs, wall-clock limit) per attempt
 ATTEMPTS = ((10_000, 45), (10_000, 90), (30_000, 150))
 
@@ -78,7 +80,7 @@ def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):  # noqa: F
     try:
         url = server_url("127.0.0.1", port)
         wait_until_ready(url, server, timeout=180)
-        page = f"{url}/#/experiments/{experiment.experiment_id}/runs"
+        page = url + runs_view_path(experiment.experiment_id)
         screenshot = tmp_path / "mlflow-ui.png"
         dom = ""
         for budget, timeout in ATTEMPTS:  # a busy machine may need more time to draw the table
@@ -94,6 +96,11 @@ def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):  # noqa: F
     for name, run_id in parents.items():  # the Dataset column: name and digest of a split the loss's runs used
         digests = {d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
         assert any(f'title="digits ({digest})"' in dom for digest in digests), f"no dataset shown for {name}"
+    metrics = [column for column in RUNS_VIEW_COLUMNS if column.startswith("metrics.")]
+    assert "metrics.`test/map_at_r`" in metrics
+    for column in metrics:  # header cells of the metric columns, which MLflow's default view leaves out
+        key = column.split("`")[1]
+        assert f'col-id="{column}"' in dom and f'data-testid="sort-header-{key}">{key}</span>' in dom, f"no {key} column shown"
     assert screenshot.stat().st_size > 10_000 and screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     target = os.environ.get("TRIPLETLAB_UI_SCREENSHOT")
     if target:

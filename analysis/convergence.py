@@ -8,7 +8,7 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 import pandas as pd
 
-from .load import Sweep, metric_histories
+from .load import Sweep, final_run_histories
 
 PANELS = (
     ("val/map_at_r", "Validation MAP@R", "MAP@R (fraction)"),
@@ -20,9 +20,7 @@ PANELS = (
 
 def convergence_histories(sweep: Sweep) -> pd.DataFrame:
     """Per-epoch histories of the final runs, with their ``loss`` column."""
-    finals = sweep.role("final")
-    history = metric_histories(sweep, finals["run_id"].tolist(), [key for key, _, _ in PANELS])
-    return history.merge(finals[["run_id", "loss"]], on="run_id")
+    return final_run_histories(sweep, [key for key, _, _ in PANELS])
 
 
 def normalise_train_loss(history: pd.DataFrame) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from scipy import stats
 
 from experiments.geometry import GEOMETRY_KEYS
 
-from .load import Sweep, metric_histories
+from .load import Sweep, final_run_histories
 
 PANELS = (
     ("val/alignment", "Alignment (Wang & Isola 2020)", "E ||f(x) - f(x+)||², lower is better"),
@@ -29,9 +29,7 @@ PANELS = (
 
 def geometry_histories(sweep: Sweep) -> pd.DataFrame:
     """Per-epoch validation geometry of the final runs, with their ``loss`` column."""
-    finals = sweep.role("final")
-    history = metric_histories(sweep, finals["run_id"].tolist(), [key for key, _, _ in PANELS])
-    return history.merge(finals[["run_id", "loss"]], on="run_id")
+    return final_run_histories(sweep, [key for key, _, _ in PANELS])
 
 
 def _spearman(x: pd.Series, y: pd.Series) -> tuple[float, float, int]:

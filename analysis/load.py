@@ -169,6 +169,12 @@ def metric_histories(sweep: Sweep, run_ids: list[str], keys: list[str]) -> pd.Da
     return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
 
 
+def final_run_histories(sweep: Sweep, keys: list[str]) -> pd.DataFrame:
+    """:func:`metric_histories` of ``keys`` over the final runs, with their ``loss`` column."""
+    finals = sweep.role("final")
+    return metric_histories(sweep, finals["run_id"].tolist(), keys).merge(finals[["run_id", "loss"]], on="run_id")
+
+
 def load_embeddings(sweep: Sweep, run_id: str) -> dict[str, np.ndarray] | None:
     """The arrays of a run's ``embeddings/test.npz``, or None when the run has no such artifact."""
     client = MlflowClient(tracking_uri=sweep.tracking_uri)

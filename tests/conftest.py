@@ -1,4 +1,6 @@
-"""Shared test settings: deterministic, single-threaded torch so tests run alike on 2 cores."""
+"""Shared test settings (deterministic, single-threaded torch so tests run alike on 2 cores) and the
+fixtures every test module may use: ``tiny_sweep``, ``postgres_server``, ``postgres_url``,
+``restartable_postgres`` and ``mlflow_server`` (from ``tests/helpers``)."""
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -10,6 +12,8 @@ import torch  # noqa: E402
 from losses import list_losses, registry  # noqa: E402
 
 torch.set_num_threads(1)
+
+pytest_plugins = ["helpers.sweep_fixture", "helpers.postgres_fixture", "helpers.mlflow_server_fixture"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,7 +7,6 @@ from mlflow import MlflowClient
 
 from experiments.loss_cost import StoragePeak, loss_cost, loss_peak_bytes
 from losses import build_loss
-from sweep_fixture import tiny_sweep  # noqa: F401
 
 
 def test_storage_peak_counts_live_tensors_only():
@@ -42,7 +41,7 @@ def test_loss_cost_metrics():
     assert cost["cost/loss_ms"] > 0 and cost["cost/loss_peak_mb"] > 0
 
 
-def test_sweep_runs_log_their_cost(tiny_sweep):  # noqa: F811
+def test_sweep_runs_log_their_cost(tiny_sweep):
     client = MlflowClient(tracking_uri=tiny_sweep.tracking_uri)
     experiment = client.get_experiment_by_name(tiny_sweep.experiment_name)
     runs = client.search_runs([experiment.experiment_id], "tags.`tripletlab.role` = 'final'")

@@ -134,7 +134,7 @@ sys.stdout.write(source.images.gather(torch.arange(len(source.labels))).numpy().
 """
     env = {**os.environ, CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=env, text=True, cwd=Path(__file__).parents[1]) for _ in range(2)]
+                             env=env, text=True, cwd=Path(__file__).parents[3]) for _ in range(2)]
     time.sleep(0.5)
     go.touch()
     outputs = [run.communicate(timeout=120) for run in runs]

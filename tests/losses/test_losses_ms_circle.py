@@ -5,7 +5,7 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
-from loss_batches import clustered_batch, pk_batch
+from helpers.loss_batches import clustered_batch, pk_batch
 from losses import build_loss
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}

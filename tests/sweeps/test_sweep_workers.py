@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.cli import main as cli_main
-from sweep_fixture import run_sweep, sweep_args, working_directory
+from helpers.sweep_fixture import run_sweep, sweep_args, working_directory
 from sweeps.storage import BudgetLock, budget_trials, open_storage, recover_stale_trials, stale_reason
 
 

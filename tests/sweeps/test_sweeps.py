@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from experiments.cli import main as cli_main
 from experiments.config import from_dict
 from experiments.runner import build_run_model
-from sweep_fixture import TINY_LOSSES, run_sweep, sweep_args, tiny_sweep, working_directory  # noqa: F401
+from helpers.sweep_fixture import TINY_LOSSES, run_sweep, sweep_args, working_directory
 from sweeps.config import load_sweep_config
 from sweeps.context import SweepContext
 from sweeps.storage import open_storage

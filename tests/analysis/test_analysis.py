@@ -28,9 +28,9 @@ from analysis.convergence import normalise_train_loss
 from analysis.embeddings import overlap_area, pair_distances, subsample
 from analysis.load import find_experiment, load_sweep
 from analysis.report import build_report
-from analysis_fixture import build_logged_sweep, copy_store
+from helpers.analysis_fixture import build_logged_sweep, copy_store
 from experiments.cli import main as cli_main
-from sweep_fixture import tiny_sweep, working_directory  # noqa: F401
+from helpers.sweep_fixture import working_directory
 
 FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget", "geometry", "cost")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -44,7 +44,7 @@ def run_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def analysed(tiny_sweep, tmp_path_factory):  # noqa: F811
+def analysed(tiny_sweep, tmp_path_factory):
     """A copy of the tiny sweep, one final run of its first loss repeated by ``tripletlab rerun``,
     analysed once by ``tripletlab analyze`` (default experiment).
 

@@ -9,7 +9,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 
-from loss_batches import clustered_batch, pk_batch
+from helpers.loss_batches import clustered_batch, pk_batch
 from losses import STAT_NAMES, build_loss, loss_info
 from losses.triplet import TripletLoss, triplet_margin
 

@@ -16,10 +16,8 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
-from mlflow_server_fixture import (finish, kill_group, mlflow_server, start_sweep,  # noqa: F401
-                                   sweep_command, wait_for)
+from helpers.mlflow_server_fixture import finish, kill_group, start_sweep, wait_for
 from optuna.trial import TrialState
-from postgres_fixture import postgres_server, postgres_url  # noqa: F401
 
 from sweeps.storage import budget_trials, fail_for_retry, open_storage, recover_stale_trials
 
@@ -108,7 +106,7 @@ def _running(study: optuna.Study, host: str, pid: int) -> optuna.Trial:
     return trial
 
 
-def test_database_liveness_asks_the_process_here_and_the_heartbeat_elsewhere(postgres_url):  # noqa: F811
+def test_database_liveness_asks_the_process_here_and_the_heartbeat_elsewhere(postgres_url):
     GRACE = 4  # seconds
     storage = open_storage(postgres_url, heartbeat_interval=1, grace_period=GRACE)
     study = optuna.create_study(study_name="liveness", storage=storage, direction="maximize")
@@ -143,7 +141,7 @@ def final_runs_of(client: MlflowClient, sweep: str) -> list:
     return [r for r in runs_of(client, sweep, "final") if r.info.status == "FINISHED"]
 
 
-def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "killed", 4
     client = MlflowClient(tracking_uri=mlflow_server.url)
     command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=2, trials=trials,
@@ -191,7 +189,7 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
 
 
 def test_final_runs_wait_for_a_live_worker_and_take_over_its_trial_when_it_dies(
-        mlflow_server, postgres_url, tmp_path):  # noqa: F811
+        mlflow_server, postgres_url, tmp_path):
     sweep, trials = "waits", 2
     client = MlflowClient(tracking_uri=mlflow_server.url)
     command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
@@ -231,7 +229,7 @@ def test_final_runs_wait_for_a_live_worker_and_take_over_its_trial_when_it_dies(
     assert_nothing_running(postgres_url, sweep, client)
 
 
-def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "interrupted", 3
     client = MlflowClient(tracking_uri=mlflow_server.url)
     command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials,
@@ -262,7 +260,7 @@ def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, 
     assert_nothing_running(postgres_url, sweep, client)
 
 
-def test_lost_tracking_server_is_survived_or_reported(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+def test_lost_tracking_server_is_survived_or_reported(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "lost-server", 4
     client = MlflowClient(tracking_uri=mlflow_server.url)
     command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials)
@@ -300,7 +298,7 @@ def _trials_or_empty(storage: str, sweep: str) -> list:
         return []
 
 
-def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "nan", 2
     plugin = tmp_path / "nan_plugin.py"
     plugin.write_text(NAN_PLUGIN)

@@ -1,8 +1,8 @@
 """A real ``mlflow server`` backed by PostgreSQL for the scale-out and fault tests, plus helpers to
 run ``tripletlab sweep`` as separate processes against it.
 
-Use from a test module with ``from mlflow_server_fixture import mlflow_server  # noqa: F401`` (it
-needs ``postgres_server`` imported too). One server per test module; tests keep apart by sweep name.
+The ``mlflow_server`` fixture is registered for every test in ``tests/conftest.py``. One server per
+test module; tests keep apart by sweep name.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from postgres_fixture import free_port
+from helpers.postgres_fixture import free_port
 
 from experiments.server import server_url, start_server, stop_server, wait_until_ready
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT = 180  # seconds; a cold start migrates the schema, slow on a busy 2-core machine
 
 # Tiny and fast: digits, 20 images per class, 1 epoch, small batches (under a second per trial).

@@ -12,7 +12,7 @@ import torch
 
 from losses import MetricLoss, build_loss, list_losses, loss_info, register_loss
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tripletlab-example-plugin"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tripletlab-example-plugin"
 TRIPLETLAB = Path(sys.executable).with_name("tripletlab")
 
 FILE_PLUGIN = '''

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 
-from loss_batches import pk_batch
+from helpers.loss_batches import pk_batch
 from losses import MetricLoss, build_loss, list_losses, loss_info, register_loss, validate_params
 
 BUILT_INS = ("triplet", "batch_hard", "batch_all", "semi_hard", "multi_similarity", "circle",

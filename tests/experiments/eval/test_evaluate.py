@@ -10,7 +10,7 @@ from experiments.cli import main as cli_main
 from experiments.models import build_model
 from experiments.tracking import prepare_store
 from experiments.trainer import checkpoint_config, save_checkpoint
-from sweep_fixture import tiny_sweep, working_directory  # noqa: F401
+from helpers.sweep_fixture import working_directory
 
 TRAIN = ["train", "epochs=1", "model.embedding_dim=16", "batch.p=8", "batch.k=4", "dataset.max_per_class=40",
          "optimizer.warmup_fraction=0", "device=cpu"]

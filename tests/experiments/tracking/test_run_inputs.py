@@ -14,7 +14,6 @@ from experiments.dataset_inputs import dataset_inputs, log_dataset_inputs
 from experiments.tracking import get_or_create_experiment
 from experiments.runner import run_experiment
 from experiments.system_metrics import SWITCH
-from sweep_fixture import tiny_sweep  # noqa: F401
 
 TINY = ["epochs=1", "dataset.max_per_class=24", "batch.p=4", "batch.k=4", "model.embedding_dim=8", "device=cpu"]
 DIGITS_INFO = {"dataset": "digits", "source": "scikit-learn load_digits", "split": "class-disjoint", "seed": 0,
@@ -44,7 +43,7 @@ def test_one_input_per_split_with_counts_and_a_digest_of_its_definition(tmp_path
     assert json.loads(local[0].dataset.source) == {"uri": str(tmp_path.resolve())}
 
 
-def test_sweep_runs_carry_their_dataset_splits(tiny_sweep, tmp_path):  # noqa: F811
+def test_sweep_runs_carry_their_dataset_splits(tiny_sweep, tmp_path):
     client = MlflowClient(tracking_uri=tiny_sweep.tracking_uri)
     experiment = client.get_experiment_by_name(tiny_sweep.experiment_name)
     finals = client.search_runs([experiment.experiment_id], "tags.`tripletlab.role` = 'final'")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loss_batches import pk_batch
+from helpers.loss_batches import pk_batch
 from losses import STAT_NAMES, build_loss, list_losses, loss_info
 
 DIM = 6

@@ -18,9 +18,8 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
-from mlflow_server_fixture import log_tail, mlflow_server, start_sweep, sweep_command  # noqa: F401
+from helpers.mlflow_server_fixture import log_tail, start_sweep, sweep_command
 from optuna.trial import TrialState
-from postgres_fixture import postgres_server, restartable_postgres  # noqa: F401
 
 from sweeps.storage import budget_trials, claim_alive, final_claim
 
@@ -195,7 +194,7 @@ def run_chaos(machines: list[Machine], url: str, sweep: str, restart_postgres, t
 
 
 def test_random_kills_and_server_restarts_end_in_the_exact_state(
-        mlflow_server, restartable_postgres, tmp_path):  # noqa: F811
+        mlflow_server, restartable_postgres, tmp_path):
     reason = _can_unshare()
     if reason:
         pytest.skip(reason)

@@ -11,9 +11,8 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
-from mlflow_server_fixture import finish, mlflow_server, start_sweep, sweep_command  # noqa: F401
+from helpers.mlflow_server_fixture import finish, start_sweep, sweep_command
 from optuna.trial import TrialState
-from postgres_fixture import postgres_server, postgres_url  # noqa: F401
 
 from experiments.server import DEFAULT_HOST, build_parser, server_command
 from sweeps.storage import AdvisoryLock, budget_lock, open_storage
@@ -38,7 +37,7 @@ def test_server_binds_localhost_unless_told_otherwise():
     assert "--artifacts-destination" in command
 
 
-def test_three_workers_share_one_study(mlflow_server, postgres_url, tmp_path):  # noqa: F811
+def test_three_workers_share_one_study(mlflow_server, postgres_url, tmp_path):
     log = tmp_path / "sweep.log"
     command = sweep_command("scaleout", postgres_url, mlflow_server.url, tmp_path / "runs", workers=3, trials=12)
     code = finish(start_sweep(command, log), log)
@@ -101,7 +100,7 @@ def _python(*args: str) -> subprocess.Popen:
                             text=True)
 
 
-def test_advisory_lock_excludes_other_connections(postgres_url):  # noqa: F811
+def test_advisory_lock_excludes_other_connections(postgres_url):
     storage = open_storage(postgres_url)
     lock = budget_lock(storage, "unused", "exclusive")
     assert isinstance(lock, AdvisoryLock)
@@ -116,7 +115,7 @@ def test_advisory_lock_excludes_other_connections(postgres_url):  # noqa: F811
     assert waited >= 1.0
 
 
-def test_advisory_lock_of_a_killed_worker_is_released(postgres_url):  # noqa: F811
+def test_advisory_lock_of_a_killed_worker_is_released(postgres_url):
     script = ("import sys, time; from sweeps.storage import budget_lock, open_storage; "
               "budget_lock(open_storage(sys.argv[1]), 'unused', 'killed').acquire(); "
               "print('held', flush=True); time.sleep(600)")
@@ -130,7 +129,7 @@ def test_advisory_lock_of_a_killed_worker_is_released(postgres_url):  # noqa: F8
         assert time.monotonic() - start < 10
 
 
-def test_budget_is_exact_for_workers_on_several_machines(postgres_url, tmp_path):  # noqa: F811
+def test_budget_is_exact_for_workers_on_several_machines(postgres_url, tmp_path):
     target, machines = 12, 4
     optuna.create_study(study_name="race/batch_hard", storage=open_storage(postgres_url))
     go = tmp_path / "go"

@@ -20,7 +20,7 @@ from experiments.cli import main as cli_main
 from experiments.config import DatasetConfig
 from experiments.datasets import load_dataset
 from experiments.folds import class_folds, fold_parts, training_pool
-from sweep_fixture import run_sweep, working_directory
+from helpers.sweep_fixture import run_sweep, working_directory
 from sweeps.storage import open_storage
 
 CLASSES, DRAWERS, FOLDS, DIM = 40, 12, 4, 16

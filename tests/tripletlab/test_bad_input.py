@@ -21,7 +21,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
-from postgres_fixture import free_port
+from helpers.postgres_fixture import free_port
 
 from experiments.cli import build_parser
 from experiments.cli import main as cli_main

@@ -6,8 +6,7 @@ does. Otherwise start a throwaway cluster with the installed ``initdb``/``pg_ctl
 system user when running as root (PostgreSQL refuses to run as root). Without either, the tests
 that need it skip and say why.
 
-Import the fixtures into a test module with ``from postgres_fixture import postgres_server,
-postgres_url``. A test that restarts the server uses ``restartable_postgres`` instead: always a
+The fixtures ``postgres_server`` and ``postgres_url`` are registered in ``tests/conftest.py``. A test that restarts the server uses ``restartable_postgres`` instead: always a
 throwaway cluster of its own, never the shared server.
 """
 from __future__ import annotations

@@ -14,7 +14,6 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
-from postgres_fixture import postgres_server, postgres_url  # noqa: F401
 
 from experiments.config import load_config
 from experiments.server import build_parser
@@ -22,7 +21,7 @@ from experiments.trainer import load_checkpoint
 from experiments.tracking import mask_secrets
 from sweeps.config import load_sweep_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("losses", "experiments", "sweeps", "analysis", "benchmarks", "examples")
 SERVER_TARGETS = ("server", "ui", "dashboard")
 
@@ -41,7 +40,7 @@ def calls(path: Path):
 
 
 @pytest.mark.postgres
-def test_password_in_storage_url_is_never_logged(postgres_url, tmp_path):  # noqa: F811
+def test_password_in_storage_url_is_never_logged(postgres_url, tmp_path):
     password = unquote(urlsplit(postgres_url).password or "")
     assert len(password) >= 8, "the test database URL needs a password to look for"
     command = [sys.executable, "-m", "experiments.cli", "sweep", "--config", "quick", "name=secret",

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from postgres_fixture import free_port
-from sweep_fixture import tiny_sweep  # noqa: F401
+from helpers.postgres_fixture import free_port
 
 from experiments.server import server_url, start_server, stop_server, wait_until_ready
 from sweeps.tracking import RUNS_VIEW_COLUMNS, runs_view_path
@@ -65,7 +64,7 @@ def run_link(dom: str, run_id: str, name: str) -> bool:
     return re.search(anchor, dom, re.DOTALL) is not None
 
 
-def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):  # noqa: F811
+def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):
     browser = chromium()
     assert tiny_sweep.exit_code == 0
     client = MlflowClient(tracking_uri=tiny_sweep.tracking_uri)

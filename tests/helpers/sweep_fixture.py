@@ -1,7 +1,7 @@
 """A tiny real sweep (digits, 2 losses x 3 trials x 1 epoch, 2 final seeds) for the sweep and
 analysis tests: real training, a real Optuna journal file and a real MLflow SQLite store.
 
-Use it from a test module with ``from sweep_fixture import tiny_sweep  # noqa: F401``.
+The ``tiny_sweep`` fixture is registered for every test in ``tests/conftest.py``.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from benchmarks.gpu_deps import ensure, import_error, wheel_distribution
 from benchmarks.gpu_plan import Step, gpu_steps, recommend_trials_per_gpu
 from benchmarks.gpu_wheels import LEAVE_OUT, MANIFEST, expand_platforms, project_packages, to_download
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STEPS = ("deps", "eval", "losses", "train", "compile", "sweep tpg=1")
 
 

@@ -3,12 +3,18 @@
     >>> from losses import build_loss, list_losses
     >>> loss = build_loss("batch_hard", margin=0.2)
     >>> value = loss(embeddings, labels)
+
+Importing the package registers the built-in losses and the ``pml:<ClassName>`` resolver; plugins
+come from entry points (on first use) and :func:`load_plugins`.
 """
+from . import batch_hard, circle, cross_modal, multi_similarity, pml_adapter, semi_hard, triplet  # noqa: F401
+from . import triplet_center  # noqa: F401  (the imports above and this one register the built-in losses)
 from .base import STAT_NAMES, MetricLoss, check_inputs
 from .params import HyperParam
-from .registry import LossInfo, build_loss, list_losses, loss_info, register_loss, validate_params
+from .registry import (LossInfo, PluginWarning, build_loss, list_losses, load_plugins, loss_info, register_loss,
+                       validate_params)
 
 __all__ = [
-    "HyperParam", "LossInfo", "MetricLoss", "STAT_NAMES", "build_loss", "check_inputs",
-    "list_losses", "loss_info", "register_loss", "validate_params",
+    "HyperParam", "LossInfo", "MetricLoss", "PluginWarning", "STAT_NAMES", "build_loss", "check_inputs",
+    "list_losses", "load_plugins", "loss_info", "register_loss", "validate_params",
 ]

@@ -10,8 +10,8 @@ from .params import HyperParam
 
 STAT_NAMES = (
     "active_fraction",  # triplets/pairs with a non-zero loss term
-    "correct_order_fraction",  # d(a,p) < d(a,n)
-    "margin_violation_fraction",  # d(a,n) < d(a,p) + margin
+    "correct_order_fraction",  # not hard: d(a,n) >= d(a,p) (losses.mining.triplet_difficulty)
+    "margin_violation_fraction",  # not easy: d(a,n) < d(a,p) + margin
     "mean_d_ap",
     "mean_d_an",
 )

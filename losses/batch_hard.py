@@ -10,7 +10,7 @@ from .mining import hardest_pairs, label_masks
 from .params import distance_params, margin_param
 from .registry import register_loss
 from .triplet import TripletLoss, reduction_param, soft_margin_param
-from .triplet_terms import REDUCTIONS, finish_stats, hinge, reduce_terms, triplet_stats
+from .triplet_terms import check_reduction, finish_stats, hinge, reduce_terms, triplet_stats
 
 HERMANS = ("Hermans et al. 2017, In Defense of the Triplet Loss (PK batches e.g. P=32, K=4; euclidean, "
            "not squared; soft margin softplus(d_ap - d_an) preferred over a hinge)")
@@ -25,23 +25,17 @@ class BatchHardLoss(MetricLoss):
     Mining runs on a detached distance matrix; only the 2n chosen pairs are recomputed with
     gradients. Reduction: ``mean`` over the valid anchors (the paper's average), or
     ``mean_nonzero`` over the non-zero terms, which equals PML's ``TripletMarginLoss`` with a
-    ``BatchHardMiner`` (``AvgNonZeroReducer``).
+    ``BatchHardMiner`` (``AvgNonZeroReducer``). Defaults: m = 0.2, euclidean, not normalised.
     """
 
     paper = HERMANS
-    hyperparams = (
-        margin_param(0.2),
-        *distance_params("euclidean", normalize=False),
-        soft_margin_param(),
-        reduction_param("mean"),
-    )
+    hyperparams = (margin_param(), *distance_params(), soft_margin_param(), reduction_param())
 
     def __init__(self, margin: float = 0.2, distance: str = "euclidean", normalize: bool = False,
                  soft_margin: bool = False, reduction: str = "mean") -> None:
         super().__init__()
         check_distance(distance)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+        check_reduction(reduction)
         self.margin, self.distance, self.normalize = margin, distance, normalize
         self.soft_margin, self.reduction = soft_margin, reduction
 
@@ -51,13 +45,12 @@ class BatchHardLoss(MetricLoss):
         with torch.no_grad():
             distances = distance_matrix(x, None if ref_embeddings is None else y, self.distance)
             positive, negative, valid = hardest_pairs(distances, *label_masks(labels, ref_labels))
-        d_ap = paired_distances(x, y[positive], self.distance)
-        d_an = paired_distances(x, y[negative], self.distance)
-        violation = d_ap - d_an + self.margin
-        term, _ = hinge(violation, self.soft_margin)
+        d_ap = paired_distances(x, y[positive], self.distance)  # the hardest positive of each anchor
+        d_an = paired_distances(x, y[negative], self.distance)  # the hardest negative of each anchor
+        term, _ = hinge(d_ap - d_an + self.margin, self.soft_margin)
         term = torch.where(valid, term, 0)
         with torch.no_grad():
-            sums = triplet_stats(d_ap, d_an, violation, term, valid)
+            sums = triplet_stats(d_ap, d_an, self.margin, term, valid)
         self.record_stats(**finish_stats(sums))
         return term.sum() / reduce_terms(term, sums, self.reduction)
 
@@ -68,15 +61,11 @@ class BatchAllLoss(TripletLoss):
 
     ``reduction="mean"`` is BA (mean over all valid triplets); ``"mean_nonzero"`` is BA≠0, which
     equals PML's ``TripletMarginLoss`` without a miner. The triplet loss with ``mining="all"``.
+    Defaults: m = 0.2, euclidean, not normalised, BA≠0.
     """
 
     paper = HERMANS
-    hyperparams = (
-        margin_param(0.2),
-        *distance_params("euclidean", normalize=False),
-        soft_margin_param(),
-        reduction_param("mean_nonzero"),
-    )
+    hyperparams = (margin_param(), *distance_params(), soft_margin_param(), reduction_param())
 
     def __init__(self, margin: float = 0.2, distance: str = "euclidean", normalize: bool = False,
                  soft_margin: bool = False, reduction: str = "mean_nonzero") -> None:

@@ -1,17 +1,17 @@
 """Circle loss (Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization",
-CVPR 2020), pair-wise label form, dense over the (n, n) cosine similarity matrix; value and gradient
-with respect to the similarities in closed form (see :mod:`losses.pairs`)."""
+CVPR 2020), pair-wise label form, on the (n, m) cosine similarity matrix."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ._kernels import pairs as kernel
+from ._kernels.workspace import Workspace
 from .base import MetricLoss
-from .distances import with_gradients
-from .pairs import SimilarityGroups, cosine_similarity, masked_exp, normalized_rows, similarity_gradients
+from .mining import label_masks
+from .pair_terms import cosine_similarities, pair_stats
 from .params import HyperParam
 from .registry import register_loss
-from .workspace import Workspace
 
 
 @register_loss("circle")
@@ -30,14 +30,18 @@ class CircleLoss(MetricLoss):
     Statistics: a pair is *active* when its weight is non-zero (every positive; a negative with
     s_n > -m) and *violating* when it is on the wrong side of its decision boundary (positive with
     s_p < 1 - m, negative with s_n > m).
+
+    ``compute`` runs the fused kernel (:mod:`losses._kernels.pairs`, value and gradient in closed
+    form); ``fused = False`` runs the formula as written below, its test oracle.
     """
 
     paper = "Sun et al., Circle Loss: A Unified Perspective of Pair Similarity Optimization, CVPR 2020"
     hyperparams = (
-        HyperParam("m", float, 0.25, "relaxation margin m", low=-0.5, high=1.0, search=(0.05, 0.5)),
-        HyperParam("gamma", float, 256.0, "scale factor gamma", low=0.0, low_open=True, high=4096.0,
+        HyperParam("m", float, doc="relaxation margin m", low=-0.5, high=1.0, search=(0.05, 0.5)),
+        HyperParam("gamma", float, doc="scale factor gamma", low=0.0, low_open=True, high=4096.0,
                    search=(16.0, 512.0), log=True),
     )
+    fused = True
 
     def __init__(self, m: float = 0.25, gamma: float = 256.0) -> None:
         super().__init__()
@@ -45,46 +49,24 @@ class CircleLoss(MetricLoss):
         self.m, self.gamma = m, gamma
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
-        x, y = normalized_rows(embeddings, ref_embeddings)
-        s = cosine_similarity(x, y, self.workspace)
-        with torch.no_grad():
-            m, gamma = self.m, self.gamma
-            groups = SimilarityGroups.split(s, labels, ref_labels, self.workspace)
-            hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
-            positive, negative = groups.positive, groups.negative
-            scratch = self.workspace("scratch", s)
-            n_violating = groups.count(1 - m, m, scratch)
-            # logits: gamma a_p ((1 - m) - s_p) and gamma a_n (s_n - m), with the paper's self-paced
-            # weights a_p = relu(1 + m - s_p) and a_n = relu(s_n + m) held constant; taken from the
-            # groups' views, the weights are 0 outside their group, so their non-zeros are the active
-            # pairs. Every (n, m) step writes into a spent buffer (fresh ones page-fault on CPU).
-            weight_pos = torch.sub(s.new_tensor(1 + m), groups.positive_view, out=groups.positive_view).relu_()
-            weight_neg = torch.add(groups.negative_view, m, out=groups.negative_view).relu_()
-            n_active = torch.count_nonzero(weight_pos) + torch.count_nonzero(weight_neg)
-            offset_pos, offset_neg = torch.sub(s.new_tensor(1 - m), s, out=scratch), s.sub_(m)
-            # the positive logit falls as s_p rises: its row maximum is the least similar positive's;
-            # the negatives' maximum is taken with them lifted by 1 past the others (logit / gamma
-            # lies in [-1, 1.25], scaled by 1/8 into [-1/8, 5/32])
-            top_pos = torch.rsub(hardest_pos, 1 + m).relu_().mul_(torch.rsub(hardest_pos, 1 - m))
-            logit_neg = torch.addcmul(negative, offset_neg, weight_neg, value=1 / 8)
-            top_neg = (logit_neg.amax(1) - 1) * 8
-            has_pos, has_neg = torch.isfinite(hardest_pos), torch.isfinite(hardest_neg)
-            shift_pos, shift_neg = torch.where(has_pos, top_pos, 0), torch.where(has_neg, top_neg, 0)
-            exp_pos = masked_exp(torch.addcmul((-gamma * shift_pos)[:, None], offset_pos, weight_pos,
-                                               value=gamma, out=offset_pos), positive)
-            exp_neg = masked_exp(torch.addcmul((-gamma * shift_neg)[:, None], offset_neg, weight_neg,
-                                               value=gamma, out=logit_neg), negative)
-            norm_pos = exp_pos.sum(1).masked_fill_(~has_pos, 1)
-            norm_neg = exp_neg.sum(1).masked_fill_(~has_neg, 1)
-            has_both = has_pos & has_neg
-            total = torch.where(has_both, gamma * (shift_pos + shift_neg) + (norm_pos * norm_neg).log(), 0)
-            per_anchor = F.softplus(total) * has_both
-            nonzero = per_anchor > 0
-            count = torch.count_nonzero(nonzero).clamp_min(1)
-            value = per_anchor.sum() / count
-            # d value / d s: each pair's softmax weight in its group times d logit / d s = -/+ gamma a
-            row = torch.sigmoid(total) * nonzero * gamma / count
-            grad = exp_neg.mul_(weight_neg).mul_((row / norm_neg)[:, None])
-            grad.addcmul_(exp_pos.mul_(weight_pos), (row / norm_pos)[:, None], value=-1)
-            self.record_stats(**groups.stats(n_active, n_violating))
-        return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad, positive))
+        if self.fused:
+            value, stats = kernel.circle_loss(embeddings, labels, ref_embeddings, ref_labels, m=self.m,
+                                                      gamma=self.gamma, workspace=self.workspace)
+            self.record_stats(**stats)
+            return value
+        m, gamma = self.m, self.gamma
+        s = cosine_similarities(embeddings, ref_embeddings)  # (n, m)
+        positive, negative = label_masks(labels, ref_labels)
+        a_p, a_n = (1 + m - s).clamp_min(0).detach(), (s + m).clamp_min(0).detach()
+        logit_p = -gamma * a_p * (s - (1 - m))
+        logit_n = gamma * a_n * (s - m)
+        lowest = torch.finfo(s.dtype).min  # not -inf: a row without pairs keeps a finite gradient
+        lse_p = torch.logsumexp(logit_p.masked_fill(~positive, lowest), 1)
+        lse_n = torch.logsumexp(logit_n.masked_fill(~negative, lowest), 1)
+        has_both = positive.any(1) & negative.any(1)
+        per_anchor = torch.where(has_both, F.softplus(lse_p + lse_n), 0)
+        n_nonzero = torch.count_nonzero(per_anchor.detach() > 0).clamp_min(1)
+        active = (positive & (a_p > 0)) | (negative & (a_n > 0))
+        violating = (positive & (s < 1 - m)) | (negative & (s > m))
+        self.record_stats(**pair_stats(s, positive, negative, active, violating))
+        return per_anchor.sum() / n_nonzero

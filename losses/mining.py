@@ -1,25 +1,86 @@
 """Which (anchor, positive, negative) triplets count, decided from labels and a detached distance matrix.
 
+The difficulty of a triplet, with ``d_ap = d(a, p)``, ``d_an = d(a, n)`` and margin ``m >= 0``, is
+FaceNet's (Schroff et al., CVPR 2015), written once, in :data:`DIFFICULTY_BOUNDS`, and used by the losses, their statistics and the embedding-quality
+metrics (:func:`triplet_difficulty`):
+
+- hard: ``d_an < d_ap`` (the negative is closer than the positive);
+- semi-hard: ``d_ap <= d_an < d_ap + m`` (farther than the positive, but inside the margin);
+- easy: ``d_an >= d_ap + m`` (its hinge term ``max(d_ap - d_an + m, 0)`` is zero).
+
+Ties: ``d_an == d_ap`` is semi-hard (easy when ``m == 0``) and ``d_an == d_ap + m`` is easy, so the
+three classes partition every triplet and "easy" is exactly "no hinge loss". ``d_ap + m`` is rounded
+once, as the losses compute it.
+
+A mining strategy of the ``triplet`` loss (:data:`TRIPLET_MINING`) keeps *every* valid triplet of some
+difficulties; it is not the ``batch_hard`` loss (the hardest positive and negative per anchor) nor the
+``semi_hard`` loss (one FaceNet negative per anchor-positive pair).
+
 Nothing here builds a list of every triplet. Valid triplets are described densely:
 :func:`positive_slots` lists each anchor's positives in ``k`` slots (``k`` = most positives any
-anchor has: ``K - 1`` in a PK batch), so a batch of triplets is an (n, k, m) boolean mask and all
-work is O(n * k * m), done in slot chunks of bounded size (:func:`slot_chunks`).
-
-Mining rules follow pytorch-metric-learning's ``TripletMarginMiner`` tie conventions, with
-``t = d(a,n) - d(a,p)``: hard ``t <= 0``, semi-hard ``0 < t <= m``, easy ``t > m`` (the
-literature's strict inequalities, differing only on ties).
+anchor has: ``K - 1`` in a PK batch), so a batch of triplets is an (n, k, m) boolean mask.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-TRIPLET_MINING = ("all", "hard", "semi-hard", "easy", "curriculum")
+# The one table of triplet difficulties: each is the d_an interval [low, high) between two of the
+# BOUNDS, which are in ascending order for any margin >= 0 (see bound_values).
+DIFFICULTIES = ("hard", "semi-hard", "easy")
+BOUNDS = ("-inf", "d_ap", "d_ap+m", "inf")
+DIFFICULTY_BOUNDS = {"hard": ("-inf", "d_ap"), "semi-hard": ("d_ap", "d_ap+m"), "easy": ("d_ap+m", "inf")}
 
-# A selection maps (d_ap (n, k, 1), d_an (n, 1, m), valid (n, k, m)) to the triplets used (n, k, m).
-Selection = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Mining strategy -> the difficulties kept among all valid triplets ("every") and, for the curriculum,
+# among the triplets whose (anchor, negative) pair the curriculum admitted ("admitted").
+TRIPLET_MINING: dict[str, dict[str, tuple[str, ...]]] = {
+    "all": {"every": DIFFICULTIES},
+    "hard-triplets": {"every": ("hard",)},
+    "semi-hard-triplets": {"every": ("semi-hard",)},
+    "easy-triplets": {"every": ("easy",)},
+    "curriculum": {"every": ("semi-hard", "easy"), "admitted": ("hard",)},
+}
+
+
+def check_mining(mining: str) -> None:
+    if mining not in TRIPLET_MINING:
+        raise ValueError(f"unknown mining {mining!r}; choose one of {', '.join(TRIPLET_MINING)}")
+
+
+def bound_values(d_ap, margin: float) -> dict[str, object]:
+    """The value of each of the :data:`BOUNDS` for positive distances ``d_ap`` (a tensor or a number):
+    ``d_ap + margin`` is rounded once, here, for every user of the table."""
+    inf = float("inf")
+    return {"-inf": -inf, "d_ap": d_ap, "d_ap+m": d_ap + margin, "inf": inf}
+
+
+def triplet_difficulty(d_ap: torch.Tensor, d_an: torch.Tensor,
+                       margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hard, semi_hard, easy)`` boolean masks of triplets with distances ``d_ap`` and ``d_an``
+    (broadcast against each other) and margin ``margin >= 0``, by FaceNet's definitions (see the
+    module docstring, ties included): a partition of the triplets."""
+    value = bound_values(d_ap, margin)
+    return tuple((value[low] <= d_an) & (d_an < value[high])
+                 for low, high in (DIFFICULTY_BOUNDS[kind] for kind in DIFFICULTIES))
+
+
+def mined_triplets(mining: str, d_ap: torch.Tensor, d_an: torch.Tensor, margin: float, valid: torch.Tensor,
+                   admitted: torch.Tensor | None = None) -> torch.Tensor:
+    """The triplets a mining strategy keeps, among the ``valid`` ones (all broadcast to one shape,
+    e.g. (n, k, 1) positive and (n, 1, m) negative distances); ``admitted`` is the curriculum's (n, m)
+    mask of (anchor, negative) pairs whose hard triplets count."""
+    check_mining(mining)
+    if "admitted" in TRIPLET_MINING[mining] and admitted is None:
+        raise ValueError(f"{mining} mining needs the admitted (anchor, negative) mask")
+    kinds = dict(zip(DIFFICULTIES, triplet_difficulty(d_ap, d_an, margin)))
+    used = torch.zeros_like(valid)
+    for part, difficulties in TRIPLET_MINING[mining].items():
+        keep = valid if part == "every" else valid & admitted.unsqueeze(-2)
+        for kind in difficulties:
+            used = used | (keep & kinds[kind])
+    return used
 
 
 def label_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,32 +141,6 @@ def slot_chunks(k: int, n: int, m: int, budget: int = 1 << 24) -> Iterator[slice
     step = max(1, budget // max(1, n * m))
     for start in range(0, k, step):
         yield slice(start, min(k, start + step))
-
-
-def margin_selection(mining: str, margin: float, admitted: torch.Tensor | None = None) -> Selection:
-    """Triplet mining by the margin ``t = d_an - d_ap`` (PML ``TripletMarginMiner`` semantics).
-
-    ``curriculum`` keeps every non-hard triplet and the hard ones whose (anchor, negative) pair is
-    ``admitted`` (an (n, m) bool mask drawn by the curriculum).
-    """
-    if mining not in TRIPLET_MINING:
-        raise ValueError(f"unknown mining {mining!r}; choose one of {', '.join(TRIPLET_MINING)}")
-    if mining == "curriculum" and admitted is None:
-        raise ValueError("curriculum mining needs the admitted (anchor, negative) mask")
-
-    def select(d_ap: torch.Tensor, d_an: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if mining == "all":
-            return valid
-        t = d_an - d_ap
-        if mining == "hard":
-            return valid & (t <= 0)
-        if mining == "semi-hard":
-            return valid & (t > 0) & (t <= margin)
-        if mining == "easy":
-            return valid & (t > margin)
-        return valid & ((t > 0) | admitted.unsqueeze(1))
-
-    return select
 
 
 def hardest_pairs(distances: torch.Tensor, positives: torch.Tensor,

@@ -16,13 +16,13 @@ import functools
 import inspect
 
 import torch
-from pytorch_metric_learning import losses as pml_losses
-from pytorch_metric_learning.distances import CosineSimilarity
 
 from .base import MetricLoss
 from .mining import label_masks
 from .params import HyperParam
-from .registry import PML_PREFIX, LossInfo
+from .registry import LossInfo, register_resolver
+
+PML_PREFIX = "pml:"
 
 # Base classes and wrappers of other losses: not usable on their own by name.
 _NOT_STANDALONE = {"BaseMetricLossFunction", "GenericPairLoss", "BaseLossWrapper", "MultipleLosses",
@@ -35,6 +35,8 @@ _OWN_ARGS = {"self", "embedding_regularizer", "embedding_reg_weight", "args", "k
 
 def pml_loss_names() -> list[str]:
     """Names of the pytorch-metric-learning losses usable as ``pml:<Name>``."""
+    from pytorch_metric_learning import losses as pml_losses  # imported on first use: it takes a second
+
     return sorted(
         name for name, obj in vars(pml_losses).items()
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and name not in _NOT_STANDALONE
@@ -105,6 +107,8 @@ class PMLLoss(MetricLoss):
 
     @torch.no_grad()
     def _record_distances(self, embeddings, labels, ref_embeddings, ref_labels) -> None:
+        from pytorch_metric_learning.distances import CosineSimilarity
+
         distance = getattr(self.pml_loss, "distance", None)
         if distance is None or (distance.is_inverted and not isinstance(distance, CosineSimilarity)):
             return
@@ -128,6 +132,8 @@ def pml_info(class_name: str) -> LossInfo:
         hint = f" Did you mean {', '.join(repr(PML_PREFIX + lowered[c]) for c in close)}?" if close else ""
         raise ValueError(f"unknown pytorch-metric-learning loss {class_name!r}.{hint} "
                          f"Available: {', '.join(available)}")
+    from pytorch_metric_learning import losses as pml_losses
+
     pml_class = getattr(pml_losses, class_name)
     declared = [(p, _hyperparam(p)) for p in _constructor_params(pml_class)]
     params = tuple(hp for _, hp in declared if hp is not None)
@@ -144,3 +150,6 @@ def pml_info(class_name: str) -> LossInfo:
     })
     return LossInfo(PML_PREFIX + class_name, wrapper, params, wrapper.paper, wrapper.__doc__.split("\n")[0],
                     False, "pytorch-metric-learning")
+
+
+register_resolver(PML_PREFIX, pml_info, "any pytorch-metric-learning loss")

@@ -9,7 +9,7 @@ from .distances import check_distance, distance_matrix, paired_distances, prepar
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss
 from .triplet import reduction_param
-from .triplet_terms import REDUCTIONS, finish_stats, hinge, reduce_terms, triplet_stats
+from .triplet_terms import check_reduction, finish_stats, hinge, reduce_terms, triplet_stats
 
 
 @register_loss("triplet_center")
@@ -23,25 +23,25 @@ class TripletCenterLoss(MetricLoss):
     ``embedding_dim = 0`` mean "infer": the trainer fills them in from the dataset and the model
     before building the optimiser; calling the loss with them still at 0 raises ``ValueError``.
     Labels must be class ids in ``[0, num_classes)``. Reduction ``mean`` averages over the samples
-    (He et al. sum over the batch); ``mean_nonzero`` over the non-zero terms.
+    (He et al. sum over the batch); ``mean_nonzero`` over the non-zero terms. Defaults: m = 1,
+    squared euclidean, not normalised.
     """
 
     paper = ("He et al., Triplet-Center Loss for Multi-View 3D Object Retrieval, CVPR 2018 (squared "
              "euclidean to learnable centres, trained jointly with softmax)")
     hyperparams = (
-        margin_param(1.0, search=(0.05, 5.0), high=100.0),
-        *distance_params("squared_euclidean", normalize=False),
-        reduction_param("mean"),
-        HyperParam("num_classes", int, 0, "number of centres (0 = infer from the dataset)", low=0, search=None),
-        HyperParam("embedding_dim", int, 0, "centre dimension (0 = infer from the model)", low=0, search=None),
+        margin_param(search=(0.05, 5.0), high=100.0),
+        *distance_params(),
+        reduction_param(),
+        HyperParam("num_classes", int, doc="number of centres (0 = infer from the dataset)", low=0, search=None),
+        HyperParam("embedding_dim", int, doc="centre dimension (0 = infer from the model)", low=0, search=None),
     )
 
     def __init__(self, margin: float = 1.0, distance: str = "squared_euclidean", normalize: bool = False,
                  reduction: str = "mean", num_classes: int = 0, embedding_dim: int = 0) -> None:
         super().__init__()
         check_distance(distance)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+        check_reduction(reduction)
         self.margin, self.distance, self.normalize, self.reduction = margin, distance, normalize, reduction
         if num_classes > 0 and embedding_dim > 0:
             self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim) / embedding_dim ** 0.5)
@@ -71,10 +71,9 @@ class TripletCenterLoss(MetricLoss):
             valid = other.any(1)
         d_ap = paired_distances(x, centres[labels], self.distance)
         d_an = paired_distances(x, centres[nearest], self.distance)
-        violation = d_ap - d_an + self.margin
-        term, _ = hinge(violation, False)
+        term, _ = hinge(d_ap - d_an + self.margin, False)
         term = torch.where(valid, term, 0)
         with torch.no_grad():
-            sums = triplet_stats(d_ap, d_an, violation, term, valid)
+            sums = triplet_stats(d_ap, d_an, self.margin, term, valid)
         self.record_stats(**finish_stats(sums))
         return term.sum() / reduce_terms(term, sums, self.reduction)

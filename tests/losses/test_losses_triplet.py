@@ -15,7 +15,7 @@ from losses.triplet import TripletLoss, triplet_margin
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
 MY_LOSSES = ("triplet", "batch_hard", "batch_all", "semi_hard", "triplet_center")
-PML_MINING = {"hard": "hard", "semi-hard": "semihard", "easy": "easy"}
+PML_MINING = {"hard-triplets": "hard", "semi-hard-triplets": "semihard", "easy-triplets": "easy"}
 
 
 def make_batch(kind, dtype, seed=0):
@@ -97,8 +97,10 @@ def brute_triplet_loss(x, labels, ref=None, ref_labels=None, *, margin, kind, no
 
 
 def margin_rule(mining, margin):
-    return {"all": lambda t, a, n: True, "hard": lambda t, a, n: t <= 0,
-            "semi-hard": lambda t, a, n: 0 < t <= margin, "easy": lambda t, a, n: t > margin}[mining]
+    """FaceNet's difficulties with t = d_an - d_ap (PML's miner differs from them only on ties)."""
+    return {"all": lambda t, a, n: True, "hard-triplets": lambda t, a, n: t < 0,
+            "semi-hard-triplets": lambda t, a, n: 0 <= t < margin,
+            "easy-triplets": lambda t, a, n: t >= margin}[mining]
 
 
 # ---------------------------------------------------------------- triplet vs PML
@@ -107,11 +109,11 @@ def margin_rule(mining, margin):
 @pytest.mark.parametrize("batch", ["pk", "clustered"])
 @pytest.mark.parametrize("kind,normalize", [("euclidean", True), ("euclidean", False),
                                             ("squared_euclidean", True), ("squared_euclidean", False)])
-@pytest.mark.parametrize("mining", ["all", "hard", "semi-hard", "easy"])
+@pytest.mark.parametrize("mining", ["all", "hard-triplets", "semi-hard-triplets", "easy-triplets"])
 def test_triplet_mining_matches_pml(mining, kind, normalize, batch, dtype):
     x, labels = make_batch(batch, dtype)
     margin = 0.3
-    soft = mining == "easy"  # easy triplets have zero hinge terms; the soft margin makes them count
+    soft = mining == "easy-triplets"  # easy triplets have zero hinge terms; the soft margin makes them count
     ours = TripletLoss(margin=margin, distance=kind, normalize=normalize, mining=mining, soft_margin=soft)
     distance = pml_distance(kind, normalize)
     theirs = pml_losses.TripletMarginLoss(margin=margin, distance=distance, smooth_loss=soft)
@@ -126,14 +128,14 @@ def test_triplet_mining_matches_pml(mining, kind, normalize, batch, dtype):
 
 def test_easy_mining_with_hinge_is_zero():
     x, labels = clustered_batch(4, 3, 8, torch.float64, 1, spread=0.3)
-    loss = TripletLoss(mining="easy")
+    loss = TripletLoss(mining="easy-triplets")
     value, (grad,) = value_and_grad(lambda e: loss(e, labels), x)
     assert value == 0 and torch.all(grad == 0)
     assert loss.last_stats["active_fraction"] == 0 and loss.last_stats["correct_order_fraction"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("mining", ["all", "hard", "semi-hard"])
+@pytest.mark.parametrize("mining", ["all", "hard-triplets", "semi-hard-triplets"])
 def test_mean_reduction_matches_pml_mean_reducer(mining, dtype):
     x, labels = make_batch("clustered", dtype, seed=3)
     distance = pml_distance("euclidean", True)
@@ -159,7 +161,7 @@ def test_soft_margin_and_swap_match_pml(soft, swap, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["euclidean", "squared_euclidean"])
-@pytest.mark.parametrize("loss_name,mining", [("triplet", "all"), ("triplet", "hard"), ("batch_hard", None)])
+@pytest.mark.parametrize("loss_name,mining", [("triplet", "all"), ("triplet", "hard-triplets"), ("batch_hard", None)])
 def test_reference_embeddings_match_pml(loss_name, mining, kind, dtype):
     x, labels = pk_batch(4, 3, 6, dtype, seed=5)
     ref, ref_labels = pk_batch(5, 3, 6, dtype, seed=6)  # class 4 exists only among the references
@@ -167,7 +169,7 @@ def test_reference_embeddings_match_pml(loss_name, mining, kind, dtype):
     theirs = pml_losses.TripletMarginLoss(margin=0.2, distance=distance)
     if loss_name == "triplet":
         ours = TripletLoss(margin=0.2, distance=kind, mining=mining)
-        miner = pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets=mining, distance=distance)
+        miner = pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets=PML_MINING.get(mining, mining), distance=distance)
     else:
         ours = build_loss("batch_hard", margin=0.2, distance=kind, normalize=True, reduction="mean_nonzero")
         miner = pml_miners.BatchHardMiner(distance=distance)
@@ -229,7 +231,7 @@ def test_batch_all_brute_force(kind, reduction):
 
 # ---------------------------------------------------------------- cosine, reduction "mean", swap with references
 
-@pytest.mark.parametrize("mining", ["all", "hard", "semi-hard"])
+@pytest.mark.parametrize("mining", ["all", "hard-triplets", "semi-hard-triplets"])
 @pytest.mark.parametrize("reduction", ["mean", "mean_nonzero"])
 @pytest.mark.parametrize("swap", [False, True])
 def test_cosine_and_mean_reduction_brute_force(mining, reduction, swap):
@@ -256,7 +258,7 @@ def test_swap_with_reference_embeddings_brute_force(kind):
 
 def brute_curriculum(x, labels, admitted, margin):
     return brute_triplet_loss(x, labels, margin=margin, kind="euclidean", normalize=True,
-                              keep=lambda t, a, n: t > 0 or bool(admitted[a, n]))
+                              keep=lambda t, a, n: t >= 0 or bool(admitted[a, n]))
 
 
 @pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
@@ -297,7 +299,7 @@ def brute_semi_hard(x, labels, margin, kind, fallback, reduction):
             if p == a or labels[p] != labels[a] or not neg:
                 continue
             d_ap = brute_distance(xs[a], xs[p], kind)
-            farther = [(d, n) for d, n in neg if d > d_ap.item()]
+            farther = [(d, n) for d, n in neg if d >= d_ap.item()]  # not hard
             if farther:
                 n = min(farther)[1]
             elif fallback == "easiest":
@@ -360,8 +362,8 @@ def test_triplet_center_centres_learn():
 # ---------------------------------------------------------------- gradcheck, statistics, functional form
 
 GRADCHECK_CASES = [
-    ("triplet", dict(mining="all")), ("triplet", dict(mining="hard", distance="squared_euclidean")),
-    ("triplet", dict(mining="semi-hard", margin=0.5, normalize=False)), ("triplet", dict(mining="easy", soft_margin=True)),
+    ("triplet", dict(mining="all")), ("triplet", dict(mining="hard-triplets", distance="squared_euclidean")),
+    ("triplet", dict(mining="semi-hard-triplets", margin=0.5, normalize=False)), ("triplet", dict(mining="easy-triplets", soft_margin=True)),
     ("triplet", dict(mining="curriculum", curriculum_start=0.5, curriculum_end=0.5, seed=3)),
     ("triplet", dict(distance="cosine", swap=True, reduction="mean")),
     ("batch_hard", dict()), ("batch_hard", dict(soft_margin=True, distance="cosine")),
@@ -393,12 +395,12 @@ def test_gradcheck(name, params):
 
 def test_stats_over_the_considered_triplets():
     x, labels = small_batch(20)
-    loss = TripletLoss(margin=0.3, mining="hard", normalize=False)
+    loss = TripletLoss(margin=0.3, mining="hard-triplets", normalize=False)
     loss(x, labels)
     stats = loss.last_stats
     assert set(stats) == set(STAT_NAMES)
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
-    hard = [(float(d_ap), float(d_an)) for *_, d_ap, d_an, _ in brute_triplets(x, labels) if d_an <= d_ap]
+    hard = [(float(d_ap), float(d_an)) for *_, d_ap, d_an, _ in brute_triplets(x, labels) if d_an < d_ap]
     assert math.isclose(stats["mean_d_ap"], sum(p for p, _ in hard) / len(hard), rel_tol=1e-6)
     assert math.isclose(stats["mean_d_an"], sum(n for _, n in hard) / len(hard), rel_tol=1e-6)
     assert stats["active_fraction"] == 1 and stats["margin_violation_fraction"] == 1
@@ -406,7 +408,7 @@ def test_stats_over_the_considered_triplets():
     loss = TripletLoss(margin=0.3, normalize=False)
     loss(x, labels)
     every = [(float(d_ap), float(d_an)) for *_, d_ap, d_an, _ in brute_triplets(x, labels)]
-    correct = sum(p < n for p, n in every) / len(every)
+    correct = sum(p <= n for p, n in every) / len(every)
     violating = sum(n < p + 0.3 for p, n in every) / len(every)
     assert math.isclose(loss.last_stats["correct_order_fraction"], correct, rel_tol=1e-6)
     assert math.isclose(loss.last_stats["margin_violation_fraction"], violating, rel_tol=1e-6)
@@ -434,12 +436,12 @@ def test_triplet_margin_functional(kind, soft, swap):
         triplet_margin(a, p[:-1], n)
 
 
-@pytest.mark.parametrize("params", [dict(mining="semi-hard"), dict(soft_margin=True), dict(mining="curriculum")])
+@pytest.mark.parametrize("params", [dict(mining="semi-hard-triplets"), dict(soft_margin=True), dict(mining="curriculum")])
 def test_many_positives_per_anchor_are_chunked_without_changing_the_result(monkeypatch, params):
     x, labels = pk_batch(2, 12, 4, torch.float64, seed=24)
     whole = value_and_grad(lambda e: TripletLoss(**params)(e, labels), x)
     whole_semi_hard = value_and_grad(lambda e: build_loss("semi_hard")(e, labels), x)
-    import losses.triplet_terms as terms
+    import losses._kernels.triplet as terms
 
     original = terms.slot_chunks
     monkeypatch.setattr(terms, "slot_chunks", lambda k, n, m: original(k, n, m, budget=n * m * 3))
@@ -449,7 +451,7 @@ def test_many_positives_per_anchor_are_chunked_without_changing_the_result(monke
 
 
 @pytest.mark.parametrize("name,params", [("triplet", dict(mining="all")),
-                                         ("triplet", dict(mining="semi-hard", reduction="mean")),
+                                         ("triplet", dict(mining="semi-hard-triplets", reduction="mean")),
                                          ("triplet", dict(mining="curriculum", curriculum_start=0.5)),
                                          ("semi_hard", dict())])
 @pytest.mark.parametrize("with_ref", [False, True])
@@ -463,7 +465,7 @@ def test_blocks_of_anchors_do_not_change_the_result(monkeypatch, name, params, w
         return loss(tensors[0], labels, tensors[1], ref_labels) if with_ref else loss(tensors[0], labels)
 
     whole = value_and_grad(run, *inputs)
-    import losses.triplet_terms as terms
+    import losses._kernels.triplet as terms
 
     original = terms.row_blocks
     monkeypatch.setattr(terms, "row_blocks", lambda n, m: original(n, m, budget=3 * m))

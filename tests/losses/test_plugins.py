@@ -127,3 +127,21 @@ def test_duplicate_name_warns_and_keeps_the_original(cli_run):
     assert "duplicate.py" in result.stderr and "'triplet' is already registered" in result.stderr
     triplet = next(line for line in result.stdout.splitlines() if line.startswith("triplet "))
     assert "FaceNet" in triplet and "impostor" not in result.stdout
+
+
+def test_load_plugins_reports_a_broken_plugin_and_loads_the_others(tmp_path):
+    """``losses.load_plugins`` itself, without the command line: files, modules and the environment."""
+    (tmp_path / "good.py").write_text(FILE_PLUGIN.format(name="good_loss"))
+    (tmp_path / "env_module.py").write_text(FILE_PLUGIN.format(name="module_loss"))
+    (tmp_path / "broken.py").write_text("raise RuntimeError('plugin exploded on import')\n")
+    code = ("import sys; from losses import load_plugins, loss_info; "
+            "load_plugins([sys.argv[1], sys.argv[2], 'no_such_plugin_module']); "
+            "print(loss_info('good_loss').source, loss_info('module_loss').source, loss_info('triplet').source)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "broken.py"), str(tmp_path / "good.py")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path),
+                                 "TRIPLETLAB_PLUGINS": "env_module"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "good.py"), "env_module", "tripletlab"]
+    assert "broken.py" in result.stderr and "RuntimeError: plugin exploded on import" in result.stderr
+    assert "'no_such_plugin_module' failed to load" in result.stderr and "ModuleNotFoundError" in result.stderr

@@ -1,4 +1,5 @@
 """The registry: registration, helpful errors, wildcards, declarations, the CLI listing, pml: names."""
+import inspect
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 
 from helpers.loss_batches import pk_batch
-from losses import MetricLoss, build_loss, list_losses, loss_info, register_loss, validate_params
+from losses import HyperParam, MetricLoss, build_loss, list_losses, loss_info, register_loss, validate_params
+from losses.params import FROM_INIT
 
 BUILT_INS = ("triplet", "batch_hard", "batch_all", "semi_hard", "multi_similarity", "circle",
              "cross_modal_triplet", "info_nce", "triplet_center")
@@ -114,3 +116,87 @@ def test_pml_errors_and_required_arguments():
     assert torch.isfinite(arcface(x, y))
     with pytest.raises(ValueError, match=r"pml:TripletMarginLoss.margin must be a number"):
         build_loss("pml:TripletMarginLoss", margin="wide")
+
+
+# ---------------------------------------------------------------- defaults declared once, conditions
+
+def constructor_defaults(cls) -> dict:
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("name", BUILT_INS)
+def test_built_in_defaults_are_the_constructor_defaults(name):
+    info = loss_info(name)
+    assert info.defaults == {p.name: constructor_defaults(info.cls)[p.name] for p in info.params}
+    assert set(info.defaults) == set(constructor_defaults(info.cls))  # every argument is declared
+    assert info.cls.hyperparams == info.params
+
+
+def test_every_registered_loss_has_its_constructor_defaults():
+    for name in list_losses():
+        info = loss_info(name)
+        init = constructor_defaults(info.cls)
+        assert all(p.default == init[p.name] for p in info.params if p.name in init), name
+
+
+@pytest.mark.parametrize("class_name", ["TripletMarginLoss", "ContrastiveLoss", "MultiSimilarityLoss",
+                                        "CircleLoss", "ArcFaceLoss", "NTXentLoss"])
+def test_pml_defaults_are_the_pml_constructor_defaults(class_name):
+    info = loss_info(f"pml:{class_name}")
+    init = {**constructor_defaults(getattr(pml_losses, class_name))}
+    for cls in getattr(pml_losses, class_name).__mro__[1:]:  # arguments forwarded to a standalone base
+        if cls.__name__ in dir(pml_losses) and "__init__" in vars(cls):
+            init = {**constructor_defaults(cls), **init}
+    assert info.params
+    for p in info.params:
+        pml_name = info.cls.pml_names.get(p.name, p.name)
+        if pml_name in init:
+            assert p.default == init[pml_name], p.name
+        else:  # required in PML: 0 ("infer at run time") for counts, None otherwise
+            assert p.default in (0, None) and p.name in info.cls.pml_required, p.name
+
+
+def declaring(default, init_default=1.0, **extra):
+    class Declared(MetricLoss):
+        """A loss with one declared hyperparameter."""
+        paper = "paper"
+        hyperparams = (HyperParam("scale", float, default, "scale", **extra),)
+
+        def __init__(self, scale=init_default, other=True):
+            super().__init__()
+
+    return Declared
+
+
+def test_register_loss_fills_in_and_checks_defaults(restore_registry):
+    register_loss("filled_in")(declaring(FROM_INIT))
+    assert loss_info("filled_in").defaults == {"scale": 1.0}
+    register_loss("stated_alike")(declaring(1.0))
+    with pytest.raises(ValueError, match=r"'scale' declares default 2.0 but Declared.__init__ has 1.0"):
+        register_loss("stated_otherwise")(declaring(2.0))
+    with pytest.raises(ValueError, match=r"give 'scale' a default in Declared.__init__"):
+        register_loss("no_default")(declaring(FROM_INIT, init_default=inspect.Parameter.empty))
+    with pytest.raises(ValueError, match=r"conditioned on 'missing'"):
+        register_loss("bad_condition")(declaring(FROM_INIT, when={"missing": True}))
+    assert "stated_otherwise" not in list_losses() and "bad_condition" not in list_losses()
+
+    class Undeclared(MetricLoss):
+        """Declares a parameter its constructor does not take."""
+        hyperparams = (HyperParam("width", float, 1.0),)
+
+    with pytest.raises(ValueError, match=r"declares hyperparameter 'width' but Undeclared.__init__ does not"):
+        register_loss("undeclared")(Undeclared)
+
+
+def test_conditions_are_declared_and_listed():
+    epsilon = loss_info("multi_similarity").param("epsilon")
+    assert epsilon.when == (("miner", (True,)),)
+    assert epsilon.applies({"miner": True}) and not epsilon.applies({"miner": False})
+    assert epsilon.search_range() == "[0.01, 0.5] log when miner=True"
+    normalize = loss_info("triplet").param("normalize")
+    assert normalize.applies({"distance": "euclidean"}) and not normalize.applies({"distance": "cosine"})
+    assert normalize.condition() == "distance in {euclidean, squared_euclidean}"
+    assert all(loss_info("triplet").param(name).when == (("mining", ("curriculum",)),)
+               for name in ("curriculum_start", "curriculum_end", "seed"))
+    assert loss_info("circle").param("gamma").when == ()

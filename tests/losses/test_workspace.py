@@ -1,7 +1,7 @@
 """The loss workspace hands out reusable buffers of the asked shape, dtype and device."""
 import torch
 
-from losses.workspace import Workspace
+from losses._kernels.workspace import Workspace
 
 
 def test_buffers_are_reused_and_grown():

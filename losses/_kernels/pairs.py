@@ -1,12 +1,13 @@
-"""Shared machinery of the pair-based losses (Multi-Similarity, Circle): normalised rows and their
-cosine similarities split into a positive and a negative group, and the training statistics.
+"""Fused kernels of the pair-based losses (Multi-Similarity, Circle): normalised rows and their
+cosine similarities split into a positive and a negative group, the losses and their statistics.
 
 Pair-based losses score every (anchor, candidate) pair of a cosine similarity matrix ``s``;
-candidates are the batch itself or a reference set. The losses compute their value and their
+candidates are the batch itself or a reference set. The kernels compute the value and its
 gradient with respect to ``s`` in closed form, in a few passes over the (n, m) matrix with no
-per-anchor loop; :func:`similarity_gradients` turns that gradient into the gradient of the
-normalised rows and ``losses.distances.with_gradients`` hands it to autograd, which
-back-propagates through the L2 normalisation.
+per-anchor loop, each (n, m) step writing into a spent buffer (fresh large tensors cost page faults
+on CPU); :func:`similarity_gradients` turns that gradient into the gradient of the normalised rows
+and ``losses.distances.with_gradients`` hands it to autograd, which back-propagates through the L2
+normalisation.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from ..distances import with_gradients
 from .workspace import Workspace
 
 
@@ -168,3 +171,86 @@ class SimilarityGroups:
 
 def _per_row(threshold):
     return threshold.unsqueeze(1) if isinstance(threshold, torch.Tensor) else threshold
+
+
+def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: torch.Tensor | None,
+                          ref_labels: torch.Tensor | None, *, alpha: float, beta: float, base: float, miner: bool,
+                          epsilon: float, workspace: Workspace) -> tuple[torch.Tensor, dict]:
+    """``MultiSimilarityLoss``' value (differentiable) and statistics."""
+    x, y = normalized_rows(embeddings, ref_embeddings)
+    s = cosine_similarity(x, y, workspace)
+    with torch.no_grad():
+        groups = SimilarityGroups.split(s, labels, ref_labels, workspace)
+        hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
+        n_violating = groups.count(base, base, workspace("scratch", s))
+        pos_used, neg_used = groups.positive, groups.negative
+        if miner:  # PML's MultiSimilarityMiner: S_ap - epsilon < max S_an, S_an + epsilon > min S_ap
+            groups.positives_below(hardest_neg + epsilon, out=pos_used)
+            groups.negatives_above(hardest_pos - epsilon, out=neg_used)
+        n_pos_used, n_neg_used = pos_used.sum(), neg_used.sum()
+        # log(1 + sum exp(logits)) per group, shifted by the group's largest logit (at least 0):
+        # that of the least similar positive and of the most similar negative, used whenever any is
+        shift_pos = (alpha * (base - hardest_pos)).clamp_min(0)
+        shift_neg = (beta * (hardest_neg - base)).clamp_min(0)
+        exp_pos = masked_exp(torch.add((alpha * base - shift_pos)[:, None], s, alpha=-alpha,
+                                       out=groups.positive_view), pos_used)
+        exp_neg = masked_exp(torch.add((-beta * base - shift_neg)[:, None], s, alpha=beta,
+                                       out=groups.negative_view), neg_used)
+        norm_pos = exp_pos.sum(1) + torch.exp(-shift_pos)
+        norm_neg = exp_neg.sum(1) + torch.exp(-shift_neg)
+        per_anchor = (shift_pos + norm_pos.log()) / alpha + (shift_neg + norm_neg.log()) / beta
+        n_rows = max(per_anchor.shape[0], 1)
+        keep = ((n_pos_used > 1) | (n_neg_used > 1)).to(s.dtype)
+        value = per_anchor.sum() / n_rows * keep
+        # d value / d s: each used pair's softmax weight, negative for positives
+        grad = exp_neg.mul_((keep / (n_rows * norm_neg))[:, None])
+        grad.addcmul_(exp_pos, (keep / (n_rows * norm_pos))[:, None], value=-1)
+        stats = groups.stats(n_pos_used + n_neg_used, n_violating)
+    return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad, s)), stats
+
+
+def circle_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: torch.Tensor | None,
+                ref_labels: torch.Tensor | None, *, m: float, gamma: float,
+                workspace: Workspace) -> tuple[torch.Tensor, dict]:
+    """``CircleLoss``' value (differentiable) and statistics."""
+    x, y = normalized_rows(embeddings, ref_embeddings)
+    s = cosine_similarity(x, y, workspace)
+    with torch.no_grad():
+        groups = SimilarityGroups.split(s, labels, ref_labels, workspace)
+        hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
+        positive, negative = groups.positive, groups.negative
+        scratch = workspace("scratch", s)
+        n_violating = groups.count(1 - m, m, scratch)
+        # logits: gamma a_p ((1 - m) - s_p) and gamma a_n (s_n - m), with the paper's self-paced
+        # weights a_p = relu(1 + m - s_p) and a_n = relu(s_n + m) held constant; taken from the
+        # groups' views, the weights are 0 outside their group, so their non-zeros are the active pairs
+        weight_pos = torch.sub(s.new_tensor(1 + m), groups.positive_view, out=groups.positive_view).relu_()
+        weight_neg = torch.add(groups.negative_view, m, out=groups.negative_view).relu_()
+        n_active = torch.count_nonzero(weight_pos) + torch.count_nonzero(weight_neg)
+        offset_pos, offset_neg = torch.sub(s.new_tensor(1 - m), s, out=scratch), s.sub_(m)
+        # the positive logit falls as s_p rises: its row maximum is the least similar positive's;
+        # the negatives' maximum is taken with them lifted by 1 past the others (logit / gamma
+        # lies in [-1, 1.25], scaled by 1/8 into [-1/8, 5/32])
+        top_pos = torch.rsub(hardest_pos, 1 + m).relu_().mul_(torch.rsub(hardest_pos, 1 - m))
+        logit_neg = torch.addcmul(negative, offset_neg, weight_neg, value=1 / 8)
+        top_neg = (logit_neg.amax(1) - 1) * 8
+        has_pos, has_neg = torch.isfinite(hardest_pos), torch.isfinite(hardest_neg)
+        shift_pos, shift_neg = torch.where(has_pos, top_pos, 0), torch.where(has_neg, top_neg, 0)
+        exp_pos = masked_exp(torch.addcmul((-gamma * shift_pos)[:, None], offset_pos, weight_pos,
+                                           value=gamma, out=offset_pos), positive)
+        exp_neg = masked_exp(torch.addcmul((-gamma * shift_neg)[:, None], offset_neg, weight_neg,
+                                           value=gamma, out=logit_neg), negative)
+        norm_pos = exp_pos.sum(1).masked_fill_(~has_pos, 1)
+        norm_neg = exp_neg.sum(1).masked_fill_(~has_neg, 1)
+        has_both = has_pos & has_neg
+        total = torch.where(has_both, gamma * (shift_pos + shift_neg) + (norm_pos * norm_neg).log(), 0)
+        per_anchor = F.softplus(total) * has_both
+        nonzero = per_anchor > 0
+        count = torch.count_nonzero(nonzero).clamp_min(1)
+        value = per_anchor.sum() / count
+        # d value / d s: each pair's softmax weight in its group times d logit / d s = -/+ gamma a
+        row = torch.sigmoid(total) * nonzero * gamma / count
+        grad = exp_neg.mul_(weight_neg).mul_((row / norm_neg)[:, None])
+        grad.addcmul_(exp_pos.mul_(weight_pos), (row / norm_pos)[:, None], value=-1)
+        stats = groups.stats(n_active, n_violating)
+    return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad, positive)), stats

@@ -53,7 +53,7 @@ ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root ./mlartifacts --host $(HOST) --port $(UI_PORT)
 
 server: install
-	$(PY) -m experiments.server --backend-store-uri $(SERVER_STORE) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(SERVER_PORT)
+	$(PY) -m experiments.tracking.server --backend-store-uri $(SERVER_STORE) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(SERVER_PORT)
 
 ui-check: install
 	TRIPLETLAB_UI_SCREENSHOT=$(abspath runs/mlflow-ui.png) $(PY) -m pytest -q tests/test_ui_browser.py

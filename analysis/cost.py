@@ -2,7 +2,7 @@
 
 From the final runs: ``cost/step_ms`` (wall time per training step, validation left out), and
 ``cost/loss_ms`` / ``cost/loss_peak_mb``, the loss and its mining alone on one training batch
-(:mod:`experiments.loss_cost`). The figure sets test MAP@R against the total compute time of the
+(:mod:`experiments.train.loss_cost`). The figure sets test MAP@R against the total compute time of the
 loss's trials and final runs, and shows the step time with the loss's share of it.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Embedding geometry over training: per epoch on the validation split (alignment, uniformity,
 intra- and inter-class distance and their ratio, spectral decay rho; see
-:mod:`experiments.geometry`), and how each relates to retrieval across the sweep's runs.
+:mod:`experiments.eval.geometry`), and how each relates to retrieval across the sweep's runs.
 
 The relation is Spearman's rank correlation of each quantity's last validated value with the run's
 MAP@R: the test MAP@R across the final runs, and the validation MAP@R of the same epoch across the
@@ -13,7 +13,7 @@ import math
 import pandas as pd
 from scipy import stats
 
-from experiments.geometry import GEOMETRY_KEYS
+from experiments.eval.geometry import GEOMETRY_KEYS
 
 from .load import Sweep, final_run_histories
 

@@ -16,7 +16,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from experiments.tracking import resolve_tracking_uri
+from experiments.tracking.store import resolve_tracking_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded npz is noise
 
@@ -56,7 +56,7 @@ class Sweep:
 
 
 def existing_store_uri(uri: str | None) -> str:
-    """The tracking URI as ``experiments.tracking`` resolves it; a missing SQLite file is an error
+    """The tracking URI as ``experiments.tracking.store`` resolves it; a missing SQLite file is an error
     (opening it would create an empty store)."""
     uri = resolve_tracking_uri(uri)
     if uri.startswith("sqlite:///"):

@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from experiments.evaluation import channels_last
-from experiments.models import build_model
+from experiments.eval.run_metrics import channels_last
+from experiments.models.image import build_model
 from losses import build_loss
 
 from .bench_losses import RESULTS_DIR, describe_device, device_slug, git_commit

@@ -44,12 +44,12 @@ import torch
 from PIL import Image
 
 from experiments.config import ExperimentConfig
-from experiments.datasets import LabeledImages, load_dataset
-from experiments.device_data import PREFETCH_DEPTH, DeviceImages
-from experiments.models import build_model
-from experiments.provenance import git_commit
-from experiments.sampler import PKSampler
-from experiments.trainer import pick_device, train
+from experiments.data.registry import LabeledImages, load_dataset
+from experiments.data.device_data import PREFETCH_DEPTH, DeviceImages
+from experiments.models.image import build_model
+from experiments.tracking.provenance import git_commit
+from experiments.data.sampler import PKSampler
+from experiments.train.loop import pick_device, train
 from losses import build_loss
 
 from .bench_losses import describe_device, device_slug

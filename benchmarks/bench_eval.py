@@ -1,6 +1,6 @@
 """Time retrieval evaluation (P@1, R-precision, MAP@R) against pytorch-metric-learning.
 
-Runs ``experiments.metrics.retrieval_metrics`` side by side with PML's ``AccuracyCalculator``
+Runs ``experiments.eval.retrieval.retrieval_metrics`` side by side with PML's ``AccuracyCalculator``
 (``k="max_bin_count"``, the smallest k that makes R-precision and MAP@R exact) using its faiss
 k-NN and its torch k-NN (``CustomKNN`` over unnormalised euclidean distances) on the same
 synthetic clustered embeddings (d=128; e.g. 10 classes like Fashion-MNIST, and 1000 classes).
@@ -32,7 +32,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 
-from experiments.metrics import RANKING_METRICS, retrieval_metrics
+from experiments.eval.retrieval import RANKING_METRICS, retrieval_metrics
 
 PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
              "map_at_r": "mean_average_precision_at_r"}

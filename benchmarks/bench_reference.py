@@ -8,7 +8,7 @@ optimiser or metric code with tripletlab: three conv-BN-ReLU blocks of 32, 64 an
 with 2x2 max-pooling after the first two, global average pooling and a linear layer to 64;
 ``MPerClassSampler(m=4)`` batches of 128 (or 4 per class of every class, if fewer); PML's
 ``TripletMarginLoss(margin=0.1)`` with ``BatchHardMiner``; Adam at a constant 1e-3. The tripletlab
-side is ``experiments.runner.run_experiment`` with nothing but the dataset, ``loss.name=batch_hard``,
+side is ``experiments.train.run.run_experiment`` with nothing but the dataset, ``loss.name=batch_hard``,
 the epochs and the seed set: every other value is the project's default. Both are scored by PML's
 ``AccuracyCalculator`` on L2-normalised test embeddings (PML's testers normalise by default).
 
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.config import load_config
-from experiments.datasets import load_dataset
-from experiments.provenance import git_commit
+from experiments.data.registry import load_dataset
+from experiments.tracking.provenance import git_commit
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
@@ -139,7 +139,7 @@ def train_tripletlab(setting: Setting, seed: int, epochs: int, overrides: list[s
     """``tripletlab train`` at its defaults; returns the test embeddings its run logged."""
     import mlflow
 
-    from experiments.runner import run_experiment
+    from experiments.train.run import run_experiment
 
     uri = f"sqlite:///{store}"
     result = run_experiment(tripletlab_config(setting, seed, epochs, overrides), tracking_uri=uri,

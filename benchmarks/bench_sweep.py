@@ -99,7 +99,7 @@ def run_sweep(config: str, overrides: list[str], workers: int | None, work_dir: 
               timeout: float | None = None) -> tuple[list[str], float, int]:
     """Run the sweep CLI in ``work_dir``; returns the command, its wall seconds and exit status
     (``TIMED_OUT`` when it ran past ``timeout`` seconds and was stopped)."""
-    command = [sys.executable, "-m", "experiments.cli", "sweep", "--config", config, *overrides,
+    command = [sys.executable, "-m", "tripletlab.cli", "sweep", "--config", config, *overrides,
                "--output-dir", str(work_dir / "runs"), "--tracking-uri", f"sqlite:///{work_dir / 'mlflow.db'}"]
     if workers:
         command += ["--workers", str(workers)]

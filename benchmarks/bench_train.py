@@ -3,19 +3,19 @@ PyTorch DataLoader loop, on the same CNN, the same PK batch shape, loss and opti
 
     python -m benchmarks.bench_train --fashion-mnist DIR --omniglot FILE.npz [--quick]
 
-Setting (both datasets, 3 epochs): the small CNN of ``experiments.models`` (64-d, L2-normalised),
+Setting (both datasets, 3 epochs): the small CNN of ``experiments.models.image`` (64-d, L2-normalised),
 batch-hard triplet loss with margin 0.1 on L2-normalised euclidean distances averaged over the
 non-zero terms (PML: ``TripletMarginLoss(margin=0.1)`` + ``BatchHardMiner``), Adam at 1e-3 with a
 constant rate. Batches of 128: P=8 x K=16 on Fashion-MNIST (standard split: the official test
 set), P=32 x K=4 on Omniglot (28x28, class-disjoint halves of the background set).
 
-- ``tripletlab``: ``experiments.trainer.train`` (uint8 images on the device, PK indices, no workers).
+- ``tripletlab``: ``experiments.train.loop.train`` (uint8 images on the device, PK indices, no workers).
 - ``pml``: ``trainers.MetricLossOnly`` with ``MPerClassSampler(m=K)`` and 2 DataLoader workers.
 - ``dataloader``: a plain loop over a DataLoader (2 workers) yielding tripletlab's PK batches.
 
 The three are interleaved epoch by epoch (the order rotates) so that load from other processes
 hits them alike; each starts from the same initial weights. Test P@1, R-precision and MAP@R come
-from ``experiments.metrics`` (equal to PML's ``AccuracyCalculator``), also for the untrained net.
+from ``experiments.eval.retrieval`` (equal to PML's ``AccuracyCalculator``), also for the untrained net.
 Results go to ``benchmarks/results/train-<device>.{md,json}``.
 """
 from __future__ import annotations
@@ -38,13 +38,13 @@ from pathlib import Path
 import torch
 
 from experiments.config import from_dict
-from experiments.datasets import load_dataset
-from experiments.device_data import DeviceImages
-from experiments.evaluation import VAL_METRICS, embed_split, validation_metrics
-from experiments.models import build_model
-from experiments.provenance import git_commit
-from experiments.sampler import PKSampler
-from experiments.trainer import pick_device, train
+from experiments.data.registry import load_dataset
+from experiments.data.device_data import DeviceImages
+from experiments.eval.run_metrics import VAL_METRICS, embed_split, validation_metrics
+from experiments.models.image import build_model
+from experiments.tracking.provenance import git_commit
+from experiments.data.sampler import PKSampler
+from experiments.train.loop import pick_device, train
 from losses import build_loss
 
 from .bench_losses import describe_device, device_slug

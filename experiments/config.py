@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from experiments.datasets.imaging import parse_image_size
-from experiments.splits import DEFAULT_SPLIT
+from experiments.data.imaging import parse_image_size
+from experiments.data.splits import DEFAULT_SPLIT
 from losses import validate_params
 
 CONFIG_DIR = Path(__file__).parent / "configs"

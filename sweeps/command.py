@@ -13,10 +13,11 @@ from pathlib import Path
 
 import optuna
 
-from experiments.crossmodal import is_paired, load_paired
-from experiments.datasets import load_dataset
-from experiments.folds import class_folds, training_pool
-from experiments.tracking import mask_secrets, resolve_tracking_uri
+from experiments.data.paired import is_paired, load_paired
+from experiments.data.registry import load_dataset
+from experiments.data.folds import class_folds, training_pool
+from experiments.tracking.secrets import mask_secrets
+from experiments.tracking.store import resolve_tracking_uri
 
 from .config import load_sweep_config
 from .context import SweepContext

@@ -109,7 +109,7 @@ def final_tasks(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> list
 def run_final(ctx: SweepContext, storage: optuna.storages.BaseStorage, loss: str, seed: int) -> str | None:
     """Retrain ``loss``'s best configuration with ``seed`` and test it; a failure is reported and
     returned (the error as one line), not raised."""
-    from experiments.runner import run_experiment
+    from experiments.train.run import run_experiment
 
     best = best_trial(optuna.load_study(study_name=ctx.study_name(loss), storage=storage))
     cfg = trial_experiment(base_experiment(ctx), best_values(ctx, loss, best), seed)

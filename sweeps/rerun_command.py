@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
 
     from analysis.load import existing_store_uri, find_experiment
     from experiments.config import load_config
-    from experiments.runner import run_experiment
+    from experiments.train.run import run_experiment
 
     uri = existing_store_uri(args.tracking_uri)
     client = MlflowClient(tracking_uri=uri)

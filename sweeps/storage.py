@@ -36,7 +36,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from experiments.tracking import mask_secrets
+from experiments.tracking.secrets import mask_secrets
 
 JOURNAL_NAME = "optuna.journal"
 WORKER_ATTRS = ("worker_host", "worker_pid", "heartbeat", "fail_reason", "mlflow_run_id", "retry")

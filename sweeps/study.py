@@ -5,7 +5,7 @@ validation MAP@R of the model that would be tested (validation split only, as th
 protocol asks). Every epoch reports val MAP@R to the pruner and refreshes the trial's heartbeat.
 
 With ``folds`` > 1 a trial trains one model per class-disjoint fold of the training classes
-(``experiments.fold_run``) and returns the mean of the folds' val MAP@R. ``wilcoxon`` (Optuna's
+(``experiments.train.cross_validation``) and returns the mean of the folds' val MAP@R. ``wilcoxon`` (Optuna's
 WilcoxonPruner) gets each fold's val MAP@R at step = fold index, once the fold is trained, and
 compares it with the best trial's same fold; the other pruners get, at step
 ``fold * epochs + epoch``, the running mean: the trained folds' val MAP@R and the current fold's
@@ -29,8 +29,8 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.config import ExperimentConfig, apply, from_dict
-from experiments.interrupts import raise_if_interrupted
-from experiments.tracking import mask_secrets
+from experiments.train.interrupts import raise_if_interrupted
+from experiments.tracking.secrets import mask_secrets
 
 from .context import SweepContext
 from .space import SearchSpace
@@ -151,7 +151,7 @@ class Objective:
             trial.report(val_metrics["map_at_r"], fold)
             return fold < folds - 1 and trial.should_prune()  # a fully trained trial is kept
 
-        from experiments.runner import run_experiment
+        from experiments.train.run import run_experiment
 
         try:
             cfg = trial_experiment(self.base, values, self.ctx.sweep.seed)

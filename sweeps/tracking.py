@@ -12,8 +12,8 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from experiments.provenance import provenance_tags
-from experiments.tracking import get_or_create_experiment, prepare_store
+from experiments.tracking.provenance import provenance_tags
+from experiments.tracking.store import get_or_create_experiment, prepare_store
 
 from .context import SweepContext
 from .storage import claim_alive, final_claim

@@ -29,7 +29,7 @@ from analysis.embeddings import overlap_area, pair_distances, subsample
 from analysis.load import find_experiment, load_sweep
 from analysis.report import build_report
 from helpers.analysis_fixture import build_logged_sweep, copy_store
-from experiments.cli import main as cli_main
+from tripletlab.cli import main as cli_main
 from helpers.sweep_fixture import working_directory
 
 FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget", "geometry", "cost")
@@ -55,11 +55,11 @@ def analysed(tiny_sweep, tmp_path_factory):
     root = tmp_path_factory.mktemp("analysed") / "sweep"
     uri = copy_store(tiny_sweep.root, root)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRIPLETLAB_PROGRESS": "0"}
-    rerun = subprocess.run([sys.executable, "-m", "experiments.cli", "rerun", "--loss", tiny_sweep.losses[0],
+    rerun = subprocess.run([sys.executable, "-m", "tripletlab.cli", "rerun", "--loss", tiny_sweep.losses[0],
                             "--times", "1", "--tracking-uri", uri], cwd=root, capture_output=True, text=True,
                            env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    done = subprocess.run([sys.executable, "-m", "experiments.cli", "analyze", "--tracking-uri", uri,
+    done = subprocess.run([sys.executable, "-m", "tripletlab.cli", "analyze", "--tracking-uri", uri,
                            "--baseline", tiny_sweep.losses[0]], cwd=root, capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr

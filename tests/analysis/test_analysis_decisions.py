@@ -19,7 +19,7 @@ from analysis.noise import noise_floor, rerun_spread
 from analysis.per_class import class_comparison, class_comparisons, class_map_at_r
 from analysis.paired import compare, decision_line, paired_comparisons, seeds_needed, t_test_power, wilcoxon_p_value
 from analysis.query_scores import average_precision_at_r, bootstrap_interval
-from experiments.metrics import retrieval_metrics
+from experiments.eval.retrieval import retrieval_metrics
 
 
 def simulated_power(n: int, delta: float, sd: float, runs: int = 40_000, seed: int = 0) -> float:

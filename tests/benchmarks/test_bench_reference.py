@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.bench_reference import METRICS, SIDES, TextbookNet, main, pml_accuracy
-from experiments.metrics import retrieval_metrics
+from experiments.eval.retrieval import retrieval_metrics
 
 
 def _omniglot(path, rng, classes=16, drawers=4):

@@ -13,12 +13,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from experiments.cli import main as cli_main
+from tripletlab.cli import main as cli_main
 from experiments.config import load_config
-from experiments.models import build_model
-from experiments.runner import NonFiniteLossError, run_experiment
-from experiments.tracking import prepare_store
-from experiments.trainer import load_checkpoint
+from experiments.models.image import build_model
+from experiments.train.run import NonFiniteLossError, run_experiment
+from experiments.tracking.store import prepare_store
+from experiments.train.loop import load_checkpoint
 from losses import STAT_NAMES
 
 TINY = ["epochs=2", "dataset.max_per_class=24", "batch.p=4", "batch.k=4", "model.embedding_dim=16", "device=cpu"]
@@ -121,9 +121,9 @@ def test_same_seed_gives_identical_metrics(store):
 def test_training_beats_the_untrained_network(store):
     cfg = load_config(None, ["epochs=3", "dataset.max_per_class=60", "device=cpu"])
     result = store.run(cfg)
-    from experiments.datasets import load_dataset
-    from experiments.device_data import DeviceImages
-    from experiments.evaluation import embed_split, validation_metrics
+    from experiments.data.registry import load_dataset
+    from experiments.data.device_data import DeviceImages
+    from experiments.eval.run_metrics import embed_split, validation_metrics
 
     test = load_dataset(cfg.dataset, cfg.seed).test
     untrained = build_model("auto", 1, (8, 8), cfg.model.embedding_dim, True, cfg.seed)

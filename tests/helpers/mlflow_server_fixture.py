@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers.postgres_fixture import free_port
 
-from experiments.server import server_url, start_server, stop_server, wait_until_ready
+from experiments.tracking.server import server_url, start_server, stop_server, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT = 180  # seconds; a cold start migrates the schema, slow on a busy 2-core machine
@@ -74,7 +74,7 @@ def mlflow_server(postgres_server, tmp_path_factory):
 def sweep_command(name: str, storage: str, tracking_uri: str, output_dir: Path, workers: int,
                   trials: int, extra: list[str] = ()) -> list[str]:
     """``tripletlab sweep`` for one loss, tiny trials, a short heartbeat so dead workers are seen fast."""
-    return [sys.executable, "-m", "experiments.cli", "sweep", "--config", "quick", f"name={name}",
+    return [sys.executable, "-m", "tripletlab.cli", "sweep", "--config", "quick", f"name={name}",
             "losses=[batch_hard]", f"trials={trials}", "seeds=1", "heartbeat_interval=1", "grace_period=3",
             *TINY_TRIAL, *extra, "--workers", str(workers), "--storage", storage,
             "--tracking-uri", tracking_uri, "--output-dir", str(output_dir)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import main as cli_main
+from tripletlab.cli import main as cli_main
 
 TINY_LOSSES = ("batch_hard", "multi_similarity")
 TINY_SETTINGS = ["trials=3", "seeds=2", "epochs=1", "pruner=none", "model.embedding_dim=16",

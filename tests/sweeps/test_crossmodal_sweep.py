@@ -4,7 +4,7 @@ import sys
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from experiments.cli import main
+from tripletlab.cli import main
 
 
 def test_crossmodal_sweep_and_report(tmp_path, monkeypatch):

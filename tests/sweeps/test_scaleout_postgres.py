@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from helpers.mlflow_server_fixture import finish, start_sweep, sweep_command
 from optuna.trial import TrialState
 
-from experiments.server import DEFAULT_HOST, build_parser, server_command
+from experiments.tracking.server import DEFAULT_HOST, build_parser, server_command
 from sweeps.storage import AdvisoryLock, budget_lock, open_storage
 
 pytestmark = pytest.mark.postgres

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from experiments.cli import main as cli_main
+from tripletlab.cli import main as cli_main
 from helpers.sweep_fixture import run_sweep, sweep_args, working_directory
 from sweeps.storage import BudgetLock, budget_trials, open_storage, recover_stale_trials, stale_reason
 

@@ -13,9 +13,9 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from experiments.cli import main as cli_main
+from tripletlab.cli import main as cli_main
 from experiments.config import from_dict
-from experiments.runner import build_run_model
+from experiments.train.run import build_run_model
 from helpers.sweep_fixture import TINY_LOSSES, run_sweep, sweep_args, working_directory
 from sweeps.config import load_sweep_config
 from sweeps.context import SweepContext

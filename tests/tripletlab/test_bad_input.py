@@ -7,7 +7,6 @@ loss name) and checks the exit status and the one line on stderr, with no traceb
 from __future__ import annotations
 
 import gzip
-import importlib
 import re
 import struct
 import warnings
@@ -23,11 +22,11 @@ from mlflow import MlflowClient
 from PIL import Image
 from helpers.postgres_fixture import free_port
 
-from experiments.cli import build_parser
-from experiments.cli import main as cli_main
-from experiments.datasets.base import LabeledImages
-from experiments.paired_data import load_paired_file
-from experiments.tracking import prepare_store
+from tripletlab.cli import build_parser
+from tripletlab.cli import main as cli_main
+from experiments.data.base import LabeledImages
+from experiments.data.captions import load_paired_file
+from experiments.tracking.store import prepare_store
 from losses.plugins import PluginWarning, load_plugins
 
 TINY = ["epochs=1", "dataset.max_per_class=20", "model.embedding_dim=8", "batch.p=3", "batch.k=4",
@@ -58,7 +57,7 @@ def invoke(argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("error", PluginWarning)  # a plugin that fails to load becomes the error
         load_plugins([*args.plugin, *args.sub_plugin])
-    return importlib.import_module(args._module).main(args)
+    return args._load().main(args)
 
 
 # --- files with one thing wrong, written by the cases ------------------------------------------

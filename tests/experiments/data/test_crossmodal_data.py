@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.paired_data import Vocabulary, digit_captions, load_digits_paired, load_paired_file, measure_digits
+from experiments.data.captions import Vocabulary, digit_captions, load_digits_paired, load_paired_file, measure_digits
 
 
 def test_digits_captions_name_the_digit_and_vary_per_image():

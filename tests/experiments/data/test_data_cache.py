@@ -16,15 +16,15 @@ import torch
 from PIL import Image
 
 from experiments.config import ExperimentConfig
-from experiments.datasets import load_dataset
-from experiments.datasets.base import LabeledImages
-from experiments.datasets.decode_cache import CACHE_ENV, decoded_images
-from experiments.datasets.image_decoding import read_resized
-from experiments.datasets.image_folder import load_image_folder
-from experiments.device_data import DeviceImages
-from experiments.models import build_model
-from experiments.sampler import PKSampler
-from experiments.trainer import train
+from experiments.data.registry import load_dataset
+from experiments.data.base import LabeledImages
+from experiments.data.decode_cache import CACHE_ENV, decoded_images
+from experiments.data.image_decoding import read_resized
+from experiments.data.formats.image_folder import load_image_folder
+from experiments.data.device_data import DeviceImages
+from experiments.models.image import build_model
+from experiments.data.sampler import PKSampler
+from experiments.train.loop import train
 from losses import build_loss
 
 SIZE = (12, 10)
@@ -118,7 +118,7 @@ def test_two_processes_loading_at_once_decode_once(tmp_path, cache):
 import sys, time
 from pathlib import Path
 import numpy as np, torch
-import experiments.datasets.decode_cache as cache
+import experiments.data.decode_cache as cache
 build = cache._build
 def counted(*args):
     with open({str(log)!r}, "a") as out:
@@ -128,7 +128,7 @@ def counted(*args):
 cache._build = counted
 while not Path({str(go)!r}).exists():
     time.sleep(0.01)
-from experiments.datasets.image_folder import load_image_folder
+from experiments.data.formats.image_folder import load_image_folder
 source = load_image_folder(Path({str(tmp_path / "data")!r}), {SIZE!r})
 sys.stdout.write(source.images.gather(torch.arange(len(source.labels))).numpy().tobytes().hex())
 """

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from experiments.config import ExperimentConfig
-from experiments.datasets import dataset_path, env_var, list_datasets, load_dataset
-from experiments.splits import cap_per_class, class_disjoint_split, standard_split
+from experiments.data.registry import dataset_path, env_var, list_datasets, load_dataset
+from experiments.data.splits import cap_per_class, class_disjoint_split, standard_split
 
 
 def cfg(**values):

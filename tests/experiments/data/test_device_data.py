@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.datasets.base import LabeledImages
-from experiments.device_data import DeviceImages
+from experiments.data.base import LabeledImages
+from experiments.data.device_data import DeviceImages
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -16,10 +16,10 @@ from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from experiments.cli import main as cli_main
+from tripletlab.cli import main as cli_main
 from experiments.config import DatasetConfig
-from experiments.datasets import load_dataset
-from experiments.folds import class_folds, fold_parts, training_pool
+from experiments.data.registry import load_dataset
+from experiments.data.folds import class_folds, fold_parts, training_pool
 from helpers.sweep_fixture import run_sweep, working_directory
 from sweeps.storage import open_storage
 

@@ -20,12 +20,12 @@ from PIL import Image
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from experiments.config import load_config
-from experiments.datasets import load_dataset
-from experiments.evaluation import test_metrics as evaluate_test
-from experiments.metrics import retrieval_metrics
-from experiments.runner import run_experiment
-from experiments.splits import official_split
-from experiments.tracking import prepare_store
+from experiments.data.registry import load_dataset
+from experiments.eval.run_metrics import test_metrics as evaluate_test
+from experiments.eval.retrieval import retrieval_metrics
+from experiments.train.run import run_experiment
+from experiments.data.splits import official_split
+from experiments.tracking.store import prepare_store
 
 
 def cfg(**values):

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-from experiments.sampler import PKSampler
+from experiments.data.sampler import PKSampler
 
 
 def balanced_labels(classes: int = 10, per_class: int = 8) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from experiments.crossmodal_metrics import paired_ranks
+from experiments.eval.crossmodal import paired_ranks
 
 
 def brute_force_ranks(q, items):

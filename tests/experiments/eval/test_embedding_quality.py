@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.embedding_quality import alignment_uniformity, embedding_quality, triplet_statistics
+from experiments.eval.embedding_quality import alignment_uniformity, embedding_quality, triplet_statistics
 from losses.distances import pairwise_distances
 
 

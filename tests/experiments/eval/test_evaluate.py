@@ -6,10 +6,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from experiments.cli import main as cli_main
-from experiments.models import build_model
-from experiments.tracking import prepare_store
-from experiments.trainer import checkpoint_config, save_checkpoint
+from tripletlab.cli import main as cli_main
+from experiments.models.image import build_model
+from experiments.tracking.store import prepare_store
+from experiments.train.loop import checkpoint_config, save_checkpoint
 from helpers.sweep_fixture import working_directory
 
 TRAIN = ["train", "epochs=1", "model.embedding_dim=16", "batch.p=8", "batch.k=4", "dataset.max_per_class=40",

@@ -1,4 +1,4 @@
-"""Embedding geometry per epoch (experiments.geometry) against NumPy, SciPy and brute-force loops."""
+"""Embedding geometry per epoch (experiments.eval.geometry) against NumPy, SciPy and brute-force loops."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from experiments.geometry import GEOMETRY_KEYS, embedding_geometry, spectral_decay
+from experiments.eval.geometry import GEOMETRY_KEYS, embedding_geometry, spectral_decay
 
 
 def test_spectral_decay_is_kl_of_uniform_to_the_normalised_singular_values():

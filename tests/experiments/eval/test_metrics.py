@@ -10,8 +10,8 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from experiments.clustering import kmeans, normalized_mutual_info
-from experiments.metrics import _top_k_indices, retrieval_metrics
+from experiments.eval.clustering import kmeans, normalized_mutual_info
+from experiments.eval.retrieval import _top_k_indices, retrieval_metrics
 
 PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
              "map_at_r": "mean_average_precision_at_r"}

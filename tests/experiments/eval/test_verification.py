@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from experiments.verification import (best_threshold, cross_validated_accuracy, pair_scores,
+from experiments.eval.verification import (best_threshold, cross_validated_accuracy, pair_scores,
                                       roc_auc, stratified_folds, tar_at_far, verification_metrics)
 
 

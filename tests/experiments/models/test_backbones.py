@@ -9,15 +9,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from experiments.backbones import IMAGENET_MEAN, IMAGENET_STD, LibraryBackbone, input_options, \
+from experiments.models.backbones import IMAGENET_MEAN, IMAGENET_STD, LibraryBackbone, input_options, \
     load_backbone_weights, replace_classifier
 from experiments.config import load_config
-from experiments.datasets.base import LabeledImages
-from experiments.device_data import DeviceImages
-from experiments.models import build_model
-from experiments.runner import run_experiment
-from experiments.sampler import PKSampler
-from experiments.trainer import train
+from experiments.data.base import LabeledImages
+from experiments.data.device_data import DeviceImages
+from experiments.models.image import build_model
+from experiments.train.run import run_experiment
+from experiments.data.sampler import PKSampler
+from experiments.train.loop import train
 from losses import build_loss
 
 # torchvision's documented sizes with the 1000-way ImageNet classifier (ResNet18_Weights /

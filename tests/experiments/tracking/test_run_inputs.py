@@ -10,10 +10,10 @@ import pytest
 from mlflow import MlflowClient
 
 from experiments.config import load_config
-from experiments.dataset_inputs import dataset_inputs, log_dataset_inputs
-from experiments.tracking import get_or_create_experiment
-from experiments.runner import run_experiment
-from experiments.system_metrics import SWITCH
+from experiments.tracking.dataset_inputs import dataset_inputs, log_dataset_inputs
+from experiments.tracking.store import get_or_create_experiment
+from experiments.train.run import run_experiment
+from experiments.tracking.system_metrics import SWITCH
 
 TINY = ["epochs=1", "dataset.max_per_class=24", "batch.p=4", "batch.k=4", "model.embedding_dim=8", "device=cpu"]
 DIGITS_INFO = {"dataset": "digits", "source": "scikit-learn load_digits", "split": "class-disjoint", "seed": 0,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments.provenance import git_commit, library_versions, provenance_tags
-from experiments.tracking import (RunLogger, get_or_create_experiment, mask_secrets, prepare_store,
-                                  resolve_tracking_uri)
+from experiments.tracking.provenance import git_commit, library_versions, provenance_tags
+from experiments.tracking.secrets import mask_secrets
+from experiments.tracking.store import RunLogger, get_or_create_experiment, prepare_store, resolve_tracking_uri
 
 
 @pytest.mark.parametrize("text, masked", [

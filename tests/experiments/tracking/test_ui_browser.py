@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from helpers.postgres_fixture import free_port
 
-from experiments.server import server_url, start_server, stop_server, wait_until_ready
+from experiments.tracking.server import server_url, start_server, stop_server, wait_until_ready
 from sweeps.tracking import RUNS_VIEW_COLUMNS, runs_view_path
 
 pytestmark = pytest.mark.browser

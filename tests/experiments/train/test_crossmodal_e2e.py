@@ -5,7 +5,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments.config import load_config
-from experiments.runner import run_experiment
+from experiments.train.run import run_experiment
 
 
 @pytest.fixture(scope="module")

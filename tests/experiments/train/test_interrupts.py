@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from experiments.interrupts import interrupts_recorded, raise_if_interrupted
+from experiments.train.interrupts import interrupts_recorded, raise_if_interrupted
 
 
 def _sigint_swallowed():

@@ -1,11 +1,11 @@
-"""The loss cost probe (experiments.loss_cost): storage counted against known allocations, and
+"""The loss cost probe (experiments.train.loss_cost): storage counted against known allocations, and
 the cost metrics every run logs."""
 from __future__ import annotations
 
 import torch
 from mlflow import MlflowClient
 
-from experiments.loss_cost import StoragePeak, loss_cost, loss_peak_bytes
+from experiments.train.loss_cost import StoragePeak, loss_cost, loss_peak_bytes
 from losses import build_loss
 
 

@@ -5,9 +5,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from experiments.models import SmallCNN, SmallResNet, build_model
+from experiments.models.image import SmallCNN, SmallResNet, build_model
 from experiments.config import load_config
-from experiments.trainer import load_checkpoint, make_scheduler, pick_device, save_checkpoint, warmup_schedule
+from experiments.train.loop import load_checkpoint, make_scheduler, pick_device, save_checkpoint, warmup_schedule
 
 
 @pytest.mark.parametrize("size, channels, kind", [((8, 8), 1, SmallCNN), ((28, 28), 1, SmallCNN),

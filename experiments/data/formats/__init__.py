@@ -1,0 +1,1 @@
+"""One reader per dataset file format, each returning :class:`experiments.data.base.LabeledImages`."""

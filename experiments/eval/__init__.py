@@ -1,0 +1,2 @@
+"""Evaluation: retrieval metrics, clustering, face verification, embedding quality and geometry,
+cross-modal retrieval."""

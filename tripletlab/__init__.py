@@ -1,0 +1,1 @@
+"""The ``tripletlab`` command line, above every package it dispatches to."""

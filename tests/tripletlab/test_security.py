@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from experiments.config import load_config
-from experiments.server import build_parser
-from experiments.trainer import load_checkpoint
-from experiments.tracking import mask_secrets
+from experiments.tracking.server import build_parser
+from experiments.train.loop import load_checkpoint
+from experiments.tracking.secrets import mask_secrets
 from sweeps.config import load_sweep_config
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE_DIRS = ("losses", "experiments", "sweeps", "analysis", "benchmarks", "examples")
+SOURCE_DIRS = ("losses", "experiments", "sweeps", "analysis", "benchmarks", "examples", "tripletlab")
 SERVER_TARGETS = ("server", "ui", "dashboard")
 
 
@@ -43,7 +43,7 @@ def calls(path: Path):
 def test_password_in_storage_url_is_never_logged(postgres_url, tmp_path):
     password = unquote(urlsplit(postgres_url).password or "")
     assert len(password) >= 8, "the test database URL needs a password to look for"
-    command = [sys.executable, "-m", "experiments.cli", "sweep", "--config", "quick", "name=secret",
+    command = [sys.executable, "-m", "tripletlab.cli", "sweep", "--config", "quick", "name=secret",
                "losses=[batch_hard]", "trials=1", "seeds=1", "epochs=1", "dataset.max_per_class=20",
                "model.embedding_dim=8", "batch.p=3", "batch.k=4", "--workers", "1",
                "--storage", postgres_url, "--tracking-uri", "sqlite:///mlflow.db", "--output-dir", "runs"]

@@ -23,6 +23,11 @@ class _FromInit:
 FROM_INIT: Any = _FromInit()
 
 
+def from_init(default: Any) -> bool:
+    """Whether a declared default is :data:`FROM_INIT` (to be taken from the loss's ``__init__``)."""
+    return isinstance(default, _FromInit)
+
+
 def _format(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 

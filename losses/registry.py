@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from .base import MetricLoss
-from .params import FROM_INIT, HyperParam
+from .params import HyperParam, from_init
 
 ENTRY_POINT_GROUP = "tripletlab.losses"
 ENV_VAR = "TRIPLETLAB_PLUGINS"
@@ -100,7 +100,7 @@ def declared_params(name: str, cls: type) -> tuple[HyperParam, ...]:
             raise ValueError(f"loss {name!r} declares hyperparameter {p.name!r} but {cls.__name__}.__init__ "
                              f"does not take it")
         init_default = inspect.Parameter.empty if arg is None else arg.default
-        if p.default is FROM_INIT:
+        if from_init(p.default):
             if init_default is inspect.Parameter.empty:
                 raise ValueError(f"loss {name!r}: give {p.name!r} a default in {cls.__name__}.__init__")
             p = replace(p, default=init_default)

@@ -6,16 +6,21 @@ fixed at the default). A sweep config may narrow or fix any of them (``loss_over
 shared training parameters (``search``), written as
 
 - ``{low: 0.1, high: 0.5}`` (optionally ``log: true``, ``step: ...``): a numeric range,
-- ``[hard, semi-hard]``: categorical choices,
+- ``[hard-triplets, semi-hard-triplets]``: categorical choices,
 - a plain value: fixed, not tuned.
 
 Optuna parameters are named by their experiment config key (``loss.margin``, ``optimizer.lr``), so
 a trial's parameters apply to the experiment config as they are.
+
+A loss parameter declared with a condition (``HyperParam.when``, e.g. Multi-Similarity's ``epsilon``
+only with ``miner=True``) is sampled only in trials where the condition holds on the values already
+chosen (sampled, fixed or default); elsewhere it is absent from the trial and stays at its default.
+A condition that the fixed values make false for every trial drops the parameter from the space.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -25,7 +30,8 @@ from losses import HyperParam, loss_info
 
 @dataclass(frozen=True)
 class Dimension:
-    """One tuned parameter: a numeric range (``kind`` ``float``/``int``) or categorical ``choices``."""
+    """One tuned parameter: a numeric range (``kind`` ``float``/``int``) or categorical ``choices``,
+    sampled only where each ``(key, allowed values)`` pair of ``when`` holds."""
 
     key: str
     kind: str  # "float" | "int" | "categorical"
@@ -34,6 +40,11 @@ class Dimension:
     log: bool = False
     step: float | None = None
     choices: tuple | None = None
+    when: tuple[tuple[str, tuple], ...] = ()
+
+    def applies(self, values: dict[str, Any]) -> bool:
+        """Whether the condition holds on the config ``values`` chosen so far."""
+        return all(values[key] in allowed for key, allowed in self.when)
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.kind == "categorical":
@@ -44,23 +55,32 @@ class Dimension:
 
     def describe(self) -> str:
         if self.kind == "categorical":
-            return "{" + ", ".join(map(str, self.choices)) + "}"
-        scale = " log" if self.log else ""
-        return f"[{self.low:g}, {self.high:g}]{scale}"
+            text = "{" + ", ".join(map(str, self.choices)) + "}"
+        else:
+            text = f"[{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
+        conditions = [f"{key}={allowed[0]}" if len(allowed) == 1 else f"{key} in {{{', '.join(map(str, allowed))}}}"
+                      for key, allowed in self.when]
+        return f"{text} when {' and '.join(conditions)}" if conditions else text
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What a trial of one loss tunes (``dimensions``) and what it keeps fixed (``fixed``)."""
+    """What a trial of one loss tunes (``dimensions``) and what it keeps fixed (``fixed``);
+    ``defaults`` are the loss parameters' declared defaults, which conditions read when a parameter
+    is neither tuned nor fixed."""
 
     loss: str
     dimensions: tuple[Dimension, ...]
     fixed: dict[str, Any]
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        """Config values for ``trial``: ``loss.name``, the fixed values and one sample per dimension."""
+        """Config values for ``trial``: ``loss.name``, the fixed values and one sample per dimension
+        whose condition holds (dimensions come after the parameters their conditions name)."""
         values = {"loss.name": self.loss, **self.fixed}
-        values.update({d.key: d.suggest(trial) for d in self.dimensions})
+        for d in self.dimensions:
+            if d.applies({**self.defaults, **values}):
+                values[d.key] = d.suggest(trial)
         return values
 
     def describe(self) -> dict[str, str]:
@@ -151,6 +171,7 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
         raise ValueError(f"loss_overrides.{loss} names unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
     dimensions: list[Dimension] = []
     fixed: dict[str, Any] = {}
+    defaults = {f"loss.{p.name}": p.default for p in info.params}
     for param in info.params:
         if param.name in overrides:
             dim, value = _loss_dimension(loss, param, overrides[param.name])
@@ -159,8 +180,15 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
                 continue
         else:
             dim = _declared(param, f"loss.{param.name}")
-        if dim is not None:
-            dimensions.append(dim)
+        if dim is None:
+            continue
+        tuned = {d.key for d in dimensions}
+        when = tuple((f"loss.{name}", allowed) for name, allowed in param.when)
+        if all(key not in tuned for key, _ in when):  # decided by fixed and default values alone
+            if not all({**defaults, **fixed}[key] in allowed for key, allowed in when):
+                continue
+            when = ()
+        dimensions.append(replace(dim, when=when))
     for key, spec in search.items():
         if key == "loss" or key.startswith("loss."):
             raise ValueError(f"search key {key!r}: tune loss parameters under loss_overrides.<loss>.<param>, "
@@ -172,4 +200,4 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
             dimensions.append(Dimension(key, "categorical", choices=tuple(spec)))
         else:
             fixed[key] = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
-    return SearchSpace(loss, tuple(dimensions), fixed)
+    return SearchSpace(loss, tuple(dimensions), fixed, defaults)

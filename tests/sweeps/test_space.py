@@ -43,12 +43,13 @@ def test_space_mirrors_the_loss_declaration(loss):
 def test_overrides_narrow_fix_and_add_per_loss_settings():
     space = build_space(
         "triplet", search={"optimizer.lr": {"low": "1e-4", "high": "1e-2", "log": True}, "batch.k": {"low": 4, "high": 8}},
-        overrides={"margin": {"low": 0.1, "high": 0.3}, "mining": ["hard", "semi-hard"], "distance": "cosine",
+        overrides={"margin": {"low": 0.1, "high": 0.3}, "mining": ["hard-triplets", "semi-hard-triplets"],
+                   "distance": "cosine",
                    "normalize": [True], "optimizer.weight_decay": 0.0},
     )
     dims = {d.key: d for d in space.dimensions}
     assert (dims["loss.margin"].low, dims["loss.margin"].high) == (0.1, 0.3)
-    assert dims["loss.mining"].choices == ("hard", "semi-hard")
+    assert dims["loss.mining"].choices == ("hard-triplets", "semi-hard-triplets")
     assert (dims["optimizer.lr"].low, dims["optimizer.lr"].high, dims["optimizer.lr"].log) == (1e-4, 1e-2, True)
     assert dims["batch.k"].kind == "int"
     assert space.fixed == {"loss.distance": "cosine", "loss.normalize": True, "optimizer.weight_decay": 0.0}
@@ -67,7 +68,51 @@ def test_sampled_values_lie_in_the_space_and_apply_to_the_experiment_config():
         assert 1e-4 <= cfg.optimizer.lr <= 1e-2
         assert 0.01 <= cfg.loss.params["alpha"] <= 20.0 and 1.0 <= cfg.loss.params["beta"] <= 100.0
         study.tell(trial, float(cfg.optimizer.lr))
-    assert set(study.best_params) == {"loss.alpha", "loss.beta", "loss.base", "loss.epsilon", "optimizer.lr"}
+    # epsilon only matters with the miner, which this sweep fixes off: it is not tuned at all
+    assert set(study.best_params) == {"loss.alpha", "loss.beta", "loss.base", "optimizer.lr"}
+    assert "loss.epsilon" not in {d.key for d in space.dimensions}
+
+
+def sample(space, trials=30):
+    """``(trial.params, suggested values)`` of ``trials`` trials of an in-memory Optuna study."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1), direction="maximize")
+    out = []
+    for _ in range(trials):
+        trial = study.ask()
+        values = space.suggest(trial)
+        study.tell(trial, 0.0)
+        out.append((study.trials[-1].params, values))
+    return out
+
+
+def test_conditioned_parameters_are_sampled_only_when_their_condition_holds():
+    trials = sample(build_space("multi_similarity"))
+    assert {params["loss.miner"] for params, _ in trials} == {True, False}
+    for params, values in trials:
+        assert ("loss.epsilon" in params) == params["loss.miner"]
+        assert ("loss.epsilon" in values) == params["loss.miner"]  # absent: the loss keeps its default 0.1
+        assert set(params) >= {"loss.alpha", "loss.beta", "loss.base"}
+    trials = sample(build_space("triplet"))
+    assert {params["loss.distance"] for params, _ in trials} == {"euclidean", "squared_euclidean", "cosine"}
+    for params, _ in trials:
+        assert ("loss.normalize" in params) == (params["loss.distance"] != "cosine")
+    assert build_space("triplet").describe()["loss.normalize"] == (
+        "{True, False} when loss.distance in {euclidean, squared_euclidean}")
+
+
+def test_curriculum_parameters_follow_the_mining_strategy():
+    overrides = {"mining": ["all", "curriculum"], "curriculum_start": {"low": 0.0, "high": 0.5},
+                 "curriculum_end": {"low": 0.5, "high": 1.0}}
+    trials = sample(build_space("triplet", overrides=overrides))
+    assert {params["loss.mining"] for params, _ in trials} == {"all", "curriculum"}
+    for params, _ in trials:
+        curriculum = params["loss.mining"] == "curriculum"
+        assert ("loss.curriculum_start" in params) == curriculum and ("loss.curriculum_end" in params) == curriculum
+    fixed_off = build_space("triplet", overrides={"mining": "hard-triplets", "curriculum_start": {"low": 0, "high": 1}})
+    assert "loss.curriculum_start" not in {d.key for d in fixed_off.dimensions}
+    fixed_on = build_space("triplet", overrides={"mining": "curriculum", "curriculum_start": {"low": 0, "high": 1}})
+    start = next(d for d in fixed_on.dimensions if d.key == "loss.curriculum_start")
+    assert start.when == () and all("loss.curriculum_start" in params for params, _ in sample(fixed_on, 5))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -75,7 +120,8 @@ def test_sampled_values_lie_in_the_space_and_apply_to_the_experiment_config():
     ({"margin": -1.0}, "triplet.margin must be in"),
     ({"margin": {"low": 0.5, "high": 0.1}}, "needs low < high"),
     ({"mining": {"low": 0, "high": 1}}, "is categorical"),
-    ({"mining": ["hard", "sideways"]}, "triplet.mining must be one of"),
+    ({"mining": ["hard-triplets", "sideways"]}, "triplet.mining must be one of"),
+    ({"mining": ["hard"]}, "triplet.mining must be one of"),
     ({"margin": {"low": 0.1}}, "must be {low: ..., high: ..."),
 ])
 def test_bad_loss_overrides_name_the_parameter(overrides, message):

@@ -12,6 +12,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from experiments.config import from_dict as experiment_from_dict
 from experiments.tracking.provenance import provenance_tags
 from experiments.tracking.store import get_or_create_experiment, prepare_store
 
@@ -29,10 +30,11 @@ def _find_or_create(client: MlflowClient, experiment_id: str, run_name: str, tag
 
 
 def _identity(ctx: SweepContext, role: str) -> dict[str, str]:
-    dataset = ctx.sweep.experiment.get("dataset", {})
+    """The tags naming a sweep's parent or summary run; dataset and split as the runs resolve them
+    (the experiment config's defaults where the sweep config leaves them out)."""
+    dataset = experiment_from_dict(ctx.sweep.experiment).dataset
     return {"tripletlab.role": role, "tripletlab.sweep": ctx.sweep.name,
-            "tripletlab.dataset": str(dataset.get("name", "digits")),
-            "tripletlab.split": str(dataset.get("split", "class-disjoint"))}
+            "tripletlab.dataset": dataset.name, "tripletlab.split": dataset.split}
 
 
 # The MLflow UI's runs table with the datasets, models and test metrics as columns: a view state

@@ -215,3 +215,18 @@ def test_folds_on_a_split_that_trains_on_the_test_classes_fail_before_any_study(
     assert sweep.exit_code == 2
     assert "use dataset.split=class-disjoint" in capsys.readouterr().err
     assert not Path(sweep.storage).exists()
+
+
+def test_parent_runs_are_tagged_with_the_split_the_trials_train_on(tmp_path):
+    """A sweep config that leaves ``dataset.split`` out trains on the experiment config's default
+    split; its parent and summary runs must carry that split, not another default."""
+    from experiments.config import ExperimentConfig
+    from sweeps.tracking import _identity
+
+    sweep = load_sweep_config(None, ["name=no-split", "losses=[batch_hard]", "experiment.dataset.name=digits"])
+    assert "split" not in sweep.experiment.get("dataset", {})
+    ctx = SweepContext(sweep, str(tmp_path / "journal"), "sqlite:///mlflow.db", tmp_path)
+    trained_on = from_dict(sweep.experiment).dataset.split
+    assert trained_on == ExperimentConfig().dataset.split
+    for role in ("parent", "summary"):
+        assert _identity(ctx, role)["tripletlab.split"] == trained_on

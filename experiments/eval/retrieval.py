@@ -25,6 +25,9 @@ from losses.params import DISTANCES
 from experiments.eval.clustering import kmeans, normalized_mutual_info
 from experiments.eval.inputs import as_embeddings, as_labels, auto_chunk_size
 
+# The headline metrics of "A Metric Learning Reality Check", by logged key, with the names tables print
+HEADLINE_METRICS = {"precision_at_1": "P@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
+
 RANKING_METRICS = ("precision_at_1", "r_precision", "map_at_r")
 
 

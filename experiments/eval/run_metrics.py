@@ -7,10 +7,10 @@ from torch import nn
 from experiments.data.device_data import DeviceImages
 from experiments.eval.embedding_quality import FACENET_MARGIN, embedding_quality
 from experiments.eval.geometry import embedding_geometry
-from experiments.eval.retrieval import retrieval_metrics
+from experiments.eval.retrieval import HEADLINE_METRICS, retrieval_metrics
 from experiments.eval.verification import MAX_SAMPLES, verification_metrics
 
-VAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
+VAL_METRICS = tuple(HEADLINE_METRICS)  # validated every epoch
 
 
 def channels_last(inputs):

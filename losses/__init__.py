@@ -7,12 +7,28 @@
 Importing the package registers the built-in losses and the ``pml:<ClassName>`` resolver; plugins
 come from entry points (on first use) and :func:`load_plugins`.
 """
-from . import batch_hard, circle, cross_modal, multi_similarity, pml_adapter, semi_hard, triplet  # noqa: F401
-from . import triplet_center  # noqa: F401  (the imports above and this one register the built-in losses)
+from . import (  # noqa: F401  (importing them registers the built-in losses and the pml: resolver)
+    batch_hard,
+    circle,
+    cross_modal,
+    multi_similarity,
+    pml_adapter,
+    semi_hard,
+    triplet,
+    triplet_center,
+)
 from .base import STAT_NAMES, MetricLoss, check_inputs
 from .params import HyperParam
-from .registry import (LossInfo, PluginWarning, build_loss, list_losses, load_plugins, loss_info, register_loss,
-                       validate_params)
+from .registry import (
+    LossInfo,
+    PluginWarning,
+    build_loss,
+    list_losses,
+    load_plugins,
+    loss_info,
+    register_loss,
+    validate_params,
+)
 
 __all__ = [
     "HyperParam", "LossInfo", "MetricLoss", "PluginWarning", "STAT_NAMES", "build_loss", "check_inputs",

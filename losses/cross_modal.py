@@ -11,8 +11,15 @@ import torch.nn.functional as F
 
 from ._kernels import cross_modal as kernel
 from .base import MetricLoss
-from .cross_modal_terms import (DIRECTIONS, directions, info_nce_stats, order_stats, pair_means, paired_positives,
-                                triplet_counts_stats)
+from .cross_modal_terms import (
+    DIRECTIONS,
+    directions,
+    info_nce_stats,
+    order_stats,
+    pair_means,
+    paired_positives,
+    triplet_counts_stats,
+)
 from .distances import pairwise_distances
 from .params import HyperParam, distance_params, margin_param
 from .registry import register_loss

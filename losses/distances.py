@@ -3,17 +3,17 @@
 - :func:`pairwise_distances`: an (n, m) matrix, differentiable by autograd.
 - :func:`paired_distances`: row-wise ``d(x_i, y_i)`` for explicitly chosen pairs.
 - :func:`distance_sum_gradients`, :func:`self_distance_sum_gradient`, :func:`column_distance_gradients`
-  and :func:`with_gradients`:
-  the closed-form gradient of ``sum_ij W_ij d(x_i, y_j)`` for a fixed (detached) weight matrix ``W``. Hinge-type losses are
-  piecewise linear in the distances, so a loss whose value and ``W`` come from a no-grad pass gets
-  its exact gradient from two matmuls, without an autograd graph through (n, m) intermediates.
+  and :func:`with_gradients`: the closed-form gradient of ``sum_ij W_ij d(x_i, y_j)`` for a fixed
+  (detached) weight matrix ``W``. Hinge-type losses are piecewise linear in the distances, so a loss
+  whose value and ``W`` come from a no-grad pass gets its exact gradient from two matmuls, without an
+  autograd graph through (n, m) intermediates.
 
 Euclidean distance takes its square root with a zero-safe gradient (0 where the distance is 0),
 so identical embeddings give finite gradients; this matches ``torch.cdist``'s subgradient, which
 pytorch-metric-learning's ``LpDistance`` uses. Matrices use the matmul expansion (as ``torch.cdist``
 does for large inputs), which resolves euclidean distances down to about ``sqrt(eps) * norm``
-(~3e-4 of the norm in float32); :func:`paired_distances` takes exact differences. Half-precision inputs are computed in float32
-(:func:`prepare_embeddings`): squared norms overflow float16 beyond a norm of ~256.
+(~3e-4 of the norm in float32); :func:`paired_distances` takes exact differences. Half-precision inputs are
+computed in float32 (:func:`prepare_embeddings`): squared norms overflow float16 beyond a norm of ~256.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def check_distance(kind: str) -> None:
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))),
+                       torch.zeros_like(x))
 
 
 def prepare_embeddings(x: torch.Tensor, kind: str, normalize: bool) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Which (anchor, positive, negative) triplets count, decided from labels and a detached distance matrix.
 
 The difficulty of a triplet, with ``d_ap = d(a, p)``, ``d_an = d(a, n)`` and margin ``m >= 0``, is
-FaceNet's (Schroff et al., CVPR 2015), written once, in :data:`DIFFICULTY_BOUNDS`, and used by the losses, their statistics and the embedding-quality
-metrics (:func:`triplet_difficulty`):
+FaceNet's (Schroff et al., CVPR 2015), written once, in :data:`DIFFICULTY_BOUNDS`, and used by the
+losses, their statistics and the embedding-quality metrics (:func:`triplet_difficulty`):
 
 - hard: ``d_an < d_ap`` (the negative is closer than the positive);
 - semi-hard: ``d_ap <= d_an < d_ap + m`` (farther than the positive, but inside the margin);
@@ -83,8 +83,10 @@ def mined_triplets(mining: str, d_ap: torch.Tensor, d_an: torch.Tensor, margin: 
     return used
 
 
-def label_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positives, negatives) boolean (n, m) masks; without ``ref_labels`` a sample is not its own positive."""
+def label_masks(labels: torch.Tensor,
+                ref_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positives, negatives) boolean (n, m) masks; without ``ref_labels`` a sample is not its own
+    positive."""
     other = labels if ref_labels is None else ref_labels
     same = labels.unsqueeze(1) == other.unsqueeze(0)
     negatives = ~same

@@ -44,7 +44,8 @@ class MultiSimilarityLoss(MetricLoss):
                    high=1000.0, search=(1.0, 100.0), log=True),
         HyperParam("base", float, doc="similarity threshold lambda", low=-1.0, high=1.0, search=(0.0, 1.0)),
         HyperParam("miner", bool, doc="use the MS pair miner", search=(True, False)),
-        HyperParam("epsilon", float, doc="miner slack epsilon", low=0.0, high=2.0, search=(0.01, 0.5), log=True,
+        HyperParam("epsilon", float, doc="miner slack epsilon", low=0.0, high=2.0, search=(0.01, 0.5),
+                   log=True,
                    when={"miner": True}),
     )
     fused = True

@@ -39,7 +39,8 @@ def pair_stats(s: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, 
     n_valid = (n_positive + n_negative).clamp_min(1)
     return {
         "active_fraction": ((active & (positive | negative)).sum() / n_valid).to(s.dtype),
-        "correct_order_fraction": (has_both & (hardest_pos > hardest_neg)).sum() / has_both.sum().clamp_min(1),
+        "correct_order_fraction":
+            (has_both & (hardest_pos > hardest_neg)).sum() / has_both.sum().clamp_min(1),
         "margin_violation_fraction": ((violating & (positive | negative)).sum() / n_valid).to(s.dtype),
         "mean_d_ap": 1 - torch.where(positive, s, 0).sum() / n_positive.clamp_min(1),
         "mean_d_an": 1 - torch.where(negative, s, 0).sum() / n_negative.clamp_min(1),

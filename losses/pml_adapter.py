@@ -44,7 +44,8 @@ def pml_loss_names() -> list[str]:
 
 
 def _is_count(name: str) -> bool:
-    return name.startswith(_COUNT_NAMES) or name.endswith(_COUNT_SUFFIXES) or name in ("K", "l", "sub_centers")
+    return (name.startswith(_COUNT_NAMES) or name.endswith(_COUNT_SUFFIXES)
+            or name in ("K", "l", "sub_centers"))
 
 
 def _constructor_params(cls: type) -> list[inspect.Parameter]:
@@ -97,7 +98,8 @@ class PMLLoss(MetricLoss):
         if missing:
             raise ValueError(f"pml:{self.pml_class.__name__} needs {', '.join(missing)} (no default in "
                              f"pytorch-metric-learning); pass them, e.g. {missing[0]}=<value>")
-        params = {k: int(v) if k in self.pml_int_params and float(v).is_integer() else v for k, v in params.items()}
+        params = {k: int(v) if k in self.pml_int_params and float(v).is_integer() else v
+                  for k, v in params.items()}
         self.pml_loss = self.pml_class(**{self.pml_names.get(k, k): v for k, v in params.items()})
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
@@ -138,8 +140,10 @@ def pml_info(class_name: str) -> LossInfo:
     declared = [(p, _hyperparam(p)) for p in _constructor_params(pml_class)]
     params = tuple(hp for _, hp in declared if hp is not None)
     int_params = frozenset(p.name for p, hp in declared
-                           if hp is not None and type(p.default) is int)  # PML gets ints back where it had them
-    required = frozenset(hp.name for p, hp in declared if hp is not None and p.default is inspect.Parameter.empty)
+                           if hp is not None and isinstance(p.default, int)
+                           and not isinstance(p.default, bool))  # PML gets ints back where it had them
+    required = frozenset(hp.name for p, hp in declared
+                         if hp is not None and p.default is inspect.Parameter.empty)
     names = {hp.name: p.name for p, hp in declared if hp is not None and hp.name != p.name}
     doc = inspect.cleandoc(vars(pml_class).get("__doc__") or "").split("\n")[0]
     wrapper = type(f"PML{class_name}", (PMLLoss,), {

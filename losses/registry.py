@@ -215,7 +215,8 @@ def _import_as(source: str, load: Callable[[], object]) -> bool:
             load()
             return True
         except Exception as exc:  # a broken plugin must not take down the others
-            _report(f"tripletlab plugin {source!r} failed to load and was skipped: {type(exc).__name__}: {exc}")
+            _report(f"tripletlab plugin {source!r} failed to load and was skipped: "
+                    f"{type(exc).__name__}: {exc}")
             return False
 
 
@@ -264,6 +265,7 @@ def load_plugins(specs=()) -> None:
     """Load the installed entry points, then the plugins in ``TRIPLETLAB_PLUGINS`` (``:`` or ``,``
     separated) and those named in ``specs``."""
     load_entry_points()
-    from_env = [s for s in re.split(r"[,%s]" % re.escape(os.pathsep), os.environ.get(ENV_VAR, "")) if s.strip()]
+    from_env = [s for s in re.split(r"[,%s]" % re.escape(os.pathsep),
+                                    os.environ.get(ENV_VAR, "")) if s.strip()]
     for spec in [*from_env, *specs]:
         load_plugin(spec)

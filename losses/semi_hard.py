@@ -57,7 +57,8 @@ class SemiHardLoss(MetricLoss):
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         x = prepare_embeddings(embeddings, self.distance, self.normalize)
-        y = None if ref_embeddings is None else prepare_embeddings(ref_embeddings, self.distance, self.normalize)
+        y = None if ref_embeddings is None else prepare_embeddings(ref_embeddings, self.distance,
+                                                                   self.normalize)
         if self.fused:
             value, stats = kernel.semi_hard_loss(
                 x, y, labels, ref_labels, margin=self.margin, distance=self.distance, fallback=self.fallback,

@@ -94,7 +94,8 @@ class TripletLoss(MetricLoss):
                    search=None, when=CURRICULUM),
         HyperParam("curriculum_end", float, doc="curriculum: hard fraction at the end", low=0.0, high=1.0,
                    search=None, when=CURRICULUM),
-        HyperParam("seed", int, doc="curriculum: seed of the hard-triplet draws", search=None, when=CURRICULUM),
+        HyperParam("seed", int, doc="curriculum: seed of the hard-triplet draws", search=None,
+                   when=CURRICULUM),
     )
     fused = True
 
@@ -116,7 +117,8 @@ class TripletLoss(MetricLoss):
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         x = prepare_embeddings(embeddings, self.distance, self.normalize)
-        y = None if ref_embeddings is None else prepare_embeddings(ref_embeddings, self.distance, self.normalize)
+        y = None if ref_embeddings is None else prepare_embeddings(ref_embeddings, self.distance,
+                                                                   self.normalize)
         n, m = x.shape[0], (x if y is None else y).shape[0]
         admitted = self.curriculum.admitted(n, m, x.device) if self.mining == "curriculum" else None
         if self.fused:
@@ -132,7 +134,8 @@ class TripletLoss(MetricLoss):
         valid = positive.unsqueeze(2) & negative.unsqueeze(1)  # (n, m, m) triplets (a, p, n)
         used = mined_triplets(self.mining, d_ap.detach(), d_an.detach(), self.margin, valid, admitted)
         if self.swap:  # d(p, n) between candidates: (1, m, m)
-            d_an = torch.minimum(d_an, distance_matrix(x if y is None else y, None, self.distance).unsqueeze(0))
+            d_an = torch.minimum(d_an,
+                                 distance_matrix(x if y is None else y, None, self.distance).unsqueeze(0))
         term, _ = hinge(d_ap - d_an + self.margin, self.soft_margin)
         term = torch.where(used, term, 0)
         with torch.no_grad():

@@ -33,8 +33,10 @@ class TripletCenterLoss(MetricLoss):
         margin_param(search=(0.05, 5.0), high=100.0),
         *distance_params(),
         reduction_param(),
-        HyperParam("num_classes", int, doc="number of centres (0 = infer from the dataset)", low=0, search=None),
-        HyperParam("embedding_dim", int, doc="centre dimension (0 = infer from the model)", low=0, search=None),
+        HyperParam("num_classes", int, doc="number of centres (0 = infer from the dataset)", low=0,
+                   search=None),
+        HyperParam("embedding_dim", int, doc="centre dimension (0 = infer from the model)", low=0,
+                   search=None),
     )
 
     def __init__(self, margin: float = 1.0, distance: str = "squared_euclidean", normalize: bool = False,
@@ -50,17 +52,19 @@ class TripletCenterLoss(MetricLoss):
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         if self.centres is None:
-            raise ValueError("triplet_center needs num_classes and embedding_dim (> 0); set loss.num_classes and "
-                             "loss.embedding_dim, or leave them at 0 for the trainer to infer before training")
+            raise ValueError("triplet_center needs num_classes and embedding_dim (> 0); set loss.num_classes "
+                             "and loss.embedding_dim, or leave them at 0 for the trainer to infer before "
+                             "training")
         if ref_embeddings is not None:
-            raise ValueError("triplet_center compares embeddings with class centres; it takes no reference embeddings")
+            raise ValueError("triplet_center compares embeddings with class centres; "
+                             "it takes no reference embeddings")
         num_classes, dim = self.centres.shape
         if embeddings.shape[1] != dim:
             raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the centres {dim}; "
                              f"set embedding_dim to the model's embedding size")
         if bool(((labels < 0) | (labels >= num_classes)).any()):
-            raise ValueError(f"labels must be class ids in [0, {num_classes}); set num_classes to the number of "
-                             f"training classes and remap the labels to 0..num_classes-1")
+            raise ValueError(f"labels must be class ids in [0, {num_classes}); set num_classes to the number "
+                             f"of training classes and remap the labels to 0..num_classes-1")
         x = prepare_embeddings(embeddings, self.distance, self.normalize)
         centres = prepare_embeddings(self.centres, self.distance, self.normalize)
         dtype = torch.promote_types(x.dtype, centres.dtype)

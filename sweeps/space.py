@@ -50,7 +50,8 @@ class Dimension:
         if self.kind == "categorical":
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
         return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
 
     def describe(self) -> str:
@@ -58,8 +59,8 @@ class Dimension:
             text = "{" + ", ".join(map(str, self.choices)) + "}"
         else:
             text = f"[{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
-        conditions = [f"{key}={allowed[0]}" if len(allowed) == 1 else f"{key} in {{{', '.join(map(str, allowed))}}}"
-                      for key, allowed in self.when]
+        conditions = [f"{key}={allowed[0]}" if len(allowed) == 1
+                      else f"{key} in {{{', '.join(map(str, allowed))}}}" for key, allowed in self.when]
         return f"{text} when {' and '.join(conditions)}" if conditions else text
 
 
@@ -105,7 +106,8 @@ def _number(value: Any, where: str) -> float:
 def _range(key: str, spec: dict, kind: str, log: bool) -> Dimension:
     unknown = sorted(set(spec) - {"low", "high", "log", "step"})
     if unknown or "low" not in spec or "high" not in spec:
-        raise ValueError(f"search range for {key!r} must be {{low: ..., high: ..., log: true|false, step: ...}}, got {spec!r}")
+        raise ValueError(f"search range for {key!r} must be {{low: ..., high: ..., log: true|false, "
+                         f"step: ...}}, got {spec!r}")
     low, high = _number(spec["low"], f"{key}.low"), _number(spec["high"], f"{key}.high")
     log = bool(spec.get("log", log))
     step = _number(spec["step"], f"{key}.step") if spec.get("step") is not None else None
@@ -168,7 +170,8 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
     unknown = sorted(set(overrides) - set(declared))
     if unknown:
         valid = ", ".join(f"{p.name} {p.valid_range()}" for p in info.params) or "none"
-        raise ValueError(f"loss_overrides.{loss} names unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
+        raise ValueError(f"loss_overrides.{loss} names unknown parameter(s) {', '.join(unknown)}; "
+                         f"valid: {valid}")
     dimensions: list[Dimension] = []
     fixed: dict[str, Any] = {}
     defaults = {f"loss.{p.name}": p.default for p in info.params}
@@ -194,7 +197,8 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
             raise ValueError(f"search key {key!r}: tune loss parameters under loss_overrides.<loss>.<param>, "
                              "shared search keys are experiment keys such as optimizer.lr")
         if isinstance(spec, dict):
-            ints = all(isinstance(spec.get(b), int) and not isinstance(spec.get(b), bool) for b in ("low", "high"))
+            ints = all(isinstance(spec.get(b), int) and not isinstance(spec.get(b), bool)
+                       for b in ("low", "high"))
             dimensions.append(_range(key, spec, "int" if ints else "float", False))
         elif isinstance(spec, (list, tuple)) and len(spec) > 1:
             dimensions.append(Dimension(key, "categorical", choices=tuple(spec)))

@@ -10,8 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..cross_modal_terms import (check_pairing, directions, info_nce_stats, order_stats, pair_means,
-                                 paired_positives, similarity_stats, triplet_counts_stats)
+from ..cross_modal_terms import (
+    check_pairing,
+    directions,
+    info_nce_stats,
+    order_stats,
+    pair_means,
+    paired_positives,
+    similarity_stats,
+    triplet_counts_stats,
+)
 from ..distances import distance_matrix, pairwise_distances, with_gradients
 
 
@@ -99,7 +107,8 @@ def _diagonal_means(matrix: torch.Tensor, diagonal: torch.Tensor) -> tuple[torch
 
 def cross_modal_triplet_loss(emb_a: torch.Tensor, labels: torch.Tensor, emb_b: torch.Tensor,
                              labels_b: torch.Tensor, *, margin: float, negatives: str, direction: str,
-                             label_positives: bool, distance: str, normalize: bool) -> tuple[torch.Tensor, dict]:
+                             label_positives: bool, distance: str,
+                             normalize: bool) -> tuple[torch.Tensor, dict]:
     """``CrossModalTripletLoss``' value (differentiable) and statistics."""
     if negatives == "hardest" and not label_positives:
         return _paired_hardest(emb_a, emb_b, margin=margin, direction=direction, kind=distance,
@@ -237,7 +246,8 @@ def info_nce_loss(emb_a: torch.Tensor, labels: torch.Tensor, emb_b: torch.Tensor
     return with_gradients(value.to(sim.dtype), [(sim, grad)]), stats
 
 
-def _paired_info_nce(emb_a: torch.Tensor, emb_b: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict]:
+def _paired_info_nce(emb_a: torch.Tensor, emb_b: torch.Tensor,
+                     temperature: float) -> tuple[torch.Tensor, dict]:
     """The default case, each anchor's only positive its pair: logits scaled inside the matmul,
     both softmaxes in two (n, n) buffers, and the two gradient matmuls left to backward."""
     check_pairing(emb_a, emb_b)

@@ -52,7 +52,8 @@ def similarity_gradients(x: torch.Tensor, y: torch.Tensor | None, grad: torch.Te
         return [(x, grad @ y), (y, grad.T @ x)]
 
 
-def _class_keys(labels: torch.Tensor, other: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_keys(labels: torch.Tensor, other: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """One key per distinct label, shared by ``labels`` and ``other``: the label's first position in
     their sorted concatenation, exact in ``dtype`` (comparing int64 labels into a float tensor
     costs twenty times more than comparing float keys)."""
@@ -174,7 +175,8 @@ def _per_row(threshold):
 
 
 def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: torch.Tensor | None,
-                          ref_labels: torch.Tensor | None, *, alpha: float, beta: float, base: float, miner: bool,
+                          ref_labels: torch.Tensor | None, *, alpha: float, beta: float, base: float,
+                          miner: bool,
                           epsilon: float, workspace: Workspace) -> tuple[torch.Tensor, dict]:
     """``MultiSimilarityLoss``' value (differentiable) and statistics."""
     x, y = normalized_rows(embeddings, ref_embeddings)

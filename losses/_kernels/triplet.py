@@ -25,10 +25,25 @@ from typing import Iterator
 
 import torch
 
-from ..distances import (column_distance_gradients, distance_matrix, distance_sum_gradients,
-                         self_distance_sum_gradient, with_gradients)
-from ..mining import (BOUNDS, DIFFICULTIES, DIFFICULTY_BOUNDS, TRIPLET_MINING, PositiveSlots, bound_values,
-                      mined_triplets, negative_mask, positive_slots, slot_chunks)
+from ..distances import (
+    column_distance_gradients,
+    distance_matrix,
+    distance_sum_gradients,
+    self_distance_sum_gradient,
+    with_gradients,
+)
+from ..mining import (
+    BOUNDS,
+    DIFFICULTIES,
+    DIFFICULTY_BOUNDS,
+    TRIPLET_MINING,
+    PositiveSlots,
+    bound_values,
+    mined_triplets,
+    negative_mask,
+    positive_slots,
+    slot_chunks,
+)
 from ..triplet_terms import STAT_SUMS, finish_stats, hinge, reduce_terms, triplet_stats
 from .workspace import Workspace
 
@@ -55,7 +70,8 @@ class PairTriplets:
     stats: dict[str, torch.Tensor]
 
 
-def triplet_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor, ref_labels: torch.Tensor | None,
+def triplet_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor,
+                 ref_labels: torch.Tensor | None,
                  *, margin: float, distance: str, mining: str, reduction: str, soft_margin: bool, swap: bool,
                  admitted: torch.Tensor | None, workspace: Workspace) -> tuple[torch.Tensor, dict]:
     """``TripletLoss``' value (differentiable) and statistics from the prepared embeddings ``x`` and
@@ -86,7 +102,8 @@ def triplet_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor, 
     return with_gradients(result.value, pairs), result.stats
 
 
-def semi_hard_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor, ref_labels: torch.Tensor | None,
+def semi_hard_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor,
+                   ref_labels: torch.Tensor | None,
                    *, margin: float, distance: str, fallback: str, reduction: str,
                    workspace: Workspace) -> tuple[torch.Tensor, dict]:
     """``SemiHardLoss``' value (differentiable) and statistics, as :func:`triplet_loss`."""
@@ -185,7 +202,8 @@ class _Candidates:
         self.distances = distances[rows]
         self.mask = mask[rows]
         infinity = distances.new_full((), float("inf"))
-        self.masked = torch.where(self.mask, self.distances, infinity, out=workspace("masked", self.distances))
+        self.masked = torch.where(self.mask, self.distances, infinity,
+                                  out=workspace("masked", self.distances))
         self.slot_valid = slot_valid[rows]
         self.plane = workspace("plane", self.distances)
         self.memo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -284,7 +302,8 @@ def _block_counts(distances: torch.Tensor, slot_valid: torch.Tensor, rows: slice
 @torch.no_grad()
 def threshold_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
                            margin: float, mining: str, reduction: str = "mean_nonzero",
-                           admitted: torch.Tensor | None = None, workspace: Workspace | None = None) -> DenseTriplets:
+                           admitted: torch.Tensor | None = None,
+                           workspace: Workspace | None = None) -> DenseTriplets:
     """Hinge triplet loss under margin-based mining, from counts below per-slot thresholds.
 
     For a slot with positive distance ``d_ap`` and kept negatives in ``[low, high)``, the active
@@ -372,7 +391,8 @@ def nearest_farther_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, 
         farthest = torch.where(negatives[rows], block, minus_infinity, out=workspace("candidates", block))
         easiest[rows], easiest_index[rows] = farthest.max(1, keepdim=True)
         candidates = farthest.nan_to_num_(nan=float("nan"), posinf=inf, neginf=inf)  # +inf off the negatives
-        nearest[rows], nearest_index[rows] = nearest_farther(candidates, below_ap[rows], workspace("plane", block))
+        nearest[rows], nearest_index[rows] = nearest_farther(candidates, below_ap[rows],
+                                                             workspace("plane", block))
     has_negative = easiest > -inf  # the farthest negative is -inf only where there is none
     has_farther = torch.isfinite(nearest)
     used = slots.valid & (has_farther | has_negative if fallback == "easiest" else has_farther)

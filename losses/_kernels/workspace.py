@@ -23,7 +23,8 @@ class Workspace:
         shape = like.shape if shape is None else torch.Size(shape)
         size = shape.numel()
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
+        if (buffer is None or buffer.numel() < size or buffer.dtype != like.dtype
+                or buffer.device != like.device):
             buffer = torch.empty(size, dtype=like.dtype, device=like.device)
             self._buffers[name] = buffer
         return buffer[:size].view(shape)

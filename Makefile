@@ -49,7 +49,7 @@ analyze: install
 	$(TRIPLETLAB) analyze --tracking-uri $(TRACKING_URI) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(if $(STORAGE),--storage $(STORAGE))
 
 ui: install
-	@echo "Runs with the test metrics as columns: http://$(HOST):$(UI_PORT)/#/experiments/<id>/runs?viewStateShareKey=tripletlab (the address each sweep prints)"
+	@$(PY) -m sweeps.runs_view --tracking-uri $(TRACKING_URI) --address http://$(HOST):$(UI_PORT) || true
 	$(VENV)/bin/mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root ./mlartifacts --host $(HOST) --port $(UI_PORT)
 
 server: install

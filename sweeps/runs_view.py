@@ -1,0 +1,89 @@
+"""``make ui``'s first line: the address of the most recent sweep's runs view.
+
+Each sweep stores its runs view as an experiment tag (``sweeps.tracking.prepare_tracking``); the
+most recent sweep is the experiment with that tag whose latest run started last. Reads the store
+only: a missing SQLite file is reported, not created.
+
+    python -m sweeps.runs_view --tracking-uri sqlite:///mlflow.db --address http://127.0.0.1:5000
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mlflow.entities import Experiment, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from experiments.tracking.secrets import mask_secrets
+from experiments.tracking.store import resolve_tracking_uri
+from sweeps.tracking import RUNS_VIEW_KEY, runs_view_path
+
+VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+RUN_A_SWEEP = "run one with `make sweep`"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for other stores and ``:memory:``)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _last_activity(client: MlflowClient, experiment: Experiment) -> int:
+    """When the experiment's latest run started (its creation time if it has no runs), in ms."""
+    runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.start_time if runs else (experiment.creation_time or 0)
+
+
+def latest_sweep(tracking_uri: str) -> Experiment | None:
+    """The active experiment with a sweep's runs view whose latest run started last, if any."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    sweeps, token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        sweeps += [e for e in page if VIEW_TAG in e.tags]
+        token = page.token
+        if not token:
+            break
+    return max(sweeps, key=lambda e: _last_activity(client, e), default=None)
+
+
+def describe(tracking_uri: str | None, address: str) -> str:
+    """One line: the runs view's URL of the most recent sweep, or why there is none."""
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+    except ValueError as exc:
+        return f"No runs view to show: {exc}"
+    database = sqlite_file(uri)
+    if database is not None and not database.is_file():
+        return f"No sweep has been run yet (no MLflow store at {database}); {RUN_A_SWEEP}."
+    try:
+        experiment = latest_sweep(uri)
+    except MlflowException as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"Cannot read the sweeps in {mask_secrets(uri)}: {mask_secrets(first_line)}"
+    if experiment is None:
+        return f"No sweep has been run yet in {mask_secrets(uri)}; {RUN_A_SWEEP}."
+    return (f"Runs of sweep {experiment.name!r} with the test metrics as columns: "
+            f"{address.rstrip('/')}{runs_view_path(experiment.experiment_id)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sweeps.runs_view", description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--address", default="http://127.0.0.1:5000", help="where the MLflow UI serves")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    print(describe(args.tracking_uri, args.address), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

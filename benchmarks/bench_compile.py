@@ -91,8 +91,9 @@ def check(name: str, eager: Callable, compiled: Callable, inputs: list[torch.Ten
             times[who].append(_timed_ms(lambda: _step(fn, inputs, params), device))
     eager_ms, compiled_ms = statistics.median(times["eager"]), statistics.median(times["compiled"])
     scale = float(torch.stack([reference[0].abs()] + [g.abs().max() for g in reference[1]]).max())
-    return {"check": name, "compile_seconds": compile_seconds, "eager_ms": eager_ms, "compiled_ms": compiled_ms,
-            "speedup": eager_ms / compiled_ms, "graph_breaks": int(sum(counters["graph_break"].values())),
+    return {"check": name, "compile_seconds": compile_seconds, "eager_ms": eager_ms,
+            "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms,
+            "graph_breaks": int(sum(counters["graph_break"].values())),
             "max_abs_diff": _max_diff(reference, result), "scale": scale}
 
 
@@ -125,8 +126,8 @@ def loss_check(name: str, device, n: int, dim: int, backend: str, repeats: int) 
 
     def eager(e, y):
         return loss.compute(e, y, None, None)
-    return check(f"loss:{name}", eager, torch.compile(eager, backend=backend), [x, _pk_labels(n, device)], [x],
-                 repeats, device)
+    return check(f"loss:{name}", eager, torch.compile(eager, backend=backend), [x, _pk_labels(n, device)],
+                 [x], repeats, device)
 
 
 def passed(row: dict, dtype_tolerance: float) -> bool:
@@ -142,13 +143,15 @@ def to_markdown(report: dict) -> str:
              + (" (bf16 autocast)" if report["device"]["type"] == "cuda" else "")
              + f"; losses alone on n={report['n']}, d={report['dim']}; median of {report['repeats']} "
              "interleaved repeats after the compiling call", "",
-             "| check | compile s | eager ms | compiled ms | speedup | graph breaks | max abs diff | same as eager |",
+             "| check | compile s | eager ms | compiled ms | speedup | graph breaks | max abs diff "
+             "| same as eager |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["checks"]:
         if "error" in r:
             lines.append(f"| {r['check']} | - | - | - | - | - | - | failed: {r['error']} |")
             continue
-        lines.append(f"| {r['check']} | {r['compile_seconds']:.1f} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} "
+        lines.append(f"| {r['check']} | {r['compile_seconds']:.1f} | {r['eager_ms']:.2f} "
+                     f"| {r['compiled_ms']:.2f} "
                      f"| {r['speedup']:.2f}x | {r['graph_breaks']} | {r['max_abs_diff']:.1e} "
                      f"| {'yes' if r['same_as_eager'] else 'NO'} |")
     return "\n".join(lines) + "\n"
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     info = describe_device(device)
     report = {"device": info, "torch": torch.__version__, "git_commit": git_commit(), "backend": args.backend,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "batch": batch, "n": n, "dim": dim, "repeats": repeats, "tolerance": tolerance, "checks": checks}
+              "batch": batch, "n": n, "dim": dim, "repeats": repeats, "tolerance": tolerance,
+              "checks": checks}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"compile-{device_slug(info)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,14 +1,16 @@
 """Time forward + backward of every registry loss against pytorch-metric-learning and a matmul floor.
 
 Each registry loss runs on random PK batches (K=4) at n in {128, 512, 2048} and d in {128, 512}
-(``--sizes``, ``--dims``; ``--dtypes float32,bfloat16`` adds reduced-precision inputs), side by side with PML's equivalent (TripletMarginLoss with BatchHardMiner / TripletMarginMiner,
+(``--sizes``, ``--dims``; ``--dtypes float32,bfloat16`` adds reduced-precision inputs), side by side with
+PML's equivalent (TripletMarginLoss with BatchHardMiner / TripletMarginMiner,
 MultiSimilarityLoss with and without MultiSimilarityMiner, CircleLoss) and with the floor: forward
 and backward of ``(x @ x.T).sum()``, the Gram matrix every pairwise loss needs. Repeats are
 interleaved across contenders (rotating the order) and medians reported, so background load hits
 all alike. PML contenders that enumerate every triplet are skipped above ``--pml-max-triplets``; a
 contender that raises (e.g. PML on bfloat16 inputs) is left out of that grid point with its error.
 On CPU the times are process CPU time (all threads; wall time is kept in the JSON), so that other
-processes on a shared machine do not skew the ratios. Peak memory is CUDA's ``max_memory_allocated`` above the inputs; on CPU it is not measured (torch
+processes on a shared machine do not skew the ratios. Peak memory is CUDA's ``max_memory_allocated`` above the
+inputs; on CPU it is not measured (torch
 allocations are invisible to tracemalloc and a per-contender subprocess would dominate the run).
 Writes ``losses-<device>.md`` and ``.json`` naming the device, threads, torch version, git commit
 and date.
@@ -75,10 +77,12 @@ def built_in_cases() -> list[Case]:
              all_triplets=True),
         Case("semi_hard", "semi_hard", dict(euclid),
              lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN),
-                                     pml_miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="semihard")),
+                                     pml_miners.TripletMarginMiner(margin=MARGIN,
+                                                                   type_of_triplets="semihard")),
              all_triplets=True),
         Case("batch_hard", "batch_hard", dict(euclid, reduction="mean_nonzero"),
-             lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN), pml_miners.BatchHardMiner())),
+             lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN),
+                                     pml_miners.BatchHardMiner())),
         Case("multi_similarity", "multi_similarity", dict(miner=True),
              lambda: _pml_with_miner(pml_losses.MultiSimilarityLoss(), pml_miners.MultiSimilarityMiner(0.1))),
         Case("multi_similarity[miner=False]", "multi_similarity", dict(miner=False),
@@ -154,7 +158,8 @@ def drop_failing(runs: dict[str, Callable[[], None]]) -> dict[str, str]:
     return errors
 
 
-def time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, device) -> dict[str, tuple[float, float]]:
+def time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, device) -> dict[str,
+                                                                                        tuple[float, float]]:
     """Median (wall, process CPU) milliseconds of each run over ``repeats`` rounds, the order
     rotating every round (after a warm-up run of each, see :func:`drop_failing`)."""
     times: dict[str, list[tuple[float, float]]] = {key: [] for key in runs}
@@ -211,7 +216,8 @@ def bench_device(device: torch.device, sizes, dims, repeats: int, max_triplets: 
                 for case in cases:
                     for who, run in contenders(case, x, x_b, labels, device).items():
                         if who == "pml" and case.all_triplets and triplets > max_triplets:
-                            notes[f"pml:{case.label}"] = f"skipped: enumerates {triplets} triplets (> --pml-max-triplets)"
+                            notes[f"pml:{case.label}"] = (f"skipped: enumerates {triplets} triplets "
+                                                          "(> --pml-max-triplets)")
                             continue
                         runs[f"{who}:{case.label}"] = run
                 notes.update({key: f"failed: {why}" for key, why in drop_failing(runs).items()})
@@ -225,7 +231,8 @@ def bench_device(device: torch.device, sizes, dims, repeats: int, max_triplets: 
                                           if row["pml_ms"] is not None else None)
                     rows.append(row)
                 print(f"{device.type} {row['dtype']} n={n} d={d}: " + ", ".join(
-                    f"{r['loss']} {_fmt(r['ours_ms'])} ms" + (f" ({r['ratio_pml']:.2f}x PML)" if r["ratio_pml"] else "")
+                    f"{r['loss']} {_fmt(r['ours_ms'])} ms"
+                    + (f" ({r['ratio_pml']:.2f}x PML)" if r["ratio_pml"] else "")
                     for r in rows[-len(cases):]), flush=True)
     return rows
 
@@ -282,7 +289,8 @@ def to_markdown(report: dict) -> str:
     lines = [
         f"# Loss benchmark: {dev['name']}",
         "",
-        f"- device: {dev['type']} {dev['name']}" + (f", {dev['threads']} threads" if "threads" in dev else ""),
+        f"- device: {dev['type']} {dev['name']}"
+        + (f", {dev['threads']} threads" if "threads" in dev else ""),
         f"- torch {report['torch']}, pytorch-metric-learning {report['pytorch_metric_learning']}",
         f"- git commit {report['git_commit']}, {report['date']}",
         f"- forward + backward, PK batches with K={K}, median of {report['repeats']} interleaved repeats; "
@@ -300,7 +308,8 @@ def to_markdown(report: dict) -> str:
         note = "; ".join(n for n in (r["ours_note"] and f"ours {r['ours_note']}", r["pml_note"]) if n)
         lines.append(f"| {r['loss']} | {r['n']} | {r['d']} | {r['dtype']} | {_fmt(r['ours_ms'])} | "
                      f"{_fmt(r['pml_ms'])} | {_fmt(r['floor_ms'])} | {_fmt(r['ratio_pml'])} | "
-                     f"{_fmt(r['ratio_floor'])} | {_fmt(r['ours_peak_mb'], '.1f')} | {_fmt(r['pml_peak_mb'], '.1f')} "
+                     f"{_fmt(r['ratio_floor'])} | {_fmt(r['ours_peak_mb'], '.1f')} "
+                     f"| {_fmt(r['pml_peak_mb'], '.1f')} "
                      f"| {note} |")
     misses = report["target_misses"]
     lines += ["", "Targets at n >= 512: <= 0.5x PML (<= 0.1x for PML's all-triplet miners), <= 3x floor.",
@@ -316,8 +325,9 @@ def run(device: torch.device, sizes, dims, repeats: int, max_triplets: int, out_
     commit = git_commit()  # before the run: the code being measured
     rows = bench_device(device, sizes, dims, repeats, max_triplets, cases, dtypes)
     report = {
-        "device": info, "torch": torch.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "git_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": info, "torch": torch.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__, "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "repeats": repeats, "k": K, "results": rows,
         "target_misses": target_misses(rows, {c.label for c in cases if c.all_triplets}),
     }
@@ -352,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip PML contenders that enumerate more triplets than this")
     parser.add_argument("--sizes", type=_ints, help="comma-separated batch sizes n (default 128,512,2048; "
                         "quick: 32,64)")
-    parser.add_argument("--dims", type=_ints, help="comma-separated dimensions d (default 128,512; quick: 16)")
+    parser.add_argument("--dims", type=_ints,
+                        help="comma-separated dimensions d (default 128,512; quick: 16)")
     parser.add_argument("--dtypes", type=_dtypes, default=(torch.float32,),
                         help="comma-separated input dtypes, e.g. float32,bfloat16 (default float32)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -360,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
     torch.set_num_threads(args.threads)
-    sizes, dims, repeats = ((32, 64), (16,), 2) if args.quick else ((128, 512, 2048), (128, 512), args.repeats)
+    sizes, dims, repeats = ((32, 64), (16,), 2) if args.quick else ((128, 512, 2048), (128, 512),
+                                                                    args.repeats)
     sizes, dims = args.sizes or sizes, args.dims or dims
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):

@@ -94,7 +94,7 @@ class HyperParam:
     def search_range(self) -> str:
         """The default search range in words, with the condition under which it is sampled."""
         if self.search is None:
-            return "fixed"
+            return f"fixed (has an effect when {self.condition()})" if self.when else "fixed"
         if self.type in (int, float) and self.choices is None:
             searched = f"[{self.search[0]:g}, {self.search[1]:g}]{' log' if self.log else ''}"
         else:

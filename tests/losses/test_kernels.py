@@ -2,8 +2,8 @@
 values, gradients (embeddings and references) and statistics, in float64."""
 import pytest
 import torch
-
 from helpers.loss_batches import clustered_batch, pk_batch
+
 from losses import STAT_NAMES, build_loss, loss_info
 
 CASES = [

@@ -1,8 +1,8 @@
 """Malformed input to every registered loss raises ValueError naming the problem."""
 import pytest
 import torch
-
 from helpers.loss_batches import pk_batch
+
 from losses import build_loss, list_losses, loss_info
 
 DIM = 4
@@ -25,15 +25,15 @@ def good_batch():
 
 
 BAD_INPUTS = {
-    "rank3": (lambda x, l: (x.unsqueeze(0), l), "2-D"),
-    "rank1": (lambda x, l: (x[0], l), "2-D"),
-    "labels_2d": (lambda x, l: (x, l.unsqueeze(1)), "1-D"),
-    "label_count": (lambda x, l: (x, l[:-1]), "rows but labels has"),
-    "float_labels": (lambda x, l: (x, l.float()), "integer"),
-    "bool_labels": (lambda x, l: (x, l > 0), "integer"),
-    "integer_embeddings": (lambda x, l: (x.long(), l), "floating point"),
-    "nan": (lambda x, l: (x.index_fill(0, torch.tensor([1]), float("nan")), l), "NaN"),
-    "inf": (lambda x, l: (x * torch.tensor(float("inf")), l), "NaN or inf"),
+    "rank3": (lambda x, y: (x.unsqueeze(0), y), "2-D"),
+    "rank1": (lambda x, y: (x[0], y), "2-D"),
+    "labels_2d": (lambda x, y: (x, y.unsqueeze(1)), "1-D"),
+    "label_count": (lambda x, y: (x, y[:-1]), "rows but labels has"),
+    "float_labels": (lambda x, y: (x, y.float()), "integer"),
+    "bool_labels": (lambda x, y: (x, y > 0), "integer"),
+    "integer_embeddings": (lambda x, y: (x.long(), y), "floating point"),
+    "nan": (lambda x, y: (x.index_fill(0, torch.tensor([1]), float("nan")), y), "NaN"),
+    "inf": (lambda x, y: (x * torch.tensor(float("inf")), y), "NaN or inf"),
 }
 
 

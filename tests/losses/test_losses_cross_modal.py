@@ -77,7 +77,9 @@ def test_cross_modal_triplet_matches_loops(negatives, direction, label_positives
     loss = build_loss("cross_modal_triplet", margin=0.3, negatives=negatives, direction=direction,
                       label_positives=label_positives)
     ours = grads(lambda u, v: loss(u, la, v, lb), a, b)
-    oracle = grads(lambda u, v: brute_cross_modal_triplet(u, la, v, lb, 0.3, negatives, direction, label_positives), a, b)
+    oracle = grads(lambda u,
+                   v: brute_cross_modal_triplet(u, la, v, lb, 0.3, negatives, direction,
+                                                label_positives), a, b)
     assert float(ours[0]) > 0
     for mine, theirs in zip(ours, oracle):
         assert torch.allclose(mine, theirs, atol=1e-10)
@@ -99,7 +101,8 @@ def test_info_nce_equals_clip_cross_entropy():
     a, la, b, lb = paired_batch(seed=3)
     logits = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T / 0.07
     target = torch.arange(len(a))
-    clip = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+    clip = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T,
+                                                                                                  target)) / 2
     assert torch.allclose(build_loss("info_nce")(a, la, b, lb), clip, atol=1e-12)
 
 
@@ -187,7 +190,9 @@ def test_info_nce_stats_match_loops(label_positives):
         return i == j or (label_positives and la[i] == lb[j])
 
     active = ordered = violated = 0
-    for pairs in ([[(i, j) for j in range(n)] for i in range(n)], [[(i, j) for i in range(n)] for j in range(n)]):
+    rows = [[(i, j) for j in range(n)] for i in range(n)]
+    columns = [[(i, j) for i in range(n)] for j in range(n)]
+    for pairs in (rows, columns):
         for anchor_pairs in pairs:  # rows (A->B anchors), then columns (B->A anchors)
             weakest_pos = min(s[i][j] for i, j in anchor_pairs if positive(i, j))
             neg = [s[i][j] for i, j in anchor_pairs if not positive(i, j)]

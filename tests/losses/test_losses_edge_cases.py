@@ -1,8 +1,8 @@
 """Edge batches for every registered loss: finite values and gradients, and 0 where nothing is valid."""
 import pytest
 import torch
-
 from helpers.loss_batches import pk_batch
+
 from losses import STAT_NAMES, build_loss, list_losses, loss_info
 
 DIM = 6
@@ -42,7 +42,8 @@ def edge_batch(case):
     raise AssertionError(case)
 
 
-CASES = ["single_class", "all_distinct", "one_sample", "identical", "large_norm", "small_norm", "float16", "bfloat16"]
+CASES = ["single_class", "all_distinct", "one_sample", "identical", "large_norm", "small_norm", "float16",
+         "bfloat16"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -77,5 +78,6 @@ def test_identical_embeddings_give_the_margin(name):
     value = loss(x.requires_grad_(), labels)
     torch.testing.assert_close(value, torch.tensor(0.2, dtype=value.dtype))
     # every triplet ties (d_an == d_ap): semi-hard by FaceNet's convention, so not hard yet inside the margin
-    assert loss.last_stats["correct_order_fraction"] == 1 and loss.last_stats["margin_violation_fraction"] == 1
+    stats = loss.last_stats
+    assert stats["correct_order_fraction"] == 1 and stats["margin_violation_fraction"] == 1
     assert loss.last_stats["mean_d_ap"] < 1e-3  # the matmul expansion resolves ~sqrt(float32 eps) * norm

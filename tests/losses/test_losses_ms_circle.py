@@ -2,10 +2,10 @@
 checks and the pair statistics against brute-force loops."""
 import pytest
 import torch
+from helpers.loss_batches import clustered_batch, pk_batch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
-from helpers.loss_batches import clustered_batch, pk_batch
 from losses import build_loss
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}

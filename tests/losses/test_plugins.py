@@ -4,10 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from losses import MetricLoss, build_loss, list_losses, loss_info, register_loss
@@ -49,8 +49,10 @@ def install_as_distribution(site: Path) -> None:
     shutil.copytree(EXAMPLE / "tripletlab_example_plugin", site / "tripletlab_example_plugin")
     dist_info = site / f"tripletlab_example_plugin-{project['version']}.dist-info"
     dist_info.mkdir()
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
-    lines = ["[tripletlab.losses]"] + [f"{k} = {v}" for k, v in project["entry-points"]["tripletlab.losses"].items()]
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    entry_points = project["entry-points"]["tripletlab.losses"]
+    lines = ["[tripletlab.losses]"] + [f"{k} = {v}" for k, v in entry_points.items()]
     (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -96,14 +98,17 @@ def test_decorator_in_user_code(restore_registry):
 def test_installed_distribution_entry_point(cli_run):
     root, site, result = cli_run
     assert result.returncode == 0, result.stderr
-    assert "angular" in result.stdout and "Wang et al., Deep Metric Learning with Angular Loss" in result.stdout
+    assert "angular" in result.stdout
+    assert "Wang et al., Deep Metric Learning with Angular Loss" in result.stdout
     code = ("import torch; from losses import build_loss, loss_info; "
             "l = build_loss('angular', alpha=45); print(loss_info('angular').source); "
             "print(float(l(torch.randn(8, 4), torch.arange(4).repeat(2))) > 0)")
-    probe = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+    probe = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                           timeout=300,
                            env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.split() == ["entry", "point", "angular", "(tripletlab_example_plugin.angular)", "True"]
+    assert probe.stdout.split() == ["entry", "point", "angular", "(tripletlab_example_plugin.angular)",
+                                    "True"]
 
 
 def test_plugin_file_by_flag_and_by_environment(cli_run):
@@ -136,12 +141,14 @@ def test_load_plugins_reports_a_broken_plugin_and_loads_the_others(tmp_path):
     (tmp_path / "broken.py").write_text("raise RuntimeError('plugin exploded on import')\n")
     code = ("import sys; from losses import load_plugins, loss_info; "
             "load_plugins([sys.argv[1], sys.argv[2], 'no_such_plugin_module']); "
-            "print(loss_info('good_loss').source, loss_info('module_loss').source, loss_info('triplet').source)")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "broken.py"), str(tmp_path / "good.py")],
+            "print(*(loss_info(name).source for name in ('good_loss', 'module_loss', 'triplet')))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "broken.py"),
+                             str(tmp_path / "good.py")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path),
                                  "TRIPLETLAB_PLUGINS": "env_module"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(tmp_path / "good.py"), "env_module", "tripletlab"]
     assert "broken.py" in result.stderr and "RuntimeError: plugin exploded on import" in result.stderr
-    assert "'no_such_plugin_module' failed to load" in result.stderr and "ModuleNotFoundError" in result.stderr
+    assert "'no_such_plugin_module' failed to load" in result.stderr
+    assert "ModuleNotFoundError" in result.stderr

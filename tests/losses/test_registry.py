@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.loss_batches import pk_batch
 from pytorch_metric_learning import losses as pml_losses
 
-from helpers.loss_batches import pk_batch
 from losses import HyperParam, MetricLoss, build_loss, list_losses, loss_info, register_loss, validate_params
 from losses.params import FROM_INIT
 
@@ -48,7 +48,8 @@ def test_unknown_name_lists_close_matches_and_available_names():
 
 
 @pytest.mark.parametrize("params, pattern", [
-    ({"margn": 0.2}, r"unknown parameter\(s\) margn for loss 'circle'.*valid: m \[-0.5, 1\], gamma \(0, 4096\]"),
+    ({"margn": 0.2},
+     r"unknown parameter\(s\) margn for loss 'circle'.*valid: m \[-0.5, 1\], gamma \(0, 4096\]"),
     ({"gamma": -1.0}, r"circle.gamma must be in \(0, 4096\], got -1.0"),
     ({"m": 2}, r"circle.m must be in \[-0.5, 1\], got 2.0"),
     ({"gamma": "big"}, r"circle.gamma must be a number in \(0, 4096\]"),
@@ -199,4 +200,5 @@ def test_conditions_are_declared_and_listed():
     assert normalize.condition() == "distance in {euclidean, squared_euclidean}"
     assert all(loss_info("triplet").param(name).when == (("mining", ("curriculum",)),)
                for name in ("curriculum_start", "curriculum_end", "seed"))
+    assert loss_info("triplet").param("seed").search_range() == "fixed (has an effect when mining=curriculum)"
     assert loss_info("circle").param("gamma").when == ()

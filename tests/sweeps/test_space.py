@@ -17,7 +17,8 @@ from sweeps.study import base_experiment, make_pruner, make_sampler
 from sweeps.table import markdown_table, t_interval
 from sweeps.workers import plan_workers
 
-BUILTIN_COMPARISON = ("batch_all", "batch_hard", "circle", "multi_similarity", "semi_hard", "triplet", "triplet_center")
+BUILTIN_COMPARISON = ("batch_all", "batch_hard", "circle", "multi_similarity", "semi_hard", "triplet",
+                      "triplet_center")
 
 
 def test_default_losses_are_the_single_modality_builtins():
@@ -36,13 +37,15 @@ def test_space_mirrors_the_loss_declaration(loss):
         elif param.choices is not None or param.type in (bool, str):
             assert dims[key].kind == "categorical" and dims[key].choices == tuple(param.search)
         else:
-            assert (dims[key].low, dims[key].high, dims[key].log) == (param.search[0], param.search[1], param.log)
+            assert (dims[key].low, dims[key].high, dims[key].log) == (param.search[0], param.search[1],
+                                                                      param.log)
     assert space.fixed == {}
 
 
 def test_overrides_narrow_fix_and_add_per_loss_settings():
     space = build_space(
-        "triplet", search={"optimizer.lr": {"low": "1e-4", "high": "1e-2", "log": True}, "batch.k": {"low": 4, "high": 8}},
+        "triplet", search={"optimizer.lr": {"low": "1e-4", "high": "1e-2", "log": True},
+                           "batch.k": {"low": 4, "high": 8}},
         overrides={"margin": {"low": 0.1, "high": 0.3}, "mining": ["hard-triplets", "semi-hard-triplets"],
                    "distance": "cosine",
                    "normalize": [True], "optimizer.weight_decay": 0.0},
@@ -50,7 +53,8 @@ def test_overrides_narrow_fix_and_add_per_loss_settings():
     dims = {d.key: d for d in space.dimensions}
     assert (dims["loss.margin"].low, dims["loss.margin"].high) == (0.1, 0.3)
     assert dims["loss.mining"].choices == ("hard-triplets", "semi-hard-triplets")
-    assert (dims["optimizer.lr"].low, dims["optimizer.lr"].high, dims["optimizer.lr"].log) == (1e-4, 1e-2, True)
+    assert (dims["optimizer.lr"].low, dims["optimizer.lr"].high, dims["optimizer.lr"].log) == (1e-4, 1e-2,
+                                                                                               True)
     assert dims["batch.k"].kind == "int"
     assert space.fixed == {"loss.distance": "cosine", "loss.normalize": True, "optimizer.weight_decay": 0.0}
 
@@ -107,10 +111,13 @@ def test_curriculum_parameters_follow_the_mining_strategy():
     assert {params["loss.mining"] for params, _ in trials} == {"all", "curriculum"}
     for params, _ in trials:
         curriculum = params["loss.mining"] == "curriculum"
-        assert ("loss.curriculum_start" in params) == curriculum and ("loss.curriculum_end" in params) == curriculum
-    fixed_off = build_space("triplet", overrides={"mining": "hard-triplets", "curriculum_start": {"low": 0, "high": 1}})
+        assert ("loss.curriculum_start" in params) == curriculum
+        assert ("loss.curriculum_end" in params) == curriculum
+    fixed_off = build_space("triplet",
+                            overrides={"mining": "hard-triplets", "curriculum_start": {"low": 0, "high": 1}})
     assert "loss.curriculum_start" not in {d.key for d in fixed_off.dimensions}
-    fixed_on = build_space("triplet", overrides={"mining": "curriculum", "curriculum_start": {"low": 0, "high": 1}})
+    fixed_on = build_space("triplet",
+                           overrides={"mining": "curriculum", "curriculum_start": {"low": 0, "high": 1}})
     start = next(d for d in fixed_on.dimensions if d.key == "loss.curriculum_start")
     assert start.when == () and all("loss.curriculum_start" in params for params, _ in sample(fixed_on, 5))
 
@@ -139,9 +146,12 @@ def test_loss_parameters_are_not_shared_search_keys():
 
 def test_sweep_config_file_and_overrides(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("losses: [triplet, circle]\ntrials: 5\nsearch:\n  optimizer.lr: {low: 1e-4, high: 1e-2, log: true}\n"
+    path.write_text("losses: [triplet, circle]\ntrials: 5\nsearch:\n"
+                    "  optimizer.lr: {low: 1e-4, high: 1e-2, log: true}\n"
                     "experiment:\n  epochs: 3\n  batch: {p: 3, k: 8}\n")
-    cfg = load_sweep_config(str(path), ["trials=2", "seeds=4", "epochs=1", "batch.k=4", "loss_overrides.triplet.margin=0.3",
+    cfg = load_sweep_config(str(path),
+                            ["trials=2", "seeds=4", "epochs=1", "batch.k=4",
+                             "loss_overrides.triplet.margin=0.3",
                                         "loss_overrides.circle.optimizer.lr=0.001", "pruner.name=hyperband"])
     assert cfg.name == "mine" and cfg.losses == ("triplet", "circle")
     assert (cfg.trials, cfg.seeds, cfg.final_seeds) == (2, 4, [1, 2, 3, 4])
@@ -149,7 +159,8 @@ def test_sweep_config_file_and_overrides(tmp_path):
     assert cfg.loss_overrides == {"triplet": {"margin": 0.3}, "circle": {"optimizer.lr": 0.001}}
     assert cfg.pruner == {"name": "hyperband"}
     circle = build_space("circle", cfg.search, cfg.loss_overrides["circle"])
-    assert circle.fixed == {"optimizer.lr": 0.001} and "optimizer.lr" not in {d.key for d in circle.dimensions}
+    assert circle.fixed == {"optimizer.lr": 0.001}
+    assert "optimizer.lr" not in {d.key for d in circle.dimensions}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -203,13 +214,15 @@ def test_t_interval_matches_scipy():
     values = [0.61, 0.64, 0.58, 0.66]
     mean, low, high = t_interval(values)
     ref_low, ref_high = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
-    assert mean == pytest.approx(np.mean(values)) and low == pytest.approx(ref_low) and high == pytest.approx(ref_high)
+    assert mean == pytest.approx(np.mean(values))
+    assert low == pytest.approx(ref_low) and high == pytest.approx(ref_high)
     assert t_interval([0.5])[0] == 0.5 and math.isnan(t_interval([0.5])[1])
     assert all(math.isnan(v) for v in t_interval([]))
 
 
 def test_markdown_table_shows_mean_and_interval():
-    row = {"loss": "triplet", "best_val_map_at_r": 0.5, "trials_complete": 3, "trials_pruned": 1, "trials_failed": 0,
+    row = {"loss": "triplet", "best_val_map_at_r": 0.5, "trials_complete": 3, "trials_pruned": 1,
+           "trials_failed": 0,
            "seeds": 2, "compute_seconds": 12.0, "best_params": "loss.margin=0.2"}
     for metric in ("precision_at_1", "r_precision", "map_at_r"):
         row.update({f"{metric}_mean": 0.5, f"{metric}_ci_low": 0.4, f"{metric}_ci_high": 0.6})

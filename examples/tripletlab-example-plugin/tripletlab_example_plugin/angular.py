@@ -23,7 +23,8 @@ class AngularLoss(MetricLoss):
 
     paper = "Wang et al., Deep Metric Learning with Angular Loss, ICCV 2017"
     hyperparams = (
-        HyperParam("alpha", float, 40.0, "angle bound alpha in degrees", low=0.0, high=90.0,
+        # the default is __init__'s: declared once, there
+        HyperParam("alpha", float, doc="angle bound alpha in degrees", low=0.0, high=90.0,
                    low_open=True, high_open=True, search=(30.0, 55.0)),
     )
 
@@ -37,7 +38,8 @@ class AngularLoss(MetricLoss):
         x = F.normalize(embeddings, dim=1)
         sim = x @ x.T
         same = labels[:, None] == labels[None, :]
-        anchor, positive = torch.nonzero(same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device),
+        anchor, positive = torch.nonzero(same & ~torch.eye(len(labels), dtype=torch.bool,
+                                                           device=labels.device),
                                          as_tuple=True)
         tan2 = math.tan(math.radians(self.alpha)) ** 2
         logits = 4 * tan2 * (sim[anchor] + sim[positive]) - 2 * (1 + tan2) * sim[anchor, positive, None]

@@ -66,6 +66,28 @@ def triplet_difficulty(d_ap: torch.Tensor, d_an: torch.Tensor,
                  for low, high in (DIFFICULTY_BOUNDS[kind] for kind in DIFFICULTIES))
 
 
+def difficulty_counts(d_ap: torch.Tensor, sorted_d_an: torch.Tensor,
+                      margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hard, semi_hard, easy)`` counts of negatives per positive distance, the sums over the
+    negatives of :func:`triplet_difficulty`'s masks without building them.
+
+    ``d_ap`` is (..., p): per anchor (the leading dimensions) the distances to its positives;
+    ``sorted_d_an`` is (..., m): the anchor's negative distances, sorted ascending. Each count is the
+    number of negatives in its difficulty's ``[low, high)`` interval, by binary search: O(p log m)
+    per anchor.
+    """
+    value = bound_values(d_ap, margin)
+
+    def below(bound: str) -> torch.Tensor:
+        if bound == "-inf":
+            return torch.zeros_like(d_ap, dtype=torch.long)
+        if bound == "inf":
+            return torch.full_like(d_ap, sorted_d_an.shape[-1], dtype=torch.long)
+        return torch.searchsorted(sorted_d_an.contiguous(), value[bound].contiguous(), side="left")
+
+    return tuple(below(high) - below(low) for low, high in (DIFFICULTY_BOUNDS[kind] for kind in DIFFICULTIES))
+
+
 def mined_triplets(mining: str, d_ap: torch.Tensor, d_an: torch.Tensor, margin: float, valid: torch.Tensor,
                    admitted: torch.Tensor | None = None) -> torch.Tensor:
     """The triplets a mining strategy keeps, among the ``valid`` ones (all broadcast to one shape,

@@ -55,10 +55,11 @@ class SemiHardLoss(MetricLoss):
         self.fallback, self.reduction = fallback, reduction
         self.workspace = Workspace()
 
+    def prepare(self, embeddings: torch.Tensor | None) -> torch.Tensor | None:
+        return None if embeddings is None else prepare_embeddings(embeddings, self.distance, self.normalize)
+
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
-        x = prepare_embeddings(embeddings, self.distance, self.normalize)
-        y = None if ref_embeddings is None else prepare_embeddings(ref_embeddings, self.distance,
-                                                                   self.normalize)
+        x, y = self.prepare(embeddings), self.prepare(ref_embeddings)  # y = None: the batch itself
         if self.fused:
             value, stats = kernel.semi_hard_loss(
                 x, y, labels, ref_labels, margin=self.margin, distance=self.distance, fallback=self.fallback,

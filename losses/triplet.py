@@ -76,6 +76,9 @@ class TripletLoss(MetricLoss):
     ``TripletMarginMiner("all")`` keeps only margin violators). With reference embeddings,
     anchors come from ``embeddings`` and positives/negatives from the references, as in PML.
 
+    Defaults: m = 0.2, euclidean distance on L2-normalised embeddings, all triplets, the mean over the
+    non-zero terms (PML's; FaceNet used the squared euclidean distance).
+
     ``compute`` runs the fused kernel (:mod:`losses._kernels.triplet`: O(n * m) memory, O(n * k * m)
     for k positives per anchor with ``soft_margin`` or ``swap``, the gradient in closed form);
     ``fused = False`` runs the formula as written below (O(n * m * m) memory), its test oracle.
@@ -115,10 +118,11 @@ class TripletLoss(MetricLoss):
     def set_progress(self, fraction: float) -> None:
         self.curriculum.progress = min(max(float(fraction), 0.0), 1.0)
 
+    def prepare(self, embeddings: torch.Tensor | None) -> torch.Tensor | None:
+        return None if embeddings is None else prepare_embeddings(embeddings, self.distance, self.normalize)
+
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
-        x = prepare_embeddings(embeddings, self.distance, self.normalize)
-        y = None if ref_embeddings is None else prepare_embeddings(ref_embeddings, self.distance,
-                                                                   self.normalize)
+        x, y = self.prepare(embeddings), self.prepare(ref_embeddings)  # y = None: the batch itself
         n, m = x.shape[0], (x if y is None else y).shape[0]
         admitted = self.curriculum.admitted(n, m, x.device) if self.mining == "curriculum" else None
         if self.fused:
@@ -133,9 +137,9 @@ class TripletLoss(MetricLoss):
         d_ap, d_an = d.unsqueeze(2), d.unsqueeze(1)  # (n, m, 1) positive, (n, 1, m) negative
         valid = positive.unsqueeze(2) & negative.unsqueeze(1)  # (n, m, m) triplets (a, p, n)
         used = mined_triplets(self.mining, d_ap.detach(), d_an.detach(), self.margin, valid, admitted)
-        if self.swap:  # d(p, n) between candidates: (1, m, m)
-            d_an = torch.minimum(d_an,
-                                 distance_matrix(x if y is None else y, None, self.distance).unsqueeze(0))
+        if self.swap:  # min(d(a, n), d(p, n)), d(p, n) among the candidates: (1, m, m)
+            d_pn = distance_matrix(x if y is None else y, None, self.distance)
+            d_an = torch.minimum(d_an, d_pn.unsqueeze(0))
         term, _ = hinge(d_ap - d_an + self.margin, self.soft_margin)
         term = torch.where(used, term, 0)
         with torch.no_grad():

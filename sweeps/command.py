@@ -13,8 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from experiments.data.paired import is_paired, load_paired
-from experiments.data.registry import load_dataset
+from experiments.data.registry import is_paired, load_dataset
 from experiments.data.folds import class_folds, training_pool
 from experiments.tracking.secrets import mask_secrets
 from experiments.tracking.store import resolve_tracking_uri
@@ -65,8 +64,7 @@ def main(args: argparse.Namespace) -> int:
     plugins = tuple(dict.fromkeys([*cfg.plugins, *getattr(args, "plugin", []), *getattr(args, "sub_plugin", [])]))
     ctx = SweepContext(cfg, storage_spec, resolve_tracking_uri(args.tracking_uri), sweep_dir, plugins)
     base = base_experiment(ctx)
-    check_data = load_paired if is_paired(base.dataset.name) else load_dataset
-    data = check_data(base.dataset, base.seed)  # a missing or broken data file fails here, before any run
+    data = load_dataset(base.dataset, base.seed)  # a missing or broken data file fails here, before any run
     if cfg.folds > 1:  # and so do folds the data cannot fill
         if is_paired(base.dataset.name):
             raise ValueError(f"folds={cfg.folds}: cross-validation folds are for image datasets, not the "

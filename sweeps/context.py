@@ -46,7 +46,7 @@ class SweepContext:
     @classmethod
     def from_json(cls, text: str) -> "SweepContext":
         data: dict[str, Any] = json.loads(text)
-        from losses.plugins import load_plugins
+        from losses import load_plugins
 
         load_plugins(data["plugins"])
         return cls(sweep_from_dict(data["sweep"]), data["storage"], data["tracking_uri"], Path(data["sweep_dir"]),

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     parser = build_parser(chosen)
     args = parser.parse_args(argv)
-    from losses.plugins import load_plugins
+    from losses import load_plugins
 
     load_plugins([*args.plugin, *args.sub_plugin])
     from experiments.train.interrupts import interrupts_recorded

@@ -66,7 +66,7 @@ def _run_source(client, run_id: str, uri: str):
     import torch
     from mlflow.exceptions import MlflowException
 
-    from experiments.train.run import MODEL_ARTIFACT, WEIGHTS_FILE
+    from experiments.train.record import MODEL_ARTIFACT, WEIGHTS_FILE
     from experiments.tracking.secrets import mask_secrets
 
     try:
@@ -97,7 +97,7 @@ def _models(cfg: ExperimentConfig, states: list[dict], image_shape, device):
     """The run's networks rebuilt from ``cfg`` with ``states`` loaded, in eval mode on ``device``."""
     import torch
 
-    from experiments.train.run import build_run_model
+    from experiments.train.tasks import build_run_model
 
     models = []
     for state in states:
@@ -114,22 +114,20 @@ def _models(cfg: ExperimentConfig, states: list[dict], image_shape, device):
 
 def evaluate(cfg: ExperimentConfig, states: list[dict]) -> tuple[dict[str, float], str]:
     """Test metrics (unprefixed) of the models ``states`` on ``cfg``'s test split, and the device used."""
-    from experiments.data.paired import is_paired
-    from experiments.data.registry import load_dataset
+    from experiments.data.registry import is_paired, load_dataset
     from experiments.train.cross_validation import test_fold_models
-    from experiments.train.run import embed_gallery, embed_test, score_test
     from experiments.train.loop import pick_device
+    from experiments.train.tasks import ImageTask
 
     if is_paired(cfg.dataset.name):
         raise ValueError(f"evaluate tests image models; {cfg.dataset.name!r} is a paired (cross-modal) "
                          "dataset")
     device = pick_device(cfg.device)
-    splits = load_dataset(cfg.dataset, cfg.seed)
-    models = _models(cfg, states, splits.test.image_shape, device)
+    task = ImageTask(cfg, load_dataset(cfg.dataset, cfg.seed))
+    models = _models(cfg, states, task.splits.test.image_shape, device)
     if len(models) > 1:
-        return test_fold_models(cfg, models, splits, device)[0], str(device)
-    embeddings, labels = embed_test(cfg, models[0], splits, device)
-    return score_test(cfg, embeddings, labels, embed_gallery(cfg, models[0], splits, device)), str(device)
+        return test_fold_models(task, models, device)[0], str(device)
+    return task.test(models[0], device)[0], str(device)
 
 
 def main(args) -> int:

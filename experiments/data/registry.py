@@ -3,7 +3,9 @@
 Built-ins: ``digits`` (bundled with scikit-learn), ``fashion-mnist``, ``orl-faces``, ``omniglot``,
 the natural-image benchmarks ``cub200`` (CUB-200-2011), ``cars196``, ``sop`` (Stanford Online
 Products) and ``inshop`` (In-shop Clothes), and ``image-folder`` (bring your own: one sub-folder
-per class). ``dataset.split=official`` uses each dataset's published split. Nothing is downloaded: every
+per class), and the paired (image, caption) datasets ``digits-captions`` and ``paired-file`` (a CSV
+or JSONL of ``image_path, caption, label``) for cross-modal retrieval.
+``dataset.split=official`` uses each dataset's published split. Nothing is downloaded: every
 dataset but ``digits`` reads ``dataset.path`` or, when that is empty, the environment variable
 ``TRIPLETLAB_<NAME>_PATH`` (e.g. ``TRIPLETLAB_FASHION_MNIST_PATH``), or else a system-wide install
 (Debian's ``dataset-fashion-mnist`` package puts Fashion-MNIST in /usr/share/datasets/fashion-mnist).
@@ -22,6 +24,7 @@ import torch
 
 from experiments.data.formats import cars, cub, inshop, omniglot, sop
 from experiments.data.base import DatasetSplits, LabeledImages, SourceImages
+from experiments.data.captions import load_digits_paired, load_paired_file
 from experiments.data.formats.digits import load_digits
 from experiments.data.formats.idx import load_fashion_mnist
 from experiments.data.formats.image_folder import load_image_folder
@@ -29,10 +32,13 @@ from experiments.data.image_store import as_store
 from experiments.data.imaging import parse_image_size, resize_images
 from experiments.data.formats.listed_images import DEFAULT_SIZE as NATURAL_SIZE
 from experiments.data.formats.orl import load_orl_faces
+from experiments.data.paired import PairedSplits, split_pairs
 from experiments.data.splits import DEFAULT_SPLIT, SPLITS, cap_per_class, split_indices
 
+PAIRED_IMAGE_SIZE = 32
+
 __all__ = ["DatasetSpec", "DatasetSplits", "LabeledImages", "SourceImages", "dataset_path", "env_var",
-           "list_datasets", "load_dataset", "register_dataset"]
+           "is_paired", "list_datasets", "load_dataset", "register_dataset"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ class DatasetSpec:
     ``load_dataset`` resizes after loading). ``hflip`` says a horizontal flip keeps the class.
     ``system_path`` is used when neither ``dataset.path`` nor the environment variable is set.
     ``official`` describes the dataset's official split (empty: it has none); ``official_missing``
-    is the error when the given files lack its official test part.
+    is the error when the given files lack its official test part. A ``paired`` dataset's
+    ``loader(path, image_size, seed)`` returns (image, caption, label) triples, a ``PairedSplit``.
     """
 
     loader: Callable[..., SourceImages]
@@ -55,6 +62,7 @@ class DatasetSpec:
     system_path: str = ""
     official: str = ""
     official_missing: str = ""
+    paired: bool = False
 
 
 _DATASETS: dict[str, DatasetSpec] = {}
@@ -69,6 +77,11 @@ def register_dataset(name: str, spec: DatasetSpec, overwrite: bool = False) -> N
 
 def list_datasets() -> list[str]:
     return sorted(_DATASETS)
+
+
+def is_paired(name: str) -> bool:
+    """Whether ``name`` is a registered dataset of (image, caption, label) pairs."""
+    return name in _DATASETS and _DATASETS[name].paired
 
 
 def _natural_images(loader: Callable[..., SourceImages], official: str) -> DatasetSpec:
@@ -89,6 +102,9 @@ register_dataset("cars196", _natural_images(cars.load_cars, cars.OFFICIAL))
 register_dataset("sop", _natural_images(sop.load_sop, sop.OFFICIAL))
 register_dataset("inshop", _natural_images(inshop.load_inshop, inshop.OFFICIAL))
 register_dataset("image-folder", DatasetSpec(load_image_folder, hflip=True, default_size=(64, 64), resizes=True))
+register_dataset("digits-captions", DatasetSpec(lambda path, size, seed: load_digits_paired(seed),
+                                                needs_path=False, paired=True))
+register_dataset("paired-file", DatasetSpec(lambda path, size, seed: load_paired_file(path, size), paired=True))
 
 
 def _option(cfg, key: str, default):
@@ -150,7 +166,15 @@ def _part_codes(split: str, masks: dict[str, torch.Tensor | None]) -> torch.Tens
     return None
 
 
-def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
+def _load_pairs(name: str, spec: DatasetSpec, dataset_cfg, split: str, seed: int) -> PairedSplits:
+    """A paired dataset's splits; images are ``image_size`` square (default 32)."""
+    path = dataset_path(name, _option(dataset_cfg, "path", ""), spec.system_path) if spec.needs_path else None
+    size = _option(dataset_cfg, "image_size", 0)
+    data = spec.loader(path, size if isinstance(size, int) and size > 0 else PAIRED_IMAGE_SIZE, seed)
+    return split_pairs(data, split, _option(dataset_cfg, "val_fraction", 0.2), seed, name)
+
+
+def load_dataset(dataset_cfg, seed: int) -> DatasetSplits | PairedSplits:
     """Load the dataset named by ``dataset_cfg.name`` and split it by ``dataset_cfg.split``.
 
     ``dataset_cfg`` is any object (or mapping) with ``name``, ``path``, ``split``
@@ -158,7 +182,8 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
     config's default), ``val_fraction`` (default 0.2),
     ``image_size`` (0 = the dataset's default) and ``max_per_class`` (0 = all). Labels keep the
     dataset's own class ids; ``info`` records the source, the split's classes, counts and seed,
-    and the normalisation statistics of the training split (also set on every split).
+    and the normalisation statistics of the training split (also set on every split). A paired
+    dataset gives :class:`~experiments.data.paired.PairedSplits`.
     """
     name = _option(dataset_cfg, "name", "digits")
     if name not in _DATASETS:
@@ -170,6 +195,8 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits:
     if split == "official" and not spec.official:
         raise ValueError(f"dataset {name!r} has no official split; use dataset.split=standard or "
                          "class-disjoint")
+    if spec.paired:
+        return _load_pairs(name, spec, dataset_cfg, split, seed)
     val_fraction = _option(dataset_cfg, "val_fraction", 0.2)
     max_per_class = _option(dataset_cfg, "max_per_class", 0)
     size = parse_image_size(_option(dataset_cfg, "image_size", 0), spec.default_size)

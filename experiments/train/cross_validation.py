@@ -26,6 +26,10 @@ import torch.nn.functional as F
 
 from experiments.data.folds import class_folds, fold_parts, training_pool
 from experiments.data.sampler import PKSampler
+from experiments.train.fitting import fit_model
+from experiments.train.record import (RunResult, log_embeddings_artifact, log_run_config, log_weights,
+                                      tested_val_metrics)
+from experiments.train.tasks import ImageTask, with_dense_labels
 
 
 def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, float]]:
@@ -52,30 +56,29 @@ def concatenated_embeddings(per_fold: list[torch.Tensor], normalize: bool) -> to
     return F.normalize(joined, dim=1) if normalize else joined
 
 
-def test_fold_models(cfg, models: list, splits, device):
+def test_fold_models(task: ImageTask, models: list, device):
     """Test metrics of the fold models: the concatenation's, plus ``separated/<metric>`` (their mean
-    over the models); returns ``(metrics, per-model metrics, (embeddings, labels), gallery)``, the
-    last two concatenated (``gallery`` is ``None`` unless the test queries rank a gallery)."""
-    from experiments.train.run import embed_gallery, embed_test, score_test
-
-    embedded = [embed_test(cfg, model, splits, device) for model in models]
-    galleries = [embed_gallery(cfg, model, splits, device) for model in models]
-    test = concatenated_embeddings([e for e, _ in embedded], cfg.model.normalize), embedded[0][1]
+    over the models); returns ``(metrics, per-model metrics, embeddings artifact arrays)``, the
+    embeddings concatenated."""
+    normalize = task.cfg.model.normalize
+    embedded = [task.embed(model, task.splits.test, device) for model in models]
+    galleries = [task.embed(model, task.splits.gallery, device) for model in models]
+    test = concatenated_embeddings([e for e, _ in embedded], normalize), embedded[0][1]
+    arrays = {"embeddings": test[0], "labels": test[1]}
     gallery = None
     if galleries[0] is not None:
-        gallery = concatenated_embeddings([g for g, _ in galleries], cfg.model.normalize), galleries[0][1]
-    metrics = score_test(cfg, *test, gallery)
-    separated = [score_test(cfg, e, lab, g) for (e, lab), g in zip(embedded, galleries)]
+        gallery = concatenated_embeddings([g for g, _ in galleries], normalize), galleries[0][1]
+        arrays.update(ref_embeddings=gallery[0], ref_labels=gallery[1])
+    metrics = task.score(*test, gallery)
+    separated = [task.score(e, lab, g) for (e, lab), g in zip(embedded, galleries)]
     metrics.update({f"separated/{k}": v for k, v in _mean(separated).items()})
-    return metrics, separated, test, gallery
+    return metrics, separated, arrays
 
 
-def train_and_evaluate_folds(cfg, run, splits, device, folds: int, fold_seed: int, on_epoch, on_fold,
+def train_and_evaluate_folds(cfg, run, task: ImageTask, device, folds: int, fold_seed: int, on_epoch, on_fold,
                              evaluate_test: bool, log_embeddings: bool, log_model: bool):
     """Cross-validate ``cfg`` on ``folds`` class-disjoint folds dealt by ``fold_seed`` (module docstring)."""
-    from experiments.train.run import (RunResult, fit_model, log_run_config, log_weights, tested_val_metrics,
-                                    with_dense_labels)
-
+    splits = task.splits
     pool = training_pool(splits)
     fold_classes = class_folds(pool.classes(), folds, fold_seed)
     info = {**splits.info, "folds": folds, "fold_seed": fold_seed, "fold_classes": fold_classes}
@@ -97,7 +100,7 @@ def train_and_evaluate_folds(cfg, run, splits, device, folds: int, fold_seed: in
             step = fold * cfg.epochs + epoch
             return on_epoch is not None and bool(on_epoch(step, {**metrics, "fold": fold}))
 
-        model, outcome = fit_model(cfg, run, train_part, sampler, val_part, device, report, log_epoch,
+        model, outcome = fit_model(cfg, run, task, train_part, sampler, val_part, device, report, log_epoch,
                                    checkpoints / f"fold_{fold}" if checkpoints else None)
         outcomes.append(outcome)
         fold_val.append(tested_val_metrics(cfg, outcome))
@@ -122,14 +125,11 @@ def train_and_evaluate_folds(cfg, run, splits, device, folds: int, fold_seed: in
         run.set_tags({"tripletlab.stopped": stopped})
     test = None
     if evaluate_test and not pruned:
-        test, separated, (joined, labels), gallery = test_fold_models(cfg, models, splits, device)
+        test, separated, arrays = test_fold_models(task, models, device)
         final.update({f"test/{k}": v for k, v in test.items()})
         final.update({f"fold_{i}/test/{k}": v for i, s in enumerate(separated) for k, v in s.items()})
         if log_embeddings and cfg.tracking.log_embeddings:
-            npz = {"embeddings": joined.cpu().numpy(), "labels": labels.cpu().numpy()}
-            if gallery is not None:
-                npz.update(ref_embeddings=gallery[0].cpu().numpy(), ref_labels=gallery[1].cpu().numpy())
-            run.log_npz("embeddings/test.npz", **npz)
+            log_embeddings_artifact(run, arrays)
     steps = max((len(o.history) for o in outcomes), default=0)
     run.log_metrics(final, step=steps)
     run.log_json({"history": history, "val": val_metrics, "folds": fold_val, "test": test, **final},

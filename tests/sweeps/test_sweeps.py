@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from tripletlab.cli import main as cli_main
 from experiments.config import from_dict
-from experiments.train.run import build_run_model
+from experiments.train.tasks import build_run_model
 from helpers.sweep_fixture import TINY_LOSSES, run_sweep, sweep_args, working_directory
 from sweeps.config import load_sweep_config
 from sweeps.context import SweepContext

@@ -27,7 +27,7 @@ from tripletlab.cli import main as cli_main
 from experiments.data.base import LabeledImages
 from experiments.data.captions import load_paired_file
 from experiments.tracking.store import prepare_store
-from losses.plugins import PluginWarning, load_plugins
+from losses import PluginWarning, load_plugins
 
 TINY = ["epochs=1", "dataset.max_per_class=20", "model.embedding_dim=8", "batch.p=3", "batch.k=4",
         "optimizer.warmup_fraction=0"]

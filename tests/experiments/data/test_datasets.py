@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from experiments.config import ExperimentConfig
-from experiments.data.registry import dataset_path, env_var, list_datasets, load_dataset
+from experiments.data.paired import PairedSplits
+from experiments.data.registry import dataset_path, env_var, is_paired, list_datasets, load_dataset
 from experiments.data.splits import cap_per_class, class_disjoint_split, standard_split
 
 
@@ -341,8 +342,19 @@ def test_split_default_is_the_configs_everywhere():
 
 
 def test_registry_lists_the_builtins():
-    assert list_datasets() == ["cars196", "cub200", "digits", "fashion-mnist", "image-folder", "inshop",
-                               "omniglot", "orl-faces", "sop"]
+    assert list_datasets() == ["cars196", "cub200", "digits", "digits-captions", "fashion-mnist", "image-folder",
+                               "inshop", "omniglot", "orl-faces", "paired-file", "sop"]
+
+
+def test_paired_datasets_are_in_the_registry_and_named_by_an_unknown_name():
+    with pytest.raises(ValueError, match=r"unknown dataset\.name 'captions'; choose one of .*digits-captions.*paired-file"):
+        load_dataset({"name": "captions"}, seed=0)
+    assert is_paired("digits-captions") and is_paired("paired-file") and not is_paired("digits")
+    pairs = load_dataset({"name": "digits-captions", "split": "class-disjoint"}, seed=0)
+    assert isinstance(pairs, PairedSplits) and len(pairs.train.captions) == len(pairs.train.labels)
+    assert set(pairs.train.labels.tolist()).isdisjoint(pairs.test.labels.tolist())
+    with pytest.raises(ValueError, match="'digits-captions' has no official split"):
+        load_dataset({"name": "digits-captions", "split": "official"}, seed=0)
 
 
 # ---------------------------------------------------------------- splits

@@ -10,6 +10,10 @@
   (FaceNet). The three classes partition all triplets; easy ones are exactly those a triplet
   hinge loss with this margin ignores. Counted without listing triplets: per (anchor, positive)
   pair, a binary search among the anchor's sorted negative distances.
+
+A run's :func:`embedding_quality` measures distances and difficulty in one reference geometry for
+every loss (:data:`DIFFICULTY_REFERENCE`), whatever distance and margin the loss trains with, so the
+numbers of different losses compare.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ from losses.params import DISTANCES
 from experiments.eval.inputs import as_embeddings, as_labels, auto_chunk_size
 
 FACENET_MARGIN = 0.2
+REFERENCE_DISTANCE = "squared_euclidean"
+DIFFICULTY_REFERENCE = ("squared euclidean distance between L2-normalised embeddings, margin 0.2 "
+                        "(FaceNet's, Schroff et al. 2015), the same for every loss")
 
 
 def _class_ids(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -109,9 +116,15 @@ def _anchor_block_sums(x, anchors, members, negatives, margin, distance, first_a
                         hard.to(torch.float64), semi_hard.to(torch.float64), easy.to(torch.float64)])
 
 
-def embedding_quality(embeddings, labels, *, margin: float = FACENET_MARGIN, distance: str = "euclidean",
-                      chunk_size: int | None = None) -> dict[str, float]:
-    """``alignment``, ``uniformity`` and the :func:`triplet_statistics` of a labelled embedding set."""
+def reference_triplet_statistics(embeddings, labels, *, chunk_size: int | None = None) -> dict[str, float]:
+    """:func:`triplet_statistics` in the reference geometry (:data:`DIFFICULTY_REFERENCE`)."""
+    unit = F.normalize(as_embeddings(embeddings), dim=1)
+    return triplet_statistics(unit, labels, margin=FACENET_MARGIN, distance=REFERENCE_DISTANCE,
+                              chunk_size=chunk_size)
+
+
+def embedding_quality(embeddings, labels, *, chunk_size: int | None = None) -> dict[str, float]:
+    """``alignment``, ``uniformity`` and the :func:`reference_triplet_statistics` of a labelled set."""
     alignment, uniformity = alignment_uniformity(embeddings, labels, chunk_size=chunk_size)
     return {"alignment": alignment, "uniformity": uniformity,
-            **triplet_statistics(embeddings, labels, margin=margin, distance=distance, chunk_size=chunk_size)}
+            **reference_triplet_statistics(embeddings, labels, chunk_size=chunk_size)}

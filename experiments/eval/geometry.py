@@ -2,7 +2,8 @@
 
 - alignment and uniformity (Wang & Isola, ICML 2020) and the mean intra- and inter-class distances
   with their ratio (intra / inter; lower separates classes better), from
-  :mod:`experiments.eval.embedding_quality`;
+  :mod:`experiments.eval.embedding_quality`, in its reference geometry (squared euclidean between
+  L2-normalised embeddings) for every loss;
 - spectral decay rho (Roth et al., "Revisiting Training Strategies and Generalization Performance in
   Deep Metric Learning", ICML 2020): the KL divergence ``KL(U || S)`` between the uniform
   distribution and the embedding matrix's singular values normalised to sum to 1 (their
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-from experiments.eval.embedding_quality import alignment_uniformity, triplet_statistics
+from experiments.eval.embedding_quality import alignment_uniformity, reference_triplet_statistics
 
 GEOMETRY_POINTS = 2000
 GEOMETRY_KEYS = ("alignment", "uniformity", "intra_class_distance", "inter_class_distance", "distance_ratio",
@@ -44,7 +45,7 @@ def embedding_geometry(embeddings: torch.Tensor, labels: torch.Tensor, points: i
     if len(counts) < 2 or int(counts.max()) < 2:
         return {}
     alignment, uniformity = alignment_uniformity(embeddings, labels)
-    distances = triplet_statistics(embeddings, labels)
+    distances = reference_triplet_statistics(embeddings, labels)
     intra, inter = distances["intra_class_distance"], distances["inter_class_distance"]
     return {"alignment": alignment, "uniformity": uniformity, "intra_class_distance": intra,
             "inter_class_distance": inter, "distance_ratio": intra / inter if inter > 0 else math.nan,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from experiments.data.device_data import DeviceImages
-from experiments.eval.embedding_quality import FACENET_MARGIN, embedding_quality
+from experiments.eval.embedding_quality import embedding_quality
 from experiments.eval.geometry import embedding_geometry
 from experiments.eval.retrieval import HEADLINE_METRICS, retrieval_metrics
 from experiments.eval.verification import MAX_SAMPLES, verification_metrics
@@ -53,10 +53,10 @@ def validate_split(model: nn.Module, data: DeviceImages, batch_size: int) -> dic
 
 
 def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: bool, seed: int = 0,
-                 margin: float = FACENET_MARGIN,
                  gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """Every retrieval metric, embedding quality (alignment, uniformity, class distances and the
-    easy/semi-hard/hard triplet shares at ``margin``) and, with ``verification``, face
+    easy/semi-hard/hard triplet shares, in the reference geometry of
+    :mod:`experiments.eval.embedding_quality`) and, with ``verification``, face
     verification metrics (``verification_<name>``) over all pairs of at most
     ``verification.MAX_SAMPLES`` embeddings (a seeded subset when there are more).
 
@@ -66,7 +66,7 @@ def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: b
     metrics = {k: float(v) for k, v in retrieval_metrics(embeddings, labels, *ref, seed=seed).items()}
     if gallery is not None:
         embeddings, labels = torch.cat([embeddings, gallery[0]]), torch.cat([labels, gallery[1]])
-    metrics.update({k: float(v) for k, v in embedding_quality(embeddings, labels, margin=margin).items()})
+    metrics.update({k: float(v) for k, v in embedding_quality(embeddings, labels).items()})
     if verification:
         if embeddings.shape[0] > MAX_SAMPLES:
             keep = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_SAMPLES]

@@ -20,7 +20,6 @@ from experiments.data.imaging import channel_stats
 from experiments.data.paired import PairedDeviceData, PairedSplits
 from experiments.data.registry import is_paired
 from experiments.eval.crossmodal import cross_modal_metrics
-from experiments.eval.embedding_quality import FACENET_MARGIN
 from experiments.eval.retrieval import HEADLINE_METRICS, retrieval_metrics
 from experiments.eval.run_metrics import embed_split, test_metrics, validate_split
 from experiments.models.backbones import input_options, load_backbone_weights
@@ -91,16 +90,13 @@ class ImageTask:
     def score(self, embeddings: torch.Tensor, labels: torch.Tensor,
               gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Unprefixed test metrics: retrieval (against ``gallery`` when given), embedding quality in
-        the loss's own distance and margin, and verification where ``eval.verification`` (or the
+        one reference geometry for every loss, and verification where ``eval.verification`` (or the
         dataset) asks."""
         cfg = self.cfg
         verification = cfg.eval.verification
         if verification is None:
             verification = cfg.dataset.name in IDENTITY_DATASETS
-        margin = cfg.loss.params.get("margin")
-        return test_metrics(embeddings, labels, verification, cfg.seed,
-                            margin=float(margin) if isinstance(margin, (int, float)) else FACENET_MARGIN,
-                            gallery=gallery)
+        return test_metrics(embeddings, labels, verification, cfg.seed, gallery=gallery)
 
     def test(self, model: nn.Module, device: torch.device):
         """``(unprefixed test metrics, arrays of the embeddings artifact)``."""

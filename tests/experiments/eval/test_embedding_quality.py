@@ -72,12 +72,12 @@ def test_alignment_and_uniformity_match_reference_formulas():
 def test_collapsed_classes_are_perfectly_aligned_and_easy():
     labels = torch.arange(4).repeat_interleave(5)
     x = 10 * torch.eye(4)[labels]
-    out = embedding_quality(x, labels, margin=0.5, distance="euclidean")
+    out = embedding_quality(x, labels)
     assert set(out) == {"alignment", "uniformity", "intra_class_distance", "inter_class_distance",
                         "easy_fraction", "semi_hard_fraction", "hard_fraction"}
     assert out["alignment"] == 0.0 and out["intra_class_distance"] == 0.0
     assert out["easy_fraction"] == 1.0 and out["hard_fraction"] == 0.0
-    assert out["inter_class_distance"] == pytest.approx(10 * 2 ** 0.5)
+    assert out["inter_class_distance"] == pytest.approx(2.0)  # squared distance of orthogonal unit vectors
     # uniformity in closed form: 80 ordered same-class pairs at distance 0, the rest at sqrt(2)
     n, same = 20, 20 * 4
     expected = np.log((same + (n * (n - 1) - same) * np.exp(-2 * 2.0)) / (n * (n - 1)))
@@ -99,6 +99,26 @@ def test_bad_input_raises_clear_value_error(call, message):
 
 def test_float32_input_agrees_with_float64():
     x, y = sample(n=60, seed=6)
-    exact = embedding_quality(x, y, margin=0.4, chunk_size=9)
-    single = embedding_quality(x.float().numpy(), y.numpy(), margin=0.4)
+    exact = embedding_quality(x, y, chunk_size=9)
+    single = embedding_quality(x.float().numpy(), y.numpy())
     assert single == pytest.approx(exact, abs=1e-5)
+
+
+def test_run_quality_is_in_one_reference_geometry_whatever_the_loss_trains_with():
+    """A loss's distance and margin must not change the units of its quality numbers: they are
+    FaceNet's squared euclidean distance between unit vectors with margin 0.2 for every loss,
+    checked against the brute-force count (a run with a cosine margin of 0.5 used to be scored in
+    euclidean distance with margin 0.5)."""
+    from experiments.config import load_config
+    from experiments.data.registry import load_dataset
+    from experiments.train.tasks import ImageTask
+
+    x, y = sample(n=48, seed=7)
+    x = 3 * x  # far from unit length: normalising matters
+    expected = brute_force_triplets(torch.nn.functional.normalize(x, dim=1), y, 0.2, "squared_euclidean")
+    for overrides in (["loss.name=triplet", "loss.distance=cosine", "loss.margin=0.5"],
+                      ["loss.name=batch_hard", "loss.distance=euclidean", "loss.margin=1.0"],
+                      ["loss.name=multi_similarity"]):
+        cfg = load_config("digits", overrides)
+        scored = ImageTask(cfg, load_dataset(cfg.dataset, cfg.seed)).score(x, y)
+        assert {k: scored[k] for k in expected} == pytest.approx(expected, abs=1e-9), overrides

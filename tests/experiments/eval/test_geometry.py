@@ -34,8 +34,9 @@ def test_geometry_matches_loops_over_pairs():
     assert got["alignment"] == pytest.approx(np.mean([math.dist(normed[i], normed[j]) ** 2 for i, j in same]))
     assert got["uniformity"] == pytest.approx(
         math.log(np.mean([math.exp(-2 * math.dist(normed[i], normed[j]) ** 2) for i, j in pairs])))
-    intra = np.mean([math.dist(x[i], x[j]) for i, j in same])
-    inter = np.mean([math.dist(x[i], x[j]) for i, j in other])
+    # class distances in the reference geometry: squared euclidean between unit vectors
+    intra = np.mean([math.dist(normed[i], normed[j]) ** 2 for i, j in same])
+    inter = np.mean([math.dist(normed[i], normed[j]) ** 2 for i, j in other])
     assert (got["intra_class_distance"], got["inter_class_distance"]) == pytest.approx((intra, inter))
     assert got["distance_ratio"] == pytest.approx(intra / inter)
 

@@ -23,16 +23,16 @@ def pk_batch(p: int, k: int, d: int, dtype: torch.dtype = torch.float32, seed: i
 
 
 def clustered_batch(p: int, k: int, d: int, dtype: torch.dtype = torch.float32, seed: int = 0,
-                    spread: float = 0.5, device: str | torch.device = "cpu") -> tuple[torch.Tensor,
-                                                                                      torch.Tensor]:
+                    spread: float = 0.5,
+                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``p`` unit-norm class centres plus Gaussian noise of standard deviation ``spread / sqrt(d)``.
 
     Small ``spread`` gives mostly easy triplets, ``spread`` near 1 a mix of easy, semi-hard and hard.
     """
     generator = torch.Generator().manual_seed(seed)
     labels = _pk_labels(p, k, generator)
-    centres = torch.nn.functional.normalize(torch.randn(p, d, generator=generator, dtype=torch.float64),
-                                            dim=1)
+    directions = torch.randn(p, d, generator=generator, dtype=torch.float64)
+    centres = torch.nn.functional.normalize(directions, dim=1)
     noise = torch.randn(p * k, d, generator=generator, dtype=torch.float64) * (spread / d ** 0.5)
     embeddings = centres[labels] + noise
     return embeddings.to(device=device, dtype=dtype), labels.to(device)

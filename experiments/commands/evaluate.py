@@ -50,15 +50,13 @@ def evaluate_overrides(overrides: list[str]) -> dict:
 
 def _checkpoint_source(path: Path):
     """``(config dict, [state dicts])`` of a checkpoint file."""
-    import torch
+    from experiments.train.loop import read_checkpoint
 
-    from experiments.train.loop import checkpoint_config
-
-    config = checkpoint_config(path)
-    if config is None:
+    state = read_checkpoint(path)
+    if state.get("config") is None:
         raise ValueError(f"checkpoint {path} carries no config (it predates configs in checkpoints); "
                          "evaluate a checkpoint written by this version, or the run id of its run")
-    return config, [torch.load(path, map_location="cpu", weights_only=True)["model"]]
+    return state["config"], [state["model"]]
 
 
 def _run_source(client, run_id: str, uri: str):

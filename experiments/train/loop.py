@@ -92,8 +92,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 "config": config}, path)
 
 
-def checkpoint_config(path: Path) -> dict | None:
-    """The resolved config a checkpoint carries (``None`` for a checkpoint saved without one)."""
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint` (``model``, ``optimizer``, ``epoch``,
+    ``config``), read with tensors only: a file that would run code on loading is refused."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a file that is not a checkpoint
@@ -101,16 +102,7 @@ def checkpoint_config(path: Path) -> dict | None:
                          f"{type(exc).__name__}); pass a file written to train.checkpoint_dir") from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a checkpoint of train.checkpoint_dir (no 'model' state)")
-    return state.get("config")
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint` (tensors only); returns its epoch."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    return int(state["epoch"])
+    return state
 
 
 def _loss_call(loss_fn: nn.Module) -> Callable:

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from tripletlab.cli import main as cli_main
 from experiments.models.image import build_model
 from experiments.tracking.store import prepare_store
-from experiments.train.loop import checkpoint_config, save_checkpoint
+from experiments.train.loop import read_checkpoint, save_checkpoint
 from helpers.sweep_fixture import working_directory
 
 TRAIN = ["train", "epochs=1", "model.embedding_dim=16", "batch.p=8", "batch.k=4", "dataset.max_per_class=40",
@@ -53,7 +53,7 @@ def test_a_checkpoint_alone_is_re_evaluated_to_its_run_test_metrics(tmp_path, ca
         assert cli_main([*TRAIN, "train.checkpoint_dir=checkpoints", "--tracking-uri", uri]) == 0
     [trained] = _runs(uri, "tripletlab", "train")
     checkpoint = tmp_path / "checkpoints" / trained.info.run_id / "last.pt"
-    config = checkpoint_config(checkpoint)
+    config = read_checkpoint(checkpoint)["config"]
     assert config["model"]["embedding_dim"] == 16 and config["loss"]["name"] == "batch_hard"
     capsys.readouterr()
     assert _evaluate(tmp_path, str(checkpoint), "--tracking-uri", uri) == 0

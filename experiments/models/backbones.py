@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from experiments.models.image import EmbeddingHead, reset_parameters
+from experiments.models.head import EmbeddingHead, reset_parameters
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

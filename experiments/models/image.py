@@ -11,24 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.models.backbones import build_backbone, is_backbone
+from experiments.models.head import EmbeddingHead, reset_parameters
+
 SMALL_IMAGE_SIDE = 32  # auto: CNN up to this side, ResNet above
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-class EmbeddingHead(nn.Module):
-    """Linear projection to the embedding, L2-normalised when ``normalize``."""
-
-    def __init__(self, in_features: int, embedding_dim: int, normalize: bool) -> None:
-        super().__init__()
-        self.linear = nn.Linear(in_features, embedding_dim)
-        self.normalize = normalize
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.linear(features)
-        return F.normalize(out, dim=1) if self.normalize else out
 
 
 class SmallCNN(nn.Module):
@@ -102,30 +92,11 @@ class SmallResNet(nn.Module):
 MODELS = {"cnn": SmallCNN, "resnet": SmallResNet}
 
 
-def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
-    """Initialise from ``generator`` alone (thread-safe seeding): He-normal convolutions (fan-out,
-    as in He et al. 2015), PyTorch's default uniform linear layers, BN weight 1 and bias 0."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=generator)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            bound = 1.0 / module.in_features ** 0.5
-            nn.init.uniform_(module.weight, -bound, bound, generator=generator)
-            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-
 def build_model(name: str, in_channels: int, image_size: tuple[int, int], embedding_dim: int,
                 normalize: bool = True, seed: int = 0, freeze_bn: bool = False) -> nn.Module:
     """The embedding network ``name`` (``auto``, ``cnn``, ``resnet``, or an ImageNet backbone of
     ``experiments.models.backbones``: ``resnet18``, ``resnet50``, ``torchvision:<arch>``, ``timm:<arch>``),
     initialised from ``seed``; ``freeze_bn`` keeps a backbone's BatchNorm frozen."""
-    from experiments.models.backbones import build_backbone, is_backbone  # backbones build on EmbeddingHead
-
     if name == "auto":
         name = "cnn" if max(image_size) <= SMALL_IMAGE_SIDE else "resnet"
     if name not in MODELS and not is_backbone(name):

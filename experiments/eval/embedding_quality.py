@@ -7,9 +7,10 @@
 - Mean intra-class and inter-class distance under the chosen distance.
 - The share of the test set's triplets (a, p, n) that are hard (d_an < d_ap), semi-hard
   (d_ap <= d_an < d_ap + margin) or easy (d_an >= d_ap + margin), as named by Schroff et al. 2015
-  (FaceNet). The three classes partition all triplets; easy ones are exactly those a triplet
-  hinge loss with this margin ignores. Counted without listing triplets: per (anchor, positive)
-  pair, a binary search among the anchor's sorted negative distances.
+  (FaceNet), by the losses' own table (:mod:`losses.mining`, ties included). The three classes
+  partition all triplets; easy ones are exactly those a triplet hinge loss with this margin ignores.
+  Counted without listing triplets: per (anchor, positive) pair, a binary search among the
+  anchor's sorted negative distances.
 
 A run's :func:`embedding_quality` measures distances and difficulty in one reference geometry for
 every loss (:data:`DIFFICULTY_REFERENCE`), whatever distance and margin the loss trains with, so the
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from losses.distances import pairwise_distances
+from losses.mining import difficulty_counts
 from losses.params import DISTANCES
 
 from experiments.eval.inputs import as_embeddings, as_labels, auto_chunk_size
@@ -102,13 +104,9 @@ def _anchor_block_sums(x, anchors, members, negatives, margin, distance, first_a
     d_neg_sorted = torch.sort(d_neg, dim=1).values
     positions = torch.arange(members.numel(), device=x.device)
     not_self = positions[None, :] != (first_anchor_position + torch.arange(anchors.numel(), device=x.device))[:, None]
-    # for each (a, p): negatives closer than p, and negatives closer than p's distance + margin
-    closer = torch.searchsorted(d_neg_sorted, d_pos.contiguous(), side="left")
-    within_margin = torch.searchsorted(d_neg_sorted, (d_pos + margin).contiguous(), side="left")
+    # per (a, p), its negatives by difficulty: the losses' own table (losses.mining), ties included
+    hard, semi_hard, easy = ((count * not_self).sum() for count in difficulty_counts(d_pos, d_neg_sorted, margin))
     n_neg = negatives.numel()
-    hard = (closer * not_self).sum()
-    semi_hard = ((within_margin - closer) * not_self).sum()
-    easy = ((n_neg - within_margin) * not_self).sum()
     n_pairs = not_self.sum()
     return torch.stack([(d_pos * not_self).sum(dtype=torch.float64), n_pairs.to(torch.float64),
                         d_neg.sum(dtype=torch.float64),

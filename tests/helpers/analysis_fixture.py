@@ -41,7 +41,7 @@ def _space(loss: str) -> dict:
         return {"loss.alpha": optuna.distributions.FloatDistribution(0.5, 10.0, log=True)}
     space = {"loss.margin": optuna.distributions.FloatDistribution(0.01, 1.0)}
     if loss == "triplet":
-        space["loss.mining"] = optuna.distributions.CategoricalDistribution(("all", "semi-hard", "hard"))
+        space["loss.mining"] = optuna.distributions.CategoricalDistribution(("all", "semi-hard-triplets", "hard-triplets"))
     return space
 
 

@@ -16,7 +16,7 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
-from helpers.mlflow_server_fixture import finish, kill_group, start_sweep, wait_for
+from helpers.mlflow_server_fixture import finish, kill_group, start_sweep, sweep_command, wait_for
 from optuna.trial import TrialState
 
 from sweeps.storage import budget_trials, fail_for_retry, open_storage, recover_stale_trials

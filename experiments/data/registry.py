@@ -1,4 +1,4 @@
-"""Datasets by name: ``load_dataset(dataset_cfg, seed) -> DatasetSplits``.
+"""Datasets by name: ``load_dataset(dataset_cfg, seed) -> DatasetSplits`` (``PairedSplits`` for pairs).
 
 Built-ins: ``digits`` (bundled with scikit-learn), ``fashion-mnist``, ``orl-faces``, ``omniglot``,
 the natural-image benchmarks ``cub200`` (CUB-200-2011), ``cars196``, ``sop`` (Stanford Online

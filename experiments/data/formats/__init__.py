@@ -1,1 +1,1 @@
-"""One reader per dataset file format, each returning :class:`experiments.data.base.LabeledImages`."""
+"""One reader per dataset file format, each returning :class:`experiments.data.base.SourceImages`."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sweeps.storage import default_storage
+
 from .embeddings import PROJECTION_POINTS
 from .load import BASELINE_LOSS, load_studies, load_sweep
 from .paired import DETECT_POINTS, PAIRINGS
@@ -25,8 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the sweep's Optuna storage: a journal file or a database URL "
                              "(default: <output-dir>/<sweep>/optuna.journal when it exists)")
     parser.add_argument("--output-dir", metavar="DIR", type=Path, default=Path("runs"),
-                        help="where the sweep wrote runs/<sweep>/, as given to `tripletlab sweep` (default: runs); "
-                             "the report goes to <output-dir>/<sweep>/report")
+                        help="where the sweep wrote runs/<sweep>/, as given to `tripletlab sweep` "
+                             "(default: runs); the report goes to <output-dir>/<sweep>/report")
     parser.add_argument("--points", type=int, default=PROJECTION_POINTS,
                         help=f"test points per loss in the 2-D projection (default {PROJECTION_POINTS})")
     parser.add_argument("--baseline", default=BASELINE_LOSS, metavar="LOSS",
@@ -49,13 +51,14 @@ def main(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.experiment, args.tracking_uri)
     sweep_dir = args.output_dir / sweep.name
     storage = args.storage
-    if storage is None and (sweep_dir / "optuna.journal").is_file():
-        storage = str(sweep_dir / "optuna.journal")
+    if storage is None and Path(default_storage(sweep_dir)).is_file():
+        storage = default_storage(sweep_dir)
     if storage:
         sweep.storage = storage
         sweep.studies = load_studies(storage, sweep.name, sweep.losses)
-    report = build_report(sweep, sweep_dir / "report", points=args.points, seed=args.seed, baseline=args.baseline,
-                          log_to_mlflow=not args.no_log, pairing=args.pairs, detect_points=args.detect)
+    report = build_report(sweep, sweep_dir / "report", points=args.points, seed=args.seed,
+                          baseline=args.baseline, log_to_mlflow=not args.no_log, pairing=args.pairs,
+                          detect_points=args.detect)
     print(f"analysed sweep {sweep.name!r}: {len(report.figures)} figures, {len(report.table)} losses")
     print("ranking by test MAP@R (points), with paired decisions:")
     for line in report.decisions.lines:

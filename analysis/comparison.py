@@ -9,42 +9,24 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
-from scipy import stats
 
-from sweeps.table import percent_cell
+from experiments.eval.retrieval import HEADLINE_METRICS
+from sweeps.statistics import paired_t_p_value, t_interval
+from sweeps.table import percent_cell, short_value
+from sweeps.tracking import TRIAL_STATE_TAG
 
 from .cost import cost_columns
 from .load import BASELINE_LOSS, Sweep
 
-TABLE_METRICS = {"precision_at_1": "P@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
 PAIRED_METRIC = "map_at_r"
 
 
-def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and Student's t interval (unclipped); the interval is NaN with fewer than two values."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(x.mean())
-    if x.size < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return mean, mean - half, mean + half
-
-
 def paired_p_value(values: pd.Series, baseline: pd.Series) -> tuple[float, int]:
-    """Two-sided paired t-test over the seeds (index) both series share: ``(p, pairs)``.
-
-    NaN with fewer than two pairs, or when every difference is identical (no variance).
-    """
+    """:func:`sweeps.statistics.paired_t_p_value` over the seeds (index) both series share, NaNs
+    dropped: ``(p, pairs)``."""
     both = pd.concat([values, baseline], axis=1, join="inner").dropna()
-    n = len(both)
-    diff = both.iloc[:, 0] - both.iloc[:, 1]
-    if n < 2 or np.allclose(diff, diff.iloc[0]):
-        return math.nan, n
-    return float(stats.ttest_rel(both.iloc[:, 0], both.iloc[:, 1]).pvalue), n
+    return paired_t_p_value(both.iloc[:, 0], both.iloc[:, 1]), len(both)
 
 
 def seed_values(finals: pd.DataFrame, metric: str) -> pd.Series:
@@ -59,15 +41,9 @@ def seed_values(finals: pd.DataFrame, metric: str) -> pd.Series:
 def _tuned_params(parent: pd.Series | None) -> str:
     if parent is None:
         return ""
-    best = {k[len("params.best."):]: v for k, v in parent.items() if k.startswith("params.best.") and pd.notna(v)}
-    return ", ".join(f"{k}={_short(v)}" for k, v in sorted(best.items()))
-
-
-def _short(value: str) -> str:
-    try:
-        return f"{float(value):.3g}"
-    except ValueError:
-        return value
+    prefix = "params.best."
+    best = {k[len(prefix):]: v for k, v in parent.items() if k.startswith(prefix) and pd.notna(v)}
+    return ", ".join(f"{k}={short_value(v)}" for k, v in sorted(best.items()))
 
 
 def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFrame:
@@ -75,7 +51,8 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
     ``tuned``, ``trials_complete``, ``trials_pruned``, ``wall_clock_s`` and, vs ``baseline``,
     ``map_at_r_diff`` and ``p_value`` (paired t-test on MAP@R, ``pairs`` seeds), and the cost columns
     ``step_ms``, ``loss_ms`` and ``loss_peak_mb`` (:mod:`analysis.cost`)."""
-    finals, parents, trials = sweep.role("final"), sweep.role("parent"), sweep.runs[sweep.runs["role"] == "trial"]
+    finals, parents = sweep.role("final"), sweep.role("parent")
+    trials = sweep.runs[sweep.runs["role"] == "trial"]
     base_values = seed_values(finals[finals["loss"] == baseline], PAIRED_METRIC)
     rows = []
     for loss in sweep.losses:
@@ -83,11 +60,13 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
         parent_rows = parents[parents["loss"] == loss]
         parent = parent_rows.iloc[-1] if len(parent_rows) else None
         row = {"loss": loss, "seeds": int(own["seed"].nunique())}
-        for metric in TABLE_METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = mean_ci(seed_values(own, metric))
+        for metric in HEADLINE_METRICS:
+            interval = t_interval(seed_values(own, metric))
+            row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = interval
         row["tuned"] = _tuned_params(parent)
-        states = trials.loc[trials["loss"] == loss, "tags.tripletlab.trial_state"] \
-            if "tags.tripletlab.trial_state" in trials else pd.Series(dtype=str)
+        state_column = f"tags.{TRIAL_STATE_TAG}"
+        states = trials.loc[trials["loss"] == loss, state_column] if state_column in trials \
+            else pd.Series(dtype=str)
         row["trials_complete"] = int((states == "complete").sum())
         row["trials_pruned"] = int((states == "pruned").sum())
         row["wall_clock_s"] = _wall_clock(sweep, loss)
@@ -96,7 +75,8 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
             row["map_at_r_diff"], row["p_value"], row["pairs"] = math.nan, math.nan, 0
         else:
             shared = values.index.intersection(base_values.index)
-            row["map_at_r_diff"] = float((values[shared] - base_values[shared]).mean()) if len(shared) else math.nan
+            row["map_at_r_diff"] = float((values[shared] - base_values[shared]).mean()) if len(shared) \
+                else math.nan
             row["p_value"], row["pairs"] = paired_p_value(values, base_values)
         rows.append(row)
     table = pd.DataFrame(rows).set_index("loss")
@@ -112,14 +92,16 @@ def _wall_clock(sweep: Sweep, loss: str) -> float:
 def format_table(table: pd.DataFrame, baseline: str = BASELINE_LOSS) -> pd.DataFrame:
     """The table as display strings: ``mean [low, high]`` cells in %, p-values, durations."""
     out = pd.DataFrame(index=table.index)
-    for metric, label in TABLE_METRICS.items():
+    for metric, label in HEADLINE_METRICS.items():
         out[f"{label} % (95% CI)"] = [percent_cell(*cells) for cells in table[
             [f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"]].itertuples(index=False)]
     out["seeds"] = table["seeds"]
-    out[f"ΔMAP@R vs {baseline} (points)"] = [("—" if math.isnan(d) else f"{100 * d:+.1f}") for d in table["map_at_r_diff"]]
+    out[f"Δ{HEADLINE_METRICS[PAIRED_METRIC]} vs {baseline} (points)"] = [
+        ("—" if math.isnan(d) else f"{100 * d:+.1f}") for d in table["map_at_r_diff"]]
     out["p (paired t)"] = [("—" if math.isnan(p) else f"{p:.3g}") for p in table["p_value"]]
     out["tuned hyperparameters"] = table["tuned"]
-    out["trials (complete / pruned)"] = [f"{c} / {p}" for c, p in table[["trials_complete", "trials_pruned"]].itertuples(index=False)]
+    out["trials (complete / pruned)"] = [
+        f"{c} / {p}" for c, p in table[["trials_complete", "trials_pruned"]].itertuples(index=False)]
     out["wall clock"] = [_duration(s) for s in table["wall_clock_s"]]
     out["ms / step"] = [_number(v) for v in table["step_ms"]]
     out["loss + mining ms"] = [_number(v) for v in table["loss_ms"]]

@@ -14,16 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
 
-from experiments.tracking.store import resolve_tracking_uri
+from experiments.tracking.store import existing_store_uri
+from sweeps.storage import is_url, open_storage
+from sweeps.tracking import LOSS_TAG, ROLE_TAG, SEED_TAG, find_experiment
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded npz is noise
 
-ROLE_TAG = "tripletlab.role"
-LOSS_TAG = "tripletlab.loss"
-SEED_TAG = "tripletlab.seed"
-TRIAL_STATE_TAG = "tripletlab.trial_state"
 BASELINE_LOSS = "triplet"
 EMBEDDINGS_ARTIFACT = "embeddings/test.npz"
 
@@ -55,42 +52,6 @@ class Sweep:
         return sorted(names, key=lambda n: (n != BASELINE_LOSS, n))
 
 
-def existing_store_uri(uri: str | None) -> str:
-    """The tracking URI as ``experiments.tracking.store`` resolves it; a missing SQLite file is an error
-    (opening it would create an empty store)."""
-    uri = resolve_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.exists():
-            raise ValueError(f"no MLflow store at {path}: run a sweep first or pass --tracking-uri")
-    return uri
-
-
-def sweep_experiments(client: MlflowClient) -> list:
-    """Experiments that hold at least one sweep parent run, most recently created first."""
-    found = []
-    for exp in client.search_experiments(view_type=ViewType.ACTIVE_ONLY):
-        if client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'parent'", max_results=1):
-            found.append(exp)
-    return sorted(found, key=lambda e: (e.creation_time or 0, int(e.experiment_id) if e.experiment_id.isdigit() else 0),
-                  reverse=True)
-
-
-def find_experiment(client: MlflowClient, name: str | None):
-    """The named experiment, or the most recent sweep when ``name`` is None; clear errors otherwise."""
-    if name is None:
-        sweeps = sweep_experiments(client)
-        if not sweeps:
-            raise ValueError("no sweep found in the MLflow store (no run tagged tripletlab.role=parent): "
-                             "run `make sweep` first or pass --experiment NAME")
-        return sweeps[0]
-    exp = client.get_experiment_by_name(name)
-    if exp is None or exp.lifecycle_stage != "active":
-        names = [e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-        raise ValueError(f"unknown experiment {name!r}; available: {', '.join(sorted(names)) or 'none'}")
-    return exp
-
-
 def runs_frame(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
     """All runs of an experiment as one row each (see :class:`Sweep` for the columns)."""
     rows, token = [], None
@@ -116,8 +77,9 @@ def runs_frame(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
         token = page.token
         if not token:
             break
-    return pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status", "start_time", "end_time",
-                                                         "role", "loss", "seed", "parent_run_id"])
+    empty = ["run_id", "run_name", "status", "start_time", "end_time", "role", "loss", "seed",
+             "parent_run_id"]
+    return pd.DataFrame(rows, columns=None if rows else empty)
 
 
 def load_sweep(experiment: str | None, tracking_uri: str | None = None, storage: str | None = None) -> Sweep:
@@ -132,23 +94,21 @@ def load_sweep(experiment: str | None, tracking_uri: str | None = None, storage:
     finished = runs[(runs["status"] == "FINISHED") & runs["role"].isin(["trial", "final"])]
     if finished.empty:
         raise ValueError(f"experiment {exp.name!r} has no finished trial or final runs to analyse "
-                         f"({len(runs)} runs in all): wait for the sweep to finish or pick another --experiment")
-    sweep = Sweep(name=exp.name, experiment_id=exp.experiment_id, tracking_uri=uri, runs=runs, storage=storage)
+                         f"({len(runs)} runs in all): wait for the sweep to finish or pick another "
+                         "--experiment")
+    sweep = Sweep(name=exp.name, experiment_id=exp.experiment_id, tracking_uri=uri, runs=runs,
+                  storage=storage)
     if storage:
         sweep.studies = load_studies(storage, exp.name, sweep.losses)
     return sweep
 
 
 def optuna_storage(url_or_path: str):
-    """An Optuna storage from a database URL or a journal file path."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    if "://" in url_or_path:
-        return optuna.storages.get_storage(url_or_path)
-    if not Path(url_or_path).is_file():
+    """The sweep's Optuna storage (``sweeps.storage.open_storage``), a database URL or a journal file
+    path; a missing journal is an error (opening it would create an empty one)."""
+    if not is_url(url_or_path) and not Path(url_or_path).is_file():
         raise ValueError(f"no Optuna journal at {url_or_path}: pass --storage with the sweep's storage")
-    return optuna.storages.JournalStorage(JournalFileBackend(str(url_or_path)))
+    return open_storage(url_or_path)
 
 
 def load_studies(storage: str, sweep_name: str, losses: list[str]) -> dict:
@@ -172,7 +132,8 @@ def metric_histories(sweep: Sweep, run_ids: list[str], keys: list[str]) -> pd.Da
 def final_run_histories(sweep: Sweep, keys: list[str]) -> pd.DataFrame:
     """:func:`metric_histories` of ``keys`` over the final runs, with their ``loss`` column."""
     finals = sweep.role("final")
-    return metric_histories(sweep, finals["run_id"].tolist(), keys).merge(finals[["run_id", "loss"]], on="run_id")
+    histories = metric_histories(sweep, finals["run_id"].tolist(), keys)
+    return histories.merge(finals[["run_id", "loss"]], on="run_id")
 
 
 def load_embeddings(sweep: Sweep, run_id: str) -> dict[str, np.ndarray] | None:

@@ -15,11 +15,12 @@ import math
 import numpy as np
 import pandas as pd
 
-from sweeps.rerun_command import RERUN_OF_TAG, RERUN_ROLE
+from sweeps.statistics import BOOTSTRAP_RESAMPLES, bootstrap_interval
+from sweeps.tracking import RERUN_OF_TAG, RERUN_ROLE
 
 from .comparison import seed_values
 from .load import Sweep, load_embeddings
-from .query_scores import BOOTSTRAP_RESAMPLES, average_precision_at_r, bootstrap_interval
+from .query_scores import average_precision_at_r
 
 METRIC = "map_at_r"
 
@@ -62,10 +63,11 @@ def run_intervals(sweep: Sweep, scores: pd.DataFrame, resamples: int = BOOTSTRAP
     for (run_id, loss, run_seed), own in scores.groupby(["run_id", "loss", "seed"], sort=False):
         low, high = bootstrap_interval(own["ap"], resamples, seed=seed)
         rows.append({"run_id": run_id, "loss": loss, "seed": run_seed, "queries": len(own),
-                     "map_at_r": logged.get(run_id, math.nan), "map_at_r_from_queries": float(own["ap"].mean()),
+                     "map_at_r": logged.get(run_id, math.nan),
+                     "map_at_r_from_queries": float(own["ap"].mean()),
                      "query_ci_low": low, "query_ci_high": high})
-    return pd.DataFrame(rows, columns=["run_id", "loss", "seed", "queries", "map_at_r", "map_at_r_from_queries",
-                                       "query_ci_low", "query_ci_high"])
+    return pd.DataFrame(rows, columns=["run_id", "loss", "seed", "queries", "map_at_r",
+                                       "map_at_r_from_queries", "query_ci_low", "query_ci_high"])
 
 
 def rerun_spread(sweep: Sweep, metric: str = METRIC) -> pd.DataFrame:
@@ -101,7 +103,8 @@ def noise_floor(values: dict[str, pd.Series], intervals: pd.DataFrame,
         rows.append({"loss": loss, "seeds": len(series), "mean": float(series.mean()),
                      "sd": float(series.std(ddof=1)) if len(series) > 1 else math.nan,
                      "min": float(series.min()), "max": float(series.max()), "query_half_width": float(half)})
-    table = pd.DataFrame(rows, columns=["loss", "seeds", "mean", "sd", "min", "max", "query_half_width"]).set_index("loss")
+    columns = ["loss", "seeds", "mean", "sd", "min", "max", "query_half_width"]
+    table = pd.DataFrame(rows, columns=columns).set_index("loss")
     if reruns is None:
         reruns = pd.DataFrame(columns=["reruns", "rerun_sd"])
     table["reruns"] = reruns["reruns"].reindex(table.index).fillna(0).astype(int)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
-import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .comparison import mean_ci, paired_p_value
+from sweeps.statistics import t_interval, wilcoxon_p_value
+
+from .comparison import paired_p_value
 
 DETECT_POINTS = 1.0  # the difference to detect, in points of MAP@R (0.01)
 POWER = 0.8
@@ -63,14 +64,6 @@ def seeds_needed(sd: float, delta: float, power: float = POWER, alpha: float = A
     return high
 
 
-def wilcoxon_p_value(differences) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired differences; NaN with no non-zero difference."""
-    d = np.asarray(differences, dtype=float)
-    if np.count_nonzero(d) == 0:
-        return math.nan
-    return float(stats.wilcoxon(d).pvalue)
-
-
 def compare(values: pd.Series, other: pd.Series, delta: float = DETECT_POINTS / 100,
             power: float = POWER, alpha: float = ALPHA) -> dict:
     """The paired comparison of two per-seed series (index: seed): ``pairs``, ``diff_mean``,
@@ -78,23 +71,26 @@ def compare(values: pd.Series, other: pd.Series, delta: float = DETECT_POINTS / 
     t-test rejects at ``alpha``) and ``seeds_needed`` to detect ``delta``."""
     both = pd.concat([values, other], axis=1, join="inner").dropna()
     d = (both.iloc[:, 0] - both.iloc[:, 1]).to_numpy()
-    mean, low, high = mean_ci(d, 1 - alpha)
+    mean, low, high = t_interval(d, 1 - alpha)
     sd = float(d.std(ddof=1)) if d.size >= 2 else math.nan
     p_t, pairs = paired_p_value(values, other)
     if pairs >= 2 and math.isnan(p_t):  # identical differences: no spread, the sign decides
         p_t = 1.0 if mean == 0 else 0.0
     return {"pairs": pairs, "diff_mean": mean, "diff_ci_low": low, "diff_ci_high": high, "diff_sd": sd,
             "p_t": p_t, "p_wilcoxon": wilcoxon_p_value(d) if d.size else math.nan,
-            "resolved": bool(pairs >= 2 and p_t < alpha), "seeds_needed": seeds_needed(sd, delta, power, alpha)}
+            "resolved": bool(pairs >= 2 and p_t < alpha),
+            "seeds_needed": seeds_needed(sd, delta, power, alpha)}
 
 
 def ranking(per_seed: dict[str, pd.Series]) -> list[str]:
     """Losses by mean MAP@R over their seeds, best first (ties by name)."""
-    return sorted(per_seed, key=lambda loss: (-per_seed[loss].mean() if len(per_seed[loss]) else math.inf, loss))
+    return sorted(per_seed,
+                  key=lambda loss: (-per_seed[loss].mean() if len(per_seed[loss]) else math.inf, loss))
 
 
 def paired_comparisons(per_seed: dict[str, pd.Series], pairing: str = "all", baseline: str | None = None,
-                       delta: float = DETECT_POINTS / 100, power: float = POWER, alpha: float = ALPHA) -> pd.DataFrame:
+                       delta: float = DETECT_POINTS / 100, power: float = POWER,
+                       alpha: float = ALPHA) -> pd.DataFrame:
     """One row per pair (``loss``, ``other``), the better-ranked loss first: every pair of losses
     (``pairing="all"``) or every loss against ``baseline``; columns of :func:`compare`."""
     if pairing not in PAIRINGS:
@@ -104,7 +100,8 @@ def paired_comparisons(per_seed: dict[str, pd.Series], pairing: str = "all", bas
         pairs = list(combinations(order, 2))
     else:
         pairs = [(loss, baseline) for loss in order if loss != baseline] if baseline in per_seed else []
-    rows = [{"loss": a, "other": b, **compare(per_seed[a], per_seed[b], delta, power, alpha)} for a, b in pairs]
+    rows = [{"loss": a, "other": b, **compare(per_seed[a], per_seed[b], delta, power, alpha)}
+            for a, b in pairs]
     columns = ["loss", "other", "pairs", "diff_mean", "diff_ci_low", "diff_ci_high", "diff_sd", "p_t",
                "p_wilcoxon", "resolved", "seeds_needed"]
     return pd.DataFrame(rows, columns=columns)
@@ -121,14 +118,17 @@ def decision(row, delta: float = DETECT_POINTS / 100) -> str:
         return f"not resolved, over {MAX_SEEDS} seeds needed"
     if needed > row["pairs"]:
         return f"not resolved, ~{needed:.0f} seeds needed"
-    return f"not resolved; {row['pairs']} seeds detect {100 * delta:g} point, so a real difference is likely smaller"
+    return (f"not resolved; {row['pairs']} seeds detect {100 * delta:g} point, "
+            "so a real difference is likely smaller")
 
 
 def decision_line(row, delta: float = DETECT_POINTS / 100) -> str:
-    """``batch_hard vs triplet: +0.8 [-0.4, 2.0], p=0.18: not resolved, ~9 seeds needed`` (points of MAP@R)."""
+    """``batch_hard vs triplet: +0.8 [-0.4, 2.0], p=0.18: not resolved, ~9 seeds needed`` (points of
+    MAP@R)."""
     if math.isnan(row["diff_mean"]):
         return f"{row['loss']} vs {row['other']}: no shared seed"
     interval = "" if math.isnan(row["diff_ci_low"]) else \
         f" [{100 * row['diff_ci_low']:.1f}, {100 * row['diff_ci_high']:.1f}]"
     p = "" if math.isnan(row["p_t"]) else f", p={row['p_t']:.2g}"
-    return f"{row['loss']} vs {row['other']}: {100 * row['diff_mean']:+.1f}{interval}{p}: {decision(row, delta)}"
+    return (f"{row['loss']} vs {row['other']}: {100 * row['diff_mean']:+.1f}{interval}{p}: "
+            f"{decision(row, delta)}")

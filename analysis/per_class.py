@@ -11,9 +11,8 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from .paired import wilcoxon_p_value
+from sweeps.statistics import paired_t_p_value, wilcoxon_p_value
 
 TOP_CLASSES = 5
 
@@ -35,7 +34,7 @@ def class_comparison(table: pd.DataFrame, loss: str, other: str, top: int = TOP_
     absolute differences, as ``[(class, difference)]``)."""
     both = table[[loss, other]].dropna()
     d = (both[loss] - both[other]).to_numpy()
-    p_t = float(stats.ttest_rel(both[loss], both[other]).pvalue) if len(d) >= 2 and np.ptp(d) > 0 else math.nan
+    p_t = paired_t_p_value(both[loss], both[other])
     order = np.argsort(-np.abs(d), kind="stable")[:top]
     return {"classes": len(d), "better": int((d > 0).sum()), "p_t": p_t,
             "p_wilcoxon": wilcoxon_p_value(d) if len(d) else math.nan,
@@ -51,11 +50,13 @@ def class_comparisons(table: pd.DataFrame, pairs: pd.DataFrame, top: int = TOP_C
 
 def class_table(comparisons: pd.DataFrame) -> pd.DataFrame:
     """The per-class comparisons as display strings (differences in points of MAP@R)."""
-    out = pd.DataFrame(index=pd.Index([f"{a} vs {b}" for a, b in zip(comparisons["loss"], comparisons["other"])],
-                                      name="pair"))
-    out["classes where first is ahead"] = [f"{b} / {n}" for b, n in zip(comparisons["better"], comparisons["classes"])]
+    pairs = [f"{a} vs {b}" for a, b in zip(comparisons["loss"], comparisons["other"])]
+    out = pd.DataFrame(index=pd.Index(pairs, name="pair"))
+    out["classes where first is ahead"] = [f"{b} / {n}"
+                                           for b, n in zip(comparisons["better"], comparisons["classes"])]
     out["p (paired t over classes)"] = [("—" if math.isnan(p) else f"{p:.2g}") for p in comparisons["p_t"]]
-    out["p (Wilcoxon over classes)"] = [("—" if math.isnan(p) else f"{p:.2g}") for p in comparisons["p_wilcoxon"]]
+    out["p (Wilcoxon over classes)"] = [("—" if math.isnan(p) else f"{p:.2g}")
+                                        for p in comparisons["p_wilcoxon"]]
     out["largest differences (class: points)"] = [", ".join(f"{c}: {100 * d:+.1f}" for c, d in largest)
                                                   for largest in comparisons["largest"]]
     return out

@@ -3,8 +3,9 @@
 AP@R of one query (Musgrave et al., ECCV 2020): with R the number of other items of its class in the
 reference set, ``(1/R) * sum_{i<=R} P@i * rel_i`` over its R nearest references (Euclidean distance,
 as the runs' ``test/map_at_r``). Their mean over the queries with R > 0 is the run's MAP@R. The
-percentile bootstrap (Efron & Tibshirani 1993) resamples the test queries with replacement to give
-one run an interval: the test-set sampling noise, which seeds and reruns add to.
+percentile bootstrap (Efron & Tibshirani 1993; :func:`sweeps.statistics.bootstrap_interval`)
+resamples the test queries with replacement to give one run an interval: the test-set sampling
+noise, which seeds and reruns add to.
 """
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ import math
 
 import numpy as np
 import torch
-
-BOOTSTRAP_RESAMPLES = 1000
-_RESAMPLES_PER_BLOCK = 100  # bounds the (resamples, queries) index block in memory
 
 
 @torch.no_grad()
@@ -48,18 +46,3 @@ def average_precision_at_r(embeddings, labels, ref_embeddings=None, ref_labels=N
         valid = r > 0
         out[rows[valid].numpy()] = ap[valid].numpy()
     return out
-
-
-def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of ``values`` (NaNs dropped); NaN for fewer than 2."""
-    x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
-    if x.size < 2:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = np.concatenate([x[rng.integers(0, x.size, (min(_RESAMPLES_PER_BLOCK, resamples - done), x.size))].mean(1)
-                            for done in range(0, resamples, _RESAMPLES_PER_BLOCK)])
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)

@@ -15,47 +15,61 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
+from sweeps.markdown import frame_markdown
+from sweeps.tracking import ROLE_TAG
+
 from .budget import budget_curves, budget_figure, crossing_note, crossings
 from .colors import loss_colors
-from .cost import cost_figure
 from .comparison import comparison_table, format_table
+from .convergence import convergence_figure, convergence_histories
+from .cost import cost_figure
 from .crossmodal import joint_projection_figure, recall_table
 from .decisions import decision_table, decisions_note, noise_table, ranking_lines
-from .convergence import convergence_figure, convergence_histories
-from .geometry import GEOMETRY_NOTE, PANELS as GEOMETRY_PANELS, correlation_table, geometry_correlations, \
-    geometry_histories
-from .embeddings import PROJECTION_POINTS, distance_figure, load_test_embeddings, projection_figure, triplet_quality_figure
-from .load import BASELINE_LOSS, ROLE_TAG, Sweep
+from .embeddings import (
+    PROJECTION_POINTS,
+    distance_figure,
+    load_test_embeddings,
+    projection_figure,
+    triplet_quality_figure,
+)
+from .geometry import GEOMETRY_NOTE, correlation_table, geometry_correlations, geometry_histories
+from .geometry import PANELS as GEOMETRY_PANELS
+from .load import BASELINE_LOSS, Sweep
 from .noise import noise_floor, per_seed, query_scores, rerun_spread, run_intervals
 from .paired import DETECT_POINTS, paired_comparisons
 from .per_class import class_comparisons, class_map_at_r, class_table
 from .tuning import IMPORTANCE_EVALUATOR, trials_table, tuning_figure
 
 REPORT_ARTIFACT_DIR = "report"
-RECALL_NOTE = ("Paired test set: Recall@K is the share of queries whose own caption (or image) ranks in the top K "
-               "of the other modality; mean over the final seeds; chance R@1 is 1 / number of test pairs.")
+RECALL_NOTE = ("Paired test set: Recall@K is the share of queries whose own caption (or image) ranks in the "
+               "top K of the other modality; mean over the final seeds; chance R@1 is 1 / number of test "
+               "pairs.")
 CLASS_NOTE = ("Per-class MAP@R: the mean AP@R of each test class's queries, averaged over the final seeds "
-              "(all classes in per_class_map_at_r.csv). Each pair is compared over the classes both losses have: "
-              "the classes where the first is ahead, paired t-test and Wilcoxon p-values over classes, and the "
-              "classes with the largest differences.")
+              "(all classes in per_class_map_at_r.csv). Each pair is compared over the classes both losses "
+              "have: the classes where the first is ahead, paired t-test and Wilcoxon p-values over classes, "
+              "and the classes with the largest differences.")
 CAPTIONS = {
     "convergence": "Convergence of the final runs per loss: validation MAP@R, normalised training loss, "
                    "active-triplet and margin-violation fractions (mean and min-max band over seeds).",
-    "embedding_projection": "2-D projection of the test embeddings of each loss's best final run, coloured by class.",
-    "pair_distances": "Positive- and negative-pair distances on the test classes, with the overlap area of the two "
-                      "densities (lower is better).",
-    "triplet_quality": "Easy / semi-hard / hard test-triplet fractions, and alignment vs uniformity per final run.",
+    "embedding_projection": "2-D projection of the test embeddings of each loss's best final run, "
+                            "coloured by class.",
+    "pair_distances": "Positive- and negative-pair distances on the test classes, with the overlap area of "
+                      "the two densities (lower is better).",
+    "triplet_quality": "Easy / semi-hard / hard test-triplet fractions, and alignment vs uniformity per "
+                       "final run.",
     "crossmodal_projection": "Images and their captions projected together from each loss's best final run: "
                              "circles are images, triangles captions, colours classes.",
-    "tuning": f"Optuna optimisation history, hyperparameter importances ({IMPORTANCE_EVALUATOR}), and validation "
-              "MAP@R against the margin and the mining strategy for the margin-based losses.",
-    "geometry": "Embedding geometry of the final runs on the validation split, per epoch: alignment, uniformity, "
-                "intra- and inter-class distance and their ratio, spectral decay ρ (mean and min-max band over seeds).",
-    "cost": "Cost per loss: test MAP@R against the total compute time of its trials and final runs, and the time "
-            "per training step with the loss and mining's part (forward and backward on one training batch) and its "
-            "peak memory.",
-    "budget": "Expected best validation MAP@R after n trials per loss (Dodge et al. 2019), from the Optuna history "
-              "(pruned trials at their last report), with a ±1 sd band; an X marks where two losses' curves cross.",
+    "tuning": f"Optuna optimisation history, hyperparameter importances ({IMPORTANCE_EVALUATOR}), and "
+              "validation MAP@R against the margin and the mining strategy for the margin-based losses.",
+    "geometry": "Embedding geometry of the final runs on the validation split, per epoch: alignment, "
+                "uniformity, intra- and inter-class distance and their ratio, spectral decay ρ (mean and "
+                "min-max band over seeds).",
+    "cost": "Cost per loss: test MAP@R against the total compute time of its trials and final runs, and the "
+            "time per training step with the loss and mining's part (forward and backward on one training "
+            "batch) and its peak memory.",
+    "budget": "Expected best validation MAP@R after n trials per loss (Dodge et al. 2019), from the Optuna "
+              "history (pruned trials at their last report), with a ±1 sd band; an X marks where two "
+              "losses' curves cross.",
 }
 
 
@@ -101,7 +115,8 @@ def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int =
     if history.empty:
         notes.append("no per-epoch history in the final runs: convergence figure skipped")
     else:
-        figures["convergence"] = _save(convergence_figure(history, sweep.losses, colors), directory, "convergence")
+        figures["convergence"] = _save(convergence_figure(history, sweep.losses, colors), directory,
+                                       "convergence")
     geometry = geometry_histories(sweep)
     if geometry.empty:
         notes.append("no per-epoch validation geometry in the final runs: geometry figure skipped")
@@ -121,7 +136,8 @@ def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int =
     else:
         notes.append("no run has embeddings/test.npz: projection and distance figures skipped")
     if not sweep.role("final").empty:
-        figures["triplet_quality"] = _save(triplet_quality_figure(sweep, colors), directory, "triplet_quality")
+        figures["triplet_quality"] = _save(triplet_quality_figure(sweep, colors), directory,
+                                           "triplet_quality")
     figures["tuning"] = _save(tuning_figure(sweep, colors, notes), directory, "tuning")
     return figures, overlaps
 
@@ -180,7 +196,8 @@ def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS,
     if baseline not in table.index:
         notes.append(f"no {baseline!r} baseline in this sweep: no paired tests (choose one with --baseline)")
     shown = format_table(table, baseline)
-    shown["pair-distance overlap"] = ["n/a" if math.isnan(v) else f"{v:.3f}" for v in table["pair_distance_overlap"]]
+    shown["pair-distance overlap"] = ["n/a" if math.isnan(v) else f"{v:.3f}"
+                                      for v in table["pair_distance_overlap"]]
     report = Report(directory, directory / "report.html", directory / "report.md", table, figures, notes,
                     decisions=decisions)
     recalls = recall_table(sweep)
@@ -189,8 +206,8 @@ def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS,
     geometry = correlation_table(correlations)
     report.html.write_text(_html(sweep, shown, figures, notes, baseline, recalls, decisions, geometry),
                            encoding="utf-8")
-    report.markdown.write_text(_markdown(sweep, shown, figures, notes, baseline, recalls, decisions, geometry),
-                               encoding="utf-8")
+    report.markdown.write_text(
+        _markdown(sweep, shown, figures, notes, baseline, recalls, decisions, geometry), encoding="utf-8")
     if log_to_mlflow:
         report.run_id = log_report(sweep, directory)
     return report
@@ -203,7 +220,8 @@ def log_report(sweep: Sweep, directory: Path) -> str:
     if len(summaries):
         run_id = summaries.sort_values("start_time").iloc[-1]["run_id"]
     else:
-        run_id = client.create_run(sweep.experiment_id, run_name="analysis", tags={ROLE_TAG: "summary"}).info.run_id
+        run_id = client.create_run(sweep.experiment_id, run_name="analysis",
+                                   tags={ROLE_TAG: "summary"}).info.run_id
         client.set_terminated(run_id)
     client.log_artifacts(run_id, str(directory), artifact_path=REPORT_ARTIFACT_DIR)
     return run_id
@@ -211,7 +229,8 @@ def log_report(sweep: Sweep, directory: Path) -> str:
 
 def _header(sweep: Sweep) -> list[tuple[str, str]]:
     runs = sweep.runs
-    datasets = ", ".join(sorted(runs.get("tags.tripletlab.dataset", pd.Series(dtype=str)).dropna().unique())) or "unknown"
+    logged = runs.get("tags.tripletlab.dataset", pd.Series(dtype=str))
+    datasets = ", ".join(sorted(logged.dropna().unique())) or "unknown"
     finals = sweep.role("final")
     return [
         ("Experiment", sweep.name), ("Dataset", datasets), ("Losses", ", ".join(sweep.losses)),
@@ -223,25 +242,29 @@ def _header(sweep: Sweep) -> list[tuple[str, str]]:
 
 def _table_note(baseline: str) -> str:
     return ("Test-split metrics, in %: mean and Student-t 95% interval over the final seeds "
-            f"(clipped to [0, 100]). p: two-sided paired t-test of MAP@R against the {baseline} baseline, paired by "
-            "seed (— when fewer than two shared seeds). Wall clock: the loss's trial and final runs, summed. "
-            "ms / step: wall time per training step in the final runs (validation left out); loss + mining: one forward and "
-            "backward of the loss alone on a training batch, its time and peak memory (mean over final runs). "
+            f"(clipped to [0, 100]). p: two-sided paired t-test of MAP@R against the {baseline} baseline, "
+            "paired by seed (— when fewer than two shared seeds). Wall clock: the loss's trial and final "
+            "runs, summed. ms / step: wall time per training step in the final runs (validation left out); "
+            "loss + mining: one forward and backward of the loss alone on a training batch, its time and "
+            "peak memory (mean over final runs). "
             "Pair-distance overlap: see the distance figure (lower separates classes better).")
 
 
 def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
           recalls: pd.DataFrame, decisions: Decisions, geometry: pd.DataFrame) -> str:
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _header(sweep))
-    body = [f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>", f"<table class='meta'>{head}</table>",
-            "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"), f"<p>{html.escape(_table_note(baseline))}</p>",
+    body = [f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>",
+            f"<table class='meta'>{head}</table>",
+            "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"),
+            f"<p>{html.escape(_table_note(baseline))}</p>",
             "<h2 id='decisions'>Is the difference real?</h2>",
             "<pre class='ranking'>" + html.escape("\n".join(decisions.lines)) + "</pre>",
             "<h3>Noise floor</h3>", noise_table(decisions.noise).to_html(escape=True, classes="noise"),
             "<h3>Paired comparisons</h3>",
             decision_table(decisions.comparisons, decisions.delta).to_html(escape=True, classes="paired"),
             f"<p>{html.escape(decisions_note(decisions.delta))}</p>",
-            "<h3>Per-class results</h3>", class_table(decisions.classes).to_html(escape=True, classes="per-class"),
+            "<h3>Per-class results</h3>",
+            class_table(decisions.classes).to_html(escape=True, classes="per-class"),
             f"<p>{html.escape(CLASS_NOTE)}</p>",
             "<h2>Embedding geometry and retrieval</h2>", geometry.to_html(escape=True, classes="geometry"),
             f"<p>{html.escape(GEOMETRY_NOTE)}</p>"]
@@ -257,31 +280,24 @@ def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: li
     style = ("body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 6px}"
              "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#444}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(sweep.name)} report</title>"
+    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(sweep.name)} report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of a DataFrame of strings (index first)."""
-    header = [table.index.name or ""] + [str(c) for c in table.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in (idx, *row)) + " |" for idx, row in zip(table.index, table.values)]
-    return "\n".join(lines)
 
 
 def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
               recalls: pd.DataFrame, decisions: Decisions, geometry: pd.DataFrame) -> str:
     lines = [f"# tripletlab sweep report: {sweep.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _header(sweep)]
-    lines += ["", "## Comparison", "", markdown_table(table), "", _table_note(baseline), ""]
+    lines += ["", "## Comparison", "", frame_markdown(table), "", _table_note(baseline), ""]
     lines += ["## Is the difference real?", "", "```", *decisions.lines, "```", "", "### Noise floor", "",
-              markdown_table(noise_table(decisions.noise)), "", "### Paired comparisons", "",
-              markdown_table(decision_table(decisions.comparisons, decisions.delta)), "",
+              frame_markdown(noise_table(decisions.noise)), "", "### Paired comparisons", "",
+              frame_markdown(decision_table(decisions.comparisons, decisions.delta)), "",
               decisions_note(decisions.delta), "", "### Per-class results", "",
-              markdown_table(class_table(decisions.classes)), "", CLASS_NOTE, ""]
-    lines += ["## Embedding geometry and retrieval", "", markdown_table(geometry), "", GEOMETRY_NOTE, ""]
+              frame_markdown(class_table(decisions.classes)), "", CLASS_NOTE, ""]
+    lines += ["## Embedding geometry and retrieval", "", frame_markdown(geometry), "", GEOMETRY_NOTE, ""]
     if not recalls.empty:
-        lines += ["## Cross-modal retrieval", "", markdown_table(recalls.astype(str)), "", RECALL_NOTE, ""]
+        lines += ["## Cross-modal retrieval", "", frame_markdown(recalls.astype(str)), "", RECALL_NOTE, ""]
     for name, png in figures.items():
         lines += [f"![{name}]({png.name})", "", CAPTIONS[name], ""]
     if notes:

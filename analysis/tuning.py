@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import warnings
 
-from matplotlib.figure import Figure
 import numpy as np
 import optuna
 import pandas as pd
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from sweeps.tracking import TRIAL_STATE_TAG
 
 from .load import Sweep
 
@@ -24,7 +26,8 @@ TRIAL_VALUE = "metrics.val/best_map_at_r"
 
 
 def trials_table(sweep: Sweep) -> pd.DataFrame:
-    """Columns ``loss``, ``number``, ``state`` (complete / pruned / failed), ``value``, ``param.<config key>``.
+    """Columns ``loss``, ``number``, ``state`` (complete / pruned / failed), ``value``,
+    ``param.<config key>``.
 
     From the Optuna studies when loaded (pruned trials take their last reported value), else from
     the MLflow trial runs (tags ``optuna.trial_number``, ``tripletlab.trial_state``, metric
@@ -38,14 +41,15 @@ def trials_table(sweep: Sweep) -> pd.DataFrame:
                     continue
                 value = t.value if t.value is not None else (
                     t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else math.nan)
-                rows.append({"loss": loss, "number": t.number, "state": t.state.name.lower().replace("fail", "failed"),
+                state = t.state.name.lower().replace("fail", "failed")
+                rows.append({"loss": loss, "number": t.number, "state": state,
                              "value": value, **{f"param.{k}": v for k, v in t.params.items()}})
     else:
         trials = sweep.runs[sweep.runs["role"] == "trial"]
         for _, run in trials.iterrows():
             number = run.get("tags.optuna.trial_number")
             rows.append({"loss": run["loss"], "number": int(number) if pd.notna(number) else math.nan,
-                         "state": run.get("tags.tripletlab.trial_state") or "complete",
+                         "state": run.get(f"tags.{TRIAL_STATE_TAG}") or "complete",
                          "value": run.get(TRIAL_VALUE, math.nan),
                          **{f"param.{k[len('params.'):]}": v for k, v in run.items()
                             if k.startswith("params.loss.") and pd.notna(v)}})
@@ -129,7 +133,8 @@ def margin_axes(ax, trials: pd.DataFrame, colors: dict) -> None:
 def mining_axes(ax, trials: pd.DataFrame, colors: dict) -> None:
     """Validation MAP@R of complete trials per mining strategy (one jittered column per loss)."""
     column = f"param.{MINING_PARAM}"
-    done = trials[trials["state"] == "complete"].dropna(subset=[column, "value"]) if column in trials else trials.iloc[0:0]
+    done = trials[trials["state"] == "complete"].dropna(subset=[column, "value"]) if column in trials \
+        else trials.iloc[0:0]
     if done.empty:
         ax.text(0.5, 0.5, "no trial tuned a mining strategy", ha="center", transform=ax.transAxes)
     strategies = sorted(done[column].astype(str).unique()) if not done.empty else []
@@ -139,7 +144,8 @@ def mining_axes(ax, trials: pd.DataFrame, colors: dict) -> None:
     for i, loss in enumerate(losses):
         own = done[done["loss"] == loss]
         x = np.array([strategies.index(str(s)) for s in own[column]]) - 0.35 + width * (i + 0.5)
-        ax.scatter(x + rng.uniform(-width / 4, width / 4, len(x)), own["value"], color=colors[loss], label=loss, s=20)
+        jitter = rng.uniform(-width / 4, width / 4, len(x))
+        ax.scatter(x + jitter, own["value"], color=colors[loss], label=loss, s=20)
         means = own.groupby(own[column].astype(str))["value"].mean()
         for s, m in means.items():
             xs = strategies.index(s) - 0.35 + width * (i + 0.5)

@@ -20,9 +20,7 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,10 +30,13 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 
-from experiments.eval.retrieval import RANKING_METRICS, retrieval_metrics
+from experiments.eval.retrieval import HEADLINE_METRICS, RANKING_METRICS, retrieval_metrics
+from experiments.tracking.provenance import git_commit
+from sweeps.markdown import markdown_lines
 
-PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
-             "map_at_r": "mean_average_precision_at_r"}
+from .bench_losses import describe_device, device_slug
+from .pml_names import PML_NAMES
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -116,20 +117,13 @@ def run_case(n, n_classes, dim, repeats, device, runners, chunk_size, max_second
                         for name in skipped}}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def device_label(device: torch.device) -> tuple[str, str]:
-    """(file-name tag, description) of the device."""
+    """(file-name tag, description) of the device; the tag as the other benchmarks write it."""
+    info = describe_device(device)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
-    return "cpu", f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+        return device_slug(info), info["name"]
+    cpu = platform.processor() or platform.machine()
+    return device_slug(info), f"CPU ({cpu}), {torch.get_num_threads()} threads"
 
 
 def to_markdown(report: dict) -> str:
@@ -142,21 +136,21 @@ def to_markdown(report: dict) -> str:
              f"- median of up to {report['cases'][0]['repeats']} interleaved repeats (one run where a run "
              f"took over {report['max_seconds']:.0f} s); P@1, R-precision and MAP@R; PML with "
              "`k=\"max_bin_count\"`; speedup = PML time / tripletlab time; synthetic Gaussian classes, "
-             f"d={report['cases'][0]['dim']}", "",
-             "| n | classes | " + " | ".join(f"{n} (s)" for n in names) + " | "
-             + " | ".join(f"speedup vs {n}" for n in names[1:]) + " | max abs diff | MAP@R |",
-             "|" + "---|" * (3 + 2 * len(names)) + ""]
-    notes = []
+             f"d={report['cases'][0]['dim']}", ""]
+    header = ["n", "classes", *(f"{n} (s)" for n in names), *(f"speedup vs {n}" for n in names[1:]),
+              "max abs diff", HEADLINE_METRICS["map_at_r"]]
+    rows, notes = [], []
     for case in report["cases"]:
         seconds = case["median_seconds"]
         skipped = case.get("skipped", {})
         diffs = case["max_abs_diff"].values()
-        diff = f"{max(diffs):.1e}" if diffs else "-"
-        lines.append(f"| {case['n']} | {case['classes']} | "
-                     + " | ".join(f"{seconds[n]:.3f}" if n in seconds else "skipped" for n in names) + " | "
-                     + " | ".join(f"{case['speedup'][n]:.2f}x" if n in seconds else "-" for n in names[1:])
-                     + f" | {diff} | {case['metrics']['map_at_r']:.4f} |")
-        notes += [f"- {case['n']} x {case['classes']}: {name} skipped, {why}" for name, why in skipped.items()]
+        rows.append([case["n"], case["classes"],
+                     *(f"{seconds[n]:.3f}" if n in seconds else "skipped" for n in names),
+                     *(f"{case['speedup'][n]:.2f}x" if n in seconds else "-" for n in names[1:]),
+                     f"{max(diffs):.1e}" if diffs else "-", f"{case['metrics']['map_at_r']:.4f}"])
+        notes += [f"- {case['n']} x {case['classes']}: {name} skipped, {why}"
+                  for name, why in skipped.items()]
+    lines += markdown_lines(header, rows)
     if notes:
         lines += ["", "Skipped contenders:", *notes]
     return "\n".join(lines) + "\n"
@@ -167,7 +161,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
     parser.add_argument("--sizes", help="comma-separated numbers of embeddings (default 10000,70000; "
                         "quick: 1000)")
-    parser.add_argument("--classes", help="comma-separated numbers of classes (default 10,1000; quick: 10,100)")
+    parser.add_argument("--classes",
+                        help="comma-separated numbers of classes (default 10,1000; quick: 10,100)")
     parser.add_argument("--cases", help="comma-separated NxC pairs (e.g. 10000x10,70000x1000) "
                         "instead of every size with every class count")
     parser.add_argument("--dim", type=int, default=128)

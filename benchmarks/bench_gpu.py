@@ -32,9 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
+from sweeps.markdown import markdown_lines
+
 from .gpu_deps import OPTIONAL, REQUIRED, ensure, faiss_gpus, import_error
-from .gpu_plan import (DRY_TRIALS_PER_GPU, SWEEP_STEP, SWEEP_TRIALS_PER_GPU, Step, dry_steps, gpu_steps,
-                       recommend_trials_per_gpu)
+from .gpu_plan import (
+    DRY_TRIALS_PER_GPU,
+    SWEEP_STEP,
+    SWEEP_TRIALS_PER_GPU,
+    Step,
+    dry_steps,
+    gpu_steps,
+    recommend_trials_per_gpu,
+)
 from .toy_data import write_fashion_mnist, write_omniglot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +57,8 @@ def find_data(data_dir: Path | None) -> dict[str, str | None]:
     """Fashion-MNIST's folder and Omniglot's file or folder (its .npz or images_*.zip): the
     environment variables, else ``data_dir``'s ``fashion-mnist`` and ``omniglot``, else (Fashion-MNIST)
     the Debian package's folder; None where not found."""
-    fashion = os.environ.get(FASHION_ENV) or (str(data_dir / "fashion-mnist") if data_dir else str(FASHION_SYSTEM))
+    fashion = os.environ.get(FASHION_ENV) or (
+        str(data_dir / "fashion-mnist") if data_dir else str(FASHION_SYSTEM))
     omniglot = os.environ.get(OMNIGLOT_ENV) or (str(data_dir / "omniglot") if data_dir else None)
     return {"fashion-mnist": fashion if Path(fashion).is_dir() else None,
             "omniglot": omniglot if omniglot and Path(omniglot).exists() else None}
@@ -105,7 +115,8 @@ def run_steps(steps: list[Step], out: Path, slug: str, deadline: float, judge: b
             continue
         if left < step.estimate_s:
             rows.append({"step": step.name, "status": "skipped", "seconds": 0.0, "met": None, "target": "",
-                         "result": f"{left:.0f} s left of the budget, the step needs about {step.estimate_s:.0f} s"})
+                         "result": f"{left:.0f} s left of the budget, "
+                                   f"the step needs about {step.estimate_s:.0f} s"})
             continue
         print(f"== {step.name}: {' '.join(step.argv)}", flush=True)
         rows.append(run_step(step, out, slug, min(left, step.timeout_s)))
@@ -140,11 +151,10 @@ def summary_markdown(report: dict) -> str:
              f"git commit {report['git_commit']}, {report['date']}; {report['seconds']:.0f} s of a "
              f"{report['budget_minutes']:.0f}-minute budget",
              f"- data: Fashion-MNIST {report['data']['fashion-mnist'] or 'not found'}, "
-             f"Omniglot {report['data']['omniglot'] or 'not found'}", "",
-             "| step | status | seconds | result | target | met |", "|---|---|---:|---|---|---|"]
-    for r in report["steps"]:
-        lines.append(f"| {r['step']} | {r['status']} | {r['seconds']:.0f} | {r['result']} | {r['target']} "
-                     f"| {mark[r['met']]} |")
+             f"Omniglot {report['data']['omniglot'] or 'not found'}", ""]
+    rows = [[r["step"], r["status"], f"{r['seconds']:.0f}", r["result"], r["target"], mark[r["met"]]]
+            for r in report["steps"]]
+    lines += markdown_lines(["step", "status", "seconds", "result", "target", "met"], rows, "llr")
     best, rates = report["trials_per_gpu"], report["trials_per_minute"]
     lines += ["", "trials_per_gpu: " + (f"**{best}** has the most finished trials per minute ("
                                         + ", ".join(f"{t}: {r:.1f}" for t, r in rates.items()) + ")"
@@ -156,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="every step at toy size on the CPU")
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="stop starting steps after this")
-    parser.add_argument("--data-dir", type=Path, help="folder with fashion-mnist/ (the IDX files) and omniglot/ "
+    parser.add_argument("--data-dir", type=Path,
+                        help="folder with fashion-mnist/ (the IDX files) and omniglot/ "
                         f"(its .npz or images_*.zip; else ${FASHION_ENV}, ${OMNIGLOT_ENV})")
     parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="the folder of `make gpu-wheels`")
     parser.add_argument("--only", help="comma-separated step names to run (e.g. eval,losses)")
@@ -171,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import torch
 
-    from .bench_losses import describe_device, device_slug, git_commit
+    from experiments.tracking.provenance import git_commit
+
+    from .bench_losses import describe_device, device_slug
 
     if not args.dry_run and not torch.cuda.is_available():
-        raise SystemExit("bench_gpu: no CUDA device is visible; run with --dry-run to check the steps on the CPU")
+        raise SystemExit("bench_gpu: no CUDA device is visible; "
+                         "run with --dry-run to check the steps on the CPU")
     out = args.out or (DRY_RUN_DIR if args.dry_run else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.dry_run else "cuda")

@@ -41,12 +41,17 @@ from torch import nn
 
 from experiments.config import load_config
 from experiments.data.registry import load_dataset
+from experiments.eval.retrieval import HEADLINE_METRICS
 from experiments.tracking.provenance import git_commit
+from sweeps.markdown import markdown_lines
+
+from .bench_losses import describe_device, device_slug
+from .pml_names import PML_NAMES
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
-METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
-SHORT = {"precision_at_1": "P@1", "r_precision": "R-precision", "mean_average_precision_at_r": "MAP@R"}
+METRICS = tuple(PML_NAMES[m] for m in HEADLINE_METRICS)  # PML's names: the keys of its results
+SHORT = {PML_NAMES[m]: label for m, label in HEADLINE_METRICS.items()}  # PML's name -> table label
 SIDES = ("pml", "tripletlab")
 
 
@@ -68,8 +73,8 @@ class TextbookNet(nn.Module):
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.features = nn.Sequential(*block(in_channels, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
-                                      *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(*block(in_channels, 32), nn.MaxPool2d(2), *block(32, 64),
+                                      nn.MaxPool2d(2), *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(128, embedding_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +116,10 @@ def train_pml(splits, seed: int, epochs: int, device) -> torch.Tensor:
     train_y = splits.train.labels
     classes = len(torch.unique(train_y))
     batch_size = min(128, 4 * classes)
-    sampler = samplers.MPerClassSampler(train_y, m=4, batch_size=batch_size, length_before_new_iter=len(train_y))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=batch_size,
-                                         sampler=sampler, drop_last=True)
+    sampler = samplers.MPerClassSampler(train_y, m=4, batch_size=batch_size,
+                                        length_before_new_iter=len(train_y))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y),
+                                         batch_size=batch_size, sampler=sampler, drop_last=True)
     model = TextbookNet(train_x.shape[1]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn, miner = losses.TripletMarginLoss(margin=0.1), miners.BatchHardMiner()
@@ -135,7 +141,8 @@ def tripletlab_config(setting: Setting, seed: int, epochs: int, overrides: list[
                               *setting.overrides, *overrides])
 
 
-def train_tripletlab(setting: Setting, seed: int, epochs: int, overrides: list[str], store: Path) -> torch.Tensor:
+def train_tripletlab(setting: Setting, seed: int, epochs: int, overrides: list[str],
+                     store: Path) -> torch.Tensor:
     """``tripletlab train`` at its defaults; returns the test embeddings its run logged."""
     import mlflow
 
@@ -202,25 +209,25 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Reference benchmark ({report['device']})", "",
              f"{report['date']}; torch {report['torch']}, pytorch-metric-learning {report['pml']}; "
              f"{report['threads']} CPU threads; commit {report['commit']}.", "",
-             f"{report['epochs']} epochs, {report['seeds']} seeds (0..{report['seeds'] - 1}) per side. **pml**: the "
-             "textbook pipeline (conv 32-64-128, pools after the first two, GAP, linear 64; MPerClassSampler m=4, "
-             "batches of 128; TripletMarginLoss(margin=0.1) + BatchHardMiner; Adam 1e-3 constant). **tripletlab**: "
-             "`tripletlab train` with only the dataset, `loss.name=batch_hard`, epochs and seed set"
+             f"{report['epochs']} epochs, {report['seeds']} seeds (0..{report['seeds'] - 1}) per side. "
+             "**pml**: the textbook pipeline (conv 32-64-128, pools after the first two, GAP, linear 64; "
+             "MPerClassSampler m=4, batches of 128; TripletMarginLoss(margin=0.1) + BatchHardMiner; "
+             "Adam 1e-3 constant). **tripletlab**: `tripletlab train` with only the dataset, "
+             "`loss.name=batch_hard`, epochs and seed set"
              + (f" (and {', '.join(report['overrides'])})" if report["overrides"] else "")
-             + ". Both scored by PML's AccuracyCalculator on L2-normalised test embeddings; mean ± std over seeds.",
+             + ". Both scored by PML's AccuracyCalculator on L2-normalised test embeddings; mean ± std over "
+             "seeds.",
              ""]
     for name, res in report["datasets"].items():
-        lines += [f"## {name}", "",
-                  f"{res['train_images']} train images ({res['train_classes']} classes), {res['test_images']} test "
-                  f"images ({res['test_classes']} classes).", "",
-                  "| side | " + " | ".join(SHORT[m] for m in METRICS) + " | s/run |",
-                  "|---|" + "---:|" * (len(METRICS) + 1)]
-        for side in (s for s in SIDES if s in res):
-            cells = [f"{res[side][m]['mean']:.4f} ± {res[side][m]['std']:.4f}" for m in METRICS]
-            lines.append(f"| {side} | " + " | ".join(cells) + f" | {res[side]['seconds']['mean']:.0f} |")
+        rows = [[side, *(f"{res[side][m]['mean']:.4f} ± {res[side][m]['std']:.4f}" for m in METRICS),
+                 f"{res[side]['seconds']['mean']:.0f}"] for side in SIDES if side in res]
         if "ratio" in res:
-            lines.append("| tripletlab / pml | " + " | ".join(f"**{res['ratio'][m]:.2f}x**" for m in METRICS) + " | |")
-        lines.append("")
+            rows.append(["tripletlab / pml", *(f"**{res['ratio'][m]:.2f}x**" for m in METRICS), ""])
+        lines += [f"## {name}", "",
+                  f"{res['train_images']} train images ({res['train_classes']} classes), "
+                  f"{res['test_images']} test images ({res['test_classes']} classes).", "",
+                  *markdown_lines(["side", *(SHORT[m] for m in METRICS), "s/run"], rows,
+                                  "l" + "r" * (len(METRICS) + 1)), ""]
     return "\n".join(lines)
 
 
@@ -230,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Omniglot images_background.npz/.zip: its class-disjoint halves ('' to skip)")
     parser.add_argument("--omniglot-official", default="",
                         help="a folder holding Omniglot's background and evaluation files (official split)")
-    parser.add_argument("--fashion-mnist", default=os.environ.get("TRIPLETLAB_FASHION_MNIST_PATH", DEFAULT_FASHION),
+    parser.add_argument("--fashion-mnist",
+                        default=os.environ.get("TRIPLETLAB_FASHION_MNIST_PATH", DEFAULT_FASHION),
                         help="folder with the Fashion-MNIST IDX files ('' to skip)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
@@ -239,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a tripletlab config override for an ablation (repeatable); the report names it")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
-                        help="train only these sides (an ablation of tripletlab's defaults needs no new PML runs)")
+                        help="train only these sides "
+                             "(an ablation of tripletlab's defaults needs no new PML runs)")
     parser.add_argument("--max-per-class", type=int, default=0, help="cap images per class (a smoke test)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for reference-<device>.md/.json")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. an ablation's name)")
@@ -250,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = settings(args)
     missing = [s.dataset["path"] for s in chosen if not Path(s.dataset["path"]).exists()]
     if not chosen or missing:
-        raise SystemExit(f"bench_reference: data not found ({', '.join(missing) or 'no dataset given'}); pass "
-                         "--omniglot FILE and/or --fashion-mnist DIR")
+        raise SystemExit(f"bench_reference: data not found ({', '.join(missing) or 'no dataset given'}); "
+                         "pass --omniglot FILE and/or --fashion-mnist DIR")
     if args.max_per_class:
         for s in chosen:
             s.dataset["max_per_class"] = args.max_per_class
@@ -259,22 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     import pytorch_metric_learning
 
-    report = {"device": device.type if device.type == "cpu" else f"cuda-{torch.cuda.get_device_name(device)}",
+    report = {"device": device_slug(describe_device(device)),
               "torch": torch.__version__, "pml": pytorch_metric_learning.__version__, "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "platform": platform.platform(), "threads": args.threads, "epochs": args.epochs, "seeds": args.seeds,
-              "overrides": args.override, "datasets": {}}
+              "platform": platform.platform(), "threads": args.threads, "epochs": args.epochs,
+              "seeds": args.seeds, "overrides": args.override, "datasets": {}}
     out = Path(args.out).resolve()
     home = Path.cwd()
     with tempfile.TemporaryDirectory() as scratch:
         os.chdir(scratch)  # tripletlab's runs keep their artifacts in ./mlartifacts
         try:
             for setting in chosen:
-                report["datasets"][setting.name] = run_setting(setting, args, device, Path(scratch) / "mlflow.db")
+                store = Path(scratch) / "mlflow.db"
+                report["datasets"][setting.name] = run_setting(setting, args, device, store)
         finally:
             os.chdir(home)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "reference-" + report["device"].lower().replace(" ", "-") + (f"-{args.tag}" if args.tag else "")
+    stem = "reference-" + report["device"] + (f"-{args.tag}" if args.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text(to_markdown(report))
     print(to_markdown(report))

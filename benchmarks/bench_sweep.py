@@ -30,9 +30,11 @@ from pathlib import Path
 import optuna
 import torch
 
+from experiments.tracking.provenance import git_commit
+from sweeps.markdown import markdown_lines
 from sweeps.storage import default_storage, open_storage
 
-from .bench_losses import RESULTS_DIR, describe_device, device_slug, git_commit
+from .bench_losses import RESULTS_DIR, describe_device, device_slug
 
 DEFAULT_OVERRIDES = ("trials=20", "epochs=10", "seeds=3")
 BUSY = 70  # percent: the target share of time the GPU is busy
@@ -48,7 +50,8 @@ class GpuSampler:
         query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
                  f"-lms={interval_ms}"]
         try:
-            self.process = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.process = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                            text=True)
         except OSError:
             self.process = None
             return
@@ -100,7 +103,8 @@ def run_sweep(config: str, overrides: list[str], workers: int | None, work_dir: 
     """Run the sweep CLI in ``work_dir``; returns the command, its wall seconds and exit status
     (``TIMED_OUT`` when it ran past ``timeout`` seconds and was stopped)."""
     command = [sys.executable, "-m", "tripletlab.cli", "sweep", "--config", config, *overrides,
-               "--output-dir", str(work_dir / "runs"), "--tracking-uri", f"sqlite:///{work_dir / 'mlflow.db'}"]
+               "--output-dir", str(work_dir / "runs"),
+               "--tracking-uri", f"sqlite:///{work_dir / 'mlflow.db'}"]
     if workers:
         command += ["--workers", str(workers)]
     start = time.perf_counter()
@@ -136,11 +140,12 @@ def to_markdown(report: dict) -> str:
     if gpu is None:
         lines.append("- GPU utilisation: not measured (no `nvidia-smi` on this machine)")
     else:
-        lines.append(f"- GPU utilisation over {gpu['samples']} samples: mean {gpu['mean_percent']:.0f}%, median "
-                     f"{gpu['median_percent']:.0f}%, at least {BUSY}% busy in {100 * gpu['share_at_least_busy']:.0f}% "
+        lines.append(f"- GPU utilisation over {gpu['samples']} samples: mean {gpu['mean_percent']:.0f}%, "
+                     f"median {gpu['median_percent']:.0f}%, at least {BUSY}% busy in "
+                     f"{100 * gpu['share_at_least_busy']:.0f}% "
                      f"of samples; peak memory {gpu['max_memory_mib']:.0f} MiB")
-    lines += ["", "| study | complete | pruned | failed |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {c['complete']} | {c['pruned']} | {c['fail']} |" for name, c in report["trials"].items()]
+    rows = [[name, c["complete"], c["pruned"], c["fail"]] for name, c in report["trials"].items()]
+    lines += ["", *markdown_lines(["study", "complete", "pruned", "failed"], rows, "lrrr")]
     return "\n".join(lines) + "\n"
 
 
@@ -164,8 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
         sampler = GpuSampler()
         command, seconds, status = run_sweep(args.config, overrides, args.workers, work_dir, args.timeout)
         utilisation = sampler.stop()
-        sweep_dirs = [p for p in (work_dir / "runs").iterdir() if p.is_dir()] if (work_dir / "runs").exists() else []
-        trials, per_minute = trial_counts(default_storage(sweep_dirs[0])) if len(sweep_dirs) == 1 else ({}, None)
+        runs = work_dir / "runs"
+        sweep_dirs = [p for p in runs.iterdir() if p.is_dir()] if runs.exists() else []
+        trials, per_minute = trial_counts(default_storage(sweep_dirs[0])) if len(sweep_dirs) == 1 \
+            else ({}, None)
     info = describe_device(device)
     report = {"device": info, "torch": torch.__version__, "git_commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

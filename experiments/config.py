@@ -36,7 +36,8 @@ class DatasetConfig:
     max_per_class: int = 0  # 0: all images
     augment: bool = False  # random flips/shifts on the training batches (random resized crops with crop_size)
     crop_size: int = 0  # S > 0: train on S x S random resized crops (augment) and evaluate the centre crop
-    resident_mb: float = 0  # largest split (MiB of uint8) kept whole on the device, larger ones stream; 0: measured
+    # largest split (MiB of uint8) kept whole on the device, larger ones stream; 0: measured
+    resident_mb: float = 0
 
 
 @dataclass
@@ -160,7 +161,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ValueError(f"config key {key!r} must be true or false{' or auto' if optional else ''}, got {value!r}")
+        raise ValueError(f"config key {key!r} must be true or false{' or auto' if optional else ''}, "
+                         f"got {value!r}")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -236,43 +238,55 @@ def from_dict(values: dict[str, Any]) -> ExperimentConfig:
     return apply(ExperimentConfig(), values)
 
 
+def parse_override(item: str, example: str = "loss.margin=0.2") -> tuple[str, Any]:
+    """One ``key=value`` override: the stripped key and the value read as YAML (``""`` when empty).
+
+    ``example`` shows a valid override in the error for a malformed one. Experiment and sweep
+    overrides both go through here.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {item!r} is not key=value, e.g. {example}")
+    try:
+        return key.strip(), (yaml.safe_load(raw) if raw.strip() else "")
+    except yaml.YAMLError as exc:
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from None
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["loss.margin=0.2", "model.normalize=false"]`` -> dotted keys with YAML-typed values."""
-    out = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} is not key=value, e.g. loss.margin=0.2")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ValueError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from None
-    return out
+    return dict(parse_override(item) for item in overrides)
 
 
-def resolve_config_path(path: str) -> Path:
-    """``path`` itself, or a bundled config by name (``digits`` -> ``experiments/configs/digits.yaml``)."""
+def resolve_config_path(path: str, config_dir: Path = CONFIG_DIR, kind: str = "config") -> Path:
+    """``path`` itself, or a bundled YAML file of ``config_dir`` by bare name (``digits`` ->
+    ``experiments/configs/digits.yaml``); ``kind`` (``config``, ``sweep``) names it in the error."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
-    bundled = CONFIG_DIR / f"{candidate.stem}.yaml"
+    bundled = config_dir / f"{candidate.stem}.yaml"
     if candidate.suffix in ("", ".yaml") and candidate.parent == Path(".") and bundled.is_file():
         return bundled
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"config file {path!r} not found; pass a YAML path or a bundled config name ({names})")
+    names = ", ".join(sorted(p.stem for p in config_dir.glob("*.yaml")))
+    raise FileNotFoundError(f"{kind} file {path!r} not found; pass a YAML path or a bundled {kind} name "
+                            f"({names})")
+
+
+def read_yaml_mapping(path: Path, kind: str = "config") -> dict[str, Any]:
+    """The mapping a YAML file holds (``{}`` when empty), read safely; ``kind`` names it in errors."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{kind} file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{kind} file {str(path)!r} must hold a mapping of keys, "
+                         f"got {type(values).__name__}")
+    return values
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """The config from a YAML file (defaults if ``None``) with ``key=value`` overrides applied."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        resolved = resolve_config_path(path)
-        try:
-            values = yaml.safe_load(resolved.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"config file {str(resolved)!r} is not valid YAML: {exc}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {str(resolved)!r} must hold a mapping of keys, got {type(values).__name__}")
+    values = read_yaml_mapping(resolve_config_path(path)) if path is not None else {}
     cfg = from_dict(values)
     return apply(cfg, parse_overrides(overrides or []))
 
@@ -306,17 +320,24 @@ def validate(cfg: ExperimentConfig) -> None:
                                       f"torchvision:<arch> or timm:<arch>), got model.name={cfg.model.name}")
     _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     _check(cfg.batch.p == 0 or cfg.batch.p >= 2,
-           f"batch.p (classes per batch) must be >= 2 so each batch has negatives (or 0 = auto), got {cfg.batch.p}")
-    _check(cfg.batch.k >= 2, f"batch.k (images per class) must be >= 2 so each batch has positives, got {cfg.batch.k}")
+           "batch.p (classes per batch) must be >= 2 so each batch has negatives (or 0 = auto), "
+           f"got {cfg.batch.p}")
+    _check(cfg.batch.k >= 2,
+           f"batch.k (images per class) must be >= 2 so each batch has positives, got {cfg.batch.k}")
     _check(cfg.model.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {cfg.model.embedding_dim}")
     _check(cfg.optimizer.lr > 0, f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
-    _check(cfg.optimizer.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {cfg.optimizer.weight_decay}")
+    _check(cfg.optimizer.weight_decay >= 0,
+           f"optimizer.weight_decay must be >= 0, got {cfg.optimizer.weight_decay}")
     _check(0 <= cfg.optimizer.warmup_fraction < 1,
-           f"optimizer.warmup_fraction (share of all steps) must be in [0, 1), got {cfg.optimizer.warmup_fraction}")
-    _check(0 <= cfg.optimizer.momentum < 1, f"optimizer.momentum must be in [0, 1), got {cfg.optimizer.momentum}")
-    _check(0 <= cfg.dataset.val_fraction < 1, f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}")
+           "optimizer.warmup_fraction (share of all steps) must be in [0, 1), "
+           f"got {cfg.optimizer.warmup_fraction}")
+    _check(0 <= cfg.optimizer.momentum < 1,
+           f"optimizer.momentum must be in [0, 1), got {cfg.optimizer.momentum}")
+    _check(0 <= cfg.dataset.val_fraction < 1,
+           f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}")
     size = parse_image_size(cfg.dataset.image_size, None)
-    _check(cfg.dataset.max_per_class >= 0, f"dataset.max_per_class must be >= 0 (0 = all), got {cfg.dataset.max_per_class}")
+    _check(cfg.dataset.max_per_class >= 0,
+           f"dataset.max_per_class must be >= 0 (0 = all), got {cfg.dataset.max_per_class}")
     _check(cfg.dataset.resident_mb >= 0,
            f"dataset.resident_mb must be >= 0 (0 = measured from free memory), got {cfg.dataset.resident_mb}")
     crop = cfg.dataset.crop_size

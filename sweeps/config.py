@@ -11,7 +11,8 @@ A sweep config is YAML (see ``sweeps/configs/``)::
     search:                       # shared parameters tuned for every loss
       optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
     loss_overrides:               # narrow or fix one loss's space; dotted keys set its training
-      triplet: {margin: {low: 0.1, high: 0.5}, mining: [hard, semi-hard], optimizer.lr: 1.0e-3}
+      triplet: {margin: {low: 0.1, high: 0.5}, mining: [hard-triplets, semi-hard-triplets],
+                optimizer.lr: 1.0e-3}
     experiment:                   # the shared training settings (an experiment config)
       dataset: {name: digits}
       epochs: 4
@@ -33,6 +34,7 @@ import yaml
 
 from experiments.config import SECTIONS as EXPERIMENT_SECTIONS
 from experiments.config import from_dict as experiment_from_dict
+from experiments.config import parse_override, read_yaml_mapping, resolve_config_path
 
 from .space import build_space
 
@@ -45,7 +47,8 @@ def default_losses() -> tuple[str, ...]:
     """Every built-in loss that trains on one modality (the Reality Check comparison set)."""
     from losses import list_losses, loss_info
 
-    return tuple(n for n in list_losses() if loss_info(n).source == "tripletlab" and not loss_info(n).cross_modal)
+    return tuple(n for n in list_losses()
+                 if loss_info(n).source == "tripletlab" and not loss_info(n).cross_modal)
 
 
 @dataclass
@@ -85,28 +88,6 @@ class SweepConfig:
 SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(SweepConfig))
 
 
-def resolve_sweep_path(path: str) -> Path:
-    """``path`` itself, or a bundled sweep config by name (``digits`` -> ``sweeps/configs/digits.yaml``)."""
-    candidate = Path(path)
-    if candidate.is_file():
-        return candidate
-    bundled = CONFIG_DIR / f"{candidate.stem}.yaml"
-    if candidate.suffix in ("", ".yaml") and bundled.is_file():
-        return bundled
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"sweep config {path!r} not found; pass a YAML path or a bundled sweep ({names})")
-
-
-def _parse_value(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {item!r} is not key=value, e.g. trials=4 or losses=[triplet,circle]")
-    try:
-        return key.strip(), (yaml.safe_load(raw) if raw.strip() else "")
-    except yaml.YAMLError as exc:
-        raise ValueError(f"override {item!r}: the value is not valid YAML ({exc.problem})") from None
-
-
 def _set_nested(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -121,12 +102,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     """The raw sweep dict with ``key=value`` overrides applied.
 
     ``search.<config key>`` sets one shared search range, ``loss_overrides.<loss>.<key>`` one loss
-    parameter (or, for a dotted key, a training setting of that loss), ``pruner.<option>``/``sampler.<option>``/``experiment.<key>`` a nested option; any
-    other non-sweep key is an experiment key (``epochs=1`` means ``experiment.epochs=1``).
+    parameter (or, for a dotted key, a training setting of that loss), ``pruner.<option>``,
+    ``sampler.<option>`` or ``experiment.<key>`` a nested option; any other non-sweep key is an
+    experiment key (``epochs=1`` means ``experiment.epochs=1``).
     """
     out = copy.deepcopy(values)
     for item in overrides:
-        key, value = _parse_value(item)
+        key, value = parse_override(item, "trials=4 or losses=[triplet,circle]")
         head, _, rest = key.partition(".")
         if not rest and head in SWEEP_KEYS:
             out[head] = value
@@ -143,12 +125,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             out[head] = section = dict(section or {})
             _set_nested(section, rest, value)
         elif head in SWEEP_KEYS:
-            raise ValueError(f"override {item!r}: {head!r} takes a whole value, e.g. {head}=..., not {key}=...")
+            raise ValueError(f"override {item!r}: {head!r} takes a whole value, "
+                             f"e.g. {head}=..., not {key}=...")
         elif head not in EXPERIMENT_SECTIONS:
             close = difflib.get_close_matches(head, [*SWEEP_KEYS, *EXPERIMENT_SECTIONS], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"override {item!r}: {head!r} is neither a sweep key nor an experiment key{hint}. "
-                             f"Sweep keys: {', '.join(SWEEP_KEYS)}; experiment keys start with "
+            raise ValueError(f"override {item!r}: {head!r} is neither a sweep key nor an experiment "
+                             f"key{hint}. Sweep keys: {', '.join(SWEEP_KEYS)}; experiment keys start with "
                              f"{', '.join(EXPERIMENT_SECTIONS)}")
         else:
             _set_nested(out.setdefault("experiment", {}), key, value)
@@ -169,7 +152,8 @@ def _as_int(values: dict, key: str, default: int, minimum: int) -> int:
 
 def _pruner(value: Any) -> dict[str, Any]:
     pruner = {"name": value} if isinstance(value, str) or value is None else value
-    _check(isinstance(pruner, dict), f"sweep key 'pruner' must be a name or a mapping with 'name', got {value!r}")
+    _check(isinstance(pruner, dict),
+           f"sweep key 'pruner' must be a name or a mapping with 'name', got {value!r}")
     pruner = dict(pruner)
     pruner["name"] = str(pruner.get("name") or "none").lower()
     _check(pruner["name"] in PRUNERS, f"pruner must be one of {', '.join(PRUNERS)}, got {pruner['name']!r}")
@@ -188,12 +172,13 @@ def sweep_from_dict(values: dict[str, Any], default_name: str = "") -> SweepConf
         raise ValueError(f"unknown sweep key(s) {hints}. Valid keys: {', '.join(SWEEP_KEYS)}")
     name = str(values.get("name") or default_name)
     _check(bool(_NAME_PATTERN.match(name)),
-           f"sweep name {name!r} must be letters, digits, '_', '-' or '.' (it names runs/<name>/ and the MLflow experiment)")
+           f"sweep name {name!r} must be letters, digits, '_', '-' or '.' "
+           "(it names runs/<name>/ and the MLflow experiment)")
     plugins = values.get("plugins") or []
     _check(isinstance(plugins, list) and all(isinstance(p, str) for p in plugins),
            f"sweep key 'plugins' must be a list of module names or .py files, got {plugins!r}")
     if plugins:
-        from losses.plugins import load_plugins
+        from losses import load_plugins
 
         load_plugins(plugins)
     losses = values.get("losses") or list(default_losses())
@@ -210,15 +195,18 @@ def sweep_from_dict(values: dict[str, Any], default_name: str = "") -> SweepConf
     _check(isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values()),
            "sweep key 'loss_overrides' must map loss names to {param: range, choices or value}")
     stray = sorted(set(overrides) - set(losses))
-    _check(not stray, f"loss_overrides names loss(es) {stray} that the sweep does not compare; losses: {losses}")
+    _check(not stray,
+           f"loss_overrides names loss(es) {stray} that the sweep does not compare; losses: {losses}")
     experiment = values.get("experiment") or {}
-    _check(isinstance(experiment, dict), f"sweep key 'experiment' must be an experiment config mapping, got {experiment!r}")
+    _check(isinstance(experiment, dict),
+           f"sweep key 'experiment' must be an experiment config mapping, got {experiment!r}")
     _check("loss" not in experiment,
            "the sweep's experiment settings must not set 'loss': the sweep picks the loss; "
            "fix or narrow loss parameters under loss_overrides: {<loss>: {<param>: ...}}")
     experiment_from_dict(experiment)  # unknown or invalid experiment keys fail here, naming the key
     sampler = values.get("sampler") or {}
-    _check(isinstance(sampler, dict), f"sweep key 'sampler' must map TPESampler options to values, got {sampler!r}")
+    _check(isinstance(sampler, dict),
+           f"sweep key 'sampler' must map TPESampler options to values, got {sampler!r}")
     cfg = SweepConfig(
         name=name, losses=tuple(losses), trials=_as_int(values, "trials", 20, 1),
         seeds=_as_int(values, "seeds", 3, 1), seed=_as_int(values, "seed", 0, 0),
@@ -244,11 +232,7 @@ def load_sweep_config(path: str | None, overrides: list[str] | None = None) -> S
     values: dict[str, Any] = {}
     default_name = ""
     if path is not None:
-        resolved = resolve_sweep_path(path)
+        resolved = resolve_config_path(path, CONFIG_DIR, "sweep config")
         default_name = resolved.stem
-        try:
-            values = yaml.safe_load(resolved.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"sweep config {str(resolved)!r} is not valid YAML: {exc}") from None
-        _check(isinstance(values, dict), f"sweep config {str(resolved)!r} must hold a mapping of keys")
+        values = read_yaml_mapping(resolved, "sweep config")
     return sweep_from_dict(apply_overrides(values, overrides or []), default_name)

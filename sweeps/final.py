@@ -21,11 +21,14 @@ import pandas as pd
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from experiments.eval.retrieval import HEADLINE_METRICS
+
 from .context import SweepContext
+from .statistics import t_interval
 from .storage import budget_lock, budget_trials, recover_stale_trials, worker_identity
 from .study import base_experiment, trial_experiment, tune
-from .table import TABLE_METRICS, short_value, t_interval, write_table
-from .tracking import end_orphaned_runs
+from .table import short_value, write_table
+from .tracking import ROLE_TAG, SEED_TAG, end_orphaned_runs
 
 WAIT_REPORT_SECONDS = 30  # a progress line at least this often while waiting for other workers
 
@@ -52,10 +55,11 @@ def final_runs(ctx: SweepContext, client: MlflowClient, loss: str, best_number: 
     """Finished final runs of ``loss`` for best trial ``best_number``, by seed (the latest per seed)."""
     runs = client.search_runs(
         [_experiment_id(client, ctx.sweep.name)],
-        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.parents[loss]}' and tags.`tripletlab.role` = 'final' "
-                      f"and tags.`tripletlab.best_trial` = '{best_number}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.parents[loss]}' and tags.`{ROLE_TAG}` = 'final' "
+                      f"and tags.`tripletlab.best_trial` = '{best_number}' "
+                      "and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"])
-    return {int(run.data.tags["tripletlab.seed"]): run for run in runs}
+    return {int(run.data.tags[SEED_TAG]): run for run in runs}
 
 
 def _running_on(trials: list[optuna.trial.FrozenTrial]) -> str:
@@ -113,7 +117,7 @@ def run_final(ctx: SweepContext, storage: optuna.storages.BaseStorage, loss: str
 
     best = best_trial(optuna.load_study(study_name=ctx.study_name(loss), storage=storage))
     cfg = trial_experiment(base_experiment(ctx), best_values(ctx, loss, best), seed)
-    tags = {"tripletlab.role": "final", "tripletlab.sweep": ctx.sweep.name, "tripletlab.best_trial": str(best.number),
+    tags = {ROLE_TAG: "final", "tripletlab.sweep": ctx.sweep.name, "tripletlab.best_trial": str(best.number),
             "optuna.study_name": ctx.study_name(loss),
             **{f"tripletlab.worker_{k}": str(v) for k, v in worker_identity().items()}}
     try:
@@ -151,7 +155,7 @@ def _log_parent(client: MlflowClient, run_id: str, row: dict[str, Any], best_par
         elif logged[name] != str(value):  # params are immutable: a later, better trial goes to a tag
             client.set_tag(run_id, name, str(value))
     metrics = {k: row[k] for k in ("best_val_map_at_r", "trials_complete", "trials_pruned", "trials_failed")}
-    for metric in TABLE_METRICS:
+    for metric in HEADLINE_METRICS:
         for suffix in ("mean", "ci_low", "ci_high"):
             metrics[f"final/test/{metric}_{suffix}"] = row[f"{metric}_{suffix}"]
             if f"separated_{metric}_{suffix}" in row:
@@ -168,10 +172,12 @@ def summarize(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> pd.Dat
     for loss in ctx.sweep.losses:
         study = optuna.load_study(study_name=ctx.study_name(loss), storage=storage)
         trials = budget_trials(study)
-        counts = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        counts = {s: sum(t.state == s for t in trials)
+                  for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         best = best_trial(study)
         finals = final_runs(ctx, client, loss, best.number) if best is not None else {}
-        final_seconds = sum((r.info.end_time - r.info.start_time) / 1000 for r in finals.values() if r.info.end_time)
+        final_seconds = sum((r.info.end_time - r.info.start_time) / 1000
+                            for r in finals.values() if r.info.end_time)
         row: dict[str, Any] = {
             "loss": loss, "best_val_map_at_r": best.value if best is not None else math.nan,
             "trials_complete": counts[TrialState.COMPLETE], "trials_pruned": counts[TrialState.PRUNED],
@@ -180,11 +186,11 @@ def summarize(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> pd.Dat
             "final_seconds": round(final_seconds, 1),
         }
         row["compute_seconds"] = row["tuning_seconds"] + row["final_seconds"]
-        for metric in TABLE_METRICS:
+        for metric in HEADLINE_METRICS:
             row.update(_interval(finals, f"test/{metric}", metric))
         if ctx.sweep.folds > 1:  # test/<metric> above: the folds' concatenated embeddings
             row["folds"] = ctx.sweep.folds
-            for metric in TABLE_METRICS:
+            for metric in HEADLINE_METRICS:
                 row.update(_interval(finals, f"test/separated/{metric}", f"separated_{metric}"))
         tuned = best.params if best is not None else {}
         row["best_params"] = ", ".join(f"{k}={short_value(v)}" for k, v in tuned.items())

@@ -9,26 +9,17 @@ only: a missing SQLite file is reported, not created.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from mlflow.entities import Experiment, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments.tracking.secrets import mask_secrets
-from experiments.tracking.store import resolve_tracking_uri
+from experiments.tracking.store import resolve_tracking_uri, sqlite_file
 from sweeps.tracking import RUNS_VIEW_KEY, runs_view_path
 
 VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
 RUN_A_SWEEP = "run one with `make sweep`"
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (``None`` for other stores and ``:memory:``)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(path)
 
 
 def _last_activity(client: MlflowClient, experiment: Experiment) -> int:

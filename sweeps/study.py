@@ -29,15 +29,22 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from experiments.config import ExperimentConfig, apply, from_dict
-from experiments.train.interrupts import raise_if_interrupted
 from experiments.tracking.secrets import mask_secrets
+from experiments.train.interrupts import raise_if_interrupted
 
 from .context import SweepContext
 from .space import SearchSpace
-from .storage import (ExclusiveStep, beat, budget_lock, budget_trials, enqueue_retry, mark_worker,
-                      recover_stale_trials)
+from .storage import (
+    ExclusiveStep,
+    beat,
+    budget_lock,
+    budget_trials,
+    enqueue_retry,
+    mark_worker,
+    recover_stale_trials,
+)
 from .table import short_value
-from .tracking import end_orphaned_runs
+from .tracking import ROLE_TAG, TRIAL_STATE_TAG, end_orphaned_runs
 
 OBJECTIVE = "val/map_at_r"
 
@@ -109,8 +116,9 @@ def create_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> N
             study.set_user_attr("tripletlab.sweep", ctx.sweep.name)
         elif previous != fingerprint:
             raise ValueError(
-                f"study {ctx.study_name(loss)!r} already exists with another search space or training settings; "
-                f"give the sweep a new name (name=...) or remove its storage ({mask_secrets(ctx.storage)}) to start over"
+                f"study {ctx.study_name(loss)!r} already exists with another search space or training "
+                "settings; give the sweep a new name (name=...) or remove its storage "
+                f"({mask_secrets(ctx.storage)}) to start over"
             )
 
 
@@ -129,7 +137,7 @@ class Objective:
         mark_worker(trial)
         start = time.time()
         values = self.space.suggest(trial)
-        tags = {"tripletlab.role": "trial", "tripletlab.sweep": self.ctx.sweep.name,
+        tags = {ROLE_TAG: "trial", "tripletlab.sweep": self.ctx.sweep.name,
                 "optuna.study_name": self.ctx.study_name(self.loss), "optuna.trial_number": str(trial.number)}
 
         folds, by_fold = self.ctx.sweep.folds, self.ctx.sweep.pruner["name"] == "wilcoxon"
@@ -169,20 +177,21 @@ class Objective:
             reason = f"{type(exc).__name__}: {exc}"[:2000]
             trial.set_user_attr("fail_reason", reason)
             self._tag_trial_run(trial.number, "failed")
-            print(f"[{self.loss}] trial {trial.number} failed after {time.time() - start:.0f}s: {reason}", flush=True)
+            print(f"[{self.loss}] trial {trial.number} failed after {time.time() - start:.0f}s: {reason}",
+                  flush=True)
             raise
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if folds > 1:
             trial.set_user_attr("fold_val_map_at_r", trained)
         if result.pruned:
-            self.client.set_tag(result.run_id, "tripletlab.trial_state", "pruned")
+            self.client.set_tag(result.run_id, TRIAL_STATE_TAG, "pruned")
             where = f"epoch {len(result.history)}" if folds == 1 else f"fold {reached[0] + 1}/{folds}"
             print(f"[{self.loss}] trial {trial.number} pruned at {where} ({time.time() - start:.0f}s)",
                   flush=True)
             raise optuna.TrialPruned(f"pruned at {where}")
         if "map_at_r" not in result.val_metrics:
             raise ValueError("the run logged no validation MAP@R; a sweep needs dataset.val_fraction > 0")
-        self.client.set_tag(result.run_id, "tripletlab.trial_state", "complete")
+        self.client.set_tag(result.run_id, TRIAL_STATE_TAG, "complete")
         value = float(result.val_metrics["map_at_r"])
         tuned = ", ".join(f"{k}={short_value(v)}" for k, v in trial.params.items())
         print(f"[{self.loss}] trial {trial.number} complete: val MAP@R {value:.4f} "
@@ -199,7 +208,7 @@ class Objective:
             filter_string=f"tags.`optuna.study_name` = '{self.ctx.study_name(self.loss)}' "
                           f"and tags.`optuna.trial_number` = '{number}'")
         for run in runs:
-            self.client.set_tag(run.info.run_id, "tripletlab.trial_state", state)
+            self.client.set_tag(run.info.run_id, TRIAL_STATE_TAG, state)
 
 
 def tune(ctx: SweepContext, loss: str, storage: optuna.storages.BaseStorage, worker_index: int = 0) -> None:

@@ -2,41 +2,36 @@
 
 As in "A Metric Learning Reality Check" (Musgrave et al., ECCV 2020): P@1, R-precision and MAP@R
 on the held-out classes, each the mean over seeds with a Student-t confidence interval
-``mean +- t_{0.975, n-1} * s / sqrt(n)`` (``s`` the sample standard deviation). A cross-validated
-sweep (``folds`` > 1) shows the metrics of the folds' concatenated embeddings, marked "concat.",
-and the MAP@R of the separated per-fold models (their mean) in a column of its own.
+``mean +- t_{0.975, n-1} * s / sqrt(n)`` (``s`` the sample standard deviation;
+:func:`sweeps.statistics.t_interval`). A cross-validated sweep (``folds`` > 1) shows the metrics
+of the folds' concatenated embeddings, marked "concat.", and the MAP@R of the separated per-fold
+models (their mean) in a column of its own. The metrics and their labels are
+``experiments.eval.retrieval.HEADLINE_METRICS``.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
-from scipy import stats
 
-TABLE_METRICS = ("precision_at_1", "r_precision", "map_at_r")
-METRIC_LABELS = {"precision_at_1": "P@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
+from experiments.eval.retrieval import HEADLINE_METRICS
 
+from .markdown import markdown_lines
+from .statistics import t_interval
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """``(mean, low, high)`` of the Student-t interval; the bounds are NaN for fewer than 2 values."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    values = [float(v) for v in values]
-    if not values:
-        return math.nan, math.nan, math.nan
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+__all__ = ["markdown_table", "percent_cell", "short_value", "t_interval", "write_table"]
+MAP_AT_R = HEADLINE_METRICS["map_at_r"]
 
 
 def short_value(value) -> str:
-    """A hyperparameter value for the table and the progress lines: floats to 4 significant digits."""
+    """A hyperparameter value for the tables and the progress lines: floats, and numbers given as text
+    (as MLflow logs params), to 4 significant digits; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -53,23 +48,25 @@ def markdown_table(table: pd.DataFrame) -> str:
     """The table as GitHub Markdown: metrics in percent, ``mean [95% CI]``."""
     folds = "separated_map_at_r_mean" in table.columns
     kind = " concat." if folds else ""
-    header = ["loss", *(f"{METRIC_LABELS[m]}{kind} (%)" for m in TABLE_METRICS),
-              *(["MAP@R separated (%)"] if folds else []), "val MAP@R (%)",
+    header = ["loss", *(f"{label}{kind} (%)" for label in HEADLINE_METRICS.values()),
+              *([f"{MAP_AT_R} separated (%)"] if folds else []), f"val {MAP_AT_R} (%)",
               "trials c/p/f", "seeds", "compute (s)", "tuned hyperparameters"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for _, row in table.iterrows():
         cells = [f"`{row['loss']}`"]
-        cells += [percent_cell(row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in TABLE_METRICS]
+        cells += [percent_cell(row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"])
+                  for m in HEADLINE_METRICS]
         if folds:
             cells.append(percent_cell(row["separated_map_at_r_mean"], row["separated_map_at_r_ci_low"],
                                       row["separated_map_at_r_ci_high"]))
-        cells.append("n/a" if math.isnan(row["best_val_map_at_r"]) else f"{100 * row['best_val_map_at_r']:.1f}")
+        best = row["best_val_map_at_r"]
+        cells.append("n/a" if math.isnan(best) else f"{100 * best:.1f}")
         cells.append(f"{row['trials_complete']}/{row['trials_pruned']}/{row['trials_failed']}")
         cells.append(str(row["seeds"]))
         cells.append(f"{row['compute_seconds']:.0f}")
         cells.append(row["best_params"] or "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return "\n".join(markdown_lines(header, rows)) + "\n"
 
 
 def write_table(table: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:

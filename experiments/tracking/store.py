@@ -48,6 +48,24 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for other stores and ``:memory:``)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def existing_store_uri(uri: str | None) -> str:
+    """The tracking URI as :func:`resolve_tracking_uri` resolves it, for reading a store back: a
+    missing SQLite file is an error (opening it would create an empty store)."""
+    uri = resolve_tracking_uri(uri)
+    path = sqlite_file(uri)
+    if path is not None and not path.exists():
+        raise ValueError(f"no MLflow store at {path}: run a sweep first or pass --tracking-uri")
+    return uri
+
+
 def _scheme(uri: str) -> str:
     return uri.split(":", 1)[0].split("+", 1)[0].lower()
 

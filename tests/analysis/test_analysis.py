@@ -19,20 +19,23 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.analysis_fixture import build_logged_sweep, copy_store
+from helpers.sweep_fixture import working_directory
 from matplotlib import image as mpimg
 from mlflow import MlflowClient
 from scipy import stats
 
-from analysis.comparison import comparison_table, mean_ci, paired_p_value
+from analysis.comparison import comparison_table, paired_p_value
 from analysis.convergence import normalise_train_loss
 from analysis.embeddings import overlap_area, pair_distances, subsample
-from analysis.load import find_experiment, load_sweep
+from analysis.load import load_sweep
 from analysis.report import build_report
-from helpers.analysis_fixture import build_logged_sweep, copy_store
+from sweeps.statistics import t_interval
+from sweeps.tracking import find_experiment
 from tripletlab.cli import main as cli_main
-from helpers.sweep_fixture import working_directory
 
-FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget", "geometry", "cost")
+FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget",
+           "geometry", "cost")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,13 +66,14 @@ def analysed(tiny_sweep, tmp_path_factory):
                            "--baseline", tiny_sweep.losses[0]], cwd=root, capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    return {"root": root, "uri": uri, "sweep": tiny_sweep, "report": root / "runs" / tiny_sweep.name / "report",
-            "stdout": done.stdout}
+    return {"root": root, "uri": uri, "sweep": tiny_sweep,
+            "report": root / "runs" / tiny_sweep.name / "report", "stdout": done.stdout}
 
 
 def final_runs(client: MlflowClient, experiment: str) -> list:
     exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], "tags.`tripletlab.role` = 'final' and attributes.status = 'FINISHED'")
+    return client.search_runs([exp.experiment_id],
+                              "tags.`tripletlab.role` = 'final' and attributes.status = 'FINISHED'")
 
 
 # ---------- end to end on the tiny sweep ----------
@@ -118,11 +122,13 @@ def test_table_has_one_row_per_loss_with_the_values_logged_in_mlflow(analysed):
         children = [r for r in client.search_runs([exp.experiment_id], f"tags.`tripletlab.loss` = '{loss}'")
                     if r.data.tags["tripletlab.role"] in ("trial", "final")]
         assert table.loc[loss, "wall_clock_s"] == pytest.approx(
-            sum(r.info.end_time - r.info.start_time for r in children) / 1000) and table.loc[loss, "wall_clock_s"] > 0
+            sum(r.info.end_time - r.info.start_time for r in children) / 1000)
+        assert table.loc[loss, "wall_clock_s"] > 0
         by_seed[loss] = {r.data.tags["tripletlab.seed"]: r.data.metrics["test/map_at_r"] for r in own}
     baseline, other = sweep.losses[0], sweep.losses[1]
     seeds = sorted(by_seed[baseline])
-    expected = stats.ttest_rel([by_seed[other][s] for s in seeds], [by_seed[baseline][s] for s in seeds]).pvalue
+    expected = stats.ttest_rel([by_seed[other][s] for s in seeds],
+                               [by_seed[baseline][s] for s in seeds]).pvalue
     assert table.loc[other, "p_value"] == pytest.approx(expected)
     assert math.isnan(table.loc[baseline, "p_value"])
 
@@ -131,8 +137,9 @@ def test_paired_decisions_noise_floor_and_classes_match_mlflow_and_scipy(analyse
     sweep = analysed["sweep"]
     client = MlflowClient(tracking_uri=analysed["uri"])
     finals = final_runs(client, sweep.experiment_name)
-    by_seed = {loss: pd.Series({r.data.tags["tripletlab.seed"]: r.data.metrics["test/map_at_r"] for r in finals
-                                if r.data.tags["tripletlab.loss"] == loss}).sort_index() for loss in sweep.losses}
+    by_seed = {loss: pd.Series({r.data.tags["tripletlab.seed"]: r.data.metrics["test/map_at_r"]
+                                for r in finals if r.data.tags["tripletlab.loss"] == loss}).sort_index()
+               for loss in sweep.losses}
     noise = pd.read_csv(analysed["report"] / "noise_floor.csv", index_col="loss")
     for loss, values in by_seed.items():
         assert noise.loc[loss, "sd"] == pytest.approx(values.std(ddof=1))
@@ -142,7 +149,8 @@ def test_paired_decisions_noise_floor_and_classes_match_mlflow_and_scipy(analyse
     [rerun] = client.search_runs([exp.experiment_id], "tags.`tripletlab.role` = 'rerun'")
     [original] = [r for r in finals if r.info.run_id == rerun.data.tags["tripletlab.rerun_of"]]
     assert original.data.tags["tripletlab.loss"] == sweep.losses[0]
-    assert original.data.tags["tripletlab.seed"] == rerun.data.tags["tripletlab.seed"] == min(by_seed[sweep.losses[0]].index)
+    assert original.data.tags["tripletlab.seed"] == rerun.data.tags["tripletlab.seed"] \
+        == min(by_seed[sweep.losses[0]].index)
     assert rerun.data.metrics["test/map_at_r"] == original.data.metrics["test/map_at_r"]
     assert noise.loc[sweep.losses[0], "reruns"] == 2 and noise.loc[sweep.losses[0], "rerun_sd"] == 0
     assert noise.loc[sweep.losses[1], "reruns"] == 0
@@ -194,10 +202,12 @@ def test_budget_curves_come_from_the_optuna_history(analysed):
     from optuna.storages.journal import JournalFileBackend
 
     sweep = analysed["sweep"]
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(analysed["root"] / "runs" / sweep.name / "optuna.journal")))
+    journal = analysed["root"] / "runs" / sweep.name / "optuna.journal"
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     curves = pd.read_csv(analysed["report"] / "budget_curves.csv")
     for loss in sweep.losses:
-        values = [t.value for t in optuna.load_study(study_name=f"{sweep.name}/{loss}", storage=storage).trials]
+        study = optuna.load_study(study_name=f"{sweep.name}/{loss}", storage=storage)
+        values = [t.value for t in study.trials]
         own = curves[curves["loss"] == loss]
         assert own["n"].tolist() == list(range(1, sweep.trials + 1))
         assert own["expected"].iloc[0] == pytest.approx(np.mean(values))
@@ -289,8 +299,9 @@ def without_umap(monkeypatch):
 @pytest.fixture(scope="module")
 def logged_sweep(tmp_path_factory):
     """A sweep logged directly (no training) in which ``batch_hard`` has no embeddings artifact."""
-    return build_logged_sweep(tmp_path_factory.mktemp("logged"), losses=("triplet", "batch_hard", "multi_similarity"),
-                              seeds=(0, 1, 2), trials=4, embeddings_for=("triplet", "multi_similarity"))
+    return build_logged_sweep(tmp_path_factory.mktemp("logged"),
+                              losses=("triplet", "batch_hard", "multi_similarity"), seeds=(0, 1, 2), trials=4,
+                              embeddings_for=("triplet", "multi_similarity"))
 
 
 def test_run_without_embeddings_skips_its_panels_and_says_so(logged_sweep, without_umap, tmp_path):
@@ -317,7 +328,8 @@ def test_baseline_pairing_and_detect_option(logged_sweep, without_umap, tmp_path
     assert "seeds for 2 point" in (tmp_path / "report" / "report.md").read_text()
     ranked = [line.split(". ", 1)[1].split(":")[0] for line in report.decisions.lines[:3]]
     assert " over 3 seeds" in report.decisions.lines[0]
-    assert ranked == ["multi_similarity", "batch_hard", "triplet"]  # the fixture's quality rises with the loss index
+    # the fixture's quality rises with the loss index
+    assert ranked == ["multi_similarity", "batch_hard", "triplet"]
     assert any("batch_hard" in note and "query-bootstrap" in note for note in report.notes)
 
 
@@ -327,8 +339,10 @@ def test_cost_columns_are_the_final_runs_means(logged_sweep):
     client = MlflowClient(tracking_uri=logged_sweep.tracking_uri)
     exp = client.get_experiment_by_name(logged_sweep.name)
     for loss in logged_sweep.losses:
-        runs = client.search_runs([exp.experiment_id], f"tags.`tripletlab.role` = 'final' and tags.`tripletlab.loss` = '{loss}'")
-        for column, key in (("step_ms", "cost/step_ms"), ("loss_ms", "cost/loss_ms"), ("loss_peak_mb", "cost/loss_peak_mb")):
+        runs = client.search_runs([exp.experiment_id],
+                                  f"tags.`tripletlab.role` = 'final' and tags.`tripletlab.loss` = '{loss}'")
+        for column, key in (("step_ms", "cost/step_ms"), ("loss_ms", "cost/loss_ms"),
+                            ("loss_peak_mb", "cost/loss_peak_mb")):
             assert table.loc[loss, column] == pytest.approx(np.mean([r.data.metrics[key] for r in runs]))
 
 
@@ -368,12 +382,12 @@ def test_overlap_area_matches_the_closed_form_for_two_gaussians():
     assert overlap_area(np.array([0.0, 0.1]), np.array([5.0, 5.1])) == 0.0
 
 
-def test_mean_ci_and_paired_p_value_match_scipy():
+def test_t_interval_and_paired_p_value_match_scipy():
     values = [0.61, 0.64, 0.59, 0.66]
-    mean, lo, hi = mean_ci(values)
+    mean, lo, hi = t_interval(values)
     assert (lo, hi) == pytest.approx(stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values)))
     assert mean == pytest.approx(np.mean(values))
-    assert math.isnan(mean_ci([0.5])[1])
+    assert math.isnan(t_interval([0.5])[1])
     a = pd.Series([0.7, 0.72, 0.69, 0.75], index=["0", "1", "2", "3"])
     b = pd.Series([0.66, 0.70, 0.69, 0.70, 0.9], index=["0", "1", "2", "3", "4"])  # seed 4 has no pair
     diff = (a - b[a.index]).to_numpy()

@@ -16,10 +16,11 @@ from scipy import stats
 from analysis.budget import budget_curves, crossing_note, crossings, expected_max
 from analysis.load import Sweep
 from analysis.noise import noise_floor, rerun_spread
+from analysis.paired import compare, decision_line, paired_comparisons, seeds_needed, t_test_power
 from analysis.per_class import class_comparison, class_comparisons, class_map_at_r
-from analysis.paired import compare, decision_line, paired_comparisons, seeds_needed, t_test_power, wilcoxon_p_value
-from analysis.query_scores import average_precision_at_r, bootstrap_interval
+from analysis.query_scores import average_precision_at_r
 from experiments.eval.retrieval import retrieval_metrics
+from sweeps.statistics import bootstrap_interval, wilcoxon_p_value
 
 
 def simulated_power(n: int, delta: float, sd: float, runs: int = 40_000, seed: int = 0) -> float:
@@ -96,7 +97,8 @@ def test_pairs_follow_the_ranking_and_the_baseline_option():
 def test_decision_line_reads_like_the_issue():
     row = {"loss": "batch_hard", "other": "triplet", "pairs": 3, "diff_mean": 0.008, "diff_ci_low": -0.004,
            "diff_ci_high": 0.020, "p_t": 0.18, "resolved": False, "seeds_needed": 9}
-    assert decision_line(row) == "batch_hard vs triplet: +0.8 [-0.4, 2.0], p=0.18: not resolved, ~9 seeds needed"
+    assert decision_line(row) == ("batch_hard vs triplet: +0.8 [-0.4, 2.0], p=0.18: "
+                                  "not resolved, ~9 seeds needed")
     assert decision_line({**row, "p_t": 0.003, "resolved": True}).endswith("p=0.003: resolved (3 seeds)")
     assert "likely smaller" in decision_line({**row, "seeds_needed": 3})
 
@@ -125,7 +127,8 @@ def test_per_query_ap_at_r_matches_a_loop_and_the_runs_map_at_r():
     emb = rng.normal(size=(labels.size, 5)) + labels[:, None] * 0.7
     got = average_precision_at_r(emb, labels, chunk_size=7)
     np.testing.assert_allclose(got, brute_force_ap_at_r(emb, labels, emb, labels, True), atol=1e-12)
-    assert np.nanmean(got) == pytest.approx(retrieval_metrics(emb, labels, with_nmi=False)["map_at_r"], abs=1e-6)
+    expected = retrieval_metrics(emb, labels, with_nmi=False)["map_at_r"]
+    assert np.nanmean(got) == pytest.approx(expected, abs=1e-6)
     ref, ref_labels = rng.normal(size=(12, 5)), np.array([0, 1, 2] * 4)  # a gallery without class 3
     against = average_precision_at_r(emb, labels, ref, ref_labels)
     np.testing.assert_allclose(against, brute_force_ap_at_r(emb, labels, ref, ref_labels, False), atol=1e-12)
@@ -180,13 +183,16 @@ def test_crossings_are_interpolated_between_budgets():
     curves = pd.DataFrame({"loss": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "n": [1, 2, 3] * 3,
                            "expected": [1.0, 2.0, 3.0, 2.0, 2.5, 2.5, 3.0, 2.0, 3.0]})
     crossed = crossings(curves)
-    assert list(zip(crossed["loss"], crossed["other"])) == [("a", "b"), ("b", "c"), ("b", "c")]  # a meets c, never crosses
+    # a meets c, never crosses
+    assert list(zip(crossed["loss"], crossed["other"])) == [("a", "b"), ("b", "c"), ("b", "c")]
     ab, bc_first, bc_second = (row for _, row in crossed.iterrows())
     assert ab["n"] == pytest.approx(2.5) and ab["expected"] == pytest.approx(2.5)
     assert (ab["leader_before"], ab["leader_after"]) == ("b", "a")
-    assert bc_first["n"] == pytest.approx(1 + 1 / 1.5) and bc_second["n"] == pytest.approx(2.5)  # b - c: -1, 0.5, -0.5
+    # b - c: -1, 0.5, -0.5
+    assert bc_first["n"] == pytest.approx(1 + 1 / 1.5) and bc_second["n"] == pytest.approx(2.5)
     assert (bc_first["leader_after"], bc_second["leader_after"]) == ("b", "c")
-    assert "overtakes" in crossing_note(crossed) and "No budget curves cross" in crossing_note(crossed.iloc[:0])
+    assert "overtakes" in crossing_note(crossed)
+    assert "No budget curves cross" in crossing_note(crossed.iloc[:0])
 
 
 # ---------- per-class results ----------
@@ -194,7 +200,8 @@ def test_crossings_are_interpolated_between_budgets():
 def test_class_map_at_r_and_the_paired_test_over_classes_match_loops_and_scipy():
     rng = np.random.default_rng(6)
     rows = [(f"{loss}-{seed}", loss, str(seed), label, ap) for loss in ("a", "b") for seed in (1, 2)
-            for label in (3, 7, 9, 11) for ap in rng.uniform(0.2 if loss == "a" else 0.0, 1.0, size=label % 4 + 2)]
+            for label in (3, 7, 9, 11)
+            for ap in rng.uniform(0.2 if loss == "a" else 0.0, 1.0, size=label % 4 + 2)]
     scores = pd.DataFrame(rows, columns=["run_id", "loss", "seed", "label", "ap"])
     table = class_map_at_r(scores)
     for loss in ("a", "b"):
@@ -217,8 +224,9 @@ def test_class_map_at_r_and_the_paired_test_over_classes_match_loops_and_scipy()
 def test_rerun_spread_pools_the_variance_within_each_repeated_seed():
     finals = pd.DataFrame({"run_id": ["f1", "f2"], "loss": ["a", "a"], "role": "final", "status": "FINISHED",
                            "metrics.test/map_at_r": [0.50, 0.60]})
-    reruns = pd.DataFrame({"run_id": ["r1", "r2", "r3"], "loss": ["a", "a", "a"], "role": "rerun", "status": "FINISHED",
-                           "metrics.test/map_at_r": [0.52, 0.51, 0.64], "tags.tripletlab.rerun_of": ["f1", "f1", "f2"]})
+    reruns = pd.DataFrame({"run_id": ["r1", "r2", "r3"], "loss": ["a", "a", "a"], "role": "rerun",
+                           "status": "FINISHED", "metrics.test/map_at_r": [0.52, 0.51, 0.64],
+                           "tags.tripletlab.rerun_of": ["f1", "f1", "f2"]})
     sweep = Sweep("s", "0", "sqlite://", pd.concat([finals, reruns], ignore_index=True))
     spread = rerun_spread(sweep)
     pooled = math.sqrt(np.mean([np.var([0.50, 0.52, 0.51], ddof=1), np.var([0.60, 0.64], ddof=1)]))

@@ -45,10 +45,10 @@ def test_changing_the_loss_resets_its_params_to_the_new_defaults():
 
 
 def test_round_trip_through_dict_and_yaml():
-    cfg = load_config(None, ["loss.name=triplet", "loss.mining=hard", "train.grad_clip=2"])
+    cfg = load_config(None, ["loss.name=triplet", "loss.mining=hard-triplets", "train.grad_clip=2"])
     assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
     flat = flatten_config(cfg)
-    assert flat["loss.mining"] == "hard" and flat["train.grad_clip"] == "2.0" and flat["batch.p"] == "0"
+    assert flat["loss.mining"] == "hard-triplets" and flat["train.grad_clip"] == "2.0" and flat["batch.p"] == "0"
     assert all(isinstance(v, str) for v in flat.values())
 
 

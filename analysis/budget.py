@@ -36,7 +36,8 @@ def budget_curves(trials: pd.DataFrame) -> pd.DataFrame:
     usable = trials[trials["state"].isin(["complete", "pruned"])].dropna(subset=["value"])
     for loss, own in usable.groupby("loss", sort=False):
         mean, sd = expected_max(own["value"], len(own))
-        rows += [{"loss": loss, "n": n, "expected": m, "sd": s} for n, (m, s) in enumerate(zip(mean, sd), start=1)]
+        rows += [{"loss": loss, "n": n, "expected": m, "sd": s}
+                 for n, (m, s) in enumerate(zip(mean, sd), start=1)]
     return pd.DataFrame(rows, columns=["loss", "n", "expected", "sd"])
 
 
@@ -65,8 +66,8 @@ def budget_figure(curves: pd.DataFrame, crossed: pd.DataFrame, colors: dict) -> 
     ax = fig.subplots()
     for loss, own in curves.groupby("loss", sort=False):
         ax.plot(own["n"], own["expected"], marker="o", ms=3, color=colors[loss], label=loss)
-        ax.fill_between(own["n"], own["expected"] - own["sd"], own["expected"] + own["sd"], color=colors[loss],
-                        alpha=0.15)
+        ax.fill_between(own["n"], own["expected"] - own["sd"], own["expected"] + own["sd"],
+                        color=colors[loss], alpha=0.15)
     for _, row in crossed.iterrows():
         ax.plot(row["n"], row["expected"], marker="X", ms=11, color="black", ls="")
         ax.annotate(f"{row['leader_after']} overtakes {row['leader_before']}\nat n≈{row['n']:.1f}",
@@ -86,5 +87,6 @@ def crossing_note(crossed: pd.DataFrame) -> str:
     """One sentence on whether the ranking depends on the budget."""
     if crossed.empty:
         return "No budget curves cross: the validation ranking is the same at every tuning budget."
-    parts = [f"{r['leader_after']} overtakes {r['leader_before']} at n≈{r['n']:.1f}" for _, r in crossed.iterrows()]
+    parts = [f"{r['leader_after']} overtakes {r['leader_before']} at n≈{r['n']:.1f}"
+             for _, r in crossed.iterrows()]
     return "The validation ranking depends on the tuning budget: " + "; ".join(parts) + "."

@@ -5,8 +5,8 @@ scales); the fraction of active (non-zero) triplets; the fraction violating the 
 """
 from __future__ import annotations
 
-from matplotlib.figure import Figure
 import pandas as pd
+from matplotlib.figure import Figure
 
 from .load import Sweep, final_run_histories
 
@@ -54,7 +54,8 @@ def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict, p
             by_epoch = runs.groupby("step")["value"]
             mean = by_epoch.mean()
             ax.plot(mean.index, mean.values, marker="o", ms=3, color=colors[loss], label=loss)
-            ax.fill_between(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors[loss], alpha=0.2)
+            ax.fill_between(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors[loss],
+                            alpha=0.2)
         if data.empty:
             ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
         ax.set(title=panel_title, xlabel="epoch", ylabel=ylabel)
@@ -66,6 +67,9 @@ def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict, p
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside right center", title="loss")
-    n = f"{seeds.min()}" if len(seeds) and seeds.min() == seeds.max() else (f"{seeds.min()}-{seeds.max()}" if len(seeds) else "0")
+    if not len(seeds):
+        n = "0"
+    else:
+        n = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
     fig.suptitle(f"{title} (line: mean, band: min-max over {n} seeds)")
     return fig

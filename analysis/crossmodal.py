@@ -43,7 +43,8 @@ def recall_table(sweep: Sweep) -> pd.DataFrame:
     return table
 
 
-def joint_projection_figure(embeddings: dict[str, dict], colors: dict, points: int, seed: int = 0) -> Figure | None:
+def joint_projection_figure(embeddings: dict[str, dict], colors: dict, points: int,
+                            seed: int = 0) -> Figure | None:
     """Per loss, images (circles) and captions (triangles) projected together, coloured by class;
     ``None`` when no run logged text embeddings."""
     paired = {loss: a for loss, a in embeddings.items() if "ref_embeddings" in a}

@@ -10,7 +10,9 @@ from .paired import ALPHA, POWER, decision, decision_line
 
 
 def _points(value: float, sign: bool = False) -> str:
-    return "n/a" if value is None or math.isnan(value) else (f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}")
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
 
 
 def ranking_lines(noise: pd.DataFrame, decisions: pd.DataFrame, delta: float) -> list[str]:
@@ -18,10 +20,13 @@ def ranking_lines(noise: pd.DataFrame, decisions: pd.DataFrame, delta: float) ->
     one decision line per pair."""
     lines = []
     for rank, (loss, row) in enumerate(noise.sort_values("mean", ascending=False).iterrows(), start=1):
-        query = "" if math.isnan(row["query_half_width"]) else f", query bootstrap ±{_points(row['query_half_width'])}"
-        rerun = f", sd {_points(row['rerun_sd'])} over {int(row['reruns'])} runs of a seed" if row["reruns"] else ""
+        half = row["query_half_width"]
+        query = "" if math.isnan(half) else f", query bootstrap ±{_points(half)}"
+        rerun = f", sd {_points(row['rerun_sd'])} over {int(row['reruns'])} runs of a seed" \
+            if row["reruns"] else ""
         lines.append(f"{rank}. {loss}: MAP@R {_points(row['mean'])} (sd {_points(row['sd'])} over "
-                     f"{int(row['seeds'])} seeds, range {_points(row['min'])}-{_points(row['max'])}{rerun}{query})")
+                     f"{int(row['seeds'])} seeds, range {_points(row['min'])}-{_points(row['max'])}"
+                     f"{rerun}{query})")
     lines += [decision_line(row, delta) for _, row in decisions.iterrows()]
     return lines
 
@@ -50,16 +55,17 @@ def decision_table(decisions: pd.DataFrame, delta: float) -> pd.DataFrame:
                      for lo, hi in zip(decisions["diff_ci_low"], decisions["diff_ci_high"])]
     out["p (paired t)"] = [("—" if math.isnan(p) else f"{p:.2g}") for p in decisions["p_t"]]
     out["p (Wilcoxon)"] = [("—" if math.isnan(p) else f"{p:.2g}") for p in decisions["p_wilcoxon"]]
-    out[f"seeds for {100 * delta:g} point"] = [("n/a" if math.isnan(n) else ("∞" if math.isinf(n) else f"{n:.0f}"))
-                                               for n in decisions["seeds_needed"]]
+    out[f"seeds for {100 * delta:g} point"] = [
+        "n/a" if math.isnan(n) else ("∞" if math.isinf(n) else f"{n:.0f}") for n in decisions["seeds_needed"]]
     out["decision"] = [decision(row, delta) for _, row in decisions.iterrows()]
     return out
 
 
 def decisions_note(delta: float) -> str:
-    return (f"Paired by seed (same split, same test queries). ΔMAP@R: mean difference, first loss minus second, "
-            f"with its Student-t 95% interval; p: two-sided paired t-test and Wilcoxon signed-rank test. Resolved: "
-            f"the t-test rejects at {ALPHA:g}. Seeds needed: the paired t-test's sample size to detect a "
-            f"{100 * delta:g}-point difference with {POWER:.0%} power, given the observed sd of the differences. "
-            "sd at a fixed seed: pooled over the final runs repeated by `tripletlab rerun`, each with its reruns. "
-            "Query bootstrap: the mean half-width of the runs' 95% percentile-bootstrap intervals over test queries.")
+    return ("Paired by seed (same split, same test queries). ΔMAP@R: mean difference, first loss minus "
+            "second, with its Student-t 95% interval; p: two-sided paired t-test and Wilcoxon signed-rank "
+            f"test. Resolved: the t-test rejects at {ALPHA:g}. Seeds needed: the paired t-test's sample size "
+            f"to detect a {100 * delta:g}-point difference with {POWER:.0%} power, given the observed sd of "
+            "the differences. sd at a fixed seed: pooled over the final runs repeated by `tripletlab rerun`, "
+            "each with its reruns. Query bootstrap: the mean half-width of the runs' 95% "
+            "percentile-bootstrap intervals over test queries.")

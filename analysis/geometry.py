@@ -50,11 +50,11 @@ def geometry_correlations(sweep: Sweep) -> pd.DataFrame:
     for key in GEOMETRY_KEYS:
         column = f"metrics.val/{key}"
         row = {"quantity": key}
-        for suffix, runs, target in (("test", finals, "metrics.test/map_at_r"), ("val", trials, "metrics.val/map_at_r")):
-            if column in runs and target in runs:
-                row[f"rho_{suffix}"], row[f"p_{suffix}"], row[f"runs_{suffix}"] = _spearman(runs[column], runs[target])
-            else:
-                row[f"rho_{suffix}"], row[f"p_{suffix}"], row[f"runs_{suffix}"] = math.nan, math.nan, 0
+        for suffix, runs, target in (("test", finals, "metrics.test/map_at_r"),
+                                     ("val", trials, "metrics.val/map_at_r")):
+            found = _spearman(runs[column], runs[target]) if column in runs and target in runs \
+                else (math.nan, math.nan, 0)
+            row[f"rho_{suffix}"], row[f"p_{suffix}"], row[f"runs_{suffix}"] = found
         rows.append(row)
     return pd.DataFrame(rows).set_index("quantity")
 
@@ -64,9 +64,13 @@ def correlation_table(correlations: pd.DataFrame) -> pd.DataFrame:
     def cell(rho, p, n):
         return f"n/a ({int(n)} runs)" if math.isnan(rho) else f"{rho:+.2f} (p={p:.2g}, {int(n)} runs)"
 
+    def cells(suffix: str) -> list[str]:
+        columns = [f"rho_{suffix}", f"p_{suffix}", f"runs_{suffix}"]
+        return [cell(*v) for v in correlations[columns].itertuples(index=False)]
+
     return pd.DataFrame({
-        "Spearman ρ with test MAP@R (final runs)": [cell(*v) for v in correlations[["rho_test", "p_test", "runs_test"]].itertuples(index=False)],
-        "Spearman ρ with val MAP@R (trials)": [cell(*v) for v in correlations[["rho_val", "p_val", "runs_val"]].itertuples(index=False)],
+        "Spearman ρ with test MAP@R (final runs)": cells("test"),
+        "Spearman ρ with val MAP@R (trials)": cells("val"),
     }, index=correlations.index)
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from experiments.tracking.store import existing_store_uri
+from sweeps.context import study_name
 from sweeps.storage import is_url, open_storage
 from sweeps.tracking import LOSS_TAG, ROLE_TAG, SEED_TAG, find_experiment
 
@@ -117,8 +118,8 @@ def load_studies(storage: str, sweep_name: str, losses: list[str]) -> dict:
 
     backend = optuna_storage(storage)
     names = {s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)}
-    return {loss: optuna.load_study(study_name=f"{sweep_name}/{loss}", storage=backend)
-            for loss in losses if f"{sweep_name}/{loss}" in names}
+    return {loss: optuna.load_study(study_name=study_name(sweep_name, loss), storage=backend)
+            for loss in losses if study_name(sweep_name, loss) in names}
 
 
 def metric_histories(sweep: Sweep, run_ids: list[str], keys: list[str]) -> pd.DataFrame:

@@ -44,13 +44,14 @@ import torch
 from PIL import Image
 
 from experiments.config import ExperimentConfig
-from experiments.data.registry import LabeledImages, load_dataset
 from experiments.data.device_data import PREFETCH_DEPTH, DeviceImages
+from experiments.data.registry import LabeledImages, load_dataset
+from experiments.data.sampler import PKSampler
 from experiments.models.image import build_model
 from experiments.tracking.provenance import git_commit
-from experiments.data.sampler import PKSampler
 from experiments.train.loop import pick_device, train
 from losses import build_loss
+from sweeps.markdown import markdown_lines
 
 from .bench_losses import describe_device, device_slug
 
@@ -169,12 +170,13 @@ def render(results: dict) -> str:
     lines = [
         f"# Image data path: decode cache and streaming ({results['device']['name']})", "",
         f"- Date: {results['date']}; commit {results['commit']}; torch {results['torch']}; "
-        f"{results['device']['type']} ({results['device'].get('threads', '')} threads); {results['cpus']} CPUs, "
-        f"load average {results['load']:.1f} at the start (other work shares them).",
+        f"{results['device']['type']} ({results['device'].get('threads', '')} threads); "
+        f"{results['cpus']} CPUs, load average {results['load']:.1f} at the start (other work shares them).",
         f"- Data: {results['count']} fabricated 400x300 JPEGs in {results['classes']} class folders "
         f"({results['tree_mb']:.0f} MB, made in {results['fabricate_s']:.0f} s), `image-folder` at "
         f"{IMAGE_SIZE}x{IMAGE_SIZE}, class-disjoint split.",
-        f"- Training: small ResNet (`model.name=resnet`), batch-hard loss, P x K = {results['p']} x {results['k']}, {m['steps']} steps, "
+        "- Training: small ResNet (`model.name=resnet`), batch-hard loss, "
+        f"P x K = {results['p']} x {results['k']}, {m['steps']} steps, "
         f"{CROP} px random resized crops augmented on the device; each training measurement ran "
         f"{len(results['runs'])} times, interleaved: the lowest peak RSS and the highest images/s are shown "
         "(all runs are in the .json).",
@@ -183,17 +185,26 @@ def render(results: dict) -> str:
         lines.append(f"- Note: {results['note']}")
     bound = {k: b["peak_rss"] + 1.5 * kept for k, kept in
              (("memory", m["split_bytes"]), ("stream", HELD_BATCHES * s["batch_bytes"]))}
+    met = {k: "met" if phase["peak_rss"] <= bound[k] else "MISSED"
+           for k, phase in (("memory", m), ("stream", s))}
+    steps = [
+        ["first load (decode into the cache)", f"{d['images_per_s']:.0f} images/s ({d['seconds']:.1f} s)",
+         _gb(d["peak_rss"]), "-"],
+        ["second load (from the cache)", f"{r['seconds']:.2f} s", _gb(r["peak_rss"]), "-"],
+        ["training baseline (one batch of data)", f"{b['images_per_s']:.1f} images/s", _gb(b["peak_rss"]),
+         "-"],
+        [f"training, split in memory ({_gb(m['split_bytes'])} kept)", f"{m['images_per_s']:.1f} images/s",
+         _gb(m["peak_rss"]), f"{_gb(bound['memory'])} ({met['memory']})"],
+        [f"training, streamed ({HELD_BATCHES} batches of {s['batch_bytes'] / 1e6:.1f} MB held)",
+         f"{s['images_per_s']:.1f} images/s ({s['images_per_s'] / m['images_per_s']:.0%} of in memory)",
+         _gb(s["peak_rss"]), f"{_gb(bound['stream'])} ({met['stream']})"],
+    ]
+    datasets = [[row["dataset"], f"{row['images']:,}", _gb(row["cache_bytes"]),
+                 f"{row['decode_s'] / 60:.1f} min", f"{row['reload_s']:.1f} s",
+                 f"<= {_gb(row['memory_rss'])}", _gb(row["stream_rss"])]
+                for row in extrapolate(results)]
     lines += [
-        "", "| step | result | peak RSS | bound (baseline + 1.5 x kept) |", "|---|---|---|---|",
-        f"| first load (decode into the cache) | {d['images_per_s']:.0f} images/s ({d['seconds']:.1f} s) | "
-        f"{_gb(d['peak_rss'])} | - |",
-        f"| second load (from the cache) | {r['seconds']:.2f} s | {_gb(r['peak_rss'])} | - |",
-        f"| training baseline (one batch of data) | {b['images_per_s']:.1f} images/s | {_gb(b['peak_rss'])} | - |",
-        f"| training, split in memory ({_gb(m['split_bytes'])} kept) | {m['images_per_s']:.1f} images/s | "
-        f"{_gb(m['peak_rss'])} | {_gb(bound['memory'])} ({'met' if m['peak_rss'] <= bound['memory'] else 'MISSED'}) |",
-        f"| training, streamed ({HELD_BATCHES} batches of {s['batch_bytes'] / 1e6:.1f} MB held) | "
-        f"{s['images_per_s']:.1f} images/s ({s['images_per_s'] / m['images_per_s']:.0%} of in memory) | "
-        f"{_gb(s['peak_rss'])} | {_gb(bound['stream'])} ({'met' if s['peak_rss'] <= bound['stream'] else 'MISSED'}) |",
+        "", *markdown_lines(["step", "result", "peak RSS", "bound (baseline + 1.5 x kept)"], steps),
         "", "Every run (peak RSS, images/s): " + "; ".join(
             f"{phase} " + ", ".join(f"{_gb(run[phase]['peak_rss'])} / {run[phase]['images_per_s']:.1f}"
                                     for run in results["runs"]) for phase in PHASES[2:]) + ".",
@@ -205,13 +216,9 @@ def render(results: dict) -> str:
         "opening the entry); training RSS in memory = baseline + 1.5 x the official training split's "
         "bytes (the bound; the split is held once); streamed = the measured streamed peak, which does not "
         "grow with the dataset.", "",
-        "| dataset | images | cache on disk | first load | second load | training RSS, in memory | streamed |",
-        "|---|---|---|---|---|---|---|",
+        *markdown_lines(["dataset", "images", "cache on disk", "first load", "second load",
+                         "training RSS, in memory", "streamed"], datasets),
     ]
-    for row in extrapolate(results):
-        lines.append(f"| {row['dataset']} | {row['images']:,} | {_gb(row['cache_bytes'])} | "
-                     f"{row['decode_s'] / 60:.1f} min | {row['reload_s']:.1f} s | <= {_gb(row['memory_rss'])} | "
-                     f"{_gb(row['stream_rss'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,8 @@ def wheel_distribution(filename: str) -> tuple[str, str]:
 
 def import_error(modules) -> str | None:
     """Why importing ``modules`` in a fresh interpreter fails (its last lines of output), or None."""
-    done = subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], capture_output=True,
+                          text=True)
     return None if done.returncode == 0 else (done.stderr or done.stdout).strip()[-400:]
 
 
@@ -82,14 +83,15 @@ def ensure(wheel_dir: Path, modules=REQUIRED + OPTIONAL, site: Path | None = Non
     manifest = json.loads(manifest_path.read_text())
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     if manifest.get("python_version", python) != python:
-        result["error"] = (f"the wheels are for Python {manifest['python_version']}, this is Python {python}: "
-                           f"run `make gpu-wheels GPU_PYTHON_VERSION={python}`")
+        result["error"] = (f"the wheels are for Python {manifest['python_version']}, this is Python "
+                           f"{python}: run `make gpu-wheels GPU_PYTHON_VERSION={python}`")
         return result
     have = installed_distributions()
     wheels = [w for w in manifest["wheels"] if wheel_distribution(w) not in have]
     if wheels:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
-                              "--upgrade", "--quiet", "--disable-pip-version-check", "--target", str(site),
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+                              "--no-compile", "--upgrade", "--quiet", "--disable-pip-version-check",
+                              "--target", str(site),
                               *(str(wheel_dir / w) for w in wheels)], capture_output=True, text=True)
         if pip.returncode != 0:
             result["error"] = f"pip install failed: {(pip.stderr or pip.stdout).strip()[-400:]}"

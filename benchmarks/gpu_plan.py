@@ -61,7 +61,8 @@ def read_losses(out: Path, slug: str) -> tuple[str, str, bool | None]:
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         ratios = [r["ratio_floor"] for r in rows if r["dtype"] == dtype and r["ratio_floor"]]
         pml = [r["ratio_pml"] for r in rows if r["dtype"] == dtype and r["ratio_pml"]]
-        parts.append(f"{dtype}: worst {max(ratios):.2f}x floor" + (f", worst {max(pml):.2f}x PML" if pml else ""))
+        parts.append(f"{dtype}: worst {max(ratios):.2f}x floor"
+                     + (f", worst {max(pml):.2f}x PML" if pml else ""))
     failed = sum(bool(r["ours_note"]) for r in report["results"])
     misses = report["target_misses"]
     result = "; ".join(parts) + (f"; {failed} failed" if failed else "") + f"; {len(misses)} target misses"
@@ -72,8 +73,8 @@ def train_reader(suffix: str = "") -> Callable[[Path, str], tuple[str, str, bool
     """Reads ``train-<slug><suffix>.json`` (``-quick`` for bench_train's quick mode)."""
     def read(out: Path, slug: str) -> tuple[str, str, bool | None]:
         datasets = _load(out, f"train-{slug}{suffix}")["datasets"]
-        parts = [f"{name}: {d['tripletlab']['images_per_second']:,.0f} images/s, {d['speedup_vs_pml']:.1f}x PML"
-                 for name, d in datasets.items()]
+        parts = [f"{name}: {d['tripletlab']['images_per_second']:,.0f} images/s, "
+                 f"{d['speedup_vs_pml']:.1f}x PML" for name, d in datasets.items()]
         met = all(d["speedup_vs_pml"] >= TRAIN_SPEEDUP_TARGET for d in datasets.values())
         return "; ".join(parts), f">= {TRAIN_SPEEDUP_TARGET:.0f}x PML's trainer", met
     return read
@@ -119,7 +120,8 @@ def recommend_trials_per_gpu(out: Path, slug: str, values) -> tuple[int | None, 
 def _sweep_step(trials_per_gpu: int, argv: list[str], estimate_s: float) -> Step:
     return Step(SWEEP_STEP.format(trials_per_gpu), "bench_sweep",
                 [*argv, f"trials_per_gpu={trials_per_gpu}", "--tag", f"tpg{trials_per_gpu}",
-                 "--timeout", f"{2 * estimate_s:.0f}", "--allow-failure"], estimate_s, sweep_reader(trials_per_gpu))
+                 "--timeout", f"{2 * estimate_s:.0f}", "--allow-failure"], estimate_s,
+                sweep_reader(trials_per_gpu))
 
 
 def gpu_steps(data: dict[str, str | None], threads: int) -> list[Step]:
@@ -134,15 +136,17 @@ def gpu_steps(data: dict[str, str | None], threads: int) -> list[Step]:
     if data.get("fashion-mnist"):
         sweep_config.append("dataset.max_per_class=500")
     steps = [
-        Step("eval", "bench_eval", [*device, "--cases", "10000x10,10000x1000,70000x10,70000x1000", "--repeats", "3",
-                                    "--max-seconds", "30"], 45, read_eval),
+        Step("eval", "bench_eval", [*device, "--cases", "10000x10,10000x1000,70000x10,70000x1000",
+                                    "--repeats", "3", "--max-seconds", "30"], 45, read_eval),
         Step("losses", "bench_losses", [*device, "--sizes", "256,512,1024,2048,4096", "--dims", "128,512",
                                         "--dtypes", "float32,bfloat16", "--repeats", "5"], 70, read_losses),
         Step("train", "bench_train", [*device, *train_data, "--epochs", "2", "--max-per-class", "2000",
                                       "--workers", "4"], 70, train_reader(), skip=no_data),
-        Step("compile", "bench_compile", [*device, "--losses", "batch_hard,multi_similarity"], 80, read_compile),
+        Step("compile", "bench_compile", [*device, "--losses", "batch_hard,multi_similarity"], 80,
+             read_compile),
     ]  # the sweeps last: the recommendation uses those that ran
-    return steps + [_sweep_step(t, [*sweep_config, f"trials={max(4, 2 * t)}"], 45) for t in SWEEP_TRIALS_PER_GPU]
+    return steps + [_sweep_step(t, [*sweep_config, f"trials={max(4, 2 * t)}"], 45)
+                    for t in SWEEP_TRIALS_PER_GPU]
 
 
 def dry_steps(toy_data: dict[str, str]) -> list[Step]:
@@ -151,10 +155,12 @@ def dry_steps(toy_data: dict[str, str]) -> list[Step]:
     steps = [
         Step("eval", "bench_eval", [*cpu, "--cases", "400x5,400x40", "--repeats", "1"], 10, read_eval),
         Step("losses", "bench_losses", [*cpu, "--quick", "--dtypes", "float32,bfloat16"], 10, read_losses),
-        Step("train", "bench_train", [*cpu, "--quick", "--workers", "0", "--fashion-mnist", toy_data["fashion-mnist"],
+        Step("train", "bench_train", [*cpu, "--quick", "--workers", "0",
+                                      "--fashion-mnist", toy_data["fashion-mnist"],
                                       "--omniglot", toy_data["omniglot"]], 15, train_reader("-quick")),
-        Step("compile", "bench_compile", [*cpu, "--quick", "--backend", "aot_eager", "--losses", "batch_hard"], 15,
-             read_compile),
+        Step("compile", "bench_compile", [*cpu, "--quick", "--backend", "aot_eager",
+                                          "--losses", "batch_hard"], 15, read_compile),
     ]
-    return steps + [_sweep_step(t, ["--config", "quick", "losses=[batch_hard]", "trials=1", "seeds=1", "epochs=1",
-                                    "pruner=none", "--workers", str(t)], 30) for t in DRY_TRIALS_PER_GPU]
+    return steps + [_sweep_step(t, ["--config", "quick", "losses=[batch_hard]", "trials=1", "seeds=1",
+                                    "epochs=1", "pruner=none", "--workers", str(t)], 30)
+                    for t in DRY_TRIALS_PER_GPU]

@@ -72,7 +72,6 @@ def resolve(packages: list[str], flags: list[str], constraints: Path) -> list[di
 def project_packages(pyproject: Path, leave_out) -> list[str]:
     """The project's dependencies (requirement strings), less those named in ``leave_out``."""
     import tomllib  # Python >= 3.11, where the wheels are downloaded
-
     from packaging.requirements import Requirement
 
     skip = {canonical(n) for n in leave_out}
@@ -136,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dest.mkdir(parents=True, exist_ok=True)
     for old in args.dest.glob("*.whl"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(args.dest), *flags,
-                    *keep], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(args.dest),
+                    *flags, *keep], check=True)
     wheels = sorted(p.name for p in args.dest.glob("*.whl"))
     manifest = {"python_version": args.python_version, "platforms": platforms, "packages": packages,
                 "faiss": args.faiss, "wheels": wheels, "not_downloaded": dropped,

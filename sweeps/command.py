@@ -13,8 +13,8 @@ from pathlib import Path
 
 import optuna
 
-from experiments.data.registry import is_paired, load_dataset
 from experiments.data.folds import class_folds, training_pool
+from experiments.data.registry import is_paired, load_dataset
 from experiments.tracking.secrets import mask_secrets
 from experiments.tracking.store import resolve_tracking_uri
 
@@ -30,12 +30,14 @@ from .workers import finish_finals, plan_workers, run_phase
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="digits", metavar="YAML",
-                        help="sweep config: a YAML path or a bundled name (digits, fashion-mnist, omniglot, quick)")
+                        help="sweep config: a YAML path or a bundled name "
+                             "(digits, fashion-mnist, omniglot, quick)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="override sweep keys (trials=4 seeds=2 losses=[triplet,circle]) "
                              "or experiment keys (epochs=1 batch.p=8)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes sharing the studies (default: 1 on CPU, trials_per_gpu per GPU)")
+                        help="worker processes sharing the studies "
+                             "(default: 1 on CPU, trials_per_gpu per GPU)")
     parser.add_argument("--storage", default=None, metavar="URL",
                         help="Optuna storage: a SQLAlchemy URL (sqlite:///optuna.db, postgresql://...) "
                              "(default: a journal file <output-dir>/<sweep>/optuna.journal)")
@@ -61,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
     if args.print_storage:
         print(storage_spec)
         return 0
-    plugins = tuple(dict.fromkeys([*cfg.plugins, *getattr(args, "plugin", []), *getattr(args, "sub_plugin", [])]))
+    plugins = tuple(dict.fromkeys([*cfg.plugins, *getattr(args, "plugin", []),
+                                   *getattr(args, "sub_plugin", [])]))
     ctx = SweepContext(cfg, storage_spec, resolve_tracking_uri(args.tracking_uri), sweep_dir, plugins)
     base = base_experiment(ctx)
     data = load_dataset(base.dataset, base.seed)  # a missing or broken data file fails here, before any run
@@ -85,7 +88,8 @@ def main(args: argparse.Namespace) -> int:
     (sweep_dir / "sweep.yaml").write_text(cfg.to_yaml())
     folds = f" x {cfg.folds} folds" if cfg.folds > 1 else ""
     print(f"sweep {cfg.name!r}: {len(cfg.losses)} losses x {cfg.trials} trials{folds}, "
-          f"{cfg.seeds} final seeds, {len(slots)} worker(s); studies in {mask_secrets(storage_spec)}", flush=True)
+          f"{cfg.seeds} final seeds, {len(slots)} worker(s); studies in {mask_secrets(storage_spec)}",
+          flush=True)
 
     failed = run_phase(ctx, "tune", slots, storage)
     wait_for_finished_studies(ctx, storage)  # final runs start only on finished studies

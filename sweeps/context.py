@@ -14,6 +14,11 @@ from .config import SweepConfig, sweep_from_dict
 from .space import SearchSpace, build_space
 
 
+def study_name(sweep: str, loss: str) -> str:
+    """The Optuna study of ``loss`` in sweep ``sweep``: ``<sweep>/<loss>``."""
+    return f"{sweep}/{loss}"
+
+
 @dataclass
 class SweepContext:
     sweep: SweepConfig
@@ -24,7 +29,7 @@ class SweepContext:
     parents: dict[str, str] = field(default_factory=dict)  # loss -> parent MLflow run id
 
     def study_name(self, loss: str) -> str:
-        return f"{self.sweep.name}/{loss}"
+        return study_name(self.sweep.name, loss)
 
     def space(self, loss: str) -> SearchSpace:
         return build_space(loss, self.sweep.search, self.sweep.loss_overrides.get(loss))
@@ -49,5 +54,5 @@ class SweepContext:
         from losses import load_plugins
 
         load_plugins(data["plugins"])
-        return cls(sweep_from_dict(data["sweep"]), data["storage"], data["tracking_uri"], Path(data["sweep_dir"]),
-                   tuple(data["plugins"]), dict(data["parents"]))
+        return cls(sweep_from_dict(data["sweep"]), data["storage"], data["tracking_uri"],
+                   Path(data["sweep_dir"]), tuple(data["plugins"]), dict(data["parents"]))

@@ -72,14 +72,15 @@ class SweepRDBStorage(RDBStorage):
         return set(super()._get_stale_trial_ids(study_id))
 
 
-def open_storage(storage: str, heartbeat_interval: int = 60, grace_period: int = 600) -> optuna.storages.BaseStorage:
+def open_storage(storage: str, heartbeat_interval: int = 60,
+                 grace_period: int = 600) -> optuna.storages.BaseStorage:
     """A journal file storage for a path, a :class:`SweepRDBStorage` with heartbeat for a SQLAlchemy URL."""
     if not is_url(storage):
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(storage)))
     if storage.startswith(("redis://", "rediss://")):
-        raise ValueError("--storage takes a SQLAlchemy URL (sqlite:///..., postgresql://...) or a journal file path; "
-                         "Redis is not supported")
+        raise ValueError("--storage takes a SQLAlchemy URL (sqlite:///..., postgresql://...) or a journal "
+                         "file path; Redis is not supported")
     with warnings.catch_warnings():  # the heartbeat API is stable in use but still flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
@@ -172,7 +173,8 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
     study.add_trial(optuna.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs=user_attrs,
-        system_attrs={**copy.deepcopy(trial.system_attrs), "failed_trial": history[0], "retry_history": history},
+        system_attrs={**copy.deepcopy(trial.system_attrs), "failed_trial": history[0],
+                      "retry_history": history},
     ))
 
 
@@ -188,7 +190,8 @@ def fail_for_retry(storage: optuna.storages.BaseStorage, trial: FrozenTrial, rea
     return True
 
 
-def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, grace_period: float) -> list[int]:
+def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                         grace_period: float) -> list[int]:
     """Fail the stale running trials of ``study`` and queue their retries; returns their numbers.
 
     ``storage`` is the one the study was opened with. Call it holding the budget lock: it also

@@ -20,8 +20,15 @@ import optuna
 from mlflow import MlflowClient
 
 from .context import SweepContext
-from .storage import (Heartbeat, budget_lock, claim_alive, final_claim, open_storage, set_final_claim,
-                      worker_identity)
+from .storage import (
+    Heartbeat,
+    budget_lock,
+    claim_alive,
+    final_claim,
+    open_storage,
+    set_final_claim,
+    worker_identity,
+)
 
 STORAGE_ENV = "TRIPLETLAB_SWEEP_STORAGE"
 
@@ -46,7 +53,8 @@ def visible_gpus(device: str) -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def plan_workers(requested: int | None, device: str, trials_per_gpu: int, cpus: int | None = None) -> list[WorkerSlot]:
+def plan_workers(requested: int | None, device: str, trials_per_gpu: int,
+                 cpus: int | None = None) -> list[WorkerSlot]:
     """One slot per worker: how many (``requested`` or the device default) and each one's environment."""
     if requested is not None and requested < 1:
         raise ValueError(f"--workers must be >= 1, got {requested}")
@@ -147,7 +155,8 @@ def run_phase(ctx: SweepContext, phase: str, slots: list[WorkerSlot], storage: o
             run_finals(ctx, storage, list(tasks))
         return []
     spec_path = ctx.sweep_dir / f"worker-{phase}.json"
-    context = {**json.loads(ctx.to_json()), "storage": ""}  # the URL may hold a password: passed in the environment
+    # the storage URL may hold a password: it is passed in the environment instead
+    context = {**json.loads(ctx.to_json()), "storage": ""}
     spec_path.write_text(json.dumps({"phase": phase, "workers": len(slots), "tasks": list(map(list, tasks)),
                                      "context": context}))
     env = {**os.environ, STORAGE_ENV: ctx.storage}

@@ -19,8 +19,6 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.analysis_fixture import build_logged_sweep, copy_store
-from helpers.sweep_fixture import working_directory
 from matplotlib import image as mpimg
 from mlflow import MlflowClient
 from scipy import stats
@@ -30,6 +28,8 @@ from analysis.convergence import normalise_train_loss
 from analysis.embeddings import overlap_area, pair_distances, subsample
 from analysis.load import load_sweep
 from analysis.report import build_report
+from helpers.analysis_fixture import build_logged_sweep, copy_store
+from helpers.sweep_fixture import working_directory
 from sweeps.statistics import t_interval
 from sweeps.tracking import find_experiment
 from tripletlab.cli import main as cli_main

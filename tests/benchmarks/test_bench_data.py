@@ -29,8 +29,8 @@ def test_render_marks_a_peak_over_the_bound():
     results = {phase: dict(PHASE) for phase in PHASES}
     results["decode"].update(peak_rss=4 * 10**8)
     results["stream"].update(peak_rss=10**9 + 6 * 10**6 * 1.5 * 5)  # over baseline + 1.5 x 5 batches
-    results.update(runs=[copy.deepcopy({p: results[p] for p in PHASES[2:]})], device={"name": "cpu", "type": "cpu"},
-                   torch="2", commit="abc", cpus=2, date="today", load=1.0, count=100, classes=10, p=8, k=4,
-                   note="", fabricate_s=1.0, tree_mb=1.0)
+    results.update(runs=[copy.deepcopy({p: results[p] for p in PHASES[2:]})],
+                   device={"name": "cpu", "type": "cpu"}, torch="2", commit="abc", cpus=2, date="today",
+                   load=1.0, count=100, classes=10, p=8, k=4, note="", fabricate_s=1.0, tree_mb=1.0)
     text = render(results)
     assert "(met)" in text and "(MISSED)" in text

@@ -89,7 +89,8 @@ def test_ensure_installs_a_missing_module_offline_into_the_site_folder(tmp_path,
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     installed_already = f"pytest-{pytest.__version__}-py3-none-any.whl"  # same version here: not installed
-    (wheels / MANIFEST).write_text(json.dumps({"wheels": [_wheel(wheels, "tl_offline_probe"), installed_already]}))
+    manifest = {"wheels": [_wheel(wheels, "tl_offline_probe"), installed_already]}
+    (wheels / MANIFEST).write_text(json.dumps(manifest))
     outcome = ensure(wheels, modules=("tl_offline_probe", "json"), site=tmp_path / "site")
     assert outcome["missing"] == ["tl_offline_probe"] and outcome["still_missing"] == []
     assert outcome["installed"] == ["tl_offline_probe-1.0-py3-none-any.whl"] and outcome["error"] is None
@@ -104,7 +105,8 @@ def test_ensure_installs_a_missing_module_offline_into_the_site_folder(tmp_path,
 def test_ensure_refuses_wheels_of_another_python(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    (wheels / MANIFEST).write_text(json.dumps({"python_version": "2.7", "wheels": [_wheel(wheels, "tl_probe27")]}))
+    manifest = {"python_version": "2.7", "wheels": [_wheel(wheels, "tl_probe27")]}
+    (wheels / MANIFEST).write_text(json.dumps(manifest))
     outcome = ensure(wheels, modules=("tl_probe27",), site=tmp_path / "site")
     assert outcome["installed"] == [] and outcome["still_missing"] == ["tl_probe27"]
     assert "Python 2.7" in outcome["error"] and "GPU_PYTHON_VERSION=" in outcome["error"]
@@ -144,7 +146,8 @@ def test_download_list_drops_what_the_target_has_and_cuda_libraries():
                                                                              ["nvidia-cublas-cu12"]),
              _item("nvidia-ml-py", "13.5")]
     keep, dropped = to_download(items, provided=["pandas"], leave_out=["pyarrow"])
-    assert keep == ["mlflow==3.17.2", "flask==3.1.3", "click==8.5", "faiss-gpu-cu12==1.14", "nvidia-ml-py==13.5"]
+    assert keep == ["mlflow==3.17.2", "flask==3.1.3", "click==8.5", "faiss-gpu-cu12==1.14",
+                    "nvidia-ml-py==13.5"]
     assert dropped == ["numpy", "nvidia-cublas-cu12", "pandas", "pyarrow", "python-dateutil"]
 
 
@@ -178,8 +181,8 @@ def test_a_step_the_time_left_cannot_hold_is_skipped_without_running(tmp_path):
     def never_read(out, slug):
         raise AssertionError("the step ran")
 
-    steps = [Step("late", "bench_nothing", [], 60, never_read), Step("no data", "bench_nothing", [], 1, never_read,
-                                                                       skip="no data")]
+    steps = [Step("late", "bench_nothing", [], 60, never_read),
+             Step("no data", "bench_nothing", [], 1, never_read, skip="no data")]
     rows = run_steps(steps, tmp_path, "cpu", deadline=0.0)
     assert [(r["step"], r["status"]) for r in rows] == [("late", "skipped"), ("no data", "skipped")]
     assert "needs about 60 s" in rows[0]["result"] and rows[1]["result"] == "no data"
@@ -214,7 +217,8 @@ def test_wheels_are_resolved_for_the_project_dependencies_less_those_left_out():
 def test_without_the_required_modules_the_run_stops_and_says_why(tmp_path, monkeypatch, capsys):
     import benchmarks.bench_gpu as bench_gpu
 
-    outcome = {"missing": ["mlflow"], "installed": [], "still_missing": ["mlflow"], "error": "no manifest.json"}
+    outcome = {"missing": ["mlflow"], "installed": [], "still_missing": ["mlflow"],
+               "error": "no manifest.json"}
     monkeypatch.setattr(bench_gpu, "ensure", lambda wheels: outcome)
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main() extends it
     assert bench_gpu.main(["--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(tmp_path)]) == 1

@@ -4,8 +4,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.config import (CONFIG_DIR, ExperimentConfig, apply, flatten_config, from_dict, load_config,
-                                parse_overrides)
+from experiments.config import (
+    CONFIG_DIR,
+    ExperimentConfig,
+    apply,
+    flatten_config,
+    from_dict,
+    load_config,
+    parse_overrides,
+)
 from losses import loss_info
 
 
@@ -22,7 +29,8 @@ def test_bundled_configs_load(name):
 
 def test_overrides_are_yaml_typed_and_fill_the_loss_defaults():
     cfg = load_config("digits", ["loss.name=triplet", "loss.margin=0.3", "epochs=5", "model.normalize=false",
-                                 "optimizer.lr=1e-3", "dataset.image_size=[10, 12]", "eval.verification=auto"])
+                                 "optimizer.lr=1e-3", "dataset.image_size=[10, 12]",
+                                 "eval.verification=auto"])
     assert (cfg.epochs, cfg.model.normalize, cfg.optimizer.lr) == (5, False, 1e-3)
     assert cfg.loss.params["margin"] == 0.3
     assert cfg.dataset.image_size == [10, 12]
@@ -32,7 +40,8 @@ def test_overrides_are_yaml_typed_and_fill_the_loss_defaults():
 
 def test_yaml_file_with_overrides(tmp_path: Path):
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"loss": {"name": "triplet", "margin": 0.1}, "batch": {"p": 2, "k": 4}, "seed": 7}))
+    path.write_text(yaml.safe_dump({"loss": {"name": "triplet", "margin": 0.1}, "batch": {"p": 2, "k": 4},
+                                    "seed": 7}))
     cfg = load_config(str(path), ["batch.k=6"])
     assert (cfg.loss.params["margin"], cfg.batch.p, cfg.batch.k, cfg.seed) == (0.1, 2, 6, 7)
 
@@ -48,12 +57,14 @@ def test_round_trip_through_dict_and_yaml():
     cfg = load_config(None, ["loss.name=triplet", "loss.mining=hard-triplets", "train.grad_clip=2"])
     assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
     flat = flatten_config(cfg)
-    assert flat["loss.mining"] == "hard-triplets" and flat["train.grad_clip"] == "2.0" and flat["batch.p"] == "0"
+    assert flat["loss.mining"] == "hard-triplets" and flat["train.grad_clip"] == "2.0"
+    assert flat["batch.p"] == "0"
     assert all(isinstance(v, str) for v in flat.values())
 
 
 def test_typo_names_the_key_the_close_match_and_the_valid_keys():
-    with pytest.raises(ValueError, match=r"unknown config key 'optimiser.lr'.*optimizer\.lr.*Valid keys:.*batch\.p"):
+    with pytest.raises(ValueError,
+                       match=r"unknown config key 'optimiser.lr'.*optimizer\.lr.*Valid keys:.*batch\.p"):
         load_config(None, ["optimiser.lr=0.1"])
     with pytest.raises(ValueError, match=r"unknown config key 'epoch'.*Did you mean epochs"):
         load_config(None, ["epoch=3"])
@@ -97,7 +108,8 @@ def test_yaml_is_loaded_safely(tmp_path: Path):
 
 
 def test_parse_overrides_keeps_strings_and_lists():
-    assert parse_overrides(["dataset.path=/data/x", "a=[1, 2]", "b="]) == {"dataset.path": "/data/x", "a": [1, 2], "b": ""}
+    assert parse_overrides(["dataset.path=/data/x", "a=[1, 2]", "b="]) == {"dataset.path": "/data/x",
+                                                                           "a": [1, 2], "b": ""}
 
 
 def test_dataclass_defaults_validate():

@@ -18,9 +18,9 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
-from helpers.mlflow_server_fixture import log_tail, start_sweep, sweep_command
 from optuna.trial import TrialState
 
+from helpers.mlflow_server_fixture import log_tail, start_sweep, sweep_command
 from sweeps.storage import budget_trials, claim_alive, final_claim
 
 pytestmark = pytest.mark.postgres
@@ -182,7 +182,8 @@ def run_chaos(machines: list[Machine], url: str, sweep: str, restart_postgres, t
                 events.append(f"{elapsed:.0f}s kill {alive[victim].name}:{victim}{busy_mark}")
             next_kill = elapsed + rng.uniform(3, 6)
             if kills == 2 and not restarts:
-                restarts.append(restart_in_background("postgres", lambda: restart_postgres(2.0), events, start))
+                restarts.append(restart_in_background("postgres", lambda: restart_postgres(2.0), events,
+                                                      start))
             elif kills == 4 and len(restarts) == 1:
                 restarts.append(restart_in_background("tracking server", lambda: restart_tracking(tracking),
                                                       events, start))
@@ -254,7 +255,8 @@ def test_random_kills_and_server_restarts_end_in_the_exact_state(
                     and r.data.tags["tripletlab.loss"] == loss]
         assert parent.info.status == "FINISHED"
         best = study.best_trial
-        finals = [r for r in runs if r.data.tags.get("tripletlab.role") == "final" and r.info.status == "FINISHED"
+        finals = [r for r in runs
+                  if r.data.tags.get("tripletlab.role") == "final" and r.info.status == "FINISHED"
                   and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(int(r.data.tags["tripletlab.seed"]) for r in finals) == list(range(1, SEEDS + 1)), \
             [(r.data.tags["tripletlab.seed"], r.data.tags["tripletlab.best_trial"]) for r in finals]

@@ -16,9 +16,9 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
-from helpers.mlflow_server_fixture import finish, kill_group, start_sweep, sweep_command, wait_for
 from optuna.trial import TrialState
 
+from helpers.mlflow_server_fixture import finish, kill_group, start_sweep, sweep_command, wait_for
 from sweeps.storage import budget_trials, fail_for_retry, open_storage, recover_stale_trials
 
 pytestmark = pytest.mark.postgres
@@ -58,7 +58,8 @@ def rdb_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def study_trials(storage: str, sweep: str, loss: str = LOSS) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=f"{sweep}/{loss}", storage=rdb_storage(storage)).get_trials(deepcopy=False)
+    study = optuna.load_study(study_name=f"{sweep}/{loss}", storage=rdb_storage(storage))
+    return study.get_trials(deepcopy=False)
 
 
 def runs_of(client: MlflowClient, sweep: str, role: str | None = None) -> list:
@@ -144,8 +145,8 @@ def final_runs_of(client: MlflowClient, sweep: str) -> list:
 def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "killed", 4
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=2, trials=trials,
-                            extra=[*LONGER_TRIAL, *DEFAULT_GRACE])
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=2,
+                            trials=trials, extra=[*LONGER_TRIAL, *DEFAULT_GRACE])
     log = tmp_path / "sweep.log"
     leader = start_sweep(command, log)
     try:
@@ -171,7 +172,8 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
     by_number = {t.number: t for t in study_trials(postgres_url, sweep)}
     assert by_number[victim.number].state == TrialState.FAIL
     retries = [t for t in by_number.values() if t.system_attrs.get("failed_trial") == victim.number]
-    assert [t.state for t in retries] == [TrialState.COMPLETE], "the killed trial was not retried to completion"
+    assert [t.state for t in retries] == [TrialState.COMPLETE], \
+        "the killed trial was not retried to completion"
     assert retries[0].params == victim.params
     complete = [t for t in by_number.values() if t.state == TrialState.COMPLETE]
     assert len(complete) == trials
@@ -179,7 +181,8 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
 
     runs = runs_of(client, sweep, "trial")
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in finished) == sorted(t.number for t in complete)
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in finished) \
+        == sorted(t.number for t in complete)
     assert retries[0].user_attrs["mlflow_run_id"] in {r.info.run_id for r in finished}
     killed_runs = [r for r in runs if r.data.tags["optuna.trial_number"] == str(victim.number)]
     assert len(killed_runs) == 1
@@ -232,8 +235,8 @@ def test_final_runs_wait_for_a_live_worker_and_take_over_its_trial_when_it_dies(
 def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "interrupted", 3
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials,
-                            extra=LONGER_TRIAL)
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
+                            trials=trials, extra=LONGER_TRIAL)
     log = tmp_path / "sweep.log"
     worker = start_sweep(command, log)  # one worker: the sweep process trains itself
     try:
@@ -248,7 +251,8 @@ def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, 
 
     trial = {t.number: t for t in study_trials(postgres_url, sweep)}[victim.number]
     assert trial.state == TrialState.FAIL
-    run = next(r for r in runs_of(client, sweep, "trial") if r.data.tags["optuna.trial_number"] == str(victim.number))
+    run = next(r for r in runs_of(client, sweep, "trial")
+               if r.data.tags["optuna.trial_number"] == str(victim.number))
     assert run.info.status == "KILLED"
     assert "interrupt" in run.data.tags.get("tripletlab.error", "").lower()
 
@@ -256,19 +260,21 @@ def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, 
     assert finish(start_sweep(command, resume_log), resume_log) == 0, resume_log.read_text()[-3000:]
     by_number = {t.number: t.state for t in study_trials(postgres_url, sweep)}
     assert [n for n, state in by_number.items() if state != TrialState.COMPLETE] == [victim.number], by_number
-    assert list(by_number.values()).count(TrialState.COMPLETE) == trials, "the resumed study is not topped up exactly"
+    assert list(by_number.values()).count(TrialState.COMPLETE) == trials, \
+        "the resumed study is not topped up exactly"
     assert_nothing_running(postgres_url, sweep, client)
 
 
 def test_lost_tracking_server_is_survived_or_reported(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "lost-server", 4
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials)
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
+                            trials=trials)
     log = tmp_path / "sweep.log"
     worker = start_sweep(command, log)
     try:
-        wait_for(lambda: any(t.state == TrialState.COMPLETE for t in _trials_or_empty(postgres_url, sweep)), 240,
-                 "the first complete trial", worker, log)
+        wait_for(lambda: any(t.state == TrialState.COMPLETE for t in _trials_or_empty(postgres_url, sweep)),
+                 240, "the first complete trial", worker, log)
         mlflow_server.stop()
         time.sleep(3)
         mlflow_server.start()  # same port, same store
@@ -282,7 +288,8 @@ def test_lost_tracking_server_is_survived_or_reported(mlflow_server, postgres_ur
     assert TrialState.RUNNING not in [t.state for t in trials_now]
     for trial in trials_now:
         if trial.state == TrialState.FAIL:
-            assert trial.user_attrs.get("fail_reason"), f"trial {trial.number} failed without a recorded reason"
+            assert trial.user_attrs.get("fail_reason"), \
+                f"trial {trial.number} failed without a recorded reason"
     if code != 0:  # the worker gave up: the re-run completes the study
         resume_log = tmp_path / "resume.log"
         assert finish(start_sweep(command, resume_log), resume_log) == 0, resume_log.read_text()[-3000:]
@@ -298,11 +305,13 @@ def _trials_or_empty(storage: str, sweep: str) -> list:
         return []
 
 
-def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(mlflow_server, postgres_url, tmp_path):
+def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(mlflow_server, postgres_url,
+                                                                         tmp_path):
     sweep, trials = "nan", 2
     plugin = tmp_path / "nan_plugin.py"
     plugin.write_text(NAN_PLUGIN)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials,
+    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
+                            trials=trials,
                             extra=["losses=[nan_after_two_steps,batch_hard]", "dataset.max_per_class=40"])
     command[command.index("sweep") + 1:command.index("sweep") + 1] = ["--plugin", str(plugin)]
     log = tmp_path / "sweep.log"
@@ -317,7 +326,8 @@ def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(mlflow_s
     assert [t.state for t in study_trials(postgres_url, sweep, LOSS)] == [TrialState.COMPLETE] * trials
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    nan_runs = [r for r in runs_of(client, sweep, "trial") if r.info.run_name.startswith("nan_after_two_steps/")]
+    nan_runs = [r for r in runs_of(client, sweep, "trial")
+                if r.info.run_name.startswith("nan_after_two_steps/")]
     assert len(nan_runs) == trials
     for run in nan_runs:
         assert run.info.status == "FAILED"

@@ -11,10 +11,10 @@ import time
 import optuna
 import pytest
 from mlflow import MlflowClient
-from helpers.mlflow_server_fixture import finish, start_sweep, sweep_command
 from optuna.trial import TrialState
 
 from experiments.tracking.server import DEFAULT_HOST, build_parser, server_command
+from helpers.mlflow_server_fixture import finish, start_sweep, sweep_command
 from sweeps.storage import AdvisoryLock, budget_lock, open_storage
 
 pytestmark = pytest.mark.postgres
@@ -39,7 +39,8 @@ def test_server_binds_localhost_unless_told_otherwise():
 
 def test_three_workers_share_one_study(mlflow_server, postgres_url, tmp_path):
     log = tmp_path / "sweep.log"
-    command = sweep_command("scaleout", postgres_url, mlflow_server.url, tmp_path / "runs", workers=3, trials=12)
+    command = sweep_command("scaleout", postgres_url, mlflow_server.url, tmp_path / "runs", workers=3,
+                            trials=12)
     code = finish(start_sweep(command, log), log)
     assert code == 0, log.read_text()[-3000:]
 
@@ -96,8 +97,8 @@ while True:
 
 def _python(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def test_advisory_lock_excludes_other_connections(postgres_url):

@@ -12,9 +12,9 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from tripletlab.cli import main as cli_main
 from helpers.sweep_fixture import run_sweep, sweep_args, working_directory
 from sweeps.storage import BudgetLock, budget_trials, open_storage, recover_stale_trials, stale_reason
+from tripletlab.cli import main as cli_main
 
 
 def _dead_pid() -> int:
@@ -47,12 +47,15 @@ def test_trials_of_dead_or_silent_workers_are_failed_and_retried_once(tmp_path):
     assert sorted(recover_stale_trials(study, storage, grace_period=600)) == [dead.number, silent.number]
     assert recover_stale_trials(study, storage, grace_period=600) == []  # a second pass finds nothing new
     by_number = {t.number: t for t in study.trials}
-    assert by_number[dead.number].state == TrialState.FAIL and "exited" in by_number[dead.number].user_attrs["fail_reason"]
-    assert by_number[silent.number].state == TrialState.FAIL and "no heartbeat" in by_number[silent.number].user_attrs["fail_reason"]
+    assert by_number[dead.number].state == TrialState.FAIL
+    assert "exited" in by_number[dead.number].user_attrs["fail_reason"]
+    assert by_number[silent.number].state == TrialState.FAIL
+    assert "no heartbeat" in by_number[silent.number].user_attrs["fail_reason"]
     assert by_number[alive.number].state == TrialState.RUNNING
     retries = [t for t in study.trials if t.state == TrialState.WAITING]
     assert sorted(t.system_attrs["retry_history"] for t in retries) == [[dead.number], [silent.number]]
-    assert {t.params["loss.margin"] for t in retries} == {dead.params["loss.margin"], silent.params["loss.margin"]}
+    assert {t.params["loss.margin"] for t in retries} == {dead.params["loss.margin"],
+                                                          silent.params["loss.margin"]}
     assert all("worker_pid" not in t.user_attrs for t in retries)
     # budget: the failed originals are replaced by their retries, so the count is unchanged
     assert len(budget_trials(study)) == 4
@@ -70,7 +73,8 @@ def test_budget_lock_is_exclusive(tmp_path):
     script = ("import sys, time; sys.path.insert(0, %r); from sweeps.storage import BudgetLock; "
               "print('ready', flush=True); t = time.time(); BudgetLock(%r).acquire(); print(time.time() - t)")
     with BudgetLock(path):
-        proc = subprocess.Popen([sys.executable, "-c", script % (os.getcwd(), str(path))], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", script % (os.getcwd(), str(path))],
+                                stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"  # the other process is now waiting for the lock
         time.sleep(1.0)
     waited = float(proc.communicate(timeout=120)[0])
@@ -82,7 +86,8 @@ def test_two_worker_processes_fill_one_study_exactly(tmp_path):
     with working_directory(tmp_path):
         code = cli_main([*sweep_args("pair", ("batch_hard",), ["trials=4", "seeds=1"]), "--workers", "2"])
     assert code == 0
-    study = optuna.load_study(study_name="pair/batch_hard", storage=open_storage(str(tmp_path / "runs/pair/optuna.journal")))
+    storage = open_storage(str(tmp_path / "runs/pair/optuna.journal"))
+    study = optuna.load_study(study_name="pair/batch_hard", storage=storage)
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == [0, 1, 2, 3] and len(set(numbers)) == 4
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
@@ -107,7 +112,8 @@ def test_a_sweep_retries_the_trial_a_killed_worker_left_running(tmp_path):
     trials = study.trials
     assert trials[orphan.number].state == TrialState.FAIL
     [retry] = [t for t in trials if t.system_attrs.get("retry_history") == [orphan.number]]
-    assert retry.state == TrialState.COMPLETE and retry.params["loss.margin"] == pytest.approx(orphan.params["loss.margin"])
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params["loss.margin"] == pytest.approx(orphan.params["loss.margin"])
     assert len(budget_trials(study)) == 2  # the retry took the orphan's place in the budget
 
 

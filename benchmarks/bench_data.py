@@ -54,6 +54,7 @@ from losses import build_loss
 from sweeps.markdown import markdown_lines
 
 from .bench_losses import describe_device, device_slug
+from .reporting import write_report
 
 RESULTS = Path(__file__).parent / "results"
 IMAGE_SIZE, CROP, PHOTO = 256, 224, (400, 300)
@@ -258,11 +259,7 @@ def main() -> None:
                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    load=load, count=args.count, classes=args.classes, p=args.p, k=args.k, note=args.note,
                    fabricate_s=fabricate_s, tree_mb=tree_mb)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"data-{device_slug(info)}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(render(results))
-    print(render(results))
+    write_report(RESULTS, f"data-{device_slug(info)}", results, render(results))
 
 
 if __name__ == "__main__":

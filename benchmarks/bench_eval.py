@@ -17,7 +17,6 @@ commit and date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import statistics
@@ -36,6 +35,7 @@ from sweeps.markdown import markdown_lines
 
 from .bench_losses import describe_device, device_slug
 from .pml_names import PML_NAMES
+from .reporting import utc_now, write_report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -210,13 +210,9 @@ def main(argv=None) -> dict:
     tag, description = device_label(device)
     report = {"device": tag, "device_description": description, "torch": torch.__version__,
               "pytorch_metric_learning": pytorch_metric_learning.__version__, "git_commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "date": utc_now(),
               "threads": torch.get_num_threads(), "max_seconds": args.max_seconds, "cases": cases}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"eval-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"eval-{tag}.md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    write_report(args.out, f"eval-{tag}", report, to_markdown(report))
     return report
 
 

@@ -21,8 +21,6 @@ compile backend (no code generation).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import signal
 import subprocess
@@ -44,6 +42,7 @@ from .gpu_plan import (
     gpu_steps,
     recommend_trials_per_gpu,
 )
+from .reporting import utc_now, write_report
 from .toy_data import write_fashion_mnist, write_omniglot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,15 +203,11 @@ def main(argv: list[str] | None = None) -> int:
              if any(r["step"] == SWEEP_STEP.format(t) and r["status"] == "ok" for r in steps_done)]
     best, rates = recommend_trials_per_gpu(out, slug, swept)
     report = {"device": slug, "device_info": describe_device(device), "dry_run": args.dry_run,
-              "torch": torch.__version__, "git_commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "git_commit": git_commit(), "date": utc_now(),
               "budget_minutes": args.budget_minutes, "seconds": time.perf_counter() - start, "data": data,
               "modules": {"required": list(REQUIRED), "optional": list(OPTIONAL)}, "steps": steps_done,
               "trials_per_gpu": best, "trials_per_minute": rates}
-    (out / f"gpu-{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = summary_markdown(report)
-    (out / f"gpu-{slug}.md").write_text(markdown)
-    print(markdown)
+    write_report(out, f"gpu-{slug}", report, summary_markdown(report))
     return 0 if all(r["status"] != "failed" for r in steps_done) else 1
 
 

@@ -24,8 +24,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
-import datetime
-import json
 import logging
 import platform
 import statistics
@@ -47,6 +45,7 @@ from sweeps.markdown import markdown_lines
 
 from .bench_losses import describe_device, device_slug
 from .pml_names import PML_NAMES
+from .reporting import utc_now, write_report
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
@@ -270,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"device": device_slug(describe_device(device)),
               "torch": torch.__version__, "pml": pytorch_metric_learning.__version__, "commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "date": utc_now(),
               "platform": platform.platform(), "threads": args.threads, "epochs": args.epochs,
               "seeds": args.seeds, "overrides": args.override, "datasets": {}}
     out = Path(args.out).resolve()
@@ -283,11 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["datasets"][setting.name] = run_setting(setting, args, device, store)
         finally:
             os.chdir(home)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "reference-" + report["device"] + (f"-{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{stem}.md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    write_report(out, stem, report, to_markdown(report))
     return 0
 
 

@@ -15,8 +15,6 @@ least 70% busy) and memory, with the device, torch version, commit, date and com
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import signal
 import statistics
@@ -35,6 +33,7 @@ from sweeps.markdown import markdown_lines
 from sweeps.storage import default_storage, open_storage
 
 from .bench_losses import RESULTS_DIR, describe_device, device_slug
+from .reporting import utc_now, write_report
 
 DEFAULT_OVERRIDES = ("trials=20", "epochs=10", "seeds=3")
 BUSY = 70  # percent: the target share of time the GPU is busy
@@ -175,15 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
             else ({}, None)
     info = describe_device(device)
     report = {"device": info, "torch": torch.__version__, "git_commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "date": utc_now(),
               "config": args.config, "overrides": overrides, "workers": args.workers,
               "command": command[1:], "wall_seconds": seconds, "exit_status": status,
               "gpu_utilisation": utilisation, "trials": trials, "trials_per_minute": per_minute}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"sweep-{device_slug(info)}{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    write_report(args.out, f"sweep-{device_slug(info)}{'-' + args.tag if args.tag else ''}", report,
+                 to_markdown(report))
     if status != 0 and not args.allow_failure:
         raise SystemExit(f"the sweep exited with status {status}; see its output above")
     return report

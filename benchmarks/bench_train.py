@@ -26,7 +26,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in either trainer
 
 import argparse
 import copy
-import datetime
 import json
 import logging
 import platform
@@ -50,6 +49,7 @@ from losses import build_loss
 from sweeps.markdown import markdown_lines
 
 from .bench_losses import describe_device, device_slug
+from .reporting import utc_now, write_report
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"device": device_label(device), "torch": torch.__version__,
               "pml": pytorch_metric_learning.__version__, "commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "date": utc_now(),
               "platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
               "workers": args.workers, "epochs": args.epochs, "quick": args.quick,
               "load_before": round(os.getloadavg()[0], 1), "datasets": {}}
@@ -254,12 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         report["datasets"][setting.name] = run_setting(setting, args, device)
         print(json.dumps({setting.name: report["datasets"][setting.name]}, indent=1), flush=True)
     report["load_after"] = round(os.getloadavg()[0], 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"train-{report['device']}{'-quick' if args.quick else ''}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{stem}.md").write_text(to_markdown(report))
-    print(to_markdown(report))
+    write_report(args.out, stem, report, to_markdown(report))
     return 0
 
 

@@ -123,6 +123,7 @@ DECLARED_ONCE = {
     "sqlite_file": "experiments/tracking/store.py", "find_experiment": "sweeps/tracking.py",
     "sweep_experiments": "sweeps/tracking.py", "short_value": "sweeps/table.py",
     "open_storage": "sweeps/storage.py", "default_storage": "sweeps/storage.py",
+    "write_report": "benchmarks/reporting.py", "utc_now": "benchmarks/reporting.py",
 }
 KNOWN_COPIES = {("git_commit", "benchmarks/bench_losses.py")}
 

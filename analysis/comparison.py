@@ -13,7 +13,7 @@ import pandas as pd
 
 from experiments.eval.retrieval import HEADLINE_METRICS
 from sweeps.statistics import paired_t_p_value, t_interval
-from sweeps.table import percent_cell, short_value
+from sweeps.table import p_cell, percent_cell, short_value
 from sweeps.tracking import TRIAL_STATE_TAG
 
 from .cost import cost_columns
@@ -98,7 +98,7 @@ def format_table(table: pd.DataFrame, baseline: str = BASELINE_LOSS) -> pd.DataF
     out["seeds"] = table["seeds"]
     out[f"Δ{HEADLINE_METRICS[PAIRED_METRIC]} vs {baseline} (points)"] = [
         ("—" if math.isnan(d) else f"{100 * d:+.1f}") for d in table["map_at_r_diff"]]
-    out["p (paired t)"] = [("—" if math.isnan(p) else f"{p:.3g}") for p in table["p_value"]]
+    out["p (paired t)"] = [p_cell(p, 3) for p in table["p_value"]]
     out["tuned hyperparameters"] = table["tuned"]
     out["trials (complete / pruned)"] = [
         f"{c} / {p}" for c, p in table[["trials_complete", "trials_pruned"]].itertuples(index=False)]

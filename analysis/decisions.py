@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+from sweeps.table import p_cell
+
 from .paired import ALPHA, POWER, decision, decision_line
 
 
@@ -53,8 +55,8 @@ def decision_table(decisions: pd.DataFrame, delta: float) -> pd.DataFrame:
     out["ΔMAP@R (points)"] = [_points(v, sign=True) for v in decisions["diff_mean"]]
     out["95% CI"] = ["n/a" if math.isnan(lo) else f"[{_points(lo)}, {_points(hi)}]"
                      for lo, hi in zip(decisions["diff_ci_low"], decisions["diff_ci_high"])]
-    out["p (paired t)"] = [("—" if math.isnan(p) else f"{p:.2g}") for p in decisions["p_t"]]
-    out["p (Wilcoxon)"] = [("—" if math.isnan(p) else f"{p:.2g}") for p in decisions["p_wilcoxon"]]
+    out["p (paired t)"] = [p_cell(p) for p in decisions["p_t"]]
+    out["p (Wilcoxon)"] = [p_cell(p) for p in decisions["p_wilcoxon"]]
     out[f"seeds for {100 * delta:g} point"] = [
         "n/a" if math.isnan(n) else ("∞" if math.isinf(n) else f"{n:.0f}") for n in decisions["seeds_needed"]]
     out["decision"] = [decision(row, delta) for _, row in decisions.iterrows()]

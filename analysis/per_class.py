@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from sweeps.statistics import paired_t_p_value, wilcoxon_p_value
+from sweeps.table import p_cell
 
 TOP_CLASSES = 5
 
@@ -54,9 +55,8 @@ def class_table(comparisons: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=pd.Index(pairs, name="pair"))
     out["classes where first is ahead"] = [f"{b} / {n}"
                                            for b, n in zip(comparisons["better"], comparisons["classes"])]
-    out["p (paired t over classes)"] = [("—" if math.isnan(p) else f"{p:.2g}") for p in comparisons["p_t"]]
-    out["p (Wilcoxon over classes)"] = [("—" if math.isnan(p) else f"{p:.2g}")
-                                        for p in comparisons["p_wilcoxon"]]
+    out["p (paired t over classes)"] = [p_cell(p) for p in comparisons["p_t"]]
+    out["p (Wilcoxon over classes)"] = [p_cell(p) for p in comparisons["p_wilcoxon"]]
     out["largest differences (class: points)"] = [", ".join(f"{c}: {100 * d:+.1f}" for c, d in largest)
                                                   for largest in comparisons["largest"]]
     return out

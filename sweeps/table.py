@@ -20,7 +20,7 @@ from experiments.eval.retrieval import HEADLINE_METRICS
 from .markdown import markdown_lines
 from .statistics import t_interval
 
-__all__ = ["markdown_table", "percent_cell", "short_value", "t_interval", "write_table"]
+__all__ = ["markdown_table", "p_cell", "percent_cell", "short_value", "t_interval", "write_table"]
 MAP_AT_R = HEADLINE_METRICS["map_at_r"]
 
 
@@ -42,6 +42,11 @@ def percent_cell(mean: float, low: float, high: float) -> str:
     if math.isnan(low):
         return f"{100 * mean:.1f}"
     return f"{100 * mean:.1f} [{max(0.0, 100 * low):.1f}, {min(100.0, 100 * high):.1f}]"
+
+
+def p_cell(p: float, digits: int = 2) -> str:
+    """A p-value to ``digits`` significant digits, ``—`` where there is none (NaN: too few pairs)."""
+    return "—" if math.isnan(p) else f"{p:.{digits}g}"
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -86,6 +86,12 @@ def test_short_value_formats_values_and_params_logged_as_text_alike():
     assert short_value("semi-hard") == "semi-hard" and short_value(True) == "True"
 
 
+def test_p_cell():
+    from sweeps.table import p_cell
+
+    assert (p_cell(0.012345), p_cell(0.012345, 3), p_cell(math.nan)) == ("0.012", "0.0123", "—")
+
+
 def test_every_table_labels_the_metrics_from_headline_metrics():
     from analysis.comparison import format_table
     from benchmarks.bench_reference import METRICS, SHORT
@@ -122,7 +128,7 @@ DECLARED_ONCE = {
     "read_yaml_mapping": "experiments/config.py", "existing_store_uri": "experiments/tracking/store.py",
     "sqlite_file": "experiments/tracking/store.py", "find_experiment": "sweeps/tracking.py",
     "sweep_experiments": "sweeps/tracking.py", "short_value": "sweeps/table.py",
-    "open_storage": "sweeps/storage.py", "default_storage": "sweeps/storage.py",
+    "p_cell": "sweeps/table.py", "open_storage": "sweeps/storage.py", "default_storage": "sweeps/storage.py",
     "write_report": "benchmarks/reporting.py", "utc_now": "benchmarks/reporting.py",
 }
 KNOWN_COPIES = {("git_commit", "benchmarks/bench_losses.py")}

@@ -33,7 +33,9 @@ from experiments.eval.run_metrics import channels_last
 from experiments.models.image import build_model
 from losses import build_loss
 
-from .bench_losses import RESULTS_DIR, describe_device, device_slug, git_commit
+from experiments.tracking.provenance import git_commit
+
+from .bench_losses import RESULTS_DIR, describe_device, device_slug
 
 LOSSES = ("batch_hard", "triplet", "multi_similarity", "circle")
 K = 4

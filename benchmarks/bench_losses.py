@@ -27,7 +27,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch  # noqa: E402
 from pytorch_metric_learning import losses as pml_losses  # noqa: E402
 from pytorch_metric_learning import miners as pml_miners  # noqa: E402
 
+from experiments.tracking.provenance import git_commit  # noqa: E402
 from losses import build_loss, list_losses, loss_info  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -247,14 +247,6 @@ def describe_device(device: torch.device) -> dict:
     except OSError:
         pass
     return {"type": "cpu", "name": model, "threads": torch.get_num_threads()}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def device_slug(info: dict) -> str:

@@ -1,8 +1,9 @@
 """``make ui``'s first line: the address of the most recent sweep's runs view.
 
 Each sweep stores its runs view as an experiment tag (``sweeps.tracking.prepare_tracking``); the
-most recent sweep is the experiment with that tag whose latest run started last. Reads the store
-only: a missing SQLite file is reported, not created.
+most recent sweep is the one ``tripletlab analyze`` and ``rerun`` take by default
+(``sweeps.tracking.sweep_experiments``: its latest run started last). Reads the store only: a
+missing SQLite file is reported, not created.
 
     python -m sweeps.runs_view --tracking-uri sqlite:///mlflow.db --address http://127.0.0.1:5000
 """
@@ -10,36 +11,20 @@ from __future__ import annotations
 
 import argparse
 
-from mlflow.entities import Experiment, ViewType
+from mlflow.entities import Experiment
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments.tracking.secrets import mask_secrets
 from experiments.tracking.store import resolve_tracking_uri, sqlite_file
-from sweeps.tracking import RUNS_VIEW_KEY, runs_view_path
+from sweeps.tracking import runs_view_path, sweep_experiments
 
-VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
 RUN_A_SWEEP = "run one with `make sweep`"
 
 
-def _last_activity(client: MlflowClient, experiment: Experiment) -> int:
-    """When the experiment's latest run started (its creation time if it has no runs), in ms."""
-    runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL,
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.start_time if runs else (experiment.creation_time or 0)
-
-
 def latest_sweep(tracking_uri: str) -> Experiment | None:
-    """The active experiment with a sweep's runs view whose latest run started last, if any."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    sweeps, token = [], None
-    while True:
-        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
-        sweeps += [e for e in page if VIEW_TAG in e.tags]
-        token = page.token
-        if not token:
-            break
-    return max(sweeps, key=lambda e: _last_activity(client, e), default=None)
+    """The most recent sweep of the store, if any."""
+    return next(iter(sweep_experiments(MlflowClient(tracking_uri=tracking_uri))), None)
 
 
 def describe(tracking_uri: str | None, address: str) -> str:

@@ -18,9 +18,8 @@ import pandas as pd
 from experiments.eval.retrieval import HEADLINE_METRICS
 
 from .markdown import markdown_lines
-from .statistics import t_interval
 
-__all__ = ["markdown_table", "p_cell", "percent_cell", "short_value", "t_interval", "write_table"]
+__all__ = ["markdown_table", "p_cell", "percent_cell", "short_value", "write_table"]
 MAP_AT_R = HEADLINE_METRICS["map_at_r"]
 
 

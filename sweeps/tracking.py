@@ -29,14 +29,22 @@ RERUN_ROLE = "rerun"
 RERUN_OF_TAG = "tripletlab.rerun_of"  # on a rerun: the id of the final run it repeats
 
 
+def last_activity(client: MlflowClient, experiment) -> int:
+    """When the experiment's latest run started (its creation time if it has no runs), in ms."""
+    runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.start_time if runs else (experiment.creation_time or 0)
+
+
 def sweep_experiments(client: MlflowClient) -> list:
-    """Experiments that hold at least one sweep parent run, most recently created first."""
+    """Experiments that hold at least one sweep parent run, the most recent sweep (latest run
+    started last: a resumed sweep counts as recent) first."""
     found = []
     for exp in client.search_experiments(view_type=ViewType.ACTIVE_ONLY):
         if client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'parent'", max_results=1):
             found.append(exp)
     return sorted(found, reverse=True, key=lambda e: (
-        e.creation_time or 0, int(e.experiment_id) if e.experiment_id.isdigit() else 0))
+        last_activity(client, e), int(e.experiment_id) if e.experiment_id.isdigit() else 0))
 
 
 def find_experiment(client: MlflowClient, name: str | None):

@@ -1,6 +1,6 @@
 """``python -m sweeps.runs_view`` (``make ui``'s first line) on a real MLflow SQLite store: the URL of
-the runs view of the sweep whose latest run started last, or one line saying no sweep has run,
-without creating a store."""
+the runs view of the most recent sweep (the one ``analyze`` takes: its latest run started last), or
+one line saying no sweep has run, without creating a store."""
 from __future__ import annotations
 
 import json
@@ -8,20 +8,22 @@ import json
 from mlflow import MlflowClient
 
 from sweeps.runs_view import main
-from sweeps.tracking import RUNS_VIEW_COLUMNS, RUNS_VIEW_KEY
+from sweeps.tracking import ROLE_TAG, RUNS_VIEW_COLUMNS, RUNS_VIEW_KEY
 
 ADDRESS = "http://127.0.0.1:5000"
 T0 = 1_700_000_000_000  # ms
 
 
-def experiment(client: MlflowClient, name: str, run_starts: list[int], view: bool = True) -> str:
-    """An experiment with runs started at ``run_starts`` and, if ``view``, a sweep's runs view."""
+def experiment(client: MlflowClient, name: str, run_starts: list[int], sweep: bool = True) -> str:
+    """An experiment with runs started at ``run_starts``; if ``sweep``, the first is a sweep's parent
+    run and the experiment holds the sweep's runs view."""
     experiment_id = client.create_experiment(name)
-    if view:
+    if sweep:
         client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{RUNS_VIEW_KEY}",
                                   json.dumps({"selectedColumns": list(RUNS_VIEW_COLUMNS)}))
-    for start in run_starts:
-        run_id = client.create_run(experiment_id, start_time=start).info.run_id
+    for i, start in enumerate(run_starts):
+        tags = {ROLE_TAG: "parent" if sweep and i == 0 else "trial"}
+        run_id = client.create_run(experiment_id, start_time=start, tags=tags).info.run_id
         client.set_terminated(run_id, end_time=start + 1)
     return experiment_id
 
@@ -40,7 +42,7 @@ def test_names_the_sweep_whose_latest_run_started_last(tmp_path, capsys):
     older = experiment(client, "sweep-a", [T0, T0 + 50_000])
     newer = experiment(client, "sweep-b", [T0 + 10_000, T0 + 20_000])
     # ... and later runs in experiments that are no sweep, or deleted, do not count
-    experiment(client, "train", [T0 + 90_000], view=False)
+    experiment(client, "train", [T0 + 90_000], sweep=False)
     client.delete_experiment(experiment(client, "sweep-deleted", [T0 + 95_000]))
 
     line = runs_view(capsys, "--tracking-uri", uri)
@@ -54,7 +56,7 @@ def test_names_the_sweep_whose_latest_run_started_last(tmp_path, capsys):
 
 def test_a_store_without_sweeps_says_so(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment(MlflowClient(tracking_uri=uri), "train", [T0], view=False)
+    experiment(MlflowClient(tracking_uri=uri), "train", [T0], sweep=False)
     line = runs_view(capsys, "--tracking-uri", uri)
     assert line.startswith("No sweep has been run yet") and "make sweep" in line, line
 

@@ -14,7 +14,8 @@ from sweeps.config import CONFIG_DIR, apply_overrides, default_losses, load_swee
 from sweeps.context import SweepContext
 from sweeps.space import build_space
 from sweeps.study import base_experiment, make_pruner, make_sampler
-from sweeps.table import markdown_table, t_interval
+from sweeps.statistics import t_interval
+from sweeps.table import markdown_table
 from sweeps.workers import plan_workers
 
 BUILTIN_COMPARISON = ("batch_all", "batch_hard", "circle", "multi_similarity", "semi_hard", "triplet",

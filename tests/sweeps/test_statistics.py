@@ -131,15 +131,13 @@ DECLARED_ONCE = {
     "p_cell": "sweeps/table.py", "open_storage": "sweeps/storage.py", "default_storage": "sweeps/storage.py",
     "write_report": "benchmarks/reporting.py", "utc_now": "benchmarks/reporting.py",
 }
-KNOWN_COPIES = {("git_commit", "benchmarks/bench_losses.py")}
 
 
 def test_shared_helpers_are_defined_once():
     found = {}
     for path, tree in _sources():
         for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in DECLARED_ONCE \
-                    and (node.name, path) not in KNOWN_COPIES:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in DECLARED_ONCE:
                 found.setdefault(node.name, []).append(path)
     assert found == {name: [path] for name, path in DECLARED_ONCE.items()}
 

@@ -11,10 +11,9 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
 from experiments.eval.clustering import kmeans, normalized_mutual_info
+from benchmarks.pml_names import PML_NAMES
 from experiments.eval.retrieval import _top_k_indices, retrieval_metrics
 
-PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
-             "map_at_r": "mean_average_precision_at_r"}
 
 
 def make_embeddings(kind, n=240, dim=8, n_classes=6, seed=0):

@@ -24,7 +24,7 @@ GPU_PYTHON_VERSION ?= 3.12
 GPU_PLATFORM ?= manylinux_2_28_x86_64
 GPU_FAISS ?= faiss-gpu-cu12
 
-.PHONY: install test server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep bench-reference bench-data bench-gpu gpu-wheels train clean
+.PHONY: install test lint format server ui-check sweep ui dashboard analyze bench bench-losses bench-train bench-eval bench-sweep bench-reference bench-data bench-gpu gpu-wheels train clean
 
 install: $(STAMP)
 
@@ -35,6 +35,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 train: install
 	$(TRIPLETLAB) train --tracking-uri $(TRACKING_URI)
@@ -56,7 +64,7 @@ server: install
 	$(PY) -m experiments.tracking.server --backend-store-uri $(SERVER_STORE) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(SERVER_PORT)
 
 ui-check: install
-	TRIPLETLAB_UI_SCREENSHOT=$(abspath runs/mlflow-ui.png) $(PY) -m pytest -q tests/test_ui_browser.py
+	TRIPLETLAB_UI_SCREENSHOT=$(abspath runs/mlflow-ui.png) $(PY) -m pytest -q tests/experiments/tracking/test_ui_browser.py
 
 bench: bench-losses bench-eval bench-train
 

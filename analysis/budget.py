@@ -6,6 +6,7 @@ has expectation ``sum_i v_(i) * ((i/N)^n - ((i-1)/N)^n)``. A crossing of two los
 their ranking depends on the tuning budget. Trials are the Optuna history: complete trials at their
 objective and pruned ones at their last report (a lower bound); failed trials carry no value.
 """
+
 from __future__ import annotations
 
 from itertools import combinations
@@ -25,7 +26,7 @@ def expected_max(values, n_max: int) -> tuple[np.ndarray, np.ndarray]:
     cdf = np.arange(1, v.size + 1) / v.size
     weights = cdf[None, :] ** n - np.concatenate([[0.0], cdf[:-1]])[None, :] ** n  # P(max = v_(i))
     mean = weights @ v
-    variance = np.maximum(weights @ v ** 2 - mean ** 2, 0.0)
+    variance = np.maximum(weights @ v**2 - mean**2, 0.0)
     return mean, np.sqrt(variance)
 
 
@@ -36,8 +37,9 @@ def budget_curves(trials: pd.DataFrame) -> pd.DataFrame:
     usable = trials[trials["state"].isin(["complete", "pruned"])].dropna(subset=["value"])
     for loss, own in usable.groupby("loss", sort=False):
         mean, sd = expected_max(own["value"], len(own))
-        rows += [{"loss": loss, "n": n, "expected": m, "sd": s}
-                 for n, (m, s) in enumerate(zip(mean, sd), start=1)]
+        rows += [
+            {"loss": loss, "n": n, "expected": m, "sd": s} for n, (m, s) in enumerate(zip(mean, sd), start=1)
+        ]
     return pd.DataFrame(rows, columns=["loss", "n", "expected", "sd"])
 
 
@@ -48,15 +50,23 @@ def crossings(curves: pd.DataFrame) -> pd.DataFrame:
     by_loss = {loss: own.set_index("n")["expected"] for loss, own in curves.groupby("loss", sort=False)}
     for a, b in combinations(by_loss, 2):
         shared = by_loss[a].index.intersection(by_loss[b].index)
-        diff = (by_loss[a][shared] - by_loss[b][shared])
+        diff = by_loss[a][shared] - by_loss[b][shared]
         signed = diff[np.sign(diff) != 0]
         for (n0, d0), (n1, d1) in zip(signed.items(), list(signed.items())[1:]):
             if np.sign(d0) == np.sign(d1):
                 continue
             x = n0 + (n1 - n0) * d0 / (d0 - d1)
             at = float(np.interp(x, shared, by_loss[a][shared]))
-            rows.append({"loss": a, "other": b, "n": float(x), "expected": at,
-                         "leader_before": a if d0 > 0 else b, "leader_after": a if d1 > 0 else b})
+            rows.append(
+                {
+                    "loss": a,
+                    "other": b,
+                    "n": float(x),
+                    "expected": at,
+                    "leader_before": a if d0 > 0 else b,
+                    "leader_after": a if d1 > 0 else b,
+                }
+            )
     return pd.DataFrame(rows, columns=["loss", "other", "n", "expected", "leader_before", "leader_after"])
 
 
@@ -66,19 +76,28 @@ def budget_figure(curves: pd.DataFrame, crossed: pd.DataFrame, colors: dict) -> 
     ax = fig.subplots()
     for loss, own in curves.groupby("loss", sort=False):
         ax.plot(own["n"], own["expected"], marker="o", ms=3, color=colors[loss], label=loss)
-        ax.fill_between(own["n"], own["expected"] - own["sd"], own["expected"] + own["sd"],
-                        color=colors[loss], alpha=0.15)
+        ax.fill_between(
+            own["n"], own["expected"] - own["sd"], own["expected"] + own["sd"], color=colors[loss], alpha=0.15
+        )
     for _, row in crossed.iterrows():
         ax.plot(row["n"], row["expected"], marker="X", ms=11, color="black", ls="")
-        ax.annotate(f"{row['leader_after']} overtakes {row['leader_before']}\nat n≈{row['n']:.1f}",
-                    (row["n"], row["expected"]), textcoords="offset points", xytext=(6, -22), fontsize=7)
+        ax.annotate(
+            f"{row['leader_after']} overtakes {row['leader_before']}\nat n≈{row['n']:.1f}",
+            (row["n"], row["expected"]),
+            textcoords="offset points",
+            xytext=(6, -22),
+            fontsize=7,
+        )
     if curves.empty:
         ax.text(0.5, 0.5, "no complete or pruned trials", ha="center", transform=ax.transAxes)
     else:
         ax.legend(fontsize=8, title="loss (band: ±1 sd)", title_fontsize=8, loc="lower right")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="tuning budget n (trials)", ylabel="expected best validation MAP@R",
-           title="Expected best validation MAP@R after n trials (Dodge et al. 2019); X: curves cross")
+    ax.set(
+        xlabel="tuning budget n (trials)",
+        ylabel="expected best validation MAP@R",
+        title="Expected best validation MAP@R after n trials (Dodge et al. 2019); X: curves cross",
+    )
     ax.grid(alpha=0.3)
     return fig
 
@@ -87,6 +106,7 @@ def crossing_note(crossed: pd.DataFrame) -> str:
     """One sentence on whether the ranking depends on the budget."""
     if crossed.empty:
         return "No budget curves cross: the validation ranking is the same at every tuning budget."
-    parts = [f"{r['leader_after']} overtakes {r['leader_before']} at n≈{r['n']:.1f}"
-             for _, r in crossed.iterrows()]
+    parts = [
+        f"{r['leader_after']} overtakes {r['leader_before']} at n≈{r['n']:.1f}" for _, r in crossed.iterrows()
+    ]
     return "The validation ranking depends on the tuning budget: " + "; ".join(parts) + "."

@@ -3,6 +3,7 @@
 Colours follow the alphabetical order of *all* loss names in the sweep (tab10, then tab20 for
 more than ten losses), so a loss keeps its colour whichever subset a panel shows.
 """
+
 from __future__ import annotations
 
 from matplotlib import colormaps

@@ -5,6 +5,7 @@ Reads the sweep's MLflow experiment (the most recent sweep by default) and its O
 sweep's summary run. ``--output-dir`` means what it means to ``tripletlab sweep``: the folder holding
 ``<sweep>/``. Never trains.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,26 +20,56 @@ from .report import build_report
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", metavar="NAME",
-                        help="the sweep's MLflow experiment (default: the most recently created sweep)")
-    parser.add_argument("--tracking-uri", metavar="URI",
-                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    parser.add_argument("--storage", metavar="URL_OR_PATH",
-                        help="the sweep's Optuna storage: a journal file or a database URL "
-                             "(default: <output-dir>/<sweep>/optuna.journal when it exists)")
-    parser.add_argument("--output-dir", metavar="DIR", type=Path, default=Path("runs"),
-                        help="where the sweep wrote runs/<sweep>/, as given to `tripletlab sweep` "
-                             "(default: runs); the report goes to <output-dir>/<sweep>/report")
-    parser.add_argument("--points", type=int, default=PROJECTION_POINTS,
-                        help=f"test points per loss in the 2-D projection (default {PROJECTION_POINTS})")
-    parser.add_argument("--baseline", default=BASELINE_LOSS, metavar="LOSS",
-                        help=f"loss the others are tested against, paired by seed (default {BASELINE_LOSS})")
-    parser.add_argument("--pairs", choices=PAIRINGS, default="all",
-                        help="paired comparisons of every pair of losses, or of each loss against --baseline "
-                             "(default all)")
-    parser.add_argument("--detect", type=float, default=DETECT_POINTS, metavar="POINTS",
-                        help=f"MAP@R difference, in points, to estimate the seeds needed for (80%% power; "
-                             f"default {DETECT_POINTS:g})")
+    parser.add_argument(
+        "--experiment",
+        metavar="NAME",
+        help="the sweep's MLflow experiment (default: the most recently created sweep)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="URL_OR_PATH",
+        help="the sweep's Optuna storage: a journal file or a database URL "
+        "(default: <output-dir>/<sweep>/optuna.journal when it exists)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        type=Path,
+        default=Path("runs"),
+        help="where the sweep wrote runs/<sweep>/, as given to `tripletlab sweep` "
+        "(default: runs); the report goes to <output-dir>/<sweep>/report",
+    )
+    parser.add_argument(
+        "--points",
+        type=int,
+        default=PROJECTION_POINTS,
+        help=f"test points per loss in the 2-D projection (default {PROJECTION_POINTS})",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE_LOSS,
+        metavar="LOSS",
+        help=f"loss the others are tested against, paired by seed (default {BASELINE_LOSS})",
+    )
+    parser.add_argument(
+        "--pairs",
+        choices=PAIRINGS,
+        default="all",
+        help="paired comparisons of every pair of losses, or of each loss against --baseline (default all)",
+    )
+    parser.add_argument(
+        "--detect",
+        type=float,
+        default=DETECT_POINTS,
+        metavar="POINTS",
+        help=f"MAP@R difference, in points, to estimate the seeds needed for (80%% power; "
+        f"default {DETECT_POINTS:g})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsampling and the projection")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
 
@@ -56,9 +87,16 @@ def main(args: argparse.Namespace) -> int:
     if storage:
         sweep.storage = storage
         sweep.studies = load_studies(storage, sweep.name, sweep.losses)
-    report = build_report(sweep, sweep_dir / "report", points=args.points, seed=args.seed,
-                          baseline=args.baseline, log_to_mlflow=not args.no_log, pairing=args.pairs,
-                          detect_points=args.detect)
+    report = build_report(
+        sweep,
+        sweep_dir / "report",
+        points=args.points,
+        seed=args.seed,
+        baseline=args.baseline,
+        log_to_mlflow=not args.no_log,
+        pairing=args.pairs,
+        detect_points=args.detect,
+    )
     print(f"analysed sweep {sweep.name!r}: {len(report.figures)} figures, {len(report.table)} losses")
     print("ranking by test MAP@R (points), with paired decisions:")
     for line in report.decisions.lines:

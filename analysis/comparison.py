@@ -5,6 +5,7 @@ reported as the mean and 95% interval over its final seeds of P@1, R-precision a
 class-disjoint test set. The interval is Student's t (``mean +- t_{0.975, n-1} * s / sqrt(n)``); the
 test against the ``triplet`` baseline is a two-sided paired t-test over the seeds both losses share.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ def _tuned_params(parent: pd.Series | None) -> str:
     if parent is None:
         return ""
     prefix = "params.best."
-    best = {k[len(prefix):]: v for k, v in parent.items() if k.startswith(prefix) and pd.notna(v)}
+    best = {k[len(prefix) :]: v for k, v in parent.items() if k.startswith(prefix) and pd.notna(v)}
     return ", ".join(f"{k}={short_value(v)}" for k, v in sorted(best.items()))
 
 
@@ -65,8 +66,11 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
             row[f"{metric}_mean"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = interval
         row["tuned"] = _tuned_params(parent)
         state_column = f"tags.{TRIAL_STATE_TAG}"
-        states = trials.loc[trials["loss"] == loss, state_column] if state_column in trials \
+        states = (
+            trials.loc[trials["loss"] == loss, state_column]
+            if state_column in trials
             else pd.Series(dtype=str)
+        )
         row["trials_complete"] = int((states == "complete").sum())
         row["trials_pruned"] = int((states == "pruned").sum())
         row["wall_clock_s"] = _wall_clock(sweep, loss)
@@ -75,8 +79,9 @@ def comparison_table(sweep: Sweep, baseline: str = BASELINE_LOSS) -> pd.DataFram
             row["map_at_r_diff"], row["p_value"], row["pairs"] = math.nan, math.nan, 0
         else:
             shared = values.index.intersection(base_values.index)
-            row["map_at_r_diff"] = float((values[shared] - base_values[shared]).mean()) if len(shared) \
-                else math.nan
+            row["map_at_r_diff"] = (
+                float((values[shared] - base_values[shared]).mean()) if len(shared) else math.nan
+            )
             row["p_value"], row["pairs"] = paired_p_value(values, base_values)
         rows.append(row)
     table = pd.DataFrame(rows).set_index("loss")
@@ -93,15 +98,21 @@ def format_table(table: pd.DataFrame, baseline: str = BASELINE_LOSS) -> pd.DataF
     """The table as display strings: ``mean [low, high]`` cells in %, p-values, durations."""
     out = pd.DataFrame(index=table.index)
     for metric, label in HEADLINE_METRICS.items():
-        out[f"{label} % (95% CI)"] = [percent_cell(*cells) for cells in table[
-            [f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"]].itertuples(index=False)]
+        out[f"{label} % (95% CI)"] = [
+            percent_cell(*cells)
+            for cells in table[[f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"]].itertuples(
+                index=False
+            )
+        ]
     out["seeds"] = table["seeds"]
     out[f"Δ{HEADLINE_METRICS[PAIRED_METRIC]} vs {baseline} (points)"] = [
-        ("—" if math.isnan(d) else f"{100 * d:+.1f}") for d in table["map_at_r_diff"]]
+        ("—" if math.isnan(d) else f"{100 * d:+.1f}") for d in table["map_at_r_diff"]
+    ]
     out["p (paired t)"] = [p_cell(p, 3) for p in table["p_value"]]
     out["tuned hyperparameters"] = table["tuned"]
     out["trials (complete / pruned)"] = [
-        f"{c} / {p}" for c, p in table[["trials_complete", "trials_pruned"]].itertuples(index=False)]
+        f"{c} / {p}" for c, p in table[["trials_complete", "trials_pruned"]].itertuples(index=False)
+    ]
     out["wall clock"] = [_duration(s) for s in table["wall_clock_s"]]
     out["ms / step"] = [_number(v) for v in table["step_ms"]]
     out["loss + mining ms"] = [_number(v) for v in table["loss_ms"]]

@@ -3,6 +3,7 @@
 Panels: validation MAP@R; training loss divided by its first-epoch value (losses live on different
 scales); the fraction of active (non-zero) triplets; the fraction violating the margin.
 """
+
 from __future__ import annotations
 
 import pandas as pd
@@ -35,8 +36,13 @@ def normalise_train_loss(history: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict, panels=PANELS,
-                       title: str = "Convergence of the final runs") -> Figure:
+def convergence_figure(
+    history: pd.DataFrame,
+    losses: list[str],
+    colors: dict,
+    panels=PANELS,
+    title: str = "Convergence of the final runs",
+) -> Figure:
     """A figure of ``panels`` (key, title, y label), two per row (three past four panels); missing
     metrics leave a note in their panel."""
     history = normalise_train_loss(history)
@@ -54,8 +60,9 @@ def convergence_figure(history: pd.DataFrame, losses: list[str], colors: dict, p
             by_epoch = runs.groupby("step")["value"]
             mean = by_epoch.mean()
             ax.plot(mean.index, mean.values, marker="o", ms=3, color=colors[loss], label=loss)
-            ax.fill_between(mean.index, by_epoch.min().values, by_epoch.max().values, color=colors[loss],
-                            alpha=0.2)
+            ax.fill_between(
+                mean.index, by_epoch.min().values, by_epoch.max().values, color=colors[loss], alpha=0.2
+            )
         if data.empty:
             ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
         ax.set(title=panel_title, xlabel="epoch", ylabel=ylabel)

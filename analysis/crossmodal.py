@@ -3,6 +3,7 @@
 Reads the ``test/image_to_text_*`` and ``test/text_to_image_*`` metrics of the final runs and the
 ``ref_embeddings`` (text) beside ``embeddings`` (images) in their ``embeddings/test.npz``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,8 +44,9 @@ def recall_table(sweep: Sweep) -> pd.DataFrame:
     return table
 
 
-def joint_projection_figure(embeddings: dict[str, dict], colors: dict, points: int,
-                            seed: int = 0) -> Figure | None:
+def joint_projection_figure(
+    embeddings: dict[str, dict], colors: dict, points: int, seed: int = 0
+) -> Figure | None:
     """Per loss, images (circles) and captions (triangles) projected together, coloured by class;
     ``None`` when no run logged text embeddings."""
     paired = {loss: a for loss, a in embeddings.items() if "ref_embeddings" in a}
@@ -65,7 +67,13 @@ def joint_projection_figure(embeddings: dict[str, dict], colors: dict, points: i
         ax.scatter(xy[n:, 0], xy[n:, 1], c=color, s=14, marker="^", linewidths=0)
         ax.set_title(f"{loss} ({n} pairs)", color=colors[loss], fontsize=10)
         ax.set(xlabel=f"{method} 1 (a.u.)", ylabel=f"{method} 2 (a.u.)", xticks=[], yticks=[])
-        ax.legend(handles=[Line2D([], [], marker=m, color="0.35", linestyle="", label=name)
-                           for m, name in (("o", "image"), ("^", "text"))], loc="best", fontsize=8)
+        ax.legend(
+            handles=[
+                Line2D([], [], marker=m, color="0.35", linestyle="", label=name)
+                for m, name in (("o", "image"), ("^", "text"))
+            ],
+            loc="best",
+            fontsize=8,
+        )
     fig.suptitle(f"Images (o) and captions (^) in the shared space, {method} projection, coloured by class")
     return fig

@@ -9,6 +9,7 @@
 - the fractions of easy / semi-hard / hard test triplets (FaceNet's definitions) and the
   alignment / uniformity of Wang & Isola (ICML 2020), read from the runs' ``test/`` metrics.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,10 @@ def subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     takes = np.maximum(1, np.floor(n * counts / labels.size)).astype(int)
     while takes.sum() > n:
         takes[np.argmax(takes)] -= 1
-    keep = [rng.choice(np.flatnonzero(labels == cls), size=take, replace=False)
-            for cls, take in zip(classes, takes)]
+    keep = [
+        rng.choice(np.flatnonzero(labels == cls), size=take, replace=False)
+        for cls, take in zip(classes, takes)
+    ]
     return np.sort(np.concatenate(keep))
 
 
@@ -78,8 +81,9 @@ def project_2d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         if x.shape[1] > 50:
             x = PCA(50, random_state=seed).fit_transform(x)
         perplexity = min(30.0, (len(x) - 1) / 3)
-        return TSNE(2, perplexity=perplexity, init="pca", max_iter=TSNE_ITERATIONS,
-                    random_state=seed).fit_transform(x), "t-SNE"
+        return TSNE(
+            2, perplexity=perplexity, init="pca", max_iter=TSNE_ITERATIONS, random_state=seed
+        ).fit_transform(x), "t-SNE"
     from sklearn.neighbors import NearestNeighbors
 
     # exact neighbours from scikit-learn: for a few hundred points the same graph UMAP's nearest-neighbour
@@ -90,8 +94,9 @@ def project_2d(embeddings: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     # UMAP warns that without a search index it cannot transform new points: not needed here
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
-        return umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1,
-                         precomputed_knn=(neighbours, distances, None)).fit_transform(x), "UMAP"
+        return umap.UMAP(
+            n_neighbors=k, random_state=seed, n_jobs=1, precomputed_knn=(neighbours, distances, None)
+        ).fit_transform(x), "UMAP"
 
 
 def best_final_runs(sweep: Sweep) -> pd.DataFrame:
@@ -112,8 +117,9 @@ def load_test_embeddings(sweep: Sweep, notes: list[str]) -> dict[str, dict]:
             continue
         arrays = load_embeddings(sweep, best.loc[loss, "run_id"])
         if arrays is None:
-            notes.append(f"{loss}: run {best.loc[loss, 'run_id']} has no embeddings/test.npz, "
-                         "embedding panels skipped")
+            notes.append(
+                f"{loss}: run {best.loc[loss, 'run_id']} has no embeddings/test.npz, embedding panels skipped"
+            )
         else:
             found[loss] = arrays
     return found
@@ -129,8 +135,9 @@ def _grid(n: int, cols: int = 4, size: tuple[float, float] = (3.6, 3.4)):
     return fig, list(axes.flat)
 
 
-def projection_figure(embeddings: dict[str, dict], colors: dict, points: int = PROJECTION_POINTS,
-                      seed: int = 0) -> Figure:
+def projection_figure(
+    embeddings: dict[str, dict], colors: dict, points: int = PROJECTION_POINTS, seed: int = 0
+) -> Figure:
     """One 2-D projection panel per loss, points coloured by test class."""
     fig, axes = _grid(len(embeddings))
     method = "t-SNE"
@@ -148,8 +155,9 @@ def projection_figure(embeddings: dict[str, dict], colors: dict, points: int = P
     return fig
 
 
-def distance_figure(embeddings: dict[str, dict], colors: dict, points: int = 2000,
-                    seed: int = 0) -> tuple[Figure, dict]:
+def distance_figure(
+    embeddings: dict[str, dict], colors: dict, points: int = 2000, seed: int = 0
+) -> tuple[Figure, dict]:
     """Positive/negative pair distance histograms per loss; also returns ``{loss: overlap area}``."""
     fig, axes = _grid(len(embeddings))
     overlaps = {}
@@ -158,18 +166,30 @@ def distance_figure(embeddings: dict[str, dict], colors: dict, points: int = 200
         keep = subsample(labels, points, seed)
         pos, neg = pair_distances(arrays["embeddings"][keep], labels[keep])
         overlaps[loss] = overlap_area(pos, neg)
-        edges = np.linspace(min(pos.min(initial=np.inf), neg.min(initial=np.inf)),
-                            max(pos.max(initial=-np.inf), neg.max(initial=-np.inf)), 61)
-        ax.hist(neg, edges, density=True, histtype="stepfilled", color="0.55", alpha=0.55,
-                label="negative pairs")
-        ax.hist(pos, edges, density=True, histtype="stepfilled", color=colors[loss], alpha=0.7,
-                label="positive pairs (loss colour)")
+        edges = np.linspace(
+            min(pos.min(initial=np.inf), neg.min(initial=np.inf)),
+            max(pos.max(initial=-np.inf), neg.max(initial=-np.inf)),
+            61,
+        )
+        ax.hist(
+            neg, edges, density=True, histtype="stepfilled", color="0.55", alpha=0.55, label="negative pairs"
+        )
+        ax.hist(
+            pos,
+            edges,
+            density=True,
+            histtype="stepfilled",
+            color=colors[loss],
+            alpha=0.7,
+            label="positive pairs (loss colour)",
+        )
         ax.set_title(f"{loss}: overlap {overlaps[loss]:.3f}", color=colors[loss], fontsize=10)
         ax.set(xlabel="Euclidean distance (embedding units)", ylabel="density (1 / distance unit)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=9)
-    fig.suptitle("Test pair distances of each loss's best final run "
-                 "(overlap: shared area of the two densities)")
+    fig.suptitle(
+        "Test pair distances of each loss's best final run (overlap: shared area of the two densities)"
+    )
     return fig, overlaps
 
 
@@ -182,29 +202,54 @@ def triplet_quality_figure(sweep: Sweep, colors: dict) -> Figure:
     bottom = np.zeros(len(losses))
     for (key, label), hatch in zip(TRIPLET_KINDS, ("", "///", "xxx")):
         column = f"metrics.test/{key}"
-        values = np.array([finals.loc[finals["loss"] == loss, column].mean() if column in finals else np.nan
-                           for loss in losses])
+        values = np.array(
+            [
+                finals.loc[finals["loss"] == loss, column].mean() if column in finals else np.nan
+                for loss in losses
+            ]
+        )
         values = np.nan_to_num(values)
-        bars.bar(losses, values, bottom=bottom, color=[colors[loss] for loss in losses], hatch=hatch,
-                 edgecolor="black", linewidth=0.5)
+        bars.bar(
+            losses,
+            values,
+            bottom=bottom,
+            color=[colors[loss] for loss in losses],
+            hatch=hatch,
+            edgecolor="black",
+            linewidth=0.5,
+        )
         bars.bar(0, 0, color="white", hatch=hatch, edgecolor="black", linewidth=0.5, label=label)
         bottom += values
-    bars.set(title="Test triplets by difficulty", ylabel="fraction of triplets (mean over seeds)",
-             xlabel="loss", ylim=(0, 1.18))
+    bars.set(
+        title="Test triplets by difficulty",
+        ylabel="fraction of triplets (mean over seeds)",
+        xlabel="loss",
+        ylim=(0, 1.18),
+    )
     bars.tick_params(axis="x", rotation=30)
     bars.legend(loc="upper center", ncols=3, fontsize=8)
     if {"metrics.test/alignment", "metrics.test/uniformity"} <= set(finals.columns):
         for loss in losses:
             own = finals[finals["loss"] == loss]
-            scatter.scatter(own["metrics.test/alignment"], own["metrics.test/uniformity"], color=colors[loss],
-                            label=loss, s=36, edgecolor="black", linewidth=0.4)
+            scatter.scatter(
+                own["metrics.test/alignment"],
+                own["metrics.test/uniformity"],
+                color=colors[loss],
+                label=loss,
+                s=36,
+                edgecolor="black",
+                linewidth=0.4,
+            )
         scatter.legend(fontsize=8, title="loss (one point per seed)", title_fontsize=8)
     else:
-        scatter.text(0.5, 0.5, "no test/alignment or test/uniformity logged", ha="center",
-                     transform=scatter.transAxes)
-    scatter.set(title="Alignment vs uniformity (lower is better on both)",
-                xlabel="alignment: E ||f(x) - f(x+)||² over positive pairs",
-                ylabel="uniformity: log E exp(-2 ||f(x) - f(y)||²)")
+        scatter.text(
+            0.5, 0.5, "no test/alignment or test/uniformity logged", ha="center", transform=scatter.transAxes
+        )
+    scatter.set(
+        title="Alignment vs uniformity (lower is better on both)",
+        xlabel="alignment: E ||f(x) - f(x+)||² over positive pairs",
+        ylabel="uniformity: log E exp(-2 ||f(x) - f(y)||²)",
+    )
     scatter.grid(alpha=0.3)
     fig.suptitle("Test triplet difficulty and embedding alignment / uniformity of the final runs")
     return fig

@@ -6,6 +6,7 @@ The relation is Spearman's rank correlation of each quantity's last validated va
 MAP@R: the test MAP@R across the final runs, and the validation MAP@R of the same epoch across the
 trials (trials are never tested on the held-out classes).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,10 +51,15 @@ def geometry_correlations(sweep: Sweep) -> pd.DataFrame:
     for key in GEOMETRY_KEYS:
         column = f"metrics.val/{key}"
         row = {"quantity": key}
-        for suffix, runs, target in (("test", finals, "metrics.test/map_at_r"),
-                                     ("val", trials, "metrics.val/map_at_r")):
-            found = _spearman(runs[column], runs[target]) if column in runs and target in runs \
+        for suffix, runs, target in (
+            ("test", finals, "metrics.test/map_at_r"),
+            ("val", trials, "metrics.val/map_at_r"),
+        ):
+            found = (
+                _spearman(runs[column], runs[target])
+                if column in runs and target in runs
                 else (math.nan, math.nan, 0)
+            )
             row[f"rho_{suffix}"], row[f"p_{suffix}"], row[f"runs_{suffix}"] = found
         rows.append(row)
     return pd.DataFrame(rows).set_index("quantity")
@@ -61,6 +67,7 @@ def geometry_correlations(sweep: Sweep) -> pd.DataFrame:
 
 def correlation_table(correlations: pd.DataFrame) -> pd.DataFrame:
     """The correlations as display strings: ``rho (p, runs)``."""
+
     def cell(rho, p, n):
         return f"n/a ({int(n)} runs)" if math.isnan(rho) else f"{rho:+.2f} (p={p:.2g}, {int(n)} runs)"
 
@@ -68,12 +75,17 @@ def correlation_table(correlations: pd.DataFrame) -> pd.DataFrame:
         columns = [f"rho_{suffix}", f"p_{suffix}", f"runs_{suffix}"]
         return [cell(*v) for v in correlations[columns].itertuples(index=False)]
 
-    return pd.DataFrame({
-        "Spearman ρ with test MAP@R (final runs)": cells("test"),
-        "Spearman ρ with val MAP@R (trials)": cells("val"),
-    }, index=correlations.index)
+    return pd.DataFrame(
+        {
+            "Spearman ρ with test MAP@R (final runs)": cells("test"),
+            "Spearman ρ with val MAP@R (trials)": cells("val"),
+        },
+        index=correlations.index,
+    )
 
 
-GEOMETRY_NOTE = ("Geometry of the validation embeddings at each run's last validated epoch, on at most 2000 "
-                 "points: rank-correlated with test MAP@R across the final runs and with the same epoch's "
-                 "validation MAP@R across the trials (trials are not tested).")
+GEOMETRY_NOTE = (
+    "Geometry of the validation embeddings at each run's last validated epoch, on at most 2000 "
+    "points: rank-correlated with test MAP@R across the final runs and with the same epoch's "
+    "validation MAP@R across the trials (trials are not tested)."
+)

@@ -4,6 +4,7 @@ Analysis never trains: everything comes from the MLflow layout of ``docs/design.
 ``parent`` / ``trial`` / ``final`` / ``summary`` under one experiment per sweep) and from the
 sweep's Optuna storage (studies named ``<sweep>/<loss>``).
 """
+
 from __future__ import annotations
 
 import os
@@ -78,8 +79,17 @@ def runs_frame(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
         token = page.token
         if not token:
             break
-    empty = ["run_id", "run_name", "status", "start_time", "end_time", "role", "loss", "seed",
-             "parent_run_id"]
+    empty = [
+        "run_id",
+        "run_name",
+        "status",
+        "start_time",
+        "end_time",
+        "role",
+        "loss",
+        "seed",
+        "parent_run_id",
+    ]
     return pd.DataFrame(rows, columns=None if rows else empty)
 
 
@@ -94,11 +104,14 @@ def load_sweep(experiment: str | None, tracking_uri: str | None = None, storage:
     runs = runs_frame(client, exp.experiment_id)
     finished = runs[(runs["status"] == "FINISHED") & runs["role"].isin(["trial", "final"])]
     if finished.empty:
-        raise ValueError(f"experiment {exp.name!r} has no finished trial or final runs to analyse "
-                         f"({len(runs)} runs in all): wait for the sweep to finish or pick another "
-                         "--experiment")
-    sweep = Sweep(name=exp.name, experiment_id=exp.experiment_id, tracking_uri=uri, runs=runs,
-                  storage=storage)
+        raise ValueError(
+            f"experiment {exp.name!r} has no finished trial or final runs to analyse "
+            f"({len(runs)} runs in all): wait for the sweep to finish or pick another "
+            "--experiment"
+        )
+    sweep = Sweep(
+        name=exp.name, experiment_id=exp.experiment_id, tracking_uri=uri, runs=runs, storage=storage
+    )
     if storage:
         sweep.studies = load_studies(storage, exp.name, sweep.losses)
     return sweep
@@ -118,15 +131,22 @@ def load_studies(storage: str, sweep_name: str, losses: list[str]) -> dict:
 
     backend = optuna_storage(storage)
     names = {s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)}
-    return {loss: optuna.load_study(study_name=study_name(sweep_name, loss), storage=backend)
-            for loss in losses if study_name(sweep_name, loss) in names}
+    return {
+        loss: optuna.load_study(study_name=study_name(sweep_name, loss), storage=backend)
+        for loss in losses
+        if study_name(sweep_name, loss) in names
+    }
 
 
 def metric_histories(sweep: Sweep, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
     """Per-epoch values as a long table with columns ``run_id``, ``key``, ``step``, ``value``."""
     client = MlflowClient(tracking_uri=sweep.tracking_uri)
-    rows = [(run_id, key, m.step, m.value)
-            for run_id in run_ids for key in keys for m in client.get_metric_history(run_id, key)]
+    rows = [
+        (run_id, key, m.step, m.value)
+        for run_id in run_ids
+        for key in keys
+        for m in client.get_metric_history(run_id, key)
+    ]
     return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
 
 

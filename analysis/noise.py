@@ -8,6 +8,7 @@ rerun`` repeated a final run (nondeterministic kernels), and the mean half-width
 percentile bootstrap over test queries (:mod:`analysis.query_scores`); the paired comparisons
 (:mod:`analysis.paired`) are read against them.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,11 @@ METRIC = "map_at_r"
 def per_seed(sweep: Sweep, metric: str = METRIC) -> dict[str, pd.Series]:
     """``{loss: per-seed test metric}`` of every loss with a finished final run."""
     finals = sweep.role("final")
-    return {loss: values for loss in sweep.losses
-            if not (values := seed_values(finals[finals["loss"] == loss], metric)).empty}
+    return {
+        loss: values
+        for loss in sweep.losses
+        if not (values := seed_values(finals[finals["loss"] == loss], metric)).empty
+    }
 
 
 def query_scores(sweep: Sweep, notes: list[str]) -> pd.DataFrame:
@@ -41,20 +45,33 @@ def query_scores(sweep: Sweep, notes: list[str]) -> pd.DataFrame:
         if arrays is None:
             missing.add(run["loss"])
             continue
-        ap = average_precision_at_r(arrays["embeddings"], arrays["labels"],
-                                    arrays.get("ref_embeddings"), arrays.get("ref_labels"))
+        ap = average_precision_at_r(
+            arrays["embeddings"], arrays["labels"], arrays.get("ref_embeddings"), arrays.get("ref_labels")
+        )
         keep = ~np.isnan(ap)
-        frames.append(pd.DataFrame({"run_id": run["run_id"], "loss": run["loss"], "seed": run["seed"],
-                                    "label": np.asarray(arrays["labels"])[keep], "ap": ap[keep]}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "run_id": run["run_id"],
+                    "loss": run["loss"],
+                    "seed": run["seed"],
+                    "label": np.asarray(arrays["labels"])[keep],
+                    "ap": ap[keep],
+                }
+            )
+        )
     for loss in sorted(missing):
-        notes.append(f"{loss}: final runs without embeddings/test.npz have no query-bootstrap interval "
-                     "or per-class results")
+        notes.append(
+            f"{loss}: final runs without embeddings/test.npz have no query-bootstrap interval "
+            "or per-class results"
+        )
     columns = ["run_id", "loss", "seed", "label", "ap"]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
-def run_intervals(sweep: Sweep, scores: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLES,
-                  seed: int = 0) -> pd.DataFrame:
+def run_intervals(
+    sweep: Sweep, scores: pd.DataFrame, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> pd.DataFrame:
     """One row per final run in ``scores`` (:func:`query_scores`): ``run_id``, ``loss``, ``seed``,
     ``queries``, ``map_at_r`` (as logged), ``map_at_r_from_queries`` (mean per-query AP@R) and the
     query bootstrap's ``query_ci_low`` / ``query_ci_high``."""
@@ -62,12 +79,31 @@ def run_intervals(sweep: Sweep, scores: pd.DataFrame, resamples: int = BOOTSTRAP
     rows = []
     for (run_id, loss, run_seed), own in scores.groupby(["run_id", "loss", "seed"], sort=False):
         low, high = bootstrap_interval(own["ap"], resamples, seed=seed)
-        rows.append({"run_id": run_id, "loss": loss, "seed": run_seed, "queries": len(own),
-                     "map_at_r": logged.get(run_id, math.nan),
-                     "map_at_r_from_queries": float(own["ap"].mean()),
-                     "query_ci_low": low, "query_ci_high": high})
-    return pd.DataFrame(rows, columns=["run_id", "loss", "seed", "queries", "map_at_r",
-                                       "map_at_r_from_queries", "query_ci_low", "query_ci_high"])
+        rows.append(
+            {
+                "run_id": run_id,
+                "loss": loss,
+                "seed": run_seed,
+                "queries": len(own),
+                "map_at_r": logged.get(run_id, math.nan),
+                "map_at_r_from_queries": float(own["ap"].mean()),
+                "query_ci_low": low,
+                "query_ci_high": high,
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "run_id",
+            "loss",
+            "seed",
+            "queries",
+            "map_at_r",
+            "map_at_r_from_queries",
+            "query_ci_low",
+            "query_ci_high",
+        ],
+    )
 
 
 def rerun_spread(sweep: Sweep, metric: str = METRIC) -> pd.DataFrame:
@@ -91,8 +127,9 @@ def rerun_spread(sweep: Sweep, metric: str = METRIC) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["loss", "reruns", "rerun_sd"]).set_index("loss")
 
 
-def noise_floor(values: dict[str, pd.Series], intervals: pd.DataFrame,
-                reruns: pd.DataFrame | None = None) -> pd.DataFrame:
+def noise_floor(
+    values: dict[str, pd.Series], intervals: pd.DataFrame, reruns: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per loss (index): ``seeds``, ``mean``, ``sd`` (over seeds), ``min``, ``max`` of test MAP@R,
     ``query_half_width``, the mean half-width of its runs' query-bootstrap intervals, and from
     ``reruns`` (:func:`rerun_spread`) ``reruns`` and ``rerun_sd`` (0 and NaN without)."""
@@ -100,9 +137,17 @@ def noise_floor(values: dict[str, pd.Series], intervals: pd.DataFrame,
     for loss, series in values.items():
         own = intervals[intervals["loss"] == loss]
         half = ((own["query_ci_high"] - own["query_ci_low"]) / 2).mean() if len(own) else math.nan
-        rows.append({"loss": loss, "seeds": len(series), "mean": float(series.mean()),
-                     "sd": float(series.std(ddof=1)) if len(series) > 1 else math.nan,
-                     "min": float(series.min()), "max": float(series.max()), "query_half_width": float(half)})
+        rows.append(
+            {
+                "loss": loss,
+                "seeds": len(series),
+                "mean": float(series.mean()),
+                "sd": float(series.std(ddof=1)) if len(series) > 1 else math.nan,
+                "min": float(series.min()),
+                "max": float(series.max()),
+                "query_half_width": float(half),
+            }
+        )
     columns = ["loss", "seeds", "mean", "sd", "min", "max", "query_half_width"]
     table = pd.DataFrame(rows, columns=columns).set_index("loss")
     if reruns is None:

@@ -10,6 +10,7 @@ probability when the true mean difference is ``delta`` and the spread is the obs
 noncentrality ``delta * sqrt(n) / sd(d)`` (Cohen 1988, ch. 2). The sd comes from few seeds, so the
 count is an estimate (printed with ``~``).
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,13 @@ def seeds_needed(sd: float, delta: float, power: float = POWER, alpha: float = A
     return high
 
 
-def compare(values: pd.Series, other: pd.Series, delta: float = DETECT_POINTS / 100,
-            power: float = POWER, alpha: float = ALPHA) -> dict:
+def compare(
+    values: pd.Series,
+    other: pd.Series,
+    delta: float = DETECT_POINTS / 100,
+    power: float = POWER,
+    alpha: float = ALPHA,
+) -> dict:
     """The paired comparison of two per-seed series (index: seed): ``pairs``, ``diff_mean``,
     ``diff_ci_low``, ``diff_ci_high``, ``diff_sd``, ``p_t``, ``p_wilcoxon``, ``resolved`` (the
     t-test rejects at ``alpha``) and ``seeds_needed`` to detect ``delta``."""
@@ -76,21 +82,34 @@ def compare(values: pd.Series, other: pd.Series, delta: float = DETECT_POINTS / 
     p_t, pairs = paired_p_value(values, other)
     if pairs >= 2 and math.isnan(p_t):  # identical differences: no spread, the sign decides
         p_t = 1.0 if mean == 0 else 0.0
-    return {"pairs": pairs, "diff_mean": mean, "diff_ci_low": low, "diff_ci_high": high, "diff_sd": sd,
-            "p_t": p_t, "p_wilcoxon": wilcoxon_p_value(d) if d.size else math.nan,
-            "resolved": bool(pairs >= 2 and p_t < alpha),
-            "seeds_needed": seeds_needed(sd, delta, power, alpha)}
+    return {
+        "pairs": pairs,
+        "diff_mean": mean,
+        "diff_ci_low": low,
+        "diff_ci_high": high,
+        "diff_sd": sd,
+        "p_t": p_t,
+        "p_wilcoxon": wilcoxon_p_value(d) if d.size else math.nan,
+        "resolved": bool(pairs >= 2 and p_t < alpha),
+        "seeds_needed": seeds_needed(sd, delta, power, alpha),
+    }
 
 
 def ranking(per_seed: dict[str, pd.Series]) -> list[str]:
     """Losses by mean MAP@R over their seeds, best first (ties by name)."""
-    return sorted(per_seed,
-                  key=lambda loss: (-per_seed[loss].mean() if len(per_seed[loss]) else math.inf, loss))
+    return sorted(
+        per_seed, key=lambda loss: (-per_seed[loss].mean() if len(per_seed[loss]) else math.inf, loss)
+    )
 
 
-def paired_comparisons(per_seed: dict[str, pd.Series], pairing: str = "all", baseline: str | None = None,
-                       delta: float = DETECT_POINTS / 100, power: float = POWER,
-                       alpha: float = ALPHA) -> pd.DataFrame:
+def paired_comparisons(
+    per_seed: dict[str, pd.Series],
+    pairing: str = "all",
+    baseline: str | None = None,
+    delta: float = DETECT_POINTS / 100,
+    power: float = POWER,
+    alpha: float = ALPHA,
+) -> pd.DataFrame:
     """One row per pair (``loss``, ``other``), the better-ranked loss first: every pair of losses
     (``pairing="all"``) or every loss against ``baseline``; columns of :func:`compare`."""
     if pairing not in PAIRINGS:
@@ -100,10 +119,22 @@ def paired_comparisons(per_seed: dict[str, pd.Series], pairing: str = "all", bas
         pairs = list(combinations(order, 2))
     else:
         pairs = [(loss, baseline) for loss in order if loss != baseline] if baseline in per_seed else []
-    rows = [{"loss": a, "other": b, **compare(per_seed[a], per_seed[b], delta, power, alpha)}
-            for a, b in pairs]
-    columns = ["loss", "other", "pairs", "diff_mean", "diff_ci_low", "diff_ci_high", "diff_sd", "p_t",
-               "p_wilcoxon", "resolved", "seeds_needed"]
+    rows = [
+        {"loss": a, "other": b, **compare(per_seed[a], per_seed[b], delta, power, alpha)} for a, b in pairs
+    ]
+    columns = [
+        "loss",
+        "other",
+        "pairs",
+        "diff_mean",
+        "diff_ci_low",
+        "diff_ci_high",
+        "diff_sd",
+        "p_t",
+        "p_wilcoxon",
+        "resolved",
+        "seeds_needed",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -118,8 +149,10 @@ def decision(row, delta: float = DETECT_POINTS / 100) -> str:
         return f"not resolved, over {MAX_SEEDS} seeds needed"
     if needed > row["pairs"]:
         return f"not resolved, ~{needed:.0f} seeds needed"
-    return (f"not resolved; {row['pairs']} seeds detect {100 * delta:g} point, "
-            "so a real difference is likely smaller")
+    return (
+        f"not resolved; {row['pairs']} seeds detect {100 * delta:g} point, "
+        "so a real difference is likely smaller"
+    )
 
 
 def decision_line(row, delta: float = DETECT_POINTS / 100) -> str:
@@ -127,8 +160,12 @@ def decision_line(row, delta: float = DETECT_POINTS / 100) -> str:
     MAP@R)."""
     if math.isnan(row["diff_mean"]):
         return f"{row['loss']} vs {row['other']}: no shared seed"
-    interval = "" if math.isnan(row["diff_ci_low"]) else \
-        f" [{100 * row['diff_ci_low']:.1f}, {100 * row['diff_ci_high']:.1f}]"
+    interval = (
+        ""
+        if math.isnan(row["diff_ci_low"])
+        else f" [{100 * row['diff_ci_low']:.1f}, {100 * row['diff_ci_high']:.1f}]"
+    )
     p = "" if math.isnan(row["p_t"]) else f", p={row['p_t']:.2g}"
-    return (f"{row['loss']} vs {row['other']}: {100 * row['diff_mean']:+.1f}{interval}{p}: "
-            f"{decision(row, delta)}")
+    return (
+        f"{row['loss']} vs {row['other']}: {100 * row['diff_mean']:+.1f}{interval}{p}: {decision(row, delta)}"
+    )

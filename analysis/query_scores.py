@@ -7,6 +7,7 @@ percentile bootstrap (Efron & Tibshirani 1993; :func:`sweeps.statistics.bootstra
 resamples the test queries with replacement to give one run an interval: the test-set sampling
 noise, which seeds and reruns add to.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,9 @@ import torch
 
 
 @torch.no_grad()
-def average_precision_at_r(embeddings, labels, ref_embeddings=None, ref_labels=None,
-                           chunk_size: int = 512) -> np.ndarray:
+def average_precision_at_r(
+    embeddings, labels, ref_embeddings=None, ref_labels=None, chunk_size: int = 512
+) -> np.ndarray:
     """AP@R of every query (NaN where R = 0); the queries are their own references (each query's own
     item left out) unless ``ref_embeddings`` and ``ref_labels`` are given."""
     query = torch.as_tensor(np.asarray(embeddings), dtype=torch.float64)

@@ -2,6 +2,7 @@
 embedded as base64) and a Markdown version, written to a directory and logged as artifacts of the
 sweep's summary run (tag ``tripletlab.role=summary``) so they show in the MLflow UI.
 """
+
 from __future__ import annotations
 
 import base64
@@ -41,35 +42,39 @@ from .per_class import class_comparisons, class_map_at_r, class_table
 from .tuning import IMPORTANCE_EVALUATOR, trials_table, tuning_figure
 
 REPORT_ARTIFACT_DIR = "report"
-RECALL_NOTE = ("Paired test set: Recall@K is the share of queries whose own caption (or image) ranks in the "
-               "top K of the other modality; mean over the final seeds; chance R@1 is 1 / number of test "
-               "pairs.")
-CLASS_NOTE = ("Per-class MAP@R: the mean AP@R of each test class's queries, averaged over the final seeds "
-              "(all classes in per_class_map_at_r.csv). Each pair is compared over the classes both losses "
-              "have: the classes where the first is ahead, paired t-test and Wilcoxon p-values over classes, "
-              "and the classes with the largest differences.")
+RECALL_NOTE = (
+    "Paired test set: Recall@K is the share of queries whose own caption (or image) ranks in the "
+    "top K of the other modality; mean over the final seeds; chance R@1 is 1 / number of test "
+    "pairs."
+)
+CLASS_NOTE = (
+    "Per-class MAP@R: the mean AP@R of each test class's queries, averaged over the final seeds "
+    "(all classes in per_class_map_at_r.csv). Each pair is compared over the classes both losses "
+    "have: the classes where the first is ahead, paired t-test and Wilcoxon p-values over classes, "
+    "and the classes with the largest differences."
+)
 CAPTIONS = {
     "convergence": "Convergence of the final runs per loss: validation MAP@R, normalised training loss, "
-                   "active-triplet and margin-violation fractions (mean and min-max band over seeds).",
+    "active-triplet and margin-violation fractions (mean and min-max band over seeds).",
     "embedding_projection": "2-D projection of the test embeddings of each loss's best final run, "
-                            "coloured by class.",
+    "coloured by class.",
     "pair_distances": "Positive- and negative-pair distances on the test classes, with the overlap area of "
-                      "the two densities (lower is better).",
+    "the two densities (lower is better).",
     "triplet_quality": "Easy / semi-hard / hard test-triplet fractions, and alignment vs uniformity per "
-                       "final run.",
+    "final run.",
     "crossmodal_projection": "Images and their captions projected together from each loss's best final run: "
-                             "circles are images, triangles captions, colours classes.",
+    "circles are images, triangles captions, colours classes.",
     "tuning": f"Optuna optimisation history, hyperparameter importances ({IMPORTANCE_EVALUATOR}), and "
-              "validation MAP@R against the margin and the mining strategy for the margin-based losses.",
+    "validation MAP@R against the margin and the mining strategy for the margin-based losses.",
     "geometry": "Embedding geometry of the final runs on the validation split, per epoch: alignment, "
-                "uniformity, intra- and inter-class distance and their ratio, spectral decay ρ (mean and "
-                "min-max band over seeds).",
+    "uniformity, intra- and inter-class distance and their ratio, spectral decay ρ (mean and "
+    "min-max band over seeds).",
     "cost": "Cost per loss: test MAP@R against the total compute time of its trials and final runs, and the "
-            "time per training step with the loss and mining's part (forward and backward on one training "
-            "batch) and its peak memory.",
+    "time per training step with the loss and mining's part (forward and backward on one training "
+    "batch) and its peak memory.",
     "budget": "Expected best validation MAP@R after n trials per loss (Dodge et al. 2019), from the Optuna "
-              "history (pruned trials at their last report), with a ±1 sd band; an X marks where two "
-              "losses' curves cross.",
+    "history (pruned trials at their last report), with a ±1 sd band; an X marks where two "
+    "losses' curves cross.",
 }
 
 
@@ -106,8 +111,9 @@ def _save(fig: Figure, directory: Path, name: str) -> Path:
     return png
 
 
-def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int = PROJECTION_POINTS,
-                  seed: int = 0) -> tuple[dict[str, Path], dict[str, float]]:
+def build_figures(
+    sweep: Sweep, directory: Path, notes: list[str], points: int = PROJECTION_POINTS, seed: int = 0
+) -> tuple[dict[str, Path], dict[str, float]]:
     """Write every figure the sweep's data allows; returns the PNG paths and the distance overlaps."""
     colors = loss_colors(sweep.losses)
     figures, overlaps = {}, {}
@@ -115,19 +121,25 @@ def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int =
     if history.empty:
         notes.append("no per-epoch history in the final runs: convergence figure skipped")
     else:
-        figures["convergence"] = _save(convergence_figure(history, sweep.losses, colors), directory,
-                                       "convergence")
+        figures["convergence"] = _save(
+            convergence_figure(history, sweep.losses, colors), directory, "convergence"
+        )
     geometry = geometry_histories(sweep)
     if geometry.empty:
         notes.append("no per-epoch validation geometry in the final runs: geometry figure skipped")
     else:
-        figures["geometry"] = _save(convergence_figure(geometry, sweep.losses, colors, GEOMETRY_PANELS,
-                                                       "Embedding geometry on the validation split"),
-                                    directory, "geometry")
+        figures["geometry"] = _save(
+            convergence_figure(
+                geometry, sweep.losses, colors, GEOMETRY_PANELS, "Embedding geometry on the validation split"
+            ),
+            directory,
+            "geometry",
+        )
     embeddings = load_test_embeddings(sweep, notes)
     if embeddings:
-        figures["embedding_projection"] = _save(projection_figure(embeddings, colors, points, seed),
-                                                directory, "embedding_projection")
+        figures["embedding_projection"] = _save(
+            projection_figure(embeddings, colors, points, seed), directory, "embedding_projection"
+        )
         joint = joint_projection_figure(embeddings, colors, points, seed)
         if joint is not None:
             figures["crossmodal_projection"] = _save(joint, directory, "crossmodal_projection")
@@ -136,8 +148,9 @@ def build_figures(sweep: Sweep, directory: Path, notes: list[str], points: int =
     else:
         notes.append("no run has embeddings/test.npz: projection and distance figures skipped")
     if not sweep.role("final").empty:
-        figures["triplet_quality"] = _save(triplet_quality_figure(sweep, colors), directory,
-                                           "triplet_quality")
+        figures["triplet_quality"] = _save(
+            triplet_quality_figure(sweep, colors), directory, "triplet_quality"
+        )
     figures["tuning"] = _save(tuning_figure(sweep, colors, notes), directory, "tuning")
     return figures, overlaps
 
@@ -153,8 +166,9 @@ def build_budget(sweep: Sweep, directory: Path, figures: dict[str, Path]) -> str
     return crossing_note(crossed)
 
 
-def build_decisions(sweep: Sweep, directory: Path, notes: list[str], pairing: str, baseline: str,
-                    delta: float, seed: int) -> Decisions:
+def build_decisions(
+    sweep: Sweep, directory: Path, notes: list[str], pairing: str, baseline: str, delta: float, seed: int
+) -> Decisions:
     """Noise floor, paired comparisons and per-class results of test MAP@R; writes
     ``noise_floor.csv``, ``run_intervals.csv``, ``paired_comparisons.csv``,
     ``per_class_map_at_r.csv`` and ``class_comparisons.csv``."""
@@ -173,9 +187,16 @@ def build_decisions(sweep: Sweep, directory: Path, notes: list[str], pairing: st
     return Decisions(noise, comparisons, ranking_lines(noise, comparisons, delta), delta, classes)
 
 
-def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS, seed: int = 0,
-                 baseline: str = BASELINE_LOSS, log_to_mlflow: bool = True, pairing: str = "all",
-                 detect_points: float = DETECT_POINTS) -> Report:
+def build_report(
+    sweep: Sweep,
+    directory: Path,
+    points: int = PROJECTION_POINTS,
+    seed: int = 0,
+    baseline: str = BASELINE_LOSS,
+    log_to_mlflow: bool = True,
+    pairing: str = "all",
+    detect_points: float = DETECT_POINTS,
+) -> Report:
     """Write figures, tables, ``report.html`` and ``report.md`` to ``directory``; log them to MLflow.
 
     ``pairing`` ("all" or "baseline") picks the paired comparisons; ``detect_points`` is the MAP@R
@@ -196,18 +217,28 @@ def build_report(sweep: Sweep, directory: Path, points: int = PROJECTION_POINTS,
     if baseline not in table.index:
         notes.append(f"no {baseline!r} baseline in this sweep: no paired tests (choose one with --baseline)")
     shown = format_table(table, baseline)
-    shown["pair-distance overlap"] = ["n/a" if math.isnan(v) else f"{v:.3f}"
-                                      for v in table["pair_distance_overlap"]]
-    report = Report(directory, directory / "report.html", directory / "report.md", table, figures, notes,
-                    decisions=decisions)
+    shown["pair-distance overlap"] = [
+        "n/a" if math.isnan(v) else f"{v:.3f}" for v in table["pair_distance_overlap"]
+    ]
+    report = Report(
+        directory,
+        directory / "report.html",
+        directory / "report.md",
+        table,
+        figures,
+        notes,
+        decisions=decisions,
+    )
     recalls = recall_table(sweep)
     if not recalls.empty:
         recalls.to_csv(directory / "crossmodal_recall.csv")
     geometry = correlation_table(correlations)
-    report.html.write_text(_html(sweep, shown, figures, notes, baseline, recalls, decisions, geometry),
-                           encoding="utf-8")
+    report.html.write_text(
+        _html(sweep, shown, figures, notes, baseline, recalls, decisions, geometry), encoding="utf-8"
+    )
     report.markdown.write_text(
-        _markdown(sweep, shown, figures, notes, baseline, recalls, decisions, geometry), encoding="utf-8")
+        _markdown(sweep, shown, figures, notes, baseline, recalls, decisions, geometry), encoding="utf-8"
+    )
     if log_to_mlflow:
         report.run_id = log_report(sweep, directory)
     return report
@@ -220,8 +251,9 @@ def log_report(sweep: Sweep, directory: Path) -> str:
     if len(summaries):
         run_id = summaries.sort_values("start_time").iloc[-1]["run_id"]
     else:
-        run_id = client.create_run(sweep.experiment_id, run_name="analysis",
-                                   tags={ROLE_TAG: "summary"}).info.run_id
+        run_id = client.create_run(
+            sweep.experiment_id, run_name="analysis", tags={ROLE_TAG: "summary"}
+        ).info.run_id
         client.set_terminated(run_id)
     client.log_artifacts(run_id, str(directory), artifact_path=REPORT_ARTIFACT_DIR)
     return run_id
@@ -233,68 +265,122 @@ def _header(sweep: Sweep) -> list[tuple[str, str]]:
     datasets = ", ".join(sorted(logged.dropna().unique())) or "unknown"
     finals = sweep.role("final")
     return [
-        ("Experiment", sweep.name), ("Dataset", datasets), ("Losses", ", ".join(sweep.losses)),
+        ("Experiment", sweep.name),
+        ("Dataset", datasets),
+        ("Losses", ", ".join(sweep.losses)),
         ("Runs", f"{len(sweep.role('trial'))} finished trials, {len(finals)} finished final runs"),
-        ("Tracking URI", sweep.tracking_uri), ("Optuna storage", sweep.storage or "not loaded"),
+        ("Tracking URI", sweep.tracking_uri),
+        ("Optuna storage", sweep.storage or "not loaded"),
         ("Generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     ]
 
 
 def _table_note(baseline: str) -> str:
-    return ("Test-split metrics, in %: mean and Student-t 95% interval over the final seeds "
-            f"(clipped to [0, 100]). p: two-sided paired t-test of MAP@R against the {baseline} baseline, "
-            "paired by seed (— when fewer than two shared seeds). Wall clock: the loss's trial and final "
-            "runs, summed. ms / step: wall time per training step in the final runs (validation left out); "
-            "loss + mining: one forward and backward of the loss alone on a training batch, its time and "
-            "peak memory (mean over final runs). "
-            "Pair-distance overlap: see the distance figure (lower separates classes better).")
+    return (
+        "Test-split metrics, in %: mean and Student-t 95% interval over the final seeds "
+        f"(clipped to [0, 100]). p: two-sided paired t-test of MAP@R against the {baseline} baseline, "
+        "paired by seed (— when fewer than two shared seeds). Wall clock: the loss's trial and final "
+        "runs, summed. ms / step: wall time per training step in the final runs (validation left out); "
+        "loss + mining: one forward and backward of the loss alone on a training batch, its time and "
+        "peak memory (mean over final runs). "
+        "Pair-distance overlap: see the distance figure (lower separates classes better)."
+    )
 
 
-def _html(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
-          recalls: pd.DataFrame, decisions: Decisions, geometry: pd.DataFrame) -> str:
+def _html(
+    sweep: Sweep,
+    table: pd.DataFrame,
+    figures: dict[str, Path],
+    notes: list[str],
+    baseline: str,
+    recalls: pd.DataFrame,
+    decisions: Decisions,
+    geometry: pd.DataFrame,
+) -> str:
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _header(sweep))
-    body = [f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>",
-            f"<table class='meta'>{head}</table>",
-            "<h2>Comparison</h2>", table.to_html(escape=True, classes="comparison"),
-            f"<p>{html.escape(_table_note(baseline))}</p>",
-            "<h2 id='decisions'>Is the difference real?</h2>",
-            "<pre class='ranking'>" + html.escape("\n".join(decisions.lines)) + "</pre>",
-            "<h3>Noise floor</h3>", noise_table(decisions.noise).to_html(escape=True, classes="noise"),
-            "<h3>Paired comparisons</h3>",
-            decision_table(decisions.comparisons, decisions.delta).to_html(escape=True, classes="paired"),
-            f"<p>{html.escape(decisions_note(decisions.delta))}</p>",
-            "<h3>Per-class results</h3>",
-            class_table(decisions.classes).to_html(escape=True, classes="per-class"),
-            f"<p>{html.escape(CLASS_NOTE)}</p>",
-            "<h2>Embedding geometry and retrieval</h2>", geometry.to_html(escape=True, classes="geometry"),
-            f"<p>{html.escape(GEOMETRY_NOTE)}</p>"]
+    body = [
+        f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>",
+        f"<table class='meta'>{head}</table>",
+        "<h2>Comparison</h2>",
+        table.to_html(escape=True, classes="comparison"),
+        f"<p>{html.escape(_table_note(baseline))}</p>",
+        "<h2 id='decisions'>Is the difference real?</h2>",
+        "<pre class='ranking'>" + html.escape("\n".join(decisions.lines)) + "</pre>",
+        "<h3>Noise floor</h3>",
+        noise_table(decisions.noise).to_html(escape=True, classes="noise"),
+        "<h3>Paired comparisons</h3>",
+        decision_table(decisions.comparisons, decisions.delta).to_html(escape=True, classes="paired"),
+        f"<p>{html.escape(decisions_note(decisions.delta))}</p>",
+        "<h3>Per-class results</h3>",
+        class_table(decisions.classes).to_html(escape=True, classes="per-class"),
+        f"<p>{html.escape(CLASS_NOTE)}</p>",
+        "<h2>Embedding geometry and retrieval</h2>",
+        geometry.to_html(escape=True, classes="geometry"),
+        f"<p>{html.escape(GEOMETRY_NOTE)}</p>",
+    ]
     if not recalls.empty:
-        body += ["<h2>Cross-modal retrieval</h2>", recalls.to_html(escape=True, classes="recall"),
-                 f"<p>{html.escape(RECALL_NOTE)}</p>"]
+        body += [
+            "<h2>Cross-modal retrieval</h2>",
+            recalls.to_html(escape=True, classes="recall"),
+            f"<p>{html.escape(RECALL_NOTE)}</p>",
+        ]
     for name, png in figures.items():
         data = base64.b64encode(png.read_bytes()).decode("ascii")
-        body.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
-                    f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>")
+        body.append(
+            f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"
+        )
     if notes:
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
-    style = ("body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}"
-             "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#444}")
-    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(sweep.name)} report</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#444}"
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(sweep.name)} report</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
-def _markdown(sweep: Sweep, table: pd.DataFrame, figures: dict[str, Path], notes: list[str], baseline: str,
-              recalls: pd.DataFrame, decisions: Decisions, geometry: pd.DataFrame) -> str:
+def _markdown(
+    sweep: Sweep,
+    table: pd.DataFrame,
+    figures: dict[str, Path],
+    notes: list[str],
+    baseline: str,
+    recalls: pd.DataFrame,
+    decisions: Decisions,
+    geometry: pd.DataFrame,
+) -> str:
     lines = [f"# tripletlab sweep report: {sweep.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _header(sweep)]
     lines += ["", "## Comparison", "", frame_markdown(table), "", _table_note(baseline), ""]
-    lines += ["## Is the difference real?", "", "```", *decisions.lines, "```", "", "### Noise floor", "",
-              frame_markdown(noise_table(decisions.noise)), "", "### Paired comparisons", "",
-              frame_markdown(decision_table(decisions.comparisons, decisions.delta)), "",
-              decisions_note(decisions.delta), "", "### Per-class results", "",
-              frame_markdown(class_table(decisions.classes)), "", CLASS_NOTE, ""]
+    lines += [
+        "## Is the difference real?",
+        "",
+        "```",
+        *decisions.lines,
+        "```",
+        "",
+        "### Noise floor",
+        "",
+        frame_markdown(noise_table(decisions.noise)),
+        "",
+        "### Paired comparisons",
+        "",
+        frame_markdown(decision_table(decisions.comparisons, decisions.delta)),
+        "",
+        decisions_note(decisions.delta),
+        "",
+        "### Per-class results",
+        "",
+        frame_markdown(class_table(decisions.classes)),
+        "",
+        CLASS_NOTE,
+        "",
+    ]
     lines += ["## Embedding geometry and retrieval", "", frame_markdown(geometry), "", GEOMETRY_NOTE, ""]
     if not recalls.empty:
         lines += ["## Cross-modal retrieval", "", frame_markdown(recalls.astype(str)), "", RECALL_NOTE, ""]

@@ -4,6 +4,7 @@
 Importances use Optuna's PED-ANOVA evaluator (Watanabe et al., IJCAI 2023; Optuna 5's default for
 ``get_param_importances``), passed explicitly so the figure names the evaluator it really used.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,20 +40,42 @@ def trials_table(sweep: Sweep) -> pd.DataFrame:
             for t in study.get_trials(deepcopy=False):
                 if t.state == optuna.trial.TrialState.RUNNING or t.state == optuna.trial.TrialState.WAITING:
                     continue
-                value = t.value if t.value is not None else (
-                    t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else math.nan)
+                value = (
+                    t.value
+                    if t.value is not None
+                    else (
+                        t.intermediate_values[max(t.intermediate_values)]
+                        if t.intermediate_values
+                        else math.nan
+                    )
+                )
                 state = t.state.name.lower().replace("fail", "failed")
-                rows.append({"loss": loss, "number": t.number, "state": state,
-                             "value": value, **{f"param.{k}": v for k, v in t.params.items()}})
+                rows.append(
+                    {
+                        "loss": loss,
+                        "number": t.number,
+                        "state": state,
+                        "value": value,
+                        **{f"param.{k}": v for k, v in t.params.items()},
+                    }
+                )
     else:
         trials = sweep.runs[sweep.runs["role"] == "trial"]
         for _, run in trials.iterrows():
             number = run.get("tags.optuna.trial_number")
-            rows.append({"loss": run["loss"], "number": int(number) if pd.notna(number) else math.nan,
-                         "state": run.get(f"tags.{TRIAL_STATE_TAG}") or "complete",
-                         "value": run.get(TRIAL_VALUE, math.nan),
-                         **{f"param.{k[len('params.'):]}": v for k, v in run.items()
-                            if k.startswith("params.loss.") and pd.notna(v)}})
+            rows.append(
+                {
+                    "loss": run["loss"],
+                    "number": int(number) if pd.notna(number) else math.nan,
+                    "state": run.get(f"tags.{TRIAL_STATE_TAG}") or "complete",
+                    "value": run.get(TRIAL_VALUE, math.nan),
+                    **{
+                        f"param.{k[len('params.') :]}": v
+                        for k, v in run.items()
+                        if k.startswith("params.loss.") and pd.notna(v)
+                    },
+                }
+            )
     table = pd.DataFrame(rows, columns=["loss", "number", "state", "value"] if not rows else None)
     return table.sort_values(["loss", "number"]).reset_index(drop=True)
 
@@ -69,7 +92,8 @@ def param_importances(sweep: Sweep, notes: list[str]) -> dict[str, dict[str, flo
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out[loss] = optuna.importance.get_param_importances(
-                    study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+                    study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+                )
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             notes.append(f"{loss}: parameter importances unavailable ({exc})")
     return out
@@ -87,13 +111,18 @@ def history_axes(ax, trials: pd.DataFrame, losses: list[str], colors: dict) -> N
         ax.scatter(pruned["number"], pruned["value"], facecolors="none", edgecolors=colors[loss], s=18)
         if not done.empty:
             ax.step(done["number"], done["value"].cummax(), where="post", color=colors[loss], label=loss)
-    ax.set(title="Optimisation history (line: best so far)", xlabel="trial number",
-           ylabel="validation MAP@R (objective)")
+    ax.set(
+        title="Optimisation history (line: best so far)",
+        xlabel="trial number",
+        ylabel="validation MAP@R (objective)",
+    )
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], marker="o", ls="", color="0.3", label="complete"),
-                Line2D([], [], marker="o", ls="", mfc="none", color="0.3", label="pruned (last report)")]
+    handles += [
+        Line2D([], [], marker="o", ls="", color="0.3", label="complete"),
+        Line2D([], [], marker="o", ls="", mfc="none", color="0.3", label="pruned (last report)"),
+    ]
     ax.legend(handles=handles, fontsize=7, loc="lower right")
 
 
@@ -108,8 +137,11 @@ def importance_axes(ax, importances: dict[str, dict[str, float]], colors: dict) 
         ax.barh(y, [imp.get(p, 0.0) for p in params], height=height, color=colors[loss], label=loss)
     ax.set_yticks(np.arange(len(params)), params)
     ax.invert_yaxis()
-    ax.set(title=f"Hyperparameter importance (evaluator: {IMPORTANCE_EVALUATOR})",
-           xlabel="normalised importance (sums to 1 per loss)", ylabel="hyperparameter")
+    ax.set(
+        title=f"Hyperparameter importance (evaluator: {IMPORTANCE_EVALUATOR})",
+        xlabel="normalised importance (sums to 1 per loss)",
+        ylabel="hyperparameter",
+    )
     if importances:
         ax.legend(fontsize=7, loc="lower right")
 
@@ -125,16 +157,22 @@ def margin_axes(ax, trials: pd.DataFrame, colors: dict) -> None:
         ax.text(0.5, 0.5, "no trial tuned a margin", ha="center", transform=ax.transAxes)
     else:
         ax.legend(fontsize=7)
-    ax.set(title="Triplet family: metric vs margin", xlabel="margin m (distance units)",
-           ylabel="validation MAP@R")
+    ax.set(
+        title="Triplet family: metric vs margin",
+        xlabel="margin m (distance units)",
+        ylabel="validation MAP@R",
+    )
     ax.grid(alpha=0.3)
 
 
 def mining_axes(ax, trials: pd.DataFrame, colors: dict) -> None:
     """Validation MAP@R of complete trials per mining strategy (one jittered column per loss)."""
     column = f"param.{MINING_PARAM}"
-    done = trials[trials["state"] == "complete"].dropna(subset=[column, "value"]) if column in trials \
+    done = (
+        trials[trials["state"] == "complete"].dropna(subset=[column, "value"])
+        if column in trials
         else trials.iloc[0:0]
+    )
     if done.empty:
         ax.text(0.5, 0.5, "no trial tuned a mining strategy", ha="center", transform=ax.transAxes)
     strategies = sorted(done[column].astype(str).unique()) if not done.empty else []
@@ -151,8 +189,11 @@ def mining_axes(ax, trials: pd.DataFrame, colors: dict) -> None:
             xs = strategies.index(s) - 0.35 + width * (i + 0.5)
             ax.hlines(m, xs - width / 2.5, xs + width / 2.5, color=colors[loss], lw=2)
     ax.set_xticks(range(len(strategies)), strategies)
-    ax.set(title="Triplet family: metric vs mining strategy (bar: mean)", xlabel="mining strategy",
-           ylabel="validation MAP@R")
+    ax.set(
+        title="Triplet family: metric vs mining strategy (bar: mean)",
+        xlabel="mining strategy",
+        ylabel="validation MAP@R",
+    )
     if losses:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")

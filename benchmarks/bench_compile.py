@@ -16,6 +16,7 @@ largest difference of the loss value and of the gradients from eager. Writes
     python -m benchmarks.bench_compile                          # inductor, the default backend
     python -m benchmarks.bench_compile --quick --backend aot_eager   # tracing only, a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,8 @@ import torch
 
 from experiments.eval.run_metrics import channels_last
 from experiments.models.image import build_model
-from losses import build_loss
-
 from experiments.tracking.provenance import git_commit
+from losses import build_loss
 
 from .bench_losses import RESULTS_DIR, describe_device, device_slug
 
@@ -73,8 +73,15 @@ def _timed_ms(fn: Callable, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def check(name: str, eager: Callable, compiled: Callable, inputs: list[torch.Tensor],
-          params: list[torch.Tensor], repeats: int, device) -> dict:
+def check(
+    name: str,
+    eager: Callable,
+    compiled: Callable,
+    inputs: list[torch.Tensor],
+    params: list[torch.Tensor],
+    repeats: int,
+    device,
+) -> dict:
     """Compare one step of ``eager`` and ``compiled`` (its first call compiles), then time both over
     interleaved repeats."""
     from torch._dynamo.utils import counters
@@ -88,23 +95,34 @@ def check(name: str, eager: Callable, compiled: Callable, inputs: list[torch.Ten
     compile_seconds = time.perf_counter() - start
     times = {"eager": [], "compiled": []}
     for r in range(repeats):
-        for who, fn in ((("eager", eager), ("compiled", compiled)) if r % 2 == 0
-                        else (("compiled", compiled), ("eager", eager))):
+        for who, fn in (
+            (("eager", eager), ("compiled", compiled))
+            if r % 2 == 0
+            else (("compiled", compiled), ("eager", eager))
+        ):
             times[who].append(_timed_ms(lambda: _step(fn, inputs, params), device))
     eager_ms, compiled_ms = statistics.median(times["eager"]), statistics.median(times["compiled"])
     scale = float(torch.stack([reference[0].abs()] + [g.abs().max() for g in reference[1]]).max())
-    return {"check": name, "compile_seconds": compile_seconds, "eager_ms": eager_ms,
-            "compiled_ms": compiled_ms, "speedup": eager_ms / compiled_ms,
-            "graph_breaks": int(sum(counters["graph_break"].values())),
-            "max_abs_diff": _max_diff(reference, result), "scale": scale}
+    return {
+        "check": name,
+        "compile_seconds": compile_seconds,
+        "eager_ms": eager_ms,
+        "compiled_ms": compiled_ms,
+        "speedup": eager_ms / compiled_ms,
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "max_abs_diff": _max_diff(reference, result),
+        "scale": scale,
+    }
 
 
 def _training_step(model, loss, amp) -> Callable:
     """The trainer's forward: the model under autocast, then the loss's ``compute`` in float32."""
+
     def step(x, y):
         with amp:
             embeddings = model(x)
         return loss.compute(embeddings.float(), y, None, None)
+
     return step
 
 
@@ -116,8 +134,15 @@ def model_check(device, batch: int, backend: str, repeats: int) -> dict:
     images = channels_last(torch.randn(batch, 1, 28, 28, generator=generator).to(device))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     compiled = torch.compile(model, backend=backend)  # as train.compile=true does
-    return check("model", _training_step(model, loss, amp), _training_step(compiled, loss, amp),
-                 [images, _pk_labels(batch, device)], list(model.parameters()), repeats, device)
+    return check(
+        "model",
+        _training_step(model, loss, amp),
+        _training_step(compiled, loss, amp),
+        [images, _pk_labels(batch, device)],
+        list(model.parameters()),
+        repeats,
+        device,
+    )
 
 
 def loss_check(name: str, device, n: int, dim: int, backend: str, repeats: int) -> dict:
@@ -128,8 +153,16 @@ def loss_check(name: str, device, n: int, dim: int, backend: str, repeats: int) 
 
     def eager(e, y):
         return loss.compute(e, y, None, None)
-    return check(f"loss:{name}", eager, torch.compile(eager, backend=backend), [x, _pk_labels(n, device)],
-                 [x], repeats, device)
+
+    return check(
+        f"loss:{name}",
+        eager,
+        torch.compile(eager, backend=backend),
+        [x, _pk_labels(n, device)],
+        [x],
+        repeats,
+        device,
+    )
 
 
 def passed(row: dict, dtype_tolerance: float) -> bool:
@@ -138,24 +171,30 @@ def passed(row: dict, dtype_tolerance: float) -> bool:
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# torch.compile check ({report['device']['name']})", "",
-             f"- torch {report['torch']}, backend `{report['backend']}`; git commit {report['git_commit']}, "
-             f"{report['date']}",
-             f"- model: CNN + batch-hard forward and backward on {report['batch']} images"
-             + (" (bf16 autocast)" if report["device"]["type"] == "cuda" else "")
-             + f"; losses alone on n={report['n']}, d={report['dim']}; median of {report['repeats']} "
-             "interleaved repeats after the compiling call", "",
-             "| check | compile s | eager ms | compiled ms | speedup | graph breaks | max abs diff "
-             "| same as eager |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# torch.compile check ({report['device']['name']})",
+        "",
+        f"- torch {report['torch']}, backend `{report['backend']}`; git commit {report['git_commit']}, "
+        f"{report['date']}",
+        f"- model: CNN + batch-hard forward and backward on {report['batch']} images"
+        + (" (bf16 autocast)" if report["device"]["type"] == "cuda" else "")
+        + f"; losses alone on n={report['n']}, d={report['dim']}; median of {report['repeats']} "
+        "interleaved repeats after the compiling call",
+        "",
+        "| check | compile s | eager ms | compiled ms | speedup | graph breaks | max abs diff "
+        "| same as eager |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in report["checks"]:
         if "error" in r:
             lines.append(f"| {r['check']} | - | - | - | - | - | - | failed: {r['error']} |")
             continue
-        lines.append(f"| {r['check']} | {r['compile_seconds']:.1f} | {r['eager_ms']:.2f} "
-                     f"| {r['compiled_ms']:.2f} "
-                     f"| {r['speedup']:.2f}x | {r['graph_breaks']} | {r['max_abs_diff']:.1e} "
-                     f"| {'yes' if r['same_as_eager'] else 'NO'} |")
+        lines.append(
+            f"| {r['check']} | {r['compile_seconds']:.1f} | {r['eager_ms']:.2f} "
+            f"| {r['compiled_ms']:.2f} "
+            f"| {r['speedup']:.2f}x | {r['graph_breaks']} | {r['max_abs_diff']:.1e} "
+            f"| {'yes' if r['same_as_eager'] else 'NO'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -174,8 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     batch, n, dim, repeats = (32, 32, 16, 2) if args.quick else (256, 1024, 128, args.repeats)
     runs = [("model", lambda: model_check(device, batch, args.backend, repeats))]
-    runs += [(f"loss:{name}", lambda name=name: loss_check(name, device, n, dim, args.backend, repeats))
-             for name in args.losses.split(",")]
+    runs += [
+        (f"loss:{name}", lambda name=name: loss_check(name, device, n, dim, args.backend, repeats))
+        for name in args.losses.split(",")
+    ]
     tolerance = 2e-2 if device.type == "cuda" else 1e-4  # bf16 autocast on CUDA
     checks = []
     for name, run in runs:
@@ -187,10 +228,19 @@ def main(argv: list[str] | None = None) -> dict:
         checks.append(row)
         print(json.dumps(row), flush=True)
     info = describe_device(device)
-    report = {"device": info, "torch": torch.__version__, "git_commit": git_commit(), "backend": args.backend,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "batch": batch, "n": n, "dim": dim, "repeats": repeats, "tolerance": tolerance,
-              "checks": checks}
+    report = {
+        "device": info,
+        "torch": torch.__version__,
+        "git_commit": git_commit(),
+        "backend": args.backend,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "batch": batch,
+        "n": n,
+        "dim": dim,
+        "repeats": repeats,
+        "tolerance": tolerance,
+        "checks": checks,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"compile-{device_slug(info)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

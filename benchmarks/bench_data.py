@@ -22,6 +22,7 @@ temporary folder, then measures each step in a fresh process, so that each peak 
 Results go to ``benchmarks/results/data-<device>.{md,json}``, with figures extrapolated to the
 sizes of CUB-200-2011, Cars196, In-shop and Stanford Online Products (rules in the file).
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,12 @@ from .reporting import write_report
 RESULTS = Path(__file__).parent / "results"
 IMAGE_SIZE, CROP, PHOTO = 256, 224, (400, 300)
 HELD_BATCHES = PREFETCH_DEPTH + 2  # queued, being gathered, being copied to the device
-BENCHMARKS = {"CUB-200-2011": (11_788, 5_864), "Cars196": (16_185, 8_054), "In-shop": (52_712, 25_882),
-              "Stanford Online Products": (120_053, 59_551)}  # images, official training images
+BENCHMARKS = {
+    "CUB-200-2011": (11_788, 5_864),
+    "Cars196": (16_185, 8_054),
+    "In-shop": (52_712, 25_882),
+    "Stanford Online Products": (120_053, 59_551),
+}  # images, official training images
 PHASES = ("decode", "reload", "baseline", "memory", "stream")
 
 
@@ -103,9 +108,14 @@ def _train(data: LabeledImages, args, resident_mb: float) -> dict:
     steps = args.steps
     batches = torch.cat([sampler.epoch_batches(epoch) for epoch in range(-(-steps // len(sampler)))])[:steps]
     outcome = train(model, build_loss("batch_hard").to(device), on_device, batches, None, cfg, device)
-    return {"streams": on_device.streams, "steps": steps, "seconds": outcome.train_seconds,
-            "images_per_s": steps * args.p * args.k / outcome.train_seconds,
-            "batch_bytes": args.p * args.k * int(np.prod(data.image_shape)), "split_bytes": data.nbytes}
+    return {
+        "streams": on_device.streams,
+        "steps": steps,
+        "seconds": outcome.train_seconds,
+        "images_per_s": steps * args.p * args.k / outcome.train_seconds,
+        "batch_bytes": args.p * args.k * int(np.prod(data.image_shape)),
+        "split_bytes": data.nbytes,
+    }
 
 
 def run_phase(phase: str, args) -> dict:
@@ -120,17 +130,34 @@ def run_phase(phase: str, args) -> dict:
     if phase == "baseline":  # the same run, training on one batch's worth of images
         n = args.p * args.k
         images = torch.randint(0, 256, (n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-        result.update(_train(LabeledImages(images, torch.arange(n) % args.p, True, (0.5,) * 3, (0.25,) * 3),
-                             args, 1e9))
+        result.update(
+            _train(LabeledImages(images, torch.arange(n) % args.p, True, (0.5,) * 3, (0.25,) * 3), args, 1e9)
+        )
     if phase in ("memory", "stream"):
         result.update(_train(splits.train, args, 1e9 if phase == "memory" else 1))
     return {**result, "start_rss": start_rss, "peak_rss": peak_rss()}
 
 
 def _subprocess(phase: str, args, cache: Path) -> dict:
-    command = [sys.executable, "-m", "benchmarks.bench_data", "--phase", phase, "--tree", str(args.tree),
-               "--count", str(args.count), "--steps", str(args.steps), "--p", str(args.p), "--k", str(args.k),
-               "--device", args.device]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_data",
+        "--phase",
+        phase,
+        "--tree",
+        str(args.tree),
+        "--count",
+        str(args.count),
+        "--steps",
+        str(args.steps),
+        "--p",
+        str(args.p),
+        "--k",
+        str(args.k),
+        "--device",
+        args.device,
+    ]
     env = {**os.environ, "TRIPLETLAB_CACHE": str(cache)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
     if done.returncode:
@@ -159,17 +186,25 @@ def extrapolate(results: dict) -> list[dict]:
     baseline = results["baseline"]["peak_rss"]
     rows = []
     for name, (images, train_images) in BENCHMARKS.items():
-        rows.append({"dataset": name, "images": images, "cache_bytes": images * image_bytes,
-                     "decode_s": images / rate, "reload_s": images * reload,
-                     "memory_rss": baseline + 1.5 * train_images * image_bytes,
-                     "stream_rss": results["stream"]["peak_rss"]})
+        rows.append(
+            {
+                "dataset": name,
+                "images": images,
+                "cache_bytes": images * image_bytes,
+                "decode_s": images / rate,
+                "reload_s": images * reload,
+                "memory_rss": baseline + 1.5 * train_images * image_bytes,
+                "stream_rss": results["stream"]["peak_rss"],
+            }
+        )
     return rows
 
 
 def render(results: dict) -> str:
     d, r, b, m, s = (results[p] for p in PHASES)
     lines = [
-        f"# Image data path: decode cache and streaming ({results['device']['name']})", "",
+        f"# Image data path: decode cache and streaming ({results['device']['name']})",
+        "",
         f"- Date: {results['date']}; commit {results['commit']}; torch {results['torch']}; "
         f"{results['device']['type']} ({results['device'].get('threads', '')} threads); "
         f"{results['cpus']} CPUs, load average {results['load']:.1f} at the start (other work shares them).",
@@ -184,41 +219,89 @@ def render(results: dict) -> str:
     ]
     if results.get("note"):
         lines.append(f"- Note: {results['note']}")
-    bound = {k: b["peak_rss"] + 1.5 * kept for k, kept in
-             (("memory", m["split_bytes"]), ("stream", HELD_BATCHES * s["batch_bytes"]))}
-    met = {k: "met" if phase["peak_rss"] <= bound[k] else "MISSED"
-           for k, phase in (("memory", m), ("stream", s))}
+    bound = {
+        k: b["peak_rss"] + 1.5 * kept
+        for k, kept in (("memory", m["split_bytes"]), ("stream", HELD_BATCHES * s["batch_bytes"]))
+    }
+    met = {
+        k: "met" if phase["peak_rss"] <= bound[k] else "MISSED" for k, phase in (("memory", m), ("stream", s))
+    }
     steps = [
-        ["first load (decode into the cache)", f"{d['images_per_s']:.0f} images/s ({d['seconds']:.1f} s)",
-         _gb(d["peak_rss"]), "-"],
+        [
+            "first load (decode into the cache)",
+            f"{d['images_per_s']:.0f} images/s ({d['seconds']:.1f} s)",
+            _gb(d["peak_rss"]),
+            "-",
+        ],
         ["second load (from the cache)", f"{r['seconds']:.2f} s", _gb(r["peak_rss"]), "-"],
-        ["training baseline (one batch of data)", f"{b['images_per_s']:.1f} images/s", _gb(b["peak_rss"]),
-         "-"],
-        [f"training, split in memory ({_gb(m['split_bytes'])} kept)", f"{m['images_per_s']:.1f} images/s",
-         _gb(m["peak_rss"]), f"{_gb(bound['memory'])} ({met['memory']})"],
-        [f"training, streamed ({HELD_BATCHES} batches of {s['batch_bytes'] / 1e6:.1f} MB held)",
-         f"{s['images_per_s']:.1f} images/s ({s['images_per_s'] / m['images_per_s']:.0%} of in memory)",
-         _gb(s["peak_rss"]), f"{_gb(bound['stream'])} ({met['stream']})"],
+        [
+            "training baseline (one batch of data)",
+            f"{b['images_per_s']:.1f} images/s",
+            _gb(b["peak_rss"]),
+            "-",
+        ],
+        [
+            f"training, split in memory ({_gb(m['split_bytes'])} kept)",
+            f"{m['images_per_s']:.1f} images/s",
+            _gb(m["peak_rss"]),
+            f"{_gb(bound['memory'])} ({met['memory']})",
+        ],
+        [
+            f"training, streamed ({HELD_BATCHES} batches of {s['batch_bytes'] / 1e6:.1f} MB held)",
+            f"{s['images_per_s']:.1f} images/s ({s['images_per_s'] / m['images_per_s']:.0%} of in memory)",
+            _gb(s["peak_rss"]),
+            f"{_gb(bound['stream'])} ({met['stream']})",
+        ],
     ]
-    datasets = [[row["dataset"], f"{row['images']:,}", _gb(row["cache_bytes"]),
-                 f"{row['decode_s'] / 60:.1f} min", f"{row['reload_s']:.1f} s",
-                 f"<= {_gb(row['memory_rss'])}", _gb(row["stream_rss"])]
-                for row in extrapolate(results)]
+    datasets = [
+        [
+            row["dataset"],
+            f"{row['images']:,}",
+            _gb(row["cache_bytes"]),
+            f"{row['decode_s'] / 60:.1f} min",
+            f"{row['reload_s']:.1f} s",
+            f"<= {_gb(row['memory_rss'])}",
+            _gb(row["stream_rss"]),
+        ]
+        for row in extrapolate(results)
+    ]
     lines += [
-        "", *markdown_lines(["step", "result", "peak RSS", "bound (baseline + 1.5 x kept)"], steps),
-        "", "Every run (peak RSS, images/s): " + "; ".join(
-            f"{phase} " + ", ".join(f"{_gb(run[phase]['peak_rss'])} / {run[phase]['images_per_s']:.1f}"
-                                    for run in results["runs"]) for phase in PHASES[2:]) + ".",
-        "", f"Each training process first loads the dataset from the cache: {b['seconds']:.1f} s (baseline), "
+        "",
+        *markdown_lines(["step", "result", "peak RSS", "bound (baseline + 1.5 x kept)"], steps),
+        "",
+        "Every run (peak RSS, images/s): "
+        + "; ".join(
+            f"{phase} "
+            + ", ".join(
+                f"{_gb(run[phase]['peak_rss'])} / {run[phase]['images_per_s']:.1f}" for run in results["runs"]
+            )
+            for phase in PHASES[2:]
+        )
+        + ".",
+        "",
+        f"Each training process first loads the dataset from the cache: {b['seconds']:.1f} s (baseline), "
         f"{m['seconds']:.1f} s (in memory), {s['seconds']:.1f} s (streamed).",
-        "", "## The benchmark datasets at 256x256, extrapolated", "",
+        "",
+        "## The benchmark datasets at 256x256, extrapolated",
+        "",
         "Rules: cache size = images x 196,608 bytes; first load = images / the decode rate above (this "
         "machine's cores); second load = images x the measured seconds per image (stat of each file, "
         "opening the entry); training RSS in memory = baseline + 1.5 x the official training split's "
         "bytes (the bound; the split is held once); streamed = the measured streamed peak, which does not "
-        "grow with the dataset.", "",
-        *markdown_lines(["dataset", "images", "cache on disk", "first load", "second load",
-                         "training RSS, in memory", "streamed"], datasets),
+        "grow with the dataset.",
+        "",
+        *markdown_lines(
+            [
+                "dataset",
+                "images",
+                "cache on disk",
+                "first load",
+                "second load",
+                "training RSS, in memory",
+                "streamed",
+            ],
+            datasets,
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -249,16 +332,29 @@ def main() -> None:
         fabricate_s = fabricate(args.tree, args.count, args.classes)
         tree_mb = sum(f.stat().st_size for f in args.tree.rglob("*.jpg")) / 1e6
         results = {phase: _subprocess(phase, args, Path(work) / "cache") for phase in PHASES[:2]}
-        runs = [{phase: _subprocess(phase, args, Path(work) / "cache") for phase in PHASES[2:]}
-                for _ in range(args.repeats)]  # interleaved, so load from other work hits each alike
+        runs = [
+            {phase: _subprocess(phase, args, Path(work) / "cache") for phase in PHASES[2:]}
+            for _ in range(args.repeats)
+        ]  # interleaved, so load from other work hits each alike
     for phase in PHASES[2:]:
         results[phase] = best_of([run[phase] for run in runs])
     results["runs"] = runs
     info = describe_device(device)
-    results.update(device=info, torch=torch.__version__, commit=git_commit(), cpus=os.cpu_count(),
-                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   load=load, count=args.count, classes=args.classes, p=args.p, k=args.k, note=args.note,
-                   fabricate_s=fabricate_s, tree_mb=tree_mb)
+    results.update(
+        device=info,
+        torch=torch.__version__,
+        commit=git_commit(),
+        cpus=os.cpu_count(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        load=load,
+        count=args.count,
+        classes=args.classes,
+        p=args.p,
+        k=args.k,
+        note=args.note,
+        fabricate_s=fabricate_s,
+        tree_mb=tree_mb,
+    )
     write_report(RESULTS, f"data-{device_slug(info)}", results, render(results))
 
 

@@ -14,6 +14,7 @@ commit and date.
     python -m benchmarks.bench_eval            # 10k and 70k embeddings
     python -m benchmarks.bench_eval --quick    # a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ def clustered_embeddings(n: int, n_classes: int, dim: int, device: torch.device,
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, n_classes, (n,), generator=generator)
     centres = 0.05 * torch.randn(n_classes, dim, generator=generator)
-    x = centres[labels] + torch.randn(n, dim, generator=generator) / dim ** 0.5
+    x = centres[labels] + torch.randn(n, dim, generator=generator) / dim**0.5
     return x.to(device), labels.to(device)
 
 
@@ -55,12 +56,14 @@ def _ours(x, y, chunk_size):
 
 
 def _pml(knn_func, device):
-    calc = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count", device=device,
-                              knn_func=knn_func)
+    calc = AccuracyCalculator(
+        include=tuple(PML_NAMES.values()), k="max_bin_count", device=device, knn_func=knn_func
+    )
 
     def run(x, y, chunk_size):
         out = calc.get_accuracy(x, y)
         return {name: out[pml_name] for name, pml_name in PML_NAMES.items()}
+
     return run
 
 
@@ -68,6 +71,7 @@ def methods(device: torch.device, with_pml_torch: bool) -> dict:
     found = {"tripletlab": _ours}
     try:
         import faiss  # noqa: F401  (PML's default k-NN)
+
         found["pml-faiss"] = _pml(None, device)
     except ImportError:
         pass
@@ -108,13 +112,20 @@ def run_case(n, n_classes, dim, repeats, device, runners, chunk_size, max_second
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     ours = values["tripletlab"]
     others = [name for name in runners if name != "tripletlab"]
-    return {"n": n, "classes": n_classes, "dim": dim, "repeats": repeats, "median_seconds": medians,
-            "all_seconds": times, "metrics": ours,
-            "speedup": {name: medians[name] / medians["tripletlab"] for name in others},
-            "max_abs_diff": {name: max(abs(values[name][m] - ours[m]) for m in RANKING_METRICS)
-                             for name in others},
-            "skipped": {name: f"k-NN of {neighbours:,} neighbours (> --pml-max-neighbours)"
-                        for name in skipped}}
+    return {
+        "n": n,
+        "classes": n_classes,
+        "dim": dim,
+        "repeats": repeats,
+        "median_seconds": medians,
+        "all_seconds": times,
+        "metrics": ours,
+        "speedup": {name: medians[name] / medians["tripletlab"] for name in others},
+        "max_abs_diff": {
+            name: max(abs(values[name][m] - ours[m]) for m in RANKING_METRICS) for name in others
+        },
+        "skipped": {name: f"k-NN of {neighbours:,} neighbours (> --pml-max-neighbours)" for name in skipped},
+    }
 
 
 def device_label(device: torch.device) -> tuple[str, str]:
@@ -127,29 +138,49 @@ def device_label(device: torch.device) -> tuple[str, str]:
 
 
 def to_markdown(report: dict) -> str:
-    names = list(dict.fromkeys(name for case in report["cases"]
-                               for name in [*case["median_seconds"], *case.get("skipped", {})]))
-    lines = [f"# Retrieval evaluation benchmark ({report['device']})", "",
-             f"- device: {report['device_description']}", f"- torch {report['torch']}, "
-             f"pytorch-metric-learning {report['pytorch_metric_learning']}",
-             f"- git commit {report['git_commit']}, {report['date']}",
-             f"- median of up to {report['cases'][0]['repeats']} interleaved repeats (one run where a run "
-             f"took over {report['max_seconds']:.0f} s); P@1, R-precision and MAP@R; PML with "
-             "`k=\"max_bin_count\"`; speedup = PML time / tripletlab time; synthetic Gaussian classes, "
-             f"d={report['cases'][0]['dim']}", ""]
-    header = ["n", "classes", *(f"{n} (s)" for n in names), *(f"speedup vs {n}" for n in names[1:]),
-              "max abs diff", HEADLINE_METRICS["map_at_r"]]
+    names = list(
+        dict.fromkeys(
+            name for case in report["cases"] for name in [*case["median_seconds"], *case.get("skipped", {})]
+        )
+    )
+    lines = [
+        f"# Retrieval evaluation benchmark ({report['device']})",
+        "",
+        f"- device: {report['device_description']}",
+        f"- torch {report['torch']}, pytorch-metric-learning {report['pytorch_metric_learning']}",
+        f"- git commit {report['git_commit']}, {report['date']}",
+        f"- median of up to {report['cases'][0]['repeats']} interleaved repeats (one run where a run "
+        f"took over {report['max_seconds']:.0f} s); P@1, R-precision and MAP@R; PML with "
+        '`k="max_bin_count"`; speedup = PML time / tripletlab time; synthetic Gaussian classes, '
+        f"d={report['cases'][0]['dim']}",
+        "",
+    ]
+    header = [
+        "n",
+        "classes",
+        *(f"{n} (s)" for n in names),
+        *(f"speedup vs {n}" for n in names[1:]),
+        "max abs diff",
+        HEADLINE_METRICS["map_at_r"],
+    ]
     rows, notes = [], []
     for case in report["cases"]:
         seconds = case["median_seconds"]
         skipped = case.get("skipped", {})
         diffs = case["max_abs_diff"].values()
-        rows.append([case["n"], case["classes"],
-                     *(f"{seconds[n]:.3f}" if n in seconds else "skipped" for n in names),
-                     *(f"{case['speedup'][n]:.2f}x" if n in seconds else "-" for n in names[1:]),
-                     f"{max(diffs):.1e}" if diffs else "-", f"{case['metrics']['map_at_r']:.4f}"])
-        notes += [f"- {case['n']} x {case['classes']}: {name} skipped, {why}"
-                  for name, why in skipped.items()]
+        rows.append(
+            [
+                case["n"],
+                case["classes"],
+                *(f"{seconds[n]:.3f}" if n in seconds else "skipped" for n in names),
+                *(f"{case['speedup'][n]:.2f}x" if n in seconds else "-" for n in names[1:]),
+                f"{max(diffs):.1e}" if diffs else "-",
+                f"{case['metrics']['map_at_r']:.4f}",
+            ]
+        )
+        notes += [
+            f"- {case['n']} x {case['classes']}: {name} skipped, {why}" for name, why in skipped.items()
+        ]
     lines += markdown_lines(header, rows)
     if notes:
         lines += ["", "Skipped contenders:", *notes]
@@ -159,22 +190,35 @@ def to_markdown(report: dict) -> str:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
-    parser.add_argument("--sizes", help="comma-separated numbers of embeddings (default 10000,70000; "
-                        "quick: 1000)")
-    parser.add_argument("--classes",
-                        help="comma-separated numbers of classes (default 10,1000; quick: 10,100)")
-    parser.add_argument("--cases", help="comma-separated NxC pairs (e.g. 10000x10,70000x1000) "
-                        "instead of every size with every class count")
+    parser.add_argument(
+        "--sizes", help="comma-separated numbers of embeddings (default 10000,70000; quick: 1000)"
+    )
+    parser.add_argument(
+        "--classes", help="comma-separated numbers of classes (default 10,1000; quick: 10,100)"
+    )
+    parser.add_argument(
+        "--cases",
+        help="comma-separated NxC pairs (e.g. 10000x10,70000x1000) "
+        "instead of every size with every class count",
+    )
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; quick: 1)")
-    parser.add_argument("--max-seconds", type=float, default=120.0,
-                        help="stop repeating a method once one of its runs took longer than this")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=120.0,
+        help="stop repeating a method once one of its runs took longer than this",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--chunk-size", type=int, default=None, help="queries per chunk (default: automatic)")
-    parser.add_argument("--pml-max-neighbours", type=int, default=100_000_000,
-                        help="skip PML where its k-NN returns more neighbours than this (n x largest "
-                        "class): 70000 x 7000 runs out of 24 GiB")
+    parser.add_argument(
+        "--pml-max-neighbours",
+        type=int,
+        default=100_000_000,
+        help="skip PML where its k-NN returns more neighbours than this (n x largest "
+        "class): 70000 x 7000 runs out of 24 GiB",
+    )
     parser.add_argument("--no-pml-torch", action="store_true", help="skip PML's torch k-NN")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for eval-<device>.md/.json")
     args = parser.parse_args(argv)
@@ -202,16 +246,34 @@ def main(argv=None) -> dict:
     runners = methods(device, with_pml_torch=not args.no_pml_torch)
     cases = []
     for n, n_classes in case_list(args):
-        case = run_case(n, n_classes, args.dim, args.repeats, device, runners, args.chunk_size,
-                        args.max_seconds, args.pml_max_neighbours)
-        print(json.dumps({k: case[k] for k in ("n", "classes", "median_seconds", "speedup", "max_abs_diff")}),
-              flush=True)
+        case = run_case(
+            n,
+            n_classes,
+            args.dim,
+            args.repeats,
+            device,
+            runners,
+            args.chunk_size,
+            args.max_seconds,
+            args.pml_max_neighbours,
+        )
+        print(
+            json.dumps({k: case[k] for k in ("n", "classes", "median_seconds", "speedup", "max_abs_diff")}),
+            flush=True,
+        )
         cases.append(case)
     tag, description = device_label(device)
-    report = {"device": tag, "device_description": description, "torch": torch.__version__,
-              "pytorch_metric_learning": pytorch_metric_learning.__version__, "git_commit": git_commit(),
-              "date": utc_now(),
-              "threads": torch.get_num_threads(), "max_seconds": args.max_seconds, "cases": cases}
+    report = {
+        "device": tag,
+        "device_description": description,
+        "torch": torch.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "git_commit": git_commit(),
+        "date": utc_now(),
+        "threads": torch.get_num_threads(),
+        "max_seconds": args.max_seconds,
+        "cases": cases,
+    }
     write_report(args.out, f"eval-{tag}", report, to_markdown(report))
     return report
 

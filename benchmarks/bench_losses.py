@@ -18,6 +18,7 @@ and date.
     python -m benchmarks.bench_losses            # full grid, CPU (2 threads) and CUDA when present
     python -m benchmarks.bench_losses --quick    # a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,24 +70,51 @@ def built_in_cases() -> list[Case]:
     embeddings, margin 0.2, PML's reductions)."""
     euclid = dict(distance="euclidean", normalize=True, margin=MARGIN)
     return [
-        Case("triplet", "triplet", dict(euclid, mining="all", reduction="mean_nonzero"),
-             lambda: pml_losses.TripletMarginLoss(margin=MARGIN), all_triplets=True),
-        Case("batch_all", "batch_all", dict(euclid, reduction="mean_nonzero"),
-             lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN),
-                                     pml_miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="all")),
-             all_triplets=True),
-        Case("semi_hard", "semi_hard", dict(euclid),
-             lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN),
-                                     pml_miners.TripletMarginMiner(margin=MARGIN,
-                                                                   type_of_triplets="semihard")),
-             all_triplets=True),
-        Case("batch_hard", "batch_hard", dict(euclid, reduction="mean_nonzero"),
-             lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN),
-                                     pml_miners.BatchHardMiner())),
-        Case("multi_similarity", "multi_similarity", dict(miner=True),
-             lambda: _pml_with_miner(pml_losses.MultiSimilarityLoss(), pml_miners.MultiSimilarityMiner(0.1))),
-        Case("multi_similarity[miner=False]", "multi_similarity", dict(miner=False),
-             lambda: pml_losses.MultiSimilarityLoss()),
+        Case(
+            "triplet",
+            "triplet",
+            dict(euclid, mining="all", reduction="mean_nonzero"),
+            lambda: pml_losses.TripletMarginLoss(margin=MARGIN),
+            all_triplets=True,
+        ),
+        Case(
+            "batch_all",
+            "batch_all",
+            dict(euclid, reduction="mean_nonzero"),
+            lambda: _pml_with_miner(
+                pml_losses.TripletMarginLoss(margin=MARGIN),
+                pml_miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="all"),
+            ),
+            all_triplets=True,
+        ),
+        Case(
+            "semi_hard",
+            "semi_hard",
+            dict(euclid),
+            lambda: _pml_with_miner(
+                pml_losses.TripletMarginLoss(margin=MARGIN),
+                pml_miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="semihard"),
+            ),
+            all_triplets=True,
+        ),
+        Case(
+            "batch_hard",
+            "batch_hard",
+            dict(euclid, reduction="mean_nonzero"),
+            lambda: _pml_with_miner(pml_losses.TripletMarginLoss(margin=MARGIN), pml_miners.BatchHardMiner()),
+        ),
+        Case(
+            "multi_similarity",
+            "multi_similarity",
+            dict(miner=True),
+            lambda: _pml_with_miner(pml_losses.MultiSimilarityLoss(), pml_miners.MultiSimilarityMiner(0.1)),
+        ),
+        Case(
+            "multi_similarity[miner=False]",
+            "multi_similarity",
+            dict(miner=False),
+            lambda: pml_losses.MultiSimilarityLoss(),
+        ),
         Case("circle", "circle", {}, lambda: pml_losses.CircleLoss(m=0.25, gamma=256)),
         Case("triplet_center", "triplet_center", {}),
         Case("cross_modal_triplet", "cross_modal_triplet", {}),
@@ -115,6 +143,7 @@ def _step(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> Callabl
         value.backward()
         for t in inputs:
             t.grad = None
+
     return run
 
 
@@ -158,21 +187,24 @@ def drop_failing(runs: dict[str, Callable[[], None]]) -> dict[str, str]:
     return errors
 
 
-def time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, device) -> dict[str,
-                                                                                        tuple[float, float]]:
+def time_interleaved(
+    runs: dict[str, Callable[[], None]], repeats: int, device
+) -> dict[str, tuple[float, float]]:
     """Median (wall, process CPU) milliseconds of each run over ``repeats`` rounds, the order
     rotating every round (after a warm-up run of each, see :func:`drop_failing`)."""
     times: dict[str, list[tuple[float, float]]] = {key: [] for key in runs}
     keys = list(runs)
     for r in range(repeats):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
             _sync(device)
             wall, cpu = time.perf_counter(), time.process_time()
             runs[key]()
             _sync(device)
             times[key].append(((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3))
-    return {key: (statistics.median(t[0] for t in values), statistics.median(t[1] for t in values))
-            for key, values in times.items()}
+    return {
+        key: (statistics.median(t[0] for t in values), statistics.median(t[1] for t in values))
+        for key, values in times.items()
+    }
 
 
 def peak_memory_mb(run: Callable[[], None], device) -> float | None:
@@ -183,26 +215,38 @@ def peak_memory_mb(run: Callable[[], None], device) -> float | None:
     torch.cuda.reset_peak_memory_stats(device)
     run()
     _sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def _row(case: Case, n: int, d: int, dtype: torch.dtype, timed: dict, clock: int, notes: dict) -> dict:
     """One result row from the timings (``None`` where a contender did not run) and its notes."""
+
     def ms(key, index=clock):
         return timed[key][index] if key in timed else None
 
     ours, pml, floor = ms(f"ours:{case.label}"), ms(f"pml:{case.label}"), ms("floor")
-    return {"loss": case.label, "name": case.name, "n": n, "d": d, "dtype": str(dtype).removeprefix("torch."),
-            "ours_ms": ours, "pml_ms": pml, "floor_ms": floor,
-            "ratio_floor": ours / floor if ours and floor else None,
-            "ours_wall_ms": ms(f"ours:{case.label}", 0), "floor_wall_ms": ms("floor", 0),
-            "pml_wall_ms": ms(f"pml:{case.label}", 0), "ratio_pml": ours / pml if ours and pml else None,
-            "ours_note": notes.get(f"ours:{case.label}"),
-            "pml_note": notes.get(f"pml:{case.label}", None if case.pml else "no PML equivalent")}
+    return {
+        "loss": case.label,
+        "name": case.name,
+        "n": n,
+        "d": d,
+        "dtype": str(dtype).removeprefix("torch."),
+        "ours_ms": ours,
+        "pml_ms": pml,
+        "floor_ms": floor,
+        "ratio_floor": ours / floor if ours and floor else None,
+        "ours_wall_ms": ms(f"ours:{case.label}", 0),
+        "floor_wall_ms": ms("floor", 0),
+        "pml_wall_ms": ms(f"pml:{case.label}", 0),
+        "ratio_pml": ours / pml if ours and pml else None,
+        "ours_note": notes.get(f"ours:{case.label}"),
+        "pml_note": notes.get(f"pml:{case.label}", None if case.pml else "no PML equivalent"),
+    }
 
 
-def bench_device(device: torch.device, sizes, dims, repeats: int, max_triplets: int, cases,
-                 dtypes=(torch.float32,)) -> list[dict]:
+def bench_device(
+    device: torch.device, sizes, dims, repeats: int, max_triplets: int, cases, dtypes=(torch.float32,)
+) -> list[dict]:
     rows = []
     for dtype in dtypes:
         for n in sizes:
@@ -216,8 +260,9 @@ def bench_device(device: torch.device, sizes, dims, repeats: int, max_triplets: 
                 for case in cases:
                     for who, run in contenders(case, x, x_b, labels, device).items():
                         if who == "pml" and case.all_triplets and triplets > max_triplets:
-                            notes[f"pml:{case.label}"] = (f"skipped: enumerates {triplets} triplets "
-                                                          "(> --pml-max-triplets)")
+                            notes[f"pml:{case.label}"] = (
+                                f"skipped: enumerates {triplets} triplets (> --pml-max-triplets)"
+                            )
                             continue
                         runs[f"{who}:{case.label}"] = run
                 notes.update({key: f"failed: {why}" for key, why in drop_failing(runs).items()})
@@ -225,15 +270,26 @@ def bench_device(device: torch.device, sizes, dims, repeats: int, max_triplets: 
                 clock = 1 if device.type == "cpu" else 0  # CPU: process time, robust to other processes' load
                 for case in cases:
                     row = _row(case, n, d, dtype, timed, clock, notes)
-                    row["ours_peak_mb"] = (peak_memory_mb(runs[f"ours:{case.label}"], device)
-                                           if row["ours_ms"] is not None else None)
-                    row["pml_peak_mb"] = (peak_memory_mb(runs[f"pml:{case.label}"], device)
-                                          if row["pml_ms"] is not None else None)
+                    row["ours_peak_mb"] = (
+                        peak_memory_mb(runs[f"ours:{case.label}"], device)
+                        if row["ours_ms"] is not None
+                        else None
+                    )
+                    row["pml_peak_mb"] = (
+                        peak_memory_mb(runs[f"pml:{case.label}"], device)
+                        if row["pml_ms"] is not None
+                        else None
+                    )
                     rows.append(row)
-                print(f"{device.type} {row['dtype']} n={n} d={d}: " + ", ".join(
-                    f"{r['loss']} {_fmt(r['ours_ms'])} ms"
-                    + (f" ({r['ratio_pml']:.2f}x PML)" if r["ratio_pml"] else "")
-                    for r in rows[-len(cases):]), flush=True)
+                print(
+                    f"{device.type} {row['dtype']} n={n} d={d}: "
+                    + ", ".join(
+                        f"{r['loss']} {_fmt(r['ours_ms'])} ms"
+                        + (f" ({r['ratio_pml']:.2f}x PML)" if r["ratio_pml"] else "")
+                        for r in rows[-len(cases) :]
+                    ),
+                    flush=True,
+                )
     return rows
 
 
@@ -286,11 +342,15 @@ def to_markdown(report: dict) -> str:
         f"- torch {report['torch']}, pytorch-metric-learning {report['pytorch_metric_learning']}",
         f"- git commit {report['git_commit']}, {report['date']}",
         f"- forward + backward, PK batches with K={K}, median of {report['repeats']} interleaved repeats; "
-        + ("times are process CPU time (all threads), which other processes' load barely affects; "
-           "wall-clock medians are in the JSON" if dev["type"] == "cpu" else "wall-clock times"),
+        + (
+            "times are process CPU time (all threads), which other processes' load barely affects; "
+            "wall-clock medians are in the JSON"
+            if dev["type"] == "cpu"
+            else "wall-clock times"
+        ),
         "- floor: forward + backward of `(x @ x.T).sum()`; ratios < 1 are faster than the reference",
-        "- peak memory: " + ("CUDA max_memory_allocated above the inputs" if dev["type"] == "cuda"
-                             else "not measured on CPU"),
+        "- peak memory: "
+        + ("CUDA max_memory_allocated above the inputs" if dev["type"] == "cuda" else "not measured on CPU"),
         "",
         "| loss | n | d | dtype | ours ms | PML ms | floor ms | ours / PML | ours / floor | peak MB ours "
         "| peak MB PML | note |",
@@ -298,29 +358,39 @@ def to_markdown(report: dict) -> str:
     ]
     for r in report["results"]:
         note = "; ".join(n for n in (r["ours_note"] and f"ours {r['ours_note']}", r["pml_note"]) if n)
-        lines.append(f"| {r['loss']} | {r['n']} | {r['d']} | {r['dtype']} | {_fmt(r['ours_ms'])} | "
-                     f"{_fmt(r['pml_ms'])} | {_fmt(r['floor_ms'])} | {_fmt(r['ratio_pml'])} | "
-                     f"{_fmt(r['ratio_floor'])} | {_fmt(r['ours_peak_mb'], '.1f')} "
-                     f"| {_fmt(r['pml_peak_mb'], '.1f')} "
-                     f"| {note} |")
+        lines.append(
+            f"| {r['loss']} | {r['n']} | {r['d']} | {r['dtype']} | {_fmt(r['ours_ms'])} | "
+            f"{_fmt(r['pml_ms'])} | {_fmt(r['floor_ms'])} | {_fmt(r['ratio_pml'])} | "
+            f"{_fmt(r['ratio_floor'])} | {_fmt(r['ours_peak_mb'], '.1f')} "
+            f"| {_fmt(r['pml_peak_mb'], '.1f')} "
+            f"| {note} |"
+        )
     misses = report["target_misses"]
-    lines += ["", "Targets at n >= 512: <= 0.5x PML (<= 0.1x for PML's all-triplet miners), <= 3x floor.",
-              "Missed: " + ("none" if not misses else "")]
+    lines += [
+        "",
+        "Targets at n >= 512: <= 0.5x PML (<= 0.1x for PML's all-triplet miners), <= 3x floor.",
+        "Missed: " + ("none" if not misses else ""),
+    ]
     lines += [f"- {m}" for m in misses]
     return "\n".join(lines) + "\n"
 
 
-def run(device: torch.device, sizes, dims, repeats: int, max_triplets: int, out_dir: Path,
-        dtypes=(torch.float32,)) -> dict:
+def run(
+    device: torch.device, sizes, dims, repeats: int, max_triplets: int, out_dir: Path, dtypes=(torch.float32,)
+) -> dict:
     cases = all_cases()
     info = describe_device(device)
     commit = git_commit()  # before the run: the code being measured
     rows = bench_device(device, sizes, dims, repeats, max_triplets, cases, dtypes)
     report = {
-        "device": info, "torch": torch.__version__,
-        "pytorch_metric_learning": pytorch_metric_learning.__version__, "git_commit": commit,
+        "device": info,
+        "torch": torch.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "git_commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "repeats": repeats, "k": K, "results": rows,
+        "repeats": repeats,
+        "k": K,
+        "results": rows,
         "target_misses": target_misses(rows, {c.label for c in cases if c.all_triplets}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -346,25 +416,40 @@ def _dtypes(text: str) -> tuple[torch.dtype, ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke run")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CPU, and CUDA too when present")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CPU, and CUDA too when present",
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--pml-max-triplets", type=int, default=5_000_000,
-                        help="skip PML contenders that enumerate more triplets than this")
-    parser.add_argument("--sizes", type=_ints, help="comma-separated batch sizes n (default 128,512,2048; "
-                        "quick: 32,64)")
-    parser.add_argument("--dims", type=_ints,
-                        help="comma-separated dimensions d (default 128,512; quick: 16)")
-    parser.add_argument("--dtypes", type=_dtypes, default=(torch.float32,),
-                        help="comma-separated input dtypes, e.g. float32,bfloat16 (default float32)")
+    parser.add_argument(
+        "--pml-max-triplets",
+        type=int,
+        default=5_000_000,
+        help="skip PML contenders that enumerate more triplets than this",
+    )
+    parser.add_argument(
+        "--sizes", type=_ints, help="comma-separated batch sizes n (default 128,512,2048; quick: 32,64)"
+    )
+    parser.add_argument(
+        "--dims", type=_ints, help="comma-separated dimensions d (default 128,512; quick: 16)"
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=_dtypes,
+        default=(torch.float32,),
+        help="comma-separated input dtypes, e.g. float32,bfloat16 (default float32)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
     torch.set_num_threads(args.threads)
-    sizes, dims, repeats = ((32, 64), (16,), 2) if args.quick else ((128, 512, 2048), (128, 512),
-                                                                    args.repeats)
+    sizes, dims, repeats = (
+        ((32, 64), (16,), 2) if args.quick else ((128, 512, 2048), (128, 512), args.repeats)
+    )
     sizes, dims = args.sizes or sizes, args.dims or dims
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):

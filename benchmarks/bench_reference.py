@@ -17,6 +17,7 @@ evaluation split when both files are given), Fashion-MNIST's official test set. 
 ``benchmarks/results/reference-<device>.{md,json}``: mean and standard deviation over the seeds and
 the ratio tripletlab / PML.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,15 @@ class TextbookNet(nn.Module):
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.features = nn.Sequential(*block(in_channels, 32), nn.MaxPool2d(2), *block(32, 64),
-                                      nn.MaxPool2d(2), *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            *block(in_channels, 32),
+            nn.MaxPool2d(2),
+            *block(32, 64),
+            nn.MaxPool2d(2),
+            *block(64, 128),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.fc = nn.Linear(128, embedding_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +97,7 @@ def _normalised(images: torch.Tensor, mean, std) -> torch.Tensor:
 @torch.no_grad()
 def _embed(model: nn.Module, images: torch.Tensor, device, batch: int = 1024) -> torch.Tensor:
     model.eval()
-    out = [model(images[i:i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
+    out = [model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)]
     return torch.cat(out)
 
 
@@ -115,10 +123,15 @@ def train_pml(splits, seed: int, epochs: int, device) -> torch.Tensor:
     train_y = splits.train.labels
     classes = len(torch.unique(train_y))
     batch_size = min(128, 4 * classes)
-    sampler = samplers.MPerClassSampler(train_y, m=4, batch_size=batch_size,
-                                        length_before_new_iter=len(train_y))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y),
-                                         batch_size=batch_size, sampler=sampler, drop_last=True)
+    sampler = samplers.MPerClassSampler(
+        train_y, m=4, batch_size=batch_size, length_before_new_iter=len(train_y)
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(train_x, train_y),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+    )
     model = TextbookNet(train_x.shape[1]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn, miner = losses.TripletMarginLoss(margin=0.1), miners.BatchHardMiner()
@@ -136,29 +149,40 @@ def train_pml(splits, seed: int, epochs: int, device) -> torch.Tensor:
 
 def tripletlab_config(setting: Setting, seed: int, epochs: int, overrides: list[str]):
     values = [f"dataset.{k}={v}" for k, v in setting.dataset.items()]
-    return load_config(None, [*values, "loss.name=batch_hard", f"epochs={epochs}", f"seed={seed}",
-                              *setting.overrides, *overrides])
+    return load_config(
+        None,
+        [*values, "loss.name=batch_hard", f"epochs={epochs}", f"seed={seed}", *setting.overrides, *overrides],
+    )
 
 
-def train_tripletlab(setting: Setting, seed: int, epochs: int, overrides: list[str],
-                     store: Path) -> torch.Tensor:
+def train_tripletlab(
+    setting: Setting, seed: int, epochs: int, overrides: list[str], store: Path
+) -> torch.Tensor:
     """``tripletlab train`` at its defaults; returns the test embeddings its run logged."""
     import mlflow
 
     from experiments.train.run import run_experiment
 
     uri = f"sqlite:///{store}"
-    result = run_experiment(tripletlab_config(setting, seed, epochs, overrides), tracking_uri=uri,
-                            experiment_name="reference")
-    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="embeddings/test.npz",
-                                                tracking_uri=uri, dst_path=str(store.parent / result.run_id))
+    result = run_experiment(
+        tripletlab_config(setting, seed, epochs, overrides), tracking_uri=uri, experiment_name="reference"
+    )
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id,
+        artifact_path="embeddings/test.npz",
+        tracking_uri=uri,
+        dst_path=str(store.parent / result.run_id),
+    )
     with np.load(local) as npz:
         return torch.from_numpy(npz["embeddings"])
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def run_setting(setting: Setting, args, device, store: Path) -> dict:
@@ -176,12 +200,19 @@ def run_setting(setting: Setting, args, device, store: Path) -> dict:
             seconds[side].append(time.perf_counter() - start)
             for metric, value in pml_accuracy(embeddings, test_labels).items():
                 scores[side][metric].append(value)
-            print(f"[{setting.name}] seed {seed} {side}: "
-                  + "  ".join(f"{SHORT[m]} {scores[side][m][-1]:.4f}" for m in METRICS)
-                  + f" ({seconds[side][-1]:.0f}s)", flush=True)
-    result = {"train_images": len(splits.train), "train_classes": len(splits.train.classes()),
-              "test_images": len(splits.test), "test_classes": len(splits.test.classes()),
-              "split": splits.info["split"]}
+            print(
+                f"[{setting.name}] seed {seed} {side}: "
+                + "  ".join(f"{SHORT[m]} {scores[side][m][-1]:.4f}" for m in METRICS)
+                + f" ({seconds[side][-1]:.0f}s)",
+                flush=True,
+            )
+    result = {
+        "train_images": len(splits.train),
+        "train_classes": len(splits.train.classes()),
+        "test_images": len(splits.test),
+        "test_classes": len(splits.test.classes()),
+        "split": splits.info["split"],
+    }
     for side in args.sides:
         result[side] = {m: summary(scores[side][m]) for m in METRICS}
         result[side]["seconds"] = summary(seconds[side])
@@ -193,61 +224,107 @@ def run_setting(setting: Setting, args, device, store: Path) -> dict:
 def settings(args) -> list[Setting]:
     out = []
     if args.omniglot:
-        out.append(Setting("omniglot (class-disjoint halves of background)",
-                           {"name": "omniglot", "path": args.omniglot, "split": "class-disjoint"}))
+        out.append(
+            Setting(
+                "omniglot (class-disjoint halves of background)",
+                {"name": "omniglot", "path": args.omniglot, "split": "class-disjoint"},
+            )
+        )
     if args.omniglot_official:
-        out.append(Setting("omniglot (official: background / evaluation)",
-                           {"name": "omniglot", "path": args.omniglot_official, "split": "official"}))
+        out.append(
+            Setting(
+                "omniglot (official: background / evaluation)",
+                {"name": "omniglot", "path": args.omniglot_official, "split": "official"},
+            )
+        )
     if args.fashion_mnist:
-        out.append(Setting("fashion-mnist (official test set)",
-                           {"name": "fashion-mnist", "path": args.fashion_mnist, "split": "official"}))
+        out.append(
+            Setting(
+                "fashion-mnist (official test set)",
+                {"name": "fashion-mnist", "path": args.fashion_mnist, "split": "official"},
+            )
+        )
     return out
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# Reference benchmark ({report['device']})", "",
-             f"{report['date']}; torch {report['torch']}, pytorch-metric-learning {report['pml']}; "
-             f"{report['threads']} CPU threads; commit {report['commit']}.", "",
-             f"{report['epochs']} epochs, {report['seeds']} seeds (0..{report['seeds'] - 1}) per side. "
-             "**pml**: the textbook pipeline (conv 32-64-128, pools after the first two, GAP, linear 64; "
-             "MPerClassSampler m=4, batches of 128; TripletMarginLoss(margin=0.1) + BatchHardMiner; "
-             "Adam 1e-3 constant). **tripletlab**: `tripletlab train` with only the dataset, "
-             "`loss.name=batch_hard`, epochs and seed set"
-             + (f" (and {', '.join(report['overrides'])})" if report["overrides"] else "")
-             + ". Both scored by PML's AccuracyCalculator on L2-normalised test embeddings; mean ± std over "
-             "seeds.",
-             ""]
+    lines = [
+        f"# Reference benchmark ({report['device']})",
+        "",
+        f"{report['date']}; torch {report['torch']}, pytorch-metric-learning {report['pml']}; "
+        f"{report['threads']} CPU threads; commit {report['commit']}.",
+        "",
+        f"{report['epochs']} epochs, {report['seeds']} seeds (0..{report['seeds'] - 1}) per side. "
+        "**pml**: the textbook pipeline (conv 32-64-128, pools after the first two, GAP, linear 64; "
+        "MPerClassSampler m=4, batches of 128; TripletMarginLoss(margin=0.1) + BatchHardMiner; "
+        "Adam 1e-3 constant). **tripletlab**: `tripletlab train` with only the dataset, "
+        "`loss.name=batch_hard`, epochs and seed set"
+        + (f" (and {', '.join(report['overrides'])})" if report["overrides"] else "")
+        + ". Both scored by PML's AccuracyCalculator on L2-normalised test embeddings; mean ± std over "
+        "seeds.",
+        "",
+    ]
     for name, res in report["datasets"].items():
-        rows = [[side, *(f"{res[side][m]['mean']:.4f} ± {res[side][m]['std']:.4f}" for m in METRICS),
-                 f"{res[side]['seconds']['mean']:.0f}"] for side in SIDES if side in res]
+        rows = [
+            [
+                side,
+                *(f"{res[side][m]['mean']:.4f} ± {res[side][m]['std']:.4f}" for m in METRICS),
+                f"{res[side]['seconds']['mean']:.0f}",
+            ]
+            for side in SIDES
+            if side in res
+        ]
         if "ratio" in res:
             rows.append(["tripletlab / pml", *(f"**{res['ratio'][m]:.2f}x**" for m in METRICS), ""])
-        lines += [f"## {name}", "",
-                  f"{res['train_images']} train images ({res['train_classes']} classes), "
-                  f"{res['test_images']} test images ({res['test_classes']} classes).", "",
-                  *markdown_lines(["side", *(SHORT[m] for m in METRICS), "s/run"], rows,
-                                  "l" + "r" * (len(METRICS) + 1)), ""]
+        lines += [
+            f"## {name}",
+            "",
+            f"{res['train_images']} train images ({res['train_classes']} classes), "
+            f"{res['test_images']} test images ({res['test_classes']} classes).",
+            "",
+            *markdown_lines(
+                ["side", *(SHORT[m] for m in METRICS), "s/run"], rows, "l" + "r" * (len(METRICS) + 1)
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--omniglot", default=os.environ.get("TRIPLETLAB_OMNIGLOT_PATH", ""),
-                        help="Omniglot images_background.npz/.zip: its class-disjoint halves ('' to skip)")
-    parser.add_argument("--omniglot-official", default="",
-                        help="a folder holding Omniglot's background and evaluation files (official split)")
-    parser.add_argument("--fashion-mnist",
-                        default=os.environ.get("TRIPLETLAB_FASHION_MNIST_PATH", DEFAULT_FASHION),
-                        help="folder with the Fashion-MNIST IDX files ('' to skip)")
+    parser.add_argument(
+        "--omniglot",
+        default=os.environ.get("TRIPLETLAB_OMNIGLOT_PATH", ""),
+        help="Omniglot images_background.npz/.zip: its class-disjoint halves ('' to skip)",
+    )
+    parser.add_argument(
+        "--omniglot-official",
+        default="",
+        help="a folder holding Omniglot's background and evaluation files (official split)",
+    )
+    parser.add_argument(
+        "--fashion-mnist",
+        default=os.environ.get("TRIPLETLAB_FASHION_MNIST_PATH", DEFAULT_FASHION),
+        help="folder with the Fashion-MNIST IDX files ('' to skip)",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a tripletlab config override for an ablation (repeatable); the report names it")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
-                        help="train only these sides "
-                             "(an ablation of tripletlab's defaults needs no new PML runs)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a tripletlab config override for an ablation (repeatable); the report names it",
+    )
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=SIDES,
+        default=list(SIDES),
+        help="train only these sides (an ablation of tripletlab's defaults needs no new PML runs)",
+    )
     parser.add_argument("--max-per-class", type=int, default=0, help="cap images per class (a smoke test)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for reference-<device>.md/.json")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. an ablation's name)")
@@ -258,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen = settings(args)
     missing = [s.dataset["path"] for s in chosen if not Path(s.dataset["path"]).exists()]
     if not chosen or missing:
-        raise SystemExit(f"bench_reference: data not found ({', '.join(missing) or 'no dataset given'}); "
-                         "pass --omniglot FILE and/or --fashion-mnist DIR")
+        raise SystemExit(
+            f"bench_reference: data not found ({', '.join(missing) or 'no dataset given'}); "
+            "pass --omniglot FILE and/or --fashion-mnist DIR"
+        )
     if args.max_per_class:
         for s in chosen:
             s.dataset["max_per_class"] = args.max_per_class
@@ -267,11 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     import pytorch_metric_learning
 
-    report = {"device": device_slug(describe_device(device)),
-              "torch": torch.__version__, "pml": pytorch_metric_learning.__version__, "commit": git_commit(),
-              "date": utc_now(),
-              "platform": platform.platform(), "threads": args.threads, "epochs": args.epochs,
-              "seeds": args.seeds, "overrides": args.override, "datasets": {}}
+    report = {
+        "device": device_slug(describe_device(device)),
+        "torch": torch.__version__,
+        "pml": pytorch_metric_learning.__version__,
+        "commit": git_commit(),
+        "date": utc_now(),
+        "platform": platform.platform(),
+        "threads": args.threads,
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "overrides": args.override,
+        "datasets": {},
+    }
     out = Path(args.out).resolve()
     home = Path.cwd()
     with tempfile.TemporaryDirectory() as scratch:

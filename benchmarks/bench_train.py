@@ -18,6 +18,7 @@ hits them alike; each starts from the same initial weights. Test P@1, R-precisio
 from ``experiments.eval.retrieval`` (equal to PML's ``AccuracyCalculator``), also for the untrained net.
 Results go to ``benchmarks/results/train-<device>.{md,json}``.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,13 @@ from .reporting import utc_now, write_report
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FASHION = "/usr/share/datasets/fashion-mnist"
-LOSS = {"name": "batch_hard", "margin": 0.1, "distance": "euclidean", "normalize": True,
-        "reduction": "mean_nonzero"}
+LOSS = {
+    "name": "batch_hard",
+    "margin": 0.1,
+    "distance": "euclidean",
+    "normalize": True,
+    "reduction": "mean_nonzero",
+}
 METHODS = ("tripletlab", "pml", "dataloader")
 
 
@@ -70,11 +76,36 @@ def settings(args) -> list[Setting]:
     cap = {"max_per_class": args.max_per_class} if args.max_per_class else {}
     out = []
     if args.fashion_mnist:
-        out.append(Setting("fashion-mnist", {"name": "fashion-mnist", "path": args.fashion_mnist,
-                                             "split": "standard", "val_fraction": 0.1, **cap}, 8, 16))
+        out.append(
+            Setting(
+                "fashion-mnist",
+                {
+                    "name": "fashion-mnist",
+                    "path": args.fashion_mnist,
+                    "split": "standard",
+                    "val_fraction": 0.1,
+                    **cap,
+                },
+                8,
+                16,
+            )
+        )
     if args.omniglot:
-        out.append(Setting("omniglot", {"name": "omniglot", "path": args.omniglot, "split": "class-disjoint",
-                                        "val_fraction": 0.2, "image_size": 28, **cap}, 32, 4))
+        out.append(
+            Setting(
+                "omniglot",
+                {
+                    "name": "omniglot",
+                    "path": args.omniglot,
+                    "split": "class-disjoint",
+                    "val_fraction": 0.2,
+                    "image_size": 28,
+                    **cap,
+                },
+                32,
+                4,
+            )
+        )
     return out
 
 
@@ -100,9 +131,13 @@ def pml_trainer(model, data: NormalisedImages, p: int, k: int, workers: int, dev
     return trainers.MetricLossOnly(
         models={"trunk": model},
         optimizers={"trunk_optimizer": torch.optim.Adam(model.parameters(), lr=1e-3)},
-        batch_size=p * k, loss_funcs={"metric_loss": losses.TripletMarginLoss(margin=0.1)},
-        mining_funcs={"tuple_miner": miners.BatchHardMiner()}, dataset=data, sampler=sampler,
-        dataloader_num_workers=workers, data_device=device,
+        batch_size=p * k,
+        loss_funcs={"metric_loss": losses.TripletMarginLoss(margin=0.1)},
+        mining_funcs={"tuple_miner": miners.BatchHardMiner()},
+        dataset=data,
+        sampler=sampler,
+        dataloader_num_workers=workers,
+        data_device=device,
     )
 
 
@@ -148,8 +183,13 @@ def run_setting(setting: Setting, args, device) -> dict:
     seconds = {m: [] for m in METHODS}
 
     pml = pml_trainer(models["pml"], per_item, setting.p, setting.k, args.workers, device)
-    loop = DataLoaderLoop(models["dataloader"], per_item,
-                          PKSampler(train_split.labels, setting.p, setting.k, seed=0), args.workers, device)
+    loop = DataLoaderLoop(
+        models["dataloader"],
+        per_item,
+        PKSampler(train_split.labels, setting.p, setting.k, seed=0),
+        args.workers,
+        device,
+    )
 
     def timed(method, fn):
         start = time.perf_counter()
@@ -166,26 +206,56 @@ def run_setting(setting: Setting, args, device) -> dict:
         """Runs after each tripletlab epoch: the same epoch of the other two, in rotating order."""
         seconds["tripletlab"].append(metrics["epoch_seconds"])
         order = [("pml", lambda: pml_epoch(epoch)), ("dataloader", loop.epoch)]
-        for method, fn in order[epoch % 2:] + order[:epoch % 2]:
+        for method, fn in order[epoch % 2 :] + order[: epoch % 2]:
             timed(method, fn)
 
-    cfg = from_dict({"dataset": setting.dataset, "loss": LOSS, "batch": {"p": setting.p, "k": setting.k},
-                     "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0,
-                                   "schedule": "constant"},
-                     "train": {"amp": False}, "epochs": args.epochs})
+    cfg = from_dict(
+        {
+            "dataset": setting.dataset,
+            "loss": LOSS,
+            "batch": {"p": setting.p, "k": setting.k},
+            "optimizer": {
+                "name": "adamw",
+                "lr": 1e-3,
+                "weight_decay": 0.0,
+                "warmup_fraction": 0,
+                "schedule": "constant",
+            },
+            "train": {"amp": False},
+            "epochs": args.epochs,
+        }
+    )
     untrained = test_metrics(initial, test)
-    train(models["tripletlab"], build_loss(**LOSS).to(device), on_device,
-          PKSampler(train_split.labels, setting.p, setting.k, seed=0), None, cfg, device, log_epoch=others)
-    result = {"images_per_epoch": images_per_epoch, "train_images": len(train_split),
-              "test_images": len(splits.test), "p": setting.p, "k": setting.k, "untrained": untrained}
+    train(
+        models["tripletlab"],
+        build_loss(**LOSS).to(device),
+        on_device,
+        PKSampler(train_split.labels, setting.p, setting.k, seed=0),
+        None,
+        cfg,
+        device,
+        log_epoch=others,
+    )
+    result = {
+        "images_per_epoch": images_per_epoch,
+        "train_images": len(train_split),
+        "test_images": len(splits.test),
+        "p": setting.p,
+        "k": setting.k,
+        "untrained": untrained,
+    }
     for method in METHODS:
         median = statistics.median(seconds[method])
-        result[method] = {"seconds_per_epoch": seconds[method], "median_seconds_per_epoch": median,
-                          "images_per_second": images_per_epoch / median,
-                          **test_metrics(models[method], test)}
+        result[method] = {
+            "seconds_per_epoch": seconds[method],
+            "median_seconds_per_epoch": median,
+            "images_per_second": images_per_epoch / median,
+            **test_metrics(models[method], test),
+        }
     result["speedup_vs_pml"] = result["tripletlab"]["images_per_second"] / result["pml"]["images_per_second"]
-    result["speedup_vs_dataloader"] = (result["tripletlab"]["images_per_second"]
-                                       / result["dataloader"]["images_per_second"])
+    result["speedup_vs_dataloader"] = (
+        result["tripletlab"]["images_per_second"] / result["dataloader"]["images_per_second"]
+    )
     return result
 
 
@@ -195,42 +265,67 @@ def device_label(device: torch.device) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# Training benchmark ({report['device']})", "",
-             f"{report['date']}; torch {report['torch']}, pytorch-metric-learning {report['pml']}; "
-             f"{report['threads']} CPU threads, {report['workers']} DataLoader workers; "
-             f"commit {report['commit']}; "
-             f"load average {report['load_before']} before, {report['load_after']} after.", "",
-             f"{report['epochs']} epochs, batch-hard margin 0.1, Adam 1e-3, same CNN and initial weights. "
-             "Seconds/epoch and images/s are medians over the epochs (interleaved).", ""]
+    lines = [
+        f"# Training benchmark ({report['device']})",
+        "",
+        f"{report['date']}; torch {report['torch']}, pytorch-metric-learning {report['pml']}; "
+        f"{report['threads']} CPU threads, {report['workers']} DataLoader workers; "
+        f"commit {report['commit']}; "
+        f"load average {report['load_before']} before, {report['load_after']} after.",
+        "",
+        f"{report['epochs']} epochs, batch-hard margin 0.1, Adam 1e-3, same CNN and initial weights. "
+        "Seconds/epoch and images/s are medians over the epochs (interleaved).",
+        "",
+    ]
     for name, res in report["datasets"].items():
-        rows = [[method, f"{res[method]['median_seconds_per_epoch']:.2f}",
-                 f"{res[method]['images_per_second']:,.0f}", *(f"{res[method][m]:.4f}" for m in VAL_METRICS)]
-                for method in METHODS]
+        rows = [
+            [
+                method,
+                f"{res[method]['median_seconds_per_epoch']:.2f}",
+                f"{res[method]['images_per_second']:,.0f}",
+                *(f"{res[method][m]:.4f}" for m in VAL_METRICS),
+            ]
+            for method in METHODS
+        ]
         rows.append(["untrained", "", "", *(f"{res['untrained'][m]:.4f}" for m in VAL_METRICS)])
         header = ["method", "s/epoch", "images/s", *(HEADLINE_METRICS[m] for m in VAL_METRICS)]
-        lines += [f"## {name} (P={res['p']}, K={res['k']}; {res['train_images']} train, "
-                  f"{res['test_images']} test images)", "",
-                  *markdown_lines(header, rows, "l" + "r" * (len(header) - 1))]
-        lines += ["", f"tripletlab / PML throughput: **{res['speedup_vs_pml']:.2f}x**; "
-                      f"tripletlab / DataLoader loop: {res['speedup_vs_dataloader']:.2f}x.", ""]
+        lines += [
+            f"## {name} (P={res['p']}, K={res['k']}; {res['train_images']} train, "
+            f"{res['test_images']} test images)",
+            "",
+            *markdown_lines(header, rows, "l" + "r" * (len(header) - 1)),
+        ]
+        lines += [
+            "",
+            f"tripletlab / PML throughput: **{res['speedup_vs_pml']:.2f}x**; "
+            f"tripletlab / DataLoader loop: {res['speedup_vs_dataloader']:.2f}x.",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fashion-mnist",
-                        default=os.environ.get("TRIPLETLAB_FASHION_MNIST_PATH", DEFAULT_FASHION),
-                        help="folder with the Fashion-MNIST IDX files ('' to skip)")
-    parser.add_argument("--omniglot", default=os.environ.get("TRIPLETLAB_OMNIGLOT_PATH", ""),
-                        help="Omniglot images_background.npz/.zip ('' to skip)")
+    parser.add_argument(
+        "--fashion-mnist",
+        default=os.environ.get("TRIPLETLAB_FASHION_MNIST_PATH", DEFAULT_FASHION),
+        help="folder with the Fashion-MNIST IDX files ('' to skip)",
+    )
+    parser.add_argument(
+        "--omniglot",
+        default=os.environ.get("TRIPLETLAB_OMNIGLOT_PATH", ""),
+        help="Omniglot images_background.npz/.zip ('' to skip)",
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="DataLoader workers of the PML and plain loops")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers of the PML and plain loops"
+    )
     parser.add_argument("--max-per-class", type=int, default=0, help="cap images per class (0 = all)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true",
-                        help="1 epoch on at most 64 images per class (a smoke test)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 epoch on at most 64 images per class (a smoke test)"
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for train-<device>.md/.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -238,18 +333,29 @@ def main(argv: list[str] | None = None) -> int:
     chosen = settings(args)
     missing = [s.dataset["path"] for s in chosen if not Path(s.dataset["path"]).exists()]
     if not chosen or missing:
-        raise SystemExit(f"bench_train: data not found ({', '.join(missing) or 'no dataset given'}); pass "
-                         "--fashion-mnist DIR and/or --omniglot FILE")
+        raise SystemExit(
+            f"bench_train: data not found ({', '.join(missing) or 'no dataset given'}); pass "
+            "--fashion-mnist DIR and/or --omniglot FILE"
+        )
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     import pytorch_metric_learning
 
-    report = {"device": device_label(device), "torch": torch.__version__,
-              "pml": pytorch_metric_learning.__version__, "commit": git_commit(),
-              "date": utc_now(),
-              "platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
-              "workers": args.workers, "epochs": args.epochs, "quick": args.quick,
-              "load_before": round(os.getloadavg()[0], 1), "datasets": {}}
+    report = {
+        "device": device_label(device),
+        "torch": torch.__version__,
+        "pml": pytorch_metric_learning.__version__,
+        "commit": git_commit(),
+        "date": utc_now(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "threads": args.threads,
+        "workers": args.workers,
+        "epochs": args.epochs,
+        "quick": args.quick,
+        "load_before": round(os.getloadavg()[0], 1),
+        "datasets": {},
+    }
     for setting in chosen:
         report["datasets"][setting.name] = run_setting(setting, args, device)
         print(json.dumps({setting.name: report["datasets"][setting.name]}, indent=1), flush=True)

@@ -8,6 +8,7 @@ other versions installed. Nothing outside that folder changes. The manifest's Py
 this interpreter's. ``import_error`` then imports the modules in a child process, which catches a
 module that is found but breaks on import.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,8 +34,11 @@ def missing(modules) -> list[str]:
 
 def installed_distributions() -> set[tuple[str, str]]:
     """(canonical name, version) of every installed distribution."""
-    return {(canonical(d.metadata["Name"]), d.version) for d in importlib.metadata.distributions()
-            if d.metadata["Name"]}
+    return {
+        (canonical(d.metadata["Name"]), d.version)
+        for d in importlib.metadata.distributions()
+        if d.metadata["Name"]
+    }
 
 
 def wheel_distribution(filename: str) -> tuple[str, str]:
@@ -45,8 +49,9 @@ def wheel_distribution(filename: str) -> tuple[str, str]:
 
 def import_error(modules) -> str | None:
     """Why importing ``modules`` in a fresh interpreter fails (its last lines of output), or None."""
-    done = subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import " + ", ".join(modules)], capture_output=True, text=True
+    )
     return None if done.returncode == 0 else (done.stderr or done.stdout).strip()[-400:]
 
 
@@ -77,22 +82,41 @@ def ensure(wheel_dir: Path, modules=REQUIRED + OPTIONAL, site: Path | None = Non
         return result
     manifest_path = wheel_dir / MANIFEST
     if not manifest_path.is_file():
-        result["error"] = (f"no {MANIFEST} in {wheel_dir}: run `make gpu-wheels` on a machine that reaches "
-                           "PyPI and bring the folder along")
+        result["error"] = (
+            f"no {MANIFEST} in {wheel_dir}: run `make gpu-wheels` on a machine that reaches "
+            "PyPI and bring the folder along"
+        )
         return result
     manifest = json.loads(manifest_path.read_text())
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     if manifest.get("python_version", python) != python:
-        result["error"] = (f"the wheels are for Python {manifest['python_version']}, this is Python "
-                           f"{python}: run `make gpu-wheels GPU_PYTHON_VERSION={python}`")
+        result["error"] = (
+            f"the wheels are for Python {manifest['python_version']}, this is Python "
+            f"{python}: run `make gpu-wheels GPU_PYTHON_VERSION={python}`"
+        )
         return result
     have = installed_distributions()
     wheels = [w for w in manifest["wheels"] if wheel_distribution(w) not in have]
     if wheels:
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-                              "--no-compile", "--upgrade", "--quiet", "--disable-pip-version-check",
-                              "--target", str(site),
-                              *(str(wheel_dir / w) for w in wheels)], capture_output=True, text=True)
+        pip = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--upgrade",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+                str(site),
+                *(str(wheel_dir / w) for w in wheels),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if pip.returncode != 0:
             result["error"] = f"pip install failed: {(pip.stderr or pip.stdout).strip()[-400:]}"
             return result

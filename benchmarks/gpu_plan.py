@@ -5,6 +5,7 @@ A step is one ``python -m benchmarks.<module>`` command with an estimate of its 
 device (the runner skips a step that the time left cannot hold) and a reader of its JSON report;
 a step that cannot run here (no data) carries the reason instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ def read_losses(out: Path, slug: str) -> tuple[str, str, bool | None]:
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         ratios = [r["ratio_floor"] for r in rows if r["dtype"] == dtype and r["ratio_floor"]]
         pml = [r["ratio_pml"] for r in rows if r["dtype"] == dtype and r["ratio_pml"]]
-        parts.append(f"{dtype}: worst {max(ratios):.2f}x floor"
-                     + (f", worst {max(pml):.2f}x PML" if pml else ""))
+        parts.append(
+            f"{dtype}: worst {max(ratios):.2f}x floor" + (f", worst {max(pml):.2f}x PML" if pml else "")
+        )
     failed = sum(bool(r["ours_note"]) for r in report["results"])
     misses = report["target_misses"]
     result = "; ".join(parts) + (f"; {failed} failed" if failed else "") + f"; {len(misses)} target misses"
@@ -71,20 +73,28 @@ def read_losses(out: Path, slug: str) -> tuple[str, str, bool | None]:
 
 def train_reader(suffix: str = "") -> Callable[[Path, str], tuple[str, str, bool | None]]:
     """Reads ``train-<slug><suffix>.json`` (``-quick`` for bench_train's quick mode)."""
+
     def read(out: Path, slug: str) -> tuple[str, str, bool | None]:
         datasets = _load(out, f"train-{slug}{suffix}")["datasets"]
-        parts = [f"{name}: {d['tripletlab']['images_per_second']:,.0f} images/s, "
-                 f"{d['speedup_vs_pml']:.1f}x PML" for name, d in datasets.items()]
+        parts = [
+            f"{name}: {d['tripletlab']['images_per_second']:,.0f} images/s, {d['speedup_vs_pml']:.1f}x PML"
+            for name, d in datasets.items()
+        ]
         met = all(d["speedup_vs_pml"] >= TRAIN_SPEEDUP_TARGET for d in datasets.values())
         return "; ".join(parts), f">= {TRAIN_SPEEDUP_TARGET:.0f}x PML's trainer", met
+
     return read
 
 
 def read_compile(out: Path, slug: str) -> tuple[str, str, bool | None]:
     checks = _load(out, f"compile-{slug}")["checks"]
-    parts = [f"{c['check']}: failed" if "error" in c else
-             f"{c['check']}: {c['speedup']:.2f}x, {c['graph_breaks']} breaks"
-             + ("" if c["same_as_eager"] else ", differs from eager") for c in checks]
+    parts = [
+        f"{c['check']}: failed"
+        if "error" in c
+        else f"{c['check']}: {c['speedup']:.2f}x, {c['graph_breaks']} breaks"
+        + ("" if c["same_as_eager"] else ", differs from eager")
+        for c in checks
+    ]
     works = all("error" not in c and c["same_as_eager"] for c in checks)
     helps = works and all(c["speedup"] > 1 for c in checks)
     return "; ".join(parts), "compiles, equals eager, faster", helps
@@ -96,10 +106,12 @@ def sweep_reader(trials_per_gpu: int) -> Callable[[Path, str], tuple[str, str, b
         gpu = report["gpu_utilisation"]
         per_minute = report["trials_per_minute"]
         result = (f"{per_minute:.1f} trials/min" if per_minute else "no finished trial") + (
-            f", GPU busy {gpu['mean_percent']:.0f}% (mean)" if gpu else ", GPU utilisation not measured")
+            f", GPU busy {gpu['mean_percent']:.0f}% (mean)" if gpu else ", GPU utilisation not measured"
+        )
         if report["exit_status"] != 0:
             result += f", sweep exit status {report['exit_status']}"
         return result, "trials/min (highest picks the default)", None
+
     return read
 
 
@@ -118,10 +130,21 @@ def recommend_trials_per_gpu(out: Path, slug: str, values) -> tuple[int | None, 
 
 
 def _sweep_step(trials_per_gpu: int, argv: list[str], estimate_s: float) -> Step:
-    return Step(SWEEP_STEP.format(trials_per_gpu), "bench_sweep",
-                [*argv, f"trials_per_gpu={trials_per_gpu}", "--tag", f"tpg{trials_per_gpu}",
-                 "--timeout", f"{2 * estimate_s:.0f}", "--allow-failure"], estimate_s,
-                sweep_reader(trials_per_gpu))
+    return Step(
+        SWEEP_STEP.format(trials_per_gpu),
+        "bench_sweep",
+        [
+            *argv,
+            f"trials_per_gpu={trials_per_gpu}",
+            "--tag",
+            f"tpg{trials_per_gpu}",
+            "--timeout",
+            f"{2 * estimate_s:.0f}",
+            "--allow-failure",
+        ],
+        estimate_s,
+        sweep_reader(trials_per_gpu),
+    )
 
 
 def gpu_steps(data: dict[str, str | None], threads: int) -> list[Step]:
@@ -131,22 +154,64 @@ def gpu_steps(data: dict[str, str | None], threads: int) -> list[Step]:
     for flag, key in (("--fashion-mnist", "fashion-mnist"), ("--omniglot", "omniglot")):
         train_data += [flag, data.get(key) or ""]  # '' skips that dataset
     no_data = "" if any(data.values()) else "no Fashion-MNIST or Omniglot found (--data-dir)"
-    sweep_config = ["--config", "fashion-mnist" if data.get("fashion-mnist") else "digits",
-                    "losses=[batch_hard,multi_similarity]", "epochs=1", "seeds=1", "pruner=none"]
+    sweep_config = [
+        "--config",
+        "fashion-mnist" if data.get("fashion-mnist") else "digits",
+        "losses=[batch_hard,multi_similarity]",
+        "epochs=1",
+        "seeds=1",
+        "pruner=none",
+    ]
     if data.get("fashion-mnist"):
         sweep_config.append("dataset.max_per_class=500")
     steps = [
-        Step("eval", "bench_eval", [*device, "--cases", "10000x10,10000x1000,70000x10,70000x1000",
-                                    "--repeats", "3", "--max-seconds", "30"], 45, read_eval),
-        Step("losses", "bench_losses", [*device, "--sizes", "256,512,1024,2048,4096", "--dims", "128,512",
-                                        "--dtypes", "float32,bfloat16", "--repeats", "5"], 70, read_losses),
-        Step("train", "bench_train", [*device, *train_data, "--epochs", "2", "--max-per-class", "2000",
-                                      "--workers", "4"], 70, train_reader(), skip=no_data),
-        Step("compile", "bench_compile", [*device, "--losses", "batch_hard,multi_similarity"], 80,
-             read_compile),
+        Step(
+            "eval",
+            "bench_eval",
+            [
+                *device,
+                "--cases",
+                "10000x10,10000x1000,70000x10,70000x1000",
+                "--repeats",
+                "3",
+                "--max-seconds",
+                "30",
+            ],
+            45,
+            read_eval,
+        ),
+        Step(
+            "losses",
+            "bench_losses",
+            [
+                *device,
+                "--sizes",
+                "256,512,1024,2048,4096",
+                "--dims",
+                "128,512",
+                "--dtypes",
+                "float32,bfloat16",
+                "--repeats",
+                "5",
+            ],
+            70,
+            read_losses,
+        ),
+        Step(
+            "train",
+            "bench_train",
+            [*device, *train_data, "--epochs", "2", "--max-per-class", "2000", "--workers", "4"],
+            70,
+            train_reader(),
+            skip=no_data,
+        ),
+        Step(
+            "compile", "bench_compile", [*device, "--losses", "batch_hard,multi_similarity"], 80, read_compile
+        ),
     ]  # the sweeps last: the recommendation uses those that ran
-    return steps + [_sweep_step(t, [*sweep_config, f"trials={max(4, 2 * t)}"], 45)
-                    for t in SWEEP_TRIALS_PER_GPU]
+    return steps + [
+        _sweep_step(t, [*sweep_config, f"trials={max(4, 2 * t)}"], 45) for t in SWEEP_TRIALS_PER_GPU
+    ]
 
 
 def dry_steps(toy_data: dict[str, str]) -> list[Step]:
@@ -155,12 +220,45 @@ def dry_steps(toy_data: dict[str, str]) -> list[Step]:
     steps = [
         Step("eval", "bench_eval", [*cpu, "--cases", "400x5,400x40", "--repeats", "1"], 10, read_eval),
         Step("losses", "bench_losses", [*cpu, "--quick", "--dtypes", "float32,bfloat16"], 10, read_losses),
-        Step("train", "bench_train", [*cpu, "--quick", "--workers", "0",
-                                      "--fashion-mnist", toy_data["fashion-mnist"],
-                                      "--omniglot", toy_data["omniglot"]], 15, train_reader("-quick")),
-        Step("compile", "bench_compile", [*cpu, "--quick", "--backend", "aot_eager",
-                                          "--losses", "batch_hard"], 15, read_compile),
+        Step(
+            "train",
+            "bench_train",
+            [
+                *cpu,
+                "--quick",
+                "--workers",
+                "0",
+                "--fashion-mnist",
+                toy_data["fashion-mnist"],
+                "--omniglot",
+                toy_data["omniglot"],
+            ],
+            15,
+            train_reader("-quick"),
+        ),
+        Step(
+            "compile",
+            "bench_compile",
+            [*cpu, "--quick", "--backend", "aot_eager", "--losses", "batch_hard"],
+            15,
+            read_compile,
+        ),
     ]
-    return steps + [_sweep_step(t, ["--config", "quick", "losses=[batch_hard]", "trials=1", "seeds=1",
-                                    "epochs=1", "pruner=none", "--workers", str(t)], 30)
-                    for t in DRY_TRIALS_PER_GPU]
+    return steps + [
+        _sweep_step(
+            t,
+            [
+                "--config",
+                "quick",
+                "losses=[batch_hard]",
+                "trials=1",
+                "seeds=1",
+                "epochs=1",
+                "pruner=none",
+                "--workers",
+                str(t),
+            ],
+            30,
+        )
+        for t in DRY_TRIALS_PER_GPU
+    ]

@@ -11,6 +11,7 @@ and the target. ``benchmarks.gpu_deps`` installs from it with ``--no-index``.
 
     python -m benchmarks.gpu_wheels --dest .whl --python-version 3.12 --platform manylinux_2_28_x86_64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,26 @@ def resolve(packages: list[str], flags: list[str], constraints: Path) -> list[di
     """The ``install`` items of pip's report: every distribution the packages need on the target."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), "--target", str(Path(tmp) / "target"), *flags,
-                        "-c", str(constraints), *packages], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--quiet",
+                "--report",
+                str(report),
+                "--target",
+                str(Path(tmp) / "target"),
+                *flags,
+                "-c",
+                str(constraints),
+                *packages,
+            ],
+            check=True,
+        )
         return json.loads(report.read_text())["install"]
 
 
@@ -75,8 +93,11 @@ def project_packages(pyproject: Path, leave_out) -> list[str]:
     from packaging.requirements import Requirement
 
     skip = {canonical(n) for n in leave_out}
-    return [r for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-            if canonical(Requirement(r).name) not in skip]
+    return [
+        r
+        for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        if canonical(Requirement(r).name) not in skip
+    ]
 
 
 def _requirements(item: dict) -> list[str]:
@@ -119,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dest", type=Path, default=REPO / ".whl")
     parser.add_argument("--python-version", default="3.12", help="the target's Python, e.g. 3.12")
-    parser.add_argument("--platform", action="append", help="wheel platform tag(s) of the target, "
-                        "older manylinux tags included (default manylinux_2_28_x86_64)")
+    parser.add_argument(
+        "--platform",
+        action="append",
+        help="wheel platform tag(s) of the target, "
+        "older manylinux tags included (default manylinux_2_28_x86_64)",
+    )
     parser.add_argument("--faiss", default="faiss-gpu-cu12", help="the faiss package ('' for none)")
     parser.add_argument("--provided", default=",".join(PROVIDED), help="packages the target already has")
     parser.add_argument("--leave-out", default=",".join(LEAVE_OUT), help="packages not to download")
@@ -135,15 +160,36 @@ def main(argv: list[str] | None = None) -> int:
     args.dest.mkdir(parents=True, exist_ok=True)
     for old in args.dest.glob("*.whl"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(args.dest),
-                    *flags, *keep], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(args.dest),
+            *flags,
+            *keep,
+        ],
+        check=True,
+    )
     wheels = sorted(p.name for p in args.dest.glob("*.whl"))
-    manifest = {"python_version": args.python_version, "platforms": platforms, "packages": packages,
-                "faiss": args.faiss, "wheels": wheels, "not_downloaded": dropped,
-                "megabytes": round(sum((args.dest / w).stat().st_size for w in wheels) / 2 ** 20, 1)}
+    manifest = {
+        "python_version": args.python_version,
+        "platforms": platforms,
+        "packages": packages,
+        "faiss": args.faiss,
+        "wheels": wheels,
+        "not_downloaded": dropped,
+        "megabytes": round(sum((args.dest / w).stat().st_size for w in wheels) / 2**20, 1),
+    }
     (args.dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"{len(wheels)} wheels, {manifest['megabytes']} MiB in {args.dest}; not downloaded (on the target "
-          f"already or never imported): {', '.join(dropped)}")
+    print(
+        f"{len(wheels)} wheels, {manifest['megabytes']} MiB in {args.dest}; not downloaded (on the target "
+        f"already or never imported): {', '.join(dropped)}"
+    )
     return 0
 
 

@@ -1,5 +1,6 @@
 """What every benchmark does with its results: a UTC timestamp, and the report written as
 ``<stem>.json`` and ``<stem>.md`` (and printed)."""
+
 from __future__ import annotations
 
 import datetime

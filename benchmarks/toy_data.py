@@ -3,6 +3,7 @@
 The classes differ in brightness (Fashion-MNIST) or in where the ink is (Omniglot), so a
 short training run has something to learn.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -34,7 +35,7 @@ def write_omniglot(path: Path, rng: np.random.Generator, classes: int = 16, draw
     for c in range(classes):
         row, col = divmod(c % 16, 4)
         block = rng.random((drawers, 20, 20)) > 0.7
-        images[c, :, row * 26:row * 26 + 20, col * 26:col * 26 + 20] = block
+        images[c, :, row * 26 : row * 26 + 20, col * 26 : col * 26 + 20] = block
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=images, labels=np.arange(classes * drawers).reshape(classes, drawers) // drawers)
     return path

@@ -6,6 +6,7 @@ Every key is checked: a typo raises ``ValueError`` naming the key, the closest v
 full list; loss hyperparameters are checked against the loss's own declaration
 (``losses.validate_params``). The defaults train on the bundled digits data.
 """
+
 from __future__ import annotations
 
 import copy
@@ -118,8 +119,13 @@ class ExperimentConfig:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
 _SECTION_TYPES = {
-    "dataset": DatasetConfig, "model": ModelConfig, "batch": BatchConfig, "optimizer": OptimizerConfig,
-    "train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig,
+    "dataset": DatasetConfig,
+    "model": ModelConfig,
+    "batch": BatchConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "tracking": TrackingConfig,
 }
 _CHOICES = {
     "model.name": ("auto", "cnn", "resnet", "resnet18", "resnet50", "torchvision:<arch>", "timm:<arch>"),
@@ -161,8 +167,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ValueError(f"config key {key!r} must be true or false{' or auto' if optional else ''}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"config key {key!r} must be true or false{' or auto' if optional else ''}, got {value!r}"
+        )
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -268,8 +275,9 @@ def resolve_config_path(path: str, config_dir: Path = CONFIG_DIR, kind: str = "c
     if candidate.suffix in ("", ".yaml") and candidate.parent == Path(".") and bundled.is_file():
         return bundled
     names = ", ".join(sorted(p.stem for p in config_dir.glob("*.yaml")))
-    raise FileNotFoundError(f"{kind} file {path!r} not found; pass a YAML path or a bundled {kind} name "
-                            f"({names})")
+    raise FileNotFoundError(
+        f"{kind} file {path!r} not found; pass a YAML path or a bundled {kind} name ({names})"
+    )
 
 
 def read_yaml_mapping(path: Path, kind: str = "config") -> dict[str, Any]:
@@ -279,8 +287,9 @@ def read_yaml_mapping(path: Path, kind: str = "config") -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ValueError(f"{kind} file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{kind} file {str(path)!r} must hold a mapping of keys, "
-                         f"got {type(values).__name__}")
+        raise ValueError(
+            f"{kind} file {str(path)!r} must hold a mapping of keys, got {type(values).__name__}"
+        )
     return values
 
 
@@ -312,45 +321,71 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        _check(_is_choice(value, choices),
-               f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+        _check(
+            _is_choice(value, choices),
+            f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}",
+        )
     backbone = cfg.model.name not in ("auto", "cnn", "resnet")
     for key, value in (("model.weights", cfg.model.weights), ("model.freeze_bn", cfg.model.freeze_bn)):
-        _check(backbone or not value, f"{key} needs an ImageNet backbone (model.name resnet18, resnet50, "
-                                      f"torchvision:<arch> or timm:<arch>), got model.name={cfg.model.name}")
+        _check(
+            backbone or not value,
+            f"{key} needs an ImageNet backbone (model.name resnet18, resnet50, "
+            f"torchvision:<arch> or timm:<arch>), got model.name={cfg.model.name}",
+        )
     _check(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    _check(cfg.batch.p == 0 or cfg.batch.p >= 2,
-           "batch.p (classes per batch) must be >= 2 so each batch has negatives (or 0 = auto), "
-           f"got {cfg.batch.p}")
-    _check(cfg.batch.k >= 2,
-           f"batch.k (images per class) must be >= 2 so each batch has positives, got {cfg.batch.k}")
+    _check(
+        cfg.batch.p == 0 or cfg.batch.p >= 2,
+        "batch.p (classes per batch) must be >= 2 so each batch has negatives (or 0 = auto), "
+        f"got {cfg.batch.p}",
+    )
+    _check(
+        cfg.batch.k >= 2,
+        f"batch.k (images per class) must be >= 2 so each batch has positives, got {cfg.batch.k}",
+    )
     _check(cfg.model.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {cfg.model.embedding_dim}")
     _check(cfg.optimizer.lr > 0, f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
-    _check(cfg.optimizer.weight_decay >= 0,
-           f"optimizer.weight_decay must be >= 0, got {cfg.optimizer.weight_decay}")
-    _check(0 <= cfg.optimizer.warmup_fraction < 1,
-           "optimizer.warmup_fraction (share of all steps) must be in [0, 1), "
-           f"got {cfg.optimizer.warmup_fraction}")
-    _check(0 <= cfg.optimizer.momentum < 1,
-           f"optimizer.momentum must be in [0, 1), got {cfg.optimizer.momentum}")
-    _check(0 <= cfg.dataset.val_fraction < 1,
-           f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}")
+    _check(
+        cfg.optimizer.weight_decay >= 0,
+        f"optimizer.weight_decay must be >= 0, got {cfg.optimizer.weight_decay}",
+    )
+    _check(
+        0 <= cfg.optimizer.warmup_fraction < 1,
+        "optimizer.warmup_fraction (share of all steps) must be in [0, 1), "
+        f"got {cfg.optimizer.warmup_fraction}",
+    )
+    _check(
+        0 <= cfg.optimizer.momentum < 1, f"optimizer.momentum must be in [0, 1), got {cfg.optimizer.momentum}"
+    )
+    _check(
+        0 <= cfg.dataset.val_fraction < 1,
+        f"dataset.val_fraction must be in [0, 1), got {cfg.dataset.val_fraction}",
+    )
     size = parse_image_size(cfg.dataset.image_size, None)
-    _check(cfg.dataset.max_per_class >= 0,
-           f"dataset.max_per_class must be >= 0 (0 = all), got {cfg.dataset.max_per_class}")
-    _check(cfg.dataset.resident_mb >= 0,
-           f"dataset.resident_mb must be >= 0 (0 = measured from free memory), got {cfg.dataset.resident_mb}")
+    _check(
+        cfg.dataset.max_per_class >= 0,
+        f"dataset.max_per_class must be >= 0 (0 = all), got {cfg.dataset.max_per_class}",
+    )
+    _check(
+        cfg.dataset.resident_mb >= 0,
+        f"dataset.resident_mb must be >= 0 (0 = measured from free memory), got {cfg.dataset.resident_mb}",
+    )
     crop = cfg.dataset.crop_size
     _check(crop >= 0, f"dataset.crop_size must be >= 0 (0 = no crop), got {crop}")
-    _check(size is None or crop <= min(size),
-           f"dataset.crop_size={crop} is larger than dataset.image_size={cfg.dataset.image_size}; crops are "
-           "taken from the resized images, so raise image_size (e.g. 256 for 224 crops)")
+    _check(
+        size is None or crop <= min(size),
+        f"dataset.crop_size={crop} is larger than dataset.image_size={cfg.dataset.image_size}; crops are "
+        "taken from the resized images, so raise image_size (e.g. 256 for 224 crops)",
+    )
     _check(cfg.train.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {cfg.train.grad_clip}")
-    _check(cfg.train.early_stopping_patience >= 0,
-           f"train.early_stopping_patience must be >= 0 (0 = off), got {cfg.train.early_stopping_patience}")
+    _check(
+        cfg.train.early_stopping_patience >= 0,
+        f"train.early_stopping_patience must be >= 0 (0 = off), got {cfg.train.early_stopping_patience}",
+    )
     _check(cfg.eval.every >= 1, f"eval.every must be >= 1, got {cfg.eval.every}")
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     device = cfg.device
-    _check(device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()),
-           f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    _check(
+        device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()),
+        f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}",
+    )
     cfg.loss.params = validate_params(cfg.loss.name, cfg.loss.params)

@@ -7,6 +7,7 @@
 Importing the package registers the built-in losses and the ``pml:<ClassName>`` resolver; plugins
 come from entry points (on first use) and :func:`load_plugins`.
 """
+
 from . import (  # noqa: F401  (importing them registers the built-in losses and the pml: resolver)
     batch_hard,
     circle,
@@ -31,6 +32,16 @@ from .registry import (
 )
 
 __all__ = [
-    "HyperParam", "LossInfo", "MetricLoss", "PluginWarning", "STAT_NAMES", "build_loss", "check_inputs",
-    "list_losses", "load_plugins", "loss_info", "register_loss", "validate_params",
+    "HyperParam",
+    "LossInfo",
+    "MetricLoss",
+    "PluginWarning",
+    "STAT_NAMES",
+    "build_loss",
+    "check_inputs",
+    "list_losses",
+    "load_plugins",
+    "loss_info",
+    "register_loss",
+    "validate_params",
 ]

@@ -1,4 +1,5 @@
 """The base class every registry loss derives from: input checks and last-call statistics."""
+
 from __future__ import annotations
 
 from typing import ClassVar
@@ -21,16 +22,18 @@ def check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, what: str = "em
     """Raise ``ValueError`` naming the problem for malformed (embeddings, labels)."""
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
         shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-        raise ValueError(f"{what} must be a 2-D tensor (batch, dim), got shape {shape}; "
-                         "flatten or stack them first")
+        raise ValueError(
+            f"{what} must be a 2-D tensor (batch, dim), got shape {shape}; flatten or stack them first"
+        )
     if not embeddings.is_floating_point():
         raise ValueError(f"{what} must be floating point, got {embeddings.dtype}")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels for {what} must be a 1-D tensor, got shape {shape}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}; "
-                         "convert class ids with .long()")
+        raise ValueError(
+            f"labels must be an integer tensor, got {labels.dtype}; convert class ids with .long()"
+        )
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
             f"{what} has {embeddings.shape[0]} rows but labels has {labels.shape[0]}; they must match"
@@ -69,8 +72,9 @@ class MetricLoss(nn.Module):
                     f"{embeddings.shape[1]}; project both modalities to the same embedding size"
                 )
         elif self.cross_modal:
-            raise ValueError(f"{type(self).__name__} is cross-modal: "
-                             "call it as loss(emb, labels, ref_emb, ref_labels)")
+            raise ValueError(
+                f"{type(self).__name__} is cross-modal: call it as loss(emb, labels, ref_emb, ref_labels)"
+            )
         return self.compute(embeddings, labels, ref_embeddings, ref_labels)
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Batch-hard and batch-all triplet losses (Hermans, Beyer & Leibe, "In Defense of the Triplet Loss
 for Person Re-Identification", 2017)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,10 @@ from .registry import register_loss
 from .triplet import TripletLoss, reduction_param, soft_margin_param
 from .triplet_terms import check_reduction, finish_stats, hinge, reduce_terms, triplet_stats
 
-HERMANS = ("Hermans et al. 2017, In Defense of the Triplet Loss (PK batches e.g. P=32, K=4; euclidean, "
-           "not squared; soft margin softplus(d_ap - d_an) preferred over a hinge)")
+HERMANS = (
+    "Hermans et al. 2017, In Defense of the Triplet Loss (PK batches e.g. P=32, K=4; euclidean, "
+    "not squared; soft margin softplus(d_ap - d_an) preferred over a hinge)"
+)
 
 
 @register_loss("batch_hard")
@@ -31,8 +34,14 @@ class BatchHardLoss(MetricLoss):
     paper = HERMANS
     hyperparams = (margin_param(), *distance_params(), soft_margin_param(), reduction_param())
 
-    def __init__(self, margin: float = 0.2, distance: str = "euclidean", normalize: bool = False,
-                 soft_margin: bool = False, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        margin: float = 0.2,
+        distance: str = "euclidean",
+        normalize: bool = False,
+        soft_margin: bool = False,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         check_distance(distance)
         check_reduction(reduction)
@@ -67,7 +76,19 @@ class BatchAllLoss(TripletLoss):
     paper = HERMANS
     hyperparams = (margin_param(), *distance_params(), soft_margin_param(), reduction_param())
 
-    def __init__(self, margin: float = 0.2, distance: str = "euclidean", normalize: bool = False,
-                 soft_margin: bool = False, reduction: str = "mean_nonzero") -> None:
-        super().__init__(margin=margin, distance=distance, normalize=normalize, mining="all",
-                         reduction=reduction, soft_margin=soft_margin)
+    def __init__(
+        self,
+        margin: float = 0.2,
+        distance: str = "euclidean",
+        normalize: bool = False,
+        soft_margin: bool = False,
+        reduction: str = "mean_nonzero",
+    ) -> None:
+        super().__init__(
+            margin=margin,
+            distance=distance,
+            normalize=normalize,
+            mining="all",
+            reduction=reduction,
+            soft_margin=soft_margin,
+        )

@@ -1,5 +1,6 @@
 """Circle loss (Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization",
 CVPR 2020), pair-wise label form, on the (n, m) cosine similarity matrix."""
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,16 @@ class CircleLoss(MetricLoss):
     paper = "Sun et al., Circle Loss: A Unified Perspective of Pair Similarity Optimization, CVPR 2020"
     hyperparams = (
         HyperParam("m", float, doc="relaxation margin m", low=-0.5, high=1.0, search=(0.05, 0.5)),
-        HyperParam("gamma", float, doc="scale factor gamma", low=0.0, low_open=True, high=4096.0,
-                   search=(16.0, 512.0), log=True),
+        HyperParam(
+            "gamma",
+            float,
+            doc="scale factor gamma",
+            low=0.0,
+            low_open=True,
+            high=4096.0,
+            search=(16.0, 512.0),
+            log=True,
+        ),
     )
     fused = True
 
@@ -50,8 +59,15 @@ class CircleLoss(MetricLoss):
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         if self.fused:
-            value, stats = kernel.circle_loss(embeddings, labels, ref_embeddings, ref_labels, m=self.m,
-                                                      gamma=self.gamma, workspace=self.workspace)
+            value, stats = kernel.circle_loss(
+                embeddings,
+                labels,
+                ref_embeddings,
+                ref_labels,
+                m=self.m,
+                gamma=self.gamma,
+                workspace=self.workspace,
+            )
             self.record_stats(**stats)
             return value
         m, gamma = self.m, self.gamma

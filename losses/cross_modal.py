@@ -4,6 +4,7 @@ Both are called ``loss(emb_a, labels, emb_b, labels_b)``; row i of A is paired w
 and paired rows are positives. With ``label_positives`` every A/B pair sharing a label is a
 positive too; every other pair is a negative.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,16 +57,28 @@ class CrossModalTripletLoss(MetricLoss):
     cross_modal = True
     hyperparams = (
         margin_param(search=(0.05, 0.5)),
-        HyperParam("negatives", str, doc="hardest negative (VSE++) or sum over negatives",
-                   choices=NEGATIVES, search=NEGATIVES),
+        HyperParam(
+            "negatives",
+            str,
+            doc="hardest negative (VSE++) or sum over negatives",
+            choices=NEGATIVES,
+            search=NEGATIVES,
+        ),
         HyperParam("direction", str, doc="A->B, B->A or both directions", choices=DIRECTIONS),
         HyperParam("label_positives", bool, doc="same-label A/B pairs are positives too"),
         *distance_params(search=False),
     )
     fused = True
 
-    def __init__(self, margin: float = 0.2, negatives: str = "hardest", direction: str = "both",
-                 label_positives: bool = False, distance: str = "cosine", normalize: bool = True) -> None:
+    def __init__(
+        self,
+        margin: float = 0.2,
+        negatives: str = "hardest",
+        direction: str = "both",
+        label_positives: bool = False,
+        distance: str = "cosine",
+        normalize: bool = True,
+    ) -> None:
         super().__init__()
         self.margin, self.negatives, self.direction = margin, negatives, direction
         self.label_positives, self.distance, self.normalize = label_positives, distance, normalize
@@ -73,9 +86,17 @@ class CrossModalTripletLoss(MetricLoss):
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         if self.fused:
             value, stats = kernel.cross_modal_triplet_loss(
-                embeddings, labels, ref_embeddings, ref_labels, margin=self.margin, negatives=self.negatives,
-                direction=self.direction, label_positives=self.label_positives, distance=self.distance,
-                normalize=self.normalize)
+                embeddings,
+                labels,
+                ref_embeddings,
+                ref_labels,
+                margin=self.margin,
+                negatives=self.negatives,
+                direction=self.direction,
+                label_positives=self.label_positives,
+                distance=self.distance,
+                normalize=self.normalize,
+            )
             self.record_stats(**stats)
             return value
         positive = paired_positives(labels, embeddings, ref_embeddings, ref_labels, self.label_positives)
@@ -129,8 +150,16 @@ class SymmetricInfoNCELoss(MetricLoss):
     paper = "Radford et al., Learning Transferable Visual Models From Natural Language Supervision, ICML 2021"
     cross_modal = True
     hyperparams = (
-        HyperParam("temperature", float, doc="softmax temperature", low=0.0, low_open=True, high=10.0,
-                   search=(0.01, 1.0), log=True),
+        HyperParam(
+            "temperature",
+            float,
+            doc="softmax temperature",
+            low=0.0,
+            low_open=True,
+            high=10.0,
+            search=(0.01, 1.0),
+            log=True,
+        ),
         HyperParam("label_positives", bool, doc="same-label A/B pairs are positives too"),
     )
     fused = True
@@ -141,9 +170,14 @@ class SymmetricInfoNCELoss(MetricLoss):
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         if self.fused:
-            value, stats = kernel.info_nce_loss(embeddings, labels, ref_embeddings, ref_labels,
-                                                              temperature=self.temperature,
-                                                              label_positives=self.label_positives)
+            value, stats = kernel.info_nce_loss(
+                embeddings,
+                labels,
+                ref_embeddings,
+                ref_labels,
+                temperature=self.temperature,
+                label_positives=self.label_positives,
+            )
             self.record_stats(**stats)
             return value
         positive = paired_positives(labels, embeddings, ref_embeddings, ref_labels, self.label_positives)

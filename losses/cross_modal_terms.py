@@ -1,4 +1,5 @@
 """What the cross-modal losses share: the pairing of rows across modalities and the statistics."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,13 @@ def check_pairing(emb_a: torch.Tensor, emb_b: torch.Tensor) -> None:
         )
 
 
-def paired_positives(labels: torch.Tensor, emb_a: torch.Tensor, emb_b: torch.Tensor, labels_b: torch.Tensor,
-                     label_positives: bool) -> torch.Tensor:
+def paired_positives(
+    labels: torch.Tensor,
+    emb_a: torch.Tensor,
+    emb_b: torch.Tensor,
+    labels_b: torch.Tensor,
+    label_positives: bool,
+) -> torch.Tensor:
     """(n, n) boolean mask of positive A/B pairs: the diagonal, plus same-label pairs if asked."""
     check_pairing(emb_a, emb_b)
     positive = torch.eye(emb_a.shape[0], dtype=torch.bool, device=emb_a.device)
@@ -44,8 +50,11 @@ def order_stats(hardest_pos: torch.Tensor, hardest_neg: torch.Tensor, margin: fl
     anchors."""
     counted = torch.isfinite(hardest_pos) & torch.isfinite(hardest_neg)
     hard, _, easy = triplet_difficulty(hardest_pos, hardest_neg, margin)
-    return (torch.count_nonzero(counted & ~hard), torch.count_nonzero(counted & ~easy),
-            torch.count_nonzero(counted))
+    return (
+        torch.count_nonzero(counted & ~hard),
+        torch.count_nonzero(counted & ~easy),
+        torch.count_nonzero(counted),
+    )
 
 
 @torch.no_grad()
@@ -63,7 +72,8 @@ def triplet_counts_stats(active, terms, ordered, violated, anchors, mean_d_ap, m
         "active_fraction": active / terms.clamp_min(1),
         "correct_order_fraction": ordered / anchors.clamp_min(1),
         "margin_violation_fraction": violated / anchors.clamp_min(1),
-        "mean_d_ap": mean_d_ap, "mean_d_an": mean_d_an,
+        "mean_d_ap": mean_d_ap,
+        "mean_d_an": mean_d_an,
     }
 
 
@@ -90,5 +100,6 @@ def similarity_stats(active_fraction, ordered, violated, anchors, mean_s_ap, mea
         "active_fraction": active_fraction,
         "correct_order_fraction": ordered / anchors.clamp_min(1),
         "margin_violation_fraction": violated / anchors.clamp_min(1),
-        "mean_d_ap": 1 - mean_s_ap, "mean_d_an": 1 - mean_s_an,
+        "mean_d_ap": 1 - mean_s_ap,
+        "mean_d_an": 1 - mean_s_an,
     }

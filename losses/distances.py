@@ -15,6 +15,7 @@ does for large inputs), which resolves euclidean distances down to about ``sqrt(
 (~3e-4 of the norm in float32); :func:`paired_distances` takes exact differences. Half-precision inputs are
 computed in float32 (:func:`prepare_embeddings`): squared norms overflow float16 beyond a norm of ~256.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ def check_distance(kind: str) -> None:
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))),
-                       torch.zeros_like(x))
+    return torch.where(
+        positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x)
+    )
 
 
 def prepare_embeddings(x: torch.Tensor, kind: str, normalize: bool) -> torch.Tensor:
@@ -69,8 +71,9 @@ def distance_matrix(x: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch
     return d2 if kind == "squared_euclidean" else d2.sqrt_()
 
 
-def pairwise_distances(x: torch.Tensor, y: torch.Tensor | None = None, kind: str = "euclidean",
-                       normalize: bool = False) -> torch.Tensor:
+def pairwise_distances(
+    x: torch.Tensor, y: torch.Tensor | None = None, kind: str = "euclidean", normalize: bool = False
+) -> torch.Tensor:
     """An (n, m) distance matrix between the rows of ``x`` and of ``y`` (default ``x``)."""
     check_distance(kind)
     if normalize or kind == "cosine":
@@ -88,8 +91,9 @@ def paired_distances(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tenso
     return d2 if kind == "squared_euclidean" else _safe_sqrt(d2)
 
 
-def _linear_weights(weights: torch.Tensor, kind: str, distances: torch.Tensor | None,
-                    in_place: bool) -> torch.Tensor:
+def _linear_weights(
+    weights: torch.Tensor, kind: str, distances: torch.Tensor | None, in_place: bool
+) -> torch.Tensor:
     """Weights of the squared-euclidean (or cosine) form of ``sum_ij weights_ij * d_ij``: euclidean
     ``d = sqrt(d2)`` has ``dd/dd2 = 1 / (2 d)``, taken as 0 at distance 0."""
     if kind != "euclidean":
@@ -100,8 +104,9 @@ def _linear_weights(weights: torch.Tensor, kind: str, distances: torch.Tensor | 
     return scaled.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 at distance 0
 
 
-def distance_sum_gradients(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, kind: str,
-                           distances: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def distance_sum_gradients(
+    x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, kind: str, distances: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_ij weights_ij * d(x_i, y_j)`` with respect to ``x`` and to ``y``.
 
     ``x``, ``y`` are prepared embeddings (normalised if the distance is); ``distances`` is the
@@ -118,8 +123,9 @@ def distance_sum_gradients(x: torch.Tensor, y: torch.Tensor, weights: torch.Tens
         return grad_x, grad_y
 
 
-def self_distance_sum_gradient(x: torch.Tensor, weights: torch.Tensor, kind: str,
-                               distances: torch.Tensor | None = None) -> torch.Tensor:
+def self_distance_sum_gradient(
+    x: torch.Tensor, weights: torch.Tensor, kind: str, distances: torch.Tensor | None = None
+) -> torch.Tensor:
     """Gradient of ``sum_ij weights_ij * d(x_i, x_j)`` with respect to ``x`` (the batch against itself).
 
     The distance is symmetric, so this is :func:`distance_sum_gradients`' ``grad_x + grad_y`` with
@@ -134,8 +140,14 @@ def self_distance_sum_gradient(x: torch.Tensor, weights: torch.Tensor, kind: str
         return torch.addmm(symmetric.sum(1, keepdim=True) * x, symmetric, x, alpha=-1).mul_(scale)
 
 
-def column_distance_gradients(x: torch.Tensor, y: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
-                              distances: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def column_distance_gradients(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    columns: torch.Tensor,
+    weights: torch.Tensor,
+    distances: torch.Tensor,
+    kind: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_ap weights_ap * d(x_a, y[columns_ap])`` with respect to ``x`` and ``y``.
 
     :func:`distance_sum_gradients` for a few columns per row of ``x`` ((n, p) ``columns``,

@@ -20,6 +20,7 @@ Nothing here builds a list of every triplet. Valid triplets are described densel
 :func:`positive_slots` lists each anchor's positives in ``k`` slots (``k`` = most positives any
 anchor has: ``K - 1`` in a PK batch), so a batch of triplets is an (n, k, m) boolean mask.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,18 +57,22 @@ def bound_values(d_ap, margin: float) -> dict[str, object]:
     return {"-inf": -inf, "d_ap": d_ap, "d_ap+m": d_ap + margin, "inf": inf}
 
 
-def triplet_difficulty(d_ap: torch.Tensor, d_an: torch.Tensor,
-                       margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def triplet_difficulty(
+    d_ap: torch.Tensor, d_an: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hard, semi_hard, easy)`` boolean masks of triplets with distances ``d_ap`` and ``d_an``
     (broadcast against each other) and margin ``margin >= 0``, by FaceNet's definitions (see the
     module docstring, ties included): a partition of the triplets."""
     value = bound_values(d_ap, margin)
-    return tuple((value[low] <= d_an) & (d_an < value[high])
-                 for low, high in (DIFFICULTY_BOUNDS[kind] for kind in DIFFICULTIES))
+    return tuple(
+        (value[low] <= d_an) & (d_an < value[high])
+        for low, high in (DIFFICULTY_BOUNDS[kind] for kind in DIFFICULTIES)
+    )
 
 
-def difficulty_counts(d_ap: torch.Tensor, sorted_d_an: torch.Tensor,
-                      margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def difficulty_counts(
+    d_ap: torch.Tensor, sorted_d_an: torch.Tensor, margin: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hard, semi_hard, easy)`` counts of negatives per positive distance, the sums over the
     negatives of :func:`triplet_difficulty`'s masks without building them.
 
@@ -88,8 +93,14 @@ def difficulty_counts(d_ap: torch.Tensor, sorted_d_an: torch.Tensor,
     return tuple(below(high) - below(low) for low, high in (DIFFICULTY_BOUNDS[kind] for kind in DIFFICULTIES))
 
 
-def mined_triplets(mining: str, d_ap: torch.Tensor, d_an: torch.Tensor, margin: float, valid: torch.Tensor,
-                   admitted: torch.Tensor | None = None) -> torch.Tensor:
+def mined_triplets(
+    mining: str,
+    d_ap: torch.Tensor,
+    d_an: torch.Tensor,
+    margin: float,
+    valid: torch.Tensor,
+    admitted: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The triplets a mining strategy keeps, among the ``valid`` ones (all broadcast to one shape,
     e.g. (n, k, 1) positive and (n, 1, m) negative distances); ``admitted`` is the curriculum's (n, m)
     mask of (anchor, negative) pairs whose hard triplets count."""
@@ -105,8 +116,9 @@ def mined_triplets(mining: str, d_ap: torch.Tensor, d_an: torch.Tensor, margin: 
     return used
 
 
-def label_masks(labels: torch.Tensor,
-                ref_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def label_masks(
+    labels: torch.Tensor, ref_labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(positives, negatives) boolean (n, m) masks; without ``ref_labels`` a sample is not its own
     positive."""
     other = labels if ref_labels is None else ref_labels
@@ -167,8 +179,9 @@ def slot_chunks(k: int, n: int, m: int, budget: int = 1 << 24) -> Iterator[slice
         yield slice(start, min(k, start + step))
 
 
-def hardest_pairs(distances: torch.Tensor, positives: torch.Tensor,
-                  negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hardest_pairs(
+    distances: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch-hard mining: per anchor the farthest positive and the nearest negative.
 
     Returns (positive index (n,), negative index (n,), valid (n,)): an anchor is valid when it has

@@ -1,5 +1,6 @@
 """Multi-Similarity loss with its pair miner (Wang et al., "Multi-Similarity Loss with General Pair
 Weighting for Deep Metric Learning", CVPR 2019)."""
+
 from __future__ import annotations
 
 import torch
@@ -38,20 +39,49 @@ class MultiSimilarityLoss(MetricLoss):
 
     paper = "Wang et al., Multi-Similarity Loss with General Pair Weighting, CVPR 2019"
     hyperparams = (
-        HyperParam("alpha", float, doc="scale of the positive pairs' term", low=0.0, low_open=True,
-                   high=1000.0, search=(0.01, 20.0), log=True),
-        HyperParam("beta", float, doc="scale of the negative pairs' term", low=0.0, low_open=True,
-                   high=1000.0, search=(1.0, 100.0), log=True),
+        HyperParam(
+            "alpha",
+            float,
+            doc="scale of the positive pairs' term",
+            low=0.0,
+            low_open=True,
+            high=1000.0,
+            search=(0.01, 20.0),
+            log=True,
+        ),
+        HyperParam(
+            "beta",
+            float,
+            doc="scale of the negative pairs' term",
+            low=0.0,
+            low_open=True,
+            high=1000.0,
+            search=(1.0, 100.0),
+            log=True,
+        ),
         HyperParam("base", float, doc="similarity threshold lambda", low=-1.0, high=1.0, search=(0.0, 1.0)),
         HyperParam("miner", bool, doc="use the MS pair miner", search=(True, False)),
-        HyperParam("epsilon", float, doc="miner slack epsilon", low=0.0, high=2.0, search=(0.01, 0.5),
-                   log=True,
-                   when={"miner": True}),
+        HyperParam(
+            "epsilon",
+            float,
+            doc="miner slack epsilon",
+            low=0.0,
+            high=2.0,
+            search=(0.01, 0.5),
+            log=True,
+            when={"miner": True},
+        ),
     )
     fused = True
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, miner: bool = True,
-                 epsilon: float = 0.1) -> None:
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        miner: bool = True,
+        epsilon: float = 0.1,
+    ) -> None:
         super().__init__()
         self.workspace = Workspace()
         self.alpha, self.beta, self.base, self.miner, self.epsilon = alpha, beta, base, miner, epsilon
@@ -59,8 +89,17 @@ class MultiSimilarityLoss(MetricLoss):
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         if self.fused:
             value, stats = kernel.multi_similarity_loss(
-                embeddings, labels, ref_embeddings, ref_labels, alpha=self.alpha, beta=self.beta,
-                base=self.base, miner=self.miner, epsilon=self.epsilon, workspace=self.workspace)
+                embeddings,
+                labels,
+                ref_embeddings,
+                ref_labels,
+                alpha=self.alpha,
+                beta=self.beta,
+                base=self.base,
+                miner=self.miner,
+                epsilon=self.epsilon,
+                workspace=self.workspace,
+            )
             self.record_stats(**stats)
             return value
         alpha, beta, base = self.alpha, self.beta, self.base
@@ -73,8 +112,10 @@ class MultiSimilarityLoss(MetricLoss):
                 most_similar_neg = torch.where(negative, s, float("-inf")).amax(1, keepdim=True)
                 pos_used = positive & (s < most_similar_neg + self.epsilon)
                 neg_used = negative & (s > least_similar_pos - self.epsilon)
-        per_anchor = (log1p_sum_exp(-alpha * (s - base), pos_used) / alpha
-                      + log1p_sum_exp(beta * (s - base), neg_used) / beta)
+        per_anchor = (
+            log1p_sum_exp(-alpha * (s - base), pos_used) / alpha
+            + log1p_sum_exp(beta * (s - base), neg_used) / beta
+        )
         keep = (pos_used.sum() > 1) | (neg_used.sum() > 1)
         violating = (positive & (s < base)) | (negative & (s > base))
         self.record_stats(**pair_stats(s, positive, negative, pos_used | neg_used, violating))

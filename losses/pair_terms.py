@@ -1,4 +1,5 @@
 """What the pair-based losses (Multi-Similarity, Circle) share: cosine similarities and statistics."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,13 @@ def log1p_sum_exp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_stats(s: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, active: torch.Tensor,
-               violating: torch.Tensor) -> dict[str, torch.Tensor]:
+def pair_stats(
+    s: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    active: torch.Tensor,
+    violating: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """The ``STAT_NAMES`` statistics of a pair-based loss on similarities ``s``.
 
     - ``active_fraction``: pairs in ``active`` (carrying loss weight) over all valid pairs;
@@ -39,8 +45,8 @@ def pair_stats(s: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, 
     n_valid = (n_positive + n_negative).clamp_min(1)
     return {
         "active_fraction": ((active & (positive | negative)).sum() / n_valid).to(s.dtype),
-        "correct_order_fraction":
-            (has_both & (hardest_pos > hardest_neg)).sum() / has_both.sum().clamp_min(1),
+        "correct_order_fraction": (has_both & (hardest_pos > hardest_neg)).sum()
+        / has_both.sum().clamp_min(1),
         "margin_violation_fraction": ((violating & (positive | negative)).sum() / n_valid).to(s.dtype),
         "mean_d_ap": 1 - torch.where(positive, s, 0).sum() / n_positive.clamp_min(1),
         "mean_d_an": 1 - torch.where(negative, s, 0).sum() / n_negative.clamp_min(1),

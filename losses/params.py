@@ -6,6 +6,7 @@ A loss declares each hyperparameter once, as a :class:`HyperParam` in its class 
 default must state the same one). Everything else (``build_loss`` validation, ``tripletlab losses``,
 the config checker and the Optuna search space) reads that declaration.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,12 @@ class HyperParam:
 
     def condition(self) -> str:
         """``when`` in words (empty when unconditional), for the CLI table and sweep descriptions."""
-        parts = [f"{name}={_format(allowed[0])}" if len(allowed) == 1
-                 else f"{name} in {{{', '.join(map(_format, allowed))}}}" for name, allowed in self.when]
+        parts = [
+            f"{name}={_format(allowed[0])}"
+            if len(allowed) == 1
+            else f"{name} in {{{', '.join(map(_format, allowed))}}}"
+            for name, allowed in self.when
+        ]
         return " and ".join(parts)
 
     def valid_range(self) -> str:
@@ -144,11 +149,16 @@ def distance_params(search: bool = True) -> tuple[HyperParam, ...]:
     """The distance and L2-normalisation options every distance-based loss shares; ``normalize``
     matters only for the euclidean distances (cosine always normalises)."""
     return (
-        HyperParam("distance", str, doc="pairwise distance", choices=DISTANCES,
-                   search=DISTANCES if search else None),
-        HyperParam("normalize", bool, doc="L2-normalise embeddings first (cosine always does)",
-                   search=(True, False) if search else None,
-                   when={"distance": ("euclidean", "squared_euclidean")}),
+        HyperParam(
+            "distance", str, doc="pairwise distance", choices=DISTANCES, search=DISTANCES if search else None
+        ),
+        HyperParam(
+            "normalize",
+            bool,
+            doc="L2-normalise embeddings first (cosine always does)",
+            search=(True, False) if search else None,
+            when={"distance": ("euclidean", "squared_euclidean")},
+        ),
     )
 
 

@@ -9,6 +9,7 @@ losses: ``num_classes`` from the data and ``embedding_dim`` (PML's ``embedding_s
 Other required arguments must be given. Arguments that take objects (distance, reducer,
 regularizers) keep PML's defaults.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -25,8 +26,14 @@ from .registry import LossInfo, register_resolver
 PML_PREFIX = "pml:"
 
 # Base classes and wrappers of other losses: not usable on their own by name.
-_NOT_STANDALONE = {"BaseMetricLossFunction", "GenericPairLoss", "BaseLossWrapper", "MultipleLosses",
-                   "CrossBatchMemory", "SelfSupervisedLoss"}
+_NOT_STANDALONE = {
+    "BaseMetricLossFunction",
+    "GenericPairLoss",
+    "BaseLossWrapper",
+    "MultipleLosses",
+    "CrossBatchMemory",
+    "SelfSupervisedLoss",
+}
 _COUNT_NAMES = ("num_", "n_")
 _COUNT_SUFFIXES = ("_size", "_dim", "_per_class")
 _RENAMED = {"embedding_size": "embedding_dim", "descriptors_dim": "embedding_dim"}
@@ -38,14 +45,16 @@ def pml_loss_names() -> list[str]:
     from pytorch_metric_learning import losses as pml_losses  # imported on first use: it takes a second
 
     return sorted(
-        name for name, obj in vars(pml_losses).items()
+        name
+        for name, obj in vars(pml_losses).items()
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and name not in _NOT_STANDALONE
     )
 
 
 def _is_count(name: str) -> bool:
-    return (name.startswith(_COUNT_NAMES) or name.endswith(_COUNT_SUFFIXES)
-            or name in ("K", "l", "sub_centers"))
+    return (
+        name.startswith(_COUNT_NAMES) or name.endswith(_COUNT_SUFFIXES) or name in ("K", "l", "sub_centers")
+    )
 
 
 def _constructor_params(cls: type) -> list[inspect.Parameter]:
@@ -96,10 +105,13 @@ class PMLLoss(MetricLoss):
         super().__init__()
         missing = [name for name in sorted(self.pml_required) if params.get(name) in (None, 0)]
         if missing:
-            raise ValueError(f"pml:{self.pml_class.__name__} needs {', '.join(missing)} (no default in "
-                             f"pytorch-metric-learning); pass them, e.g. {missing[0]}=<value>")
-        params = {k: int(v) if k in self.pml_int_params and float(v).is_integer() else v
-                  for k, v in params.items()}
+            raise ValueError(
+                f"pml:{self.pml_class.__name__} needs {', '.join(missing)} (no default in "
+                f"pytorch-metric-learning); pass them, e.g. {missing[0]}=<value>"
+            )
+        params = {
+            k: int(v) if k in self.pml_int_params and float(v).is_integer() else v for k, v in params.items()
+        }
         self.pml_loss = self.pml_class(**{self.pml_names.get(k, k): v for k, v in params.items()})
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
@@ -132,28 +144,46 @@ def pml_info(class_name: str) -> LossInfo:
         lowered = {n.lower(): n for n in available}
         close = difflib.get_close_matches(class_name.lower(), list(lowered), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(PML_PREFIX + lowered[c]) for c in close)}?" if close else ""
-        raise ValueError(f"unknown pytorch-metric-learning loss {class_name!r}.{hint} "
-                         f"Available: {', '.join(available)}")
+        raise ValueError(
+            f"unknown pytorch-metric-learning loss {class_name!r}.{hint} Available: {', '.join(available)}"
+        )
     from pytorch_metric_learning import losses as pml_losses
 
     pml_class = getattr(pml_losses, class_name)
     declared = [(p, _hyperparam(p)) for p in _constructor_params(pml_class)]
     params = tuple(hp for _, hp in declared if hp is not None)
-    int_params = frozenset(p.name for p, hp in declared
-                           if hp is not None and isinstance(p.default, int)
-                           and not isinstance(p.default, bool))  # PML gets ints back where it had them
-    required = frozenset(hp.name for p, hp in declared
-                         if hp is not None and p.default is inspect.Parameter.empty)
+    int_params = frozenset(
+        p.name
+        for p, hp in declared
+        if hp is not None and isinstance(p.default, int) and not isinstance(p.default, bool)
+    )  # PML gets ints back where it had them
+    required = frozenset(
+        hp.name for p, hp in declared if hp is not None and p.default is inspect.Parameter.empty
+    )
     names = {hp.name: p.name for p, hp in declared if hp is not None and hp.name != p.name}
     doc = inspect.cleandoc(vars(pml_class).get("__doc__") or "").split("\n")[0]
-    wrapper = type(f"PML{class_name}", (PMLLoss,), {
-        "__doc__": f"pytorch-metric-learning's {class_name}. {doc}".strip(),
-        "pml_class": pml_class, "pml_int_params": int_params, "pml_required": required, "pml_names": names,
-        "hyperparams": params,
-        "paper": f"pytorch-metric-learning {class_name}",
-    })
-    return LossInfo(PML_PREFIX + class_name, wrapper, params, wrapper.paper, wrapper.__doc__.split("\n")[0],
-                    False, "pytorch-metric-learning")
+    wrapper = type(
+        f"PML{class_name}",
+        (PMLLoss,),
+        {
+            "__doc__": f"pytorch-metric-learning's {class_name}. {doc}".strip(),
+            "pml_class": pml_class,
+            "pml_int_params": int_params,
+            "pml_required": required,
+            "pml_names": names,
+            "hyperparams": params,
+            "paper": f"pytorch-metric-learning {class_name}",
+        },
+    )
+    return LossInfo(
+        PML_PREFIX + class_name,
+        wrapper,
+        params,
+        wrapper.paper,
+        wrapper.__doc__.split("\n")[0],
+        False,
+        "pytorch-metric-learning",
+    )
 
 
 register_resolver(PML_PREFIX, pml_info, "any pytorch-metric-learning loss")

@@ -14,6 +14,7 @@ for code that records or escalates warnings (the stderr line is the report, so w
 as ``PYTHONWARNINGS=ignore`` cannot hide it); every other loss keeps working (as MLflow's plugin
 loader does).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,21 +98,27 @@ def declared_params(name: str, cls: type) -> tuple[HyperParam, ...]:
     for p in cls.hyperparams:
         arg = signature.get(p.name)
         if arg is None and not open_ended:
-            raise ValueError(f"loss {name!r} declares hyperparameter {p.name!r} but {cls.__name__}.__init__ "
-                             f"does not take it")
+            raise ValueError(
+                f"loss {name!r} declares hyperparameter {p.name!r} but {cls.__name__}.__init__ "
+                f"does not take it"
+            )
         init_default = inspect.Parameter.empty if arg is None else arg.default
         if from_init(p.default):
             if init_default is inspect.Parameter.empty:
                 raise ValueError(f"loss {name!r}: give {p.name!r} a default in {cls.__name__}.__init__")
             p = replace(p, default=init_default)
         elif init_default is not inspect.Parameter.empty and p.default != init_default:
-            raise ValueError(f"loss {name!r}: hyperparameter {p.name!r} declares default {p.default!r} but "
-                             f"{cls.__name__}.__init__ has {init_default!r}; declare it once, in __init__")
+            raise ValueError(
+                f"loss {name!r}: hyperparameter {p.name!r} declares default {p.default!r} but "
+                f"{cls.__name__}.__init__ has {init_default!r}; declare it once, in __init__"
+            )
         earlier = {q.name: q for q in params}
         for other, allowed in p.when:
             if other not in earlier:
-                raise ValueError(f"loss {name!r}: {p.name!r} is conditioned on {other!r}, which must be a "
-                                 f"hyperparameter declared before it")
+                raise ValueError(
+                    f"loss {name!r}: {p.name!r} is conditioned on {other!r}, which must be a "
+                    f"hyperparameter declared before it"
+                )
             for value in allowed:
                 earlier[other].validate(value, name)
         params.append(p)
@@ -132,8 +139,10 @@ def register_loss(name: str, overwrite: bool = False) -> Callable[[type], type]:
         if not (isinstance(cls, type) and issubclass(cls, MetricLoss)):
             raise TypeError(f"register_loss({name!r}) decorates MetricLoss subclasses, got {cls!r}")
         if not name or any(c.isspace() for c in name) or any(name.startswith(p) for p in _RESOLVERS):
-            raise ValueError(f"invalid loss name {name!r}: use a non-empty name without spaces or a "
-                             f"reserved prefix ({', '.join(map(repr, _RESOLVERS))})")
+            raise ValueError(
+                f"invalid loss name {name!r}: use a non-empty name without spaces or a "
+                f"reserved prefix ({', '.join(map(repr, _RESOLVERS))})"
+            )
         if name in _REGISTRY and not overwrite:
             raise ValueError(
                 f"loss {name!r} is already registered (by {_REGISTRY[name].source}); "
@@ -141,8 +150,9 @@ def register_loss(name: str, overwrite: bool = False) -> Callable[[type], type]:
             )
         cls.hyperparams = declared_params(name, cls)
         doc = inspect.getdoc(cls) or ""
-        _REGISTRY[name] = LossInfo(name, cls, cls.hyperparams, cls.paper, doc.split("\n")[0],
-                                   cls.cross_modal, _source[-1])
+        _REGISTRY[name] = LossInfo(
+            name, cls, cls.hyperparams, cls.paper, doc.split("\n")[0], cls.cross_modal, _source[-1]
+        )
         return cls
 
     return decorator
@@ -166,7 +176,7 @@ def loss_info(name: str) -> LossInfo:
     load_entry_points()
     for prefix, (resolve, _) in _RESOLVERS.items():
         if name.startswith(prefix):
-            return resolve(name[len(prefix):])
+            return resolve(name[len(prefix) :])
     if name not in _REGISTRY:
         raise _unknown(name)
     return _REGISTRY[name]
@@ -215,8 +225,9 @@ def _import_as(source: str, load: Callable[[], object]) -> bool:
             load()
             return True
         except Exception as exc:  # a broken plugin must not take down the others
-            _report(f"tripletlab plugin {source!r} failed to load and was skipped: "
-                    f"{type(exc).__name__}: {exc}")
+            _report(
+                f"tripletlab plugin {source!r} failed to load and was skipped: {type(exc).__name__}: {exc}"
+            )
             return False
 
 
@@ -265,7 +276,8 @@ def load_plugins(specs=()) -> None:
     """Load the installed entry points, then the plugins in ``TRIPLETLAB_PLUGINS`` (``:`` or ``,``
     separated) and those named in ``specs``."""
     load_entry_points()
-    from_env = [s for s in re.split(r"[,%s]" % re.escape(os.pathsep),
-                                    os.environ.get(ENV_VAR, "")) if s.strip()]
+    from_env = [
+        s for s in re.split(r"[,%s]" % re.escape(os.pathsep), os.environ.get(ENV_VAR, "")) if s.strip()
+    ]
     for spec in [*from_env, *specs]:
         load_plugin(spec)

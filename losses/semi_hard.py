@@ -1,4 +1,5 @@
 """FaceNet's semi-hard triplet loss (Schroff, Kalenichenko & Philbin, CVPR 2015)."""
+
 from __future__ import annotations
 
 import torch
@@ -33,19 +34,32 @@ class SemiHardLoss(MetricLoss):
     blocks of anchors); ``fused = False`` runs the formula as written below, its test oracle.
     """
 
-    paper = ("Schroff et al., FaceNet, CVPR 2015 (alpha = 0.2, squared euclidean on L2-normalised "
-             "embeddings, large batches of ~40 faces per identity)")
+    paper = (
+        "Schroff et al., FaceNet, CVPR 2015 (alpha = 0.2, squared euclidean on L2-normalised "
+        "embeddings, large batches of ~40 faces per identity)"
+    )
     hyperparams = (
         margin_param(),
         *distance_params(),
-        HyperParam("fallback", str, doc="negative for pairs whose negatives are all hard", choices=FALLBACKS,
-                   search=None),
+        HyperParam(
+            "fallback",
+            str,
+            doc="negative for pairs whose negatives are all hard",
+            choices=FALLBACKS,
+            search=None,
+        ),
         reduction_param(),
     )
     fused = True
 
-    def __init__(self, margin: float = 0.2, distance: str = "squared_euclidean", normalize: bool = True,
-                 fallback: str = "easiest", reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        margin: float = 0.2,
+        distance: str = "squared_euclidean",
+        normalize: bool = True,
+        fallback: str = "easiest",
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         check_distance(distance)
         check_reduction(reduction)
@@ -62,8 +76,16 @@ class SemiHardLoss(MetricLoss):
         x, y = self.prepare(embeddings), self.prepare(ref_embeddings)  # y = None: the batch itself
         if self.fused:
             value, stats = kernel.semi_hard_loss(
-                x, y, labels, ref_labels, margin=self.margin, distance=self.distance, fallback=self.fallback,
-                reduction=self.reduction, workspace=self.workspace)
+                x,
+                y,
+                labels,
+                ref_labels,
+                margin=self.margin,
+                distance=self.distance,
+                fallback=self.fallback,
+                reduction=self.reduction,
+                workspace=self.workspace,
+            )
             self.record_stats(**stats)
             return value
         d = distance_matrix(x, y, self.distance)  # (n, m): anchors x candidates

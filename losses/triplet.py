@@ -4,6 +4,7 @@ functional form.
 Weinberger & Saul (JMLR 2009), Schroff et al. (FaceNet, CVPR 2015):
 ``l(a, p, n) = max(d(a,p) - d(a,n) + m, 0)``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,13 +20,19 @@ from .triplet_terms import REDUCTIONS, check_reduction, finish_stats, hinge, red
 
 
 def reduction_param() -> HyperParam:
-    return HyperParam("reduction", str, doc="mean_nonzero: mean over non-zero terms (PML AvgNonZeroReducer); "
-                      "mean: over all used triplets", choices=REDUCTIONS, search=None)
+    return HyperParam(
+        "reduction",
+        str,
+        doc="mean_nonzero: mean over non-zero terms (PML AvgNonZeroReducer); mean: over all used triplets",
+        choices=REDUCTIONS,
+        search=None,
+    )
 
 
 def soft_margin_param() -> HyperParam:
-    return HyperParam("soft_margin", bool, doc="softplus(d_ap - d_an + m) instead of the hinge",
-                      search=(False, True))
+    return HyperParam(
+        "soft_margin", bool, doc="softplus(d_ap - d_an + m) instead of the hinge", search=(False, True)
+    )
 
 
 class HardnessCurriculum:
@@ -88,24 +95,53 @@ class TripletLoss(MetricLoss):
     hyperparams = (
         margin_param(),
         *distance_params(),
-        HyperParam("mining", str, doc="which triplets count", choices=tuple(TRIPLET_MINING),
-                   search=("all", "hard-triplets", "semi-hard-triplets", "curriculum")),
+        HyperParam(
+            "mining",
+            str,
+            doc="which triplets count",
+            choices=tuple(TRIPLET_MINING),
+            search=("all", "hard-triplets", "semi-hard-triplets", "curriculum"),
+        ),
         reduction_param(),
         soft_margin_param(),
         HyperParam("swap", bool, doc="use min(d(a,n), d(p,n)) (distance swap)", search=(False, True)),
-        HyperParam("curriculum_start", float, doc="curriculum: hard fraction at the start", low=0.0, high=1.0,
-                   search=None, when=CURRICULUM),
-        HyperParam("curriculum_end", float, doc="curriculum: hard fraction at the end", low=0.0, high=1.0,
-                   search=None, when=CURRICULUM),
-        HyperParam("seed", int, doc="curriculum: seed of the hard-triplet draws", search=None,
-                   when=CURRICULUM),
+        HyperParam(
+            "curriculum_start",
+            float,
+            doc="curriculum: hard fraction at the start",
+            low=0.0,
+            high=1.0,
+            search=None,
+            when=CURRICULUM,
+        ),
+        HyperParam(
+            "curriculum_end",
+            float,
+            doc="curriculum: hard fraction at the end",
+            low=0.0,
+            high=1.0,
+            search=None,
+            when=CURRICULUM,
+        ),
+        HyperParam(
+            "seed", int, doc="curriculum: seed of the hard-triplet draws", search=None, when=CURRICULUM
+        ),
     )
     fused = True
 
-    def __init__(self, margin: float = 0.2, distance: str = "euclidean", normalize: bool = True,
-                 mining: str = "all", reduction: str = "mean_nonzero", soft_margin: bool = False,
-                 swap: bool = False, curriculum_start: float = 0.0, curriculum_end: float = 1.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        margin: float = 0.2,
+        distance: str = "euclidean",
+        normalize: bool = True,
+        mining: str = "all",
+        reduction: str = "mean_nonzero",
+        soft_margin: bool = False,
+        swap: bool = False,
+        curriculum_start: float = 0.0,
+        curriculum_end: float = 1.0,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         check_distance(distance)
         check_mining(mining)
@@ -127,9 +163,19 @@ class TripletLoss(MetricLoss):
         admitted = self.curriculum.admitted(n, m, x.device) if self.mining == "curriculum" else None
         if self.fused:
             value, stats = kernel.triplet_loss(
-                x, y, labels, ref_labels, margin=self.margin, distance=self.distance, mining=self.mining,
-                reduction=self.reduction, soft_margin=self.soft_margin, swap=self.swap, admitted=admitted,
-                workspace=self.workspace)
+                x,
+                y,
+                labels,
+                ref_labels,
+                margin=self.margin,
+                distance=self.distance,
+                mining=self.mining,
+                reduction=self.reduction,
+                soft_margin=self.soft_margin,
+                swap=self.swap,
+                admitted=admitted,
+                workspace=self.workspace,
+            )
             self.record_stats(**stats)
             return value
         d = distance_matrix(x, y, self.distance)  # (n, m): anchors x candidates
@@ -148,17 +194,27 @@ class TripletLoss(MetricLoss):
         return term.sum() / reduce_terms(term, sums, self.reduction)
 
 
-def triplet_margin(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2,
-                   distance: str = "euclidean", normalize: bool = False, soft_margin: bool = False,
-                   swap: bool = False, reduction: str = "mean") -> torch.Tensor:
+def triplet_margin(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    margin: float = 0.2,
+    distance: str = "euclidean",
+    normalize: bool = False,
+    soft_margin: bool = False,
+    swap: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Triplet loss of explicit (N, d) anchor, positive and negative rows (differentiable by autograd).
 
     ``reduction`` is ``mean`` over the N triplets, ``mean_nonzero`` over the non-zero terms, or
     ``none`` for the (N,) terms.
     """
     if not (anchor.dim() == 2 and anchor.shape == positive.shape == negative.shape):
-        raise ValueError(f"anchor, positive and negative must be (N, d) tensors of one shape, got "
-                         f"{tuple(anchor.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}")
+        raise ValueError(
+            f"anchor, positive and negative must be (N, d) tensors of one shape, got "
+            f"{tuple(anchor.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}"
+        )
     check_distance(distance)
     a, p, n = (prepare_embeddings(t, distance, normalize) for t in (anchor, positive, negative))
     d_an = paired_distances(a, n, distance)

@@ -1,4 +1,5 @@
 """Triplet-center loss: the triplet loss with class centres in place of positives and negatives."""
+
 from __future__ import annotations
 
 import torch
@@ -27,44 +28,62 @@ class TripletCenterLoss(MetricLoss):
     squared euclidean, not normalised.
     """
 
-    paper = ("He et al., Triplet-Center Loss for Multi-View 3D Object Retrieval, CVPR 2018 (squared "
-             "euclidean to learnable centres, trained jointly with softmax)")
+    paper = (
+        "He et al., Triplet-Center Loss for Multi-View 3D Object Retrieval, CVPR 2018 (squared "
+        "euclidean to learnable centres, trained jointly with softmax)"
+    )
     hyperparams = (
         margin_param(search=(0.05, 5.0), high=100.0),
         *distance_params(),
         reduction_param(),
-        HyperParam("num_classes", int, doc="number of centres (0 = infer from the dataset)", low=0,
-                   search=None),
-        HyperParam("embedding_dim", int, doc="centre dimension (0 = infer from the model)", low=0,
-                   search=None),
+        HyperParam(
+            "num_classes", int, doc="number of centres (0 = infer from the dataset)", low=0, search=None
+        ),
+        HyperParam(
+            "embedding_dim", int, doc="centre dimension (0 = infer from the model)", low=0, search=None
+        ),
     )
 
-    def __init__(self, margin: float = 1.0, distance: str = "squared_euclidean", normalize: bool = False,
-                 reduction: str = "mean", num_classes: int = 0, embedding_dim: int = 0) -> None:
+    def __init__(
+        self,
+        margin: float = 1.0,
+        distance: str = "squared_euclidean",
+        normalize: bool = False,
+        reduction: str = "mean",
+        num_classes: int = 0,
+        embedding_dim: int = 0,
+    ) -> None:
         super().__init__()
         check_distance(distance)
         check_reduction(reduction)
         self.margin, self.distance, self.normalize, self.reduction = margin, distance, normalize, reduction
         if num_classes > 0 and embedding_dim > 0:
-            self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim) / embedding_dim ** 0.5)
+            self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim) / embedding_dim**0.5)
         else:
             self.register_parameter("centres", None)
 
     def compute(self, embeddings, labels, ref_embeddings, ref_labels):
         if self.centres is None:
-            raise ValueError("triplet_center needs num_classes and embedding_dim (> 0); set loss.num_classes "
-                             "and loss.embedding_dim, or leave them at 0 for the trainer to infer before "
-                             "training")
+            raise ValueError(
+                "triplet_center needs num_classes and embedding_dim (> 0); set loss.num_classes "
+                "and loss.embedding_dim, or leave them at 0 for the trainer to infer before "
+                "training"
+            )
         if ref_embeddings is not None:
-            raise ValueError("triplet_center compares embeddings with class centres; "
-                             "it takes no reference embeddings")
+            raise ValueError(
+                "triplet_center compares embeddings with class centres; it takes no reference embeddings"
+            )
         num_classes, dim = self.centres.shape
         if embeddings.shape[1] != dim:
-            raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the centres {dim}; "
-                             f"set embedding_dim to the model's embedding size")
+            raise ValueError(
+                f"embeddings have dimension {embeddings.shape[1]} but the centres {dim}; "
+                f"set embedding_dim to the model's embedding size"
+            )
         if bool(((labels < 0) | (labels >= num_classes)).any()):
-            raise ValueError(f"labels must be class ids in [0, {num_classes}); set num_classes to the number "
-                             f"of training classes and remap the labels to 0..num_classes-1")
+            raise ValueError(
+                f"labels must be class ids in [0, {num_classes}); set num_classes to the number "
+                f"of training classes and remap the labels to 0..num_classes-1"
+            )
         x = prepare_embeddings(embeddings, self.distance, self.normalize)
         centres = prepare_embeddings(self.centres, self.distance, self.normalize)
         dtype = torch.promote_types(x.dtype, centres.dtype)

@@ -4,6 +4,7 @@ Every statistic classifies triplets with :func:`losses.mining.triplet_difficulty
 in *correct order* when it is not hard (``d_an >= d_ap``) and *violates the margin* when it is not
 easy (``d_an < d_ap + m``).
 """
+
 from __future__ import annotations
 
 import torch

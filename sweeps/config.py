@@ -20,6 +20,7 @@ A sweep config is YAML (see ``sweeps/configs/``)::
 ``key=value`` overrides (YAML-typed) change any of it: ``trials=4 seeds=2 losses=[triplet,circle]``;
 keys that are not sweep keys are experiment keys (``epochs=1``, ``batch.p=8``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,9 @@ def default_losses() -> tuple[str, ...]:
     """Every built-in loss that trains on one modality (the Reality Check comparison set)."""
     from losses import list_losses, loss_info
 
-    return tuple(n for n in list_losses()
-                 if loss_info(n).source == "tripletlab" and not loss_info(n).cross_modal)
+    return tuple(
+        n for n in list_losses() if loss_info(n).source == "tripletlab" and not loss_info(n).cross_modal
+    )
 
 
 @dataclass
@@ -125,14 +127,17 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             out[head] = section = dict(section or {})
             _set_nested(section, rest, value)
         elif head in SWEEP_KEYS:
-            raise ValueError(f"override {item!r}: {head!r} takes a whole value, "
-                             f"e.g. {head}=..., not {key}=...")
+            raise ValueError(
+                f"override {item!r}: {head!r} takes a whole value, e.g. {head}=..., not {key}=..."
+            )
         elif head not in EXPERIMENT_SECTIONS:
             close = difflib.get_close_matches(head, [*SWEEP_KEYS, *EXPERIMENT_SECTIONS], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"override {item!r}: {head!r} is neither a sweep key nor an experiment "
-                             f"key{hint}. Sweep keys: {', '.join(SWEEP_KEYS)}; experiment keys start with "
-                             f"{', '.join(EXPERIMENT_SECTIONS)}")
+            raise ValueError(
+                f"override {item!r}: {head!r} is neither a sweep key nor an experiment "
+                f"key{hint}. Sweep keys: {', '.join(SWEEP_KEYS)}; experiment keys start with "
+                f"{', '.join(EXPERIMENT_SECTIONS)}"
+            )
         else:
             _set_nested(out.setdefault("experiment", {}), key, value)
     return out
@@ -145,15 +150,18 @@ def _check(ok: bool, message: str) -> None:
 
 def _as_int(values: dict, key: str, default: int, minimum: int) -> int:
     value = values.get(key, default)
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-           f"sweep key {key!r} must be an integer >= {minimum}, got {value!r}")
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"sweep key {key!r} must be an integer >= {minimum}, got {value!r}",
+    )
     return value
 
 
 def _pruner(value: Any) -> dict[str, Any]:
     pruner = {"name": value} if isinstance(value, str) or value is None else value
-    _check(isinstance(pruner, dict),
-           f"sweep key 'pruner' must be a name or a mapping with 'name', got {value!r}")
+    _check(
+        isinstance(pruner, dict), f"sweep key 'pruner' must be a name or a mapping with 'name', got {value!r}"
+    )
     pruner = dict(pruner)
     pruner["name"] = str(pruner.get("name") or "none").lower()
     _check(pruner["name"] in PRUNERS, f"pruner must be one of {', '.join(PRUNERS)}, got {pruner['name']!r}")
@@ -171,12 +179,16 @@ def sweep_from_dict(values: dict[str, Any], default_name: str = "") -> SweepConf
         hints = "; ".join(f"{k!r} (did you mean {c[0]!r}?)" if c else repr(k) for k, c in close.items())
         raise ValueError(f"unknown sweep key(s) {hints}. Valid keys: {', '.join(SWEEP_KEYS)}")
     name = str(values.get("name") or default_name)
-    _check(bool(_NAME_PATTERN.match(name)),
-           f"sweep name {name!r} must be letters, digits, '_', '-' or '.' "
-           "(it names runs/<name>/ and the MLflow experiment)")
+    _check(
+        bool(_NAME_PATTERN.match(name)),
+        f"sweep name {name!r} must be letters, digits, '_', '-' or '.' "
+        "(it names runs/<name>/ and the MLflow experiment)",
+    )
     plugins = values.get("plugins") or []
-    _check(isinstance(plugins, list) and all(isinstance(p, str) for p in plugins),
-           f"sweep key 'plugins' must be a list of module names or .py files, got {plugins!r}")
+    _check(
+        isinstance(plugins, list) and all(isinstance(p, str) for p in plugins),
+        f"sweep key 'plugins' must be a list of module names or .py files, got {plugins!r}",
+    )
     if plugins:
         from losses import load_plugins
 
@@ -184,44 +196,66 @@ def sweep_from_dict(values: dict[str, Any], default_name: str = "") -> SweepConf
     losses = values.get("losses") or list(default_losses())
     if isinstance(losses, str):
         losses = [s.strip() for s in losses.split(",") if s.strip()]
-    _check(isinstance(losses, list) and all(isinstance(n, str) for n in losses),
-           f"sweep key 'losses' must be a list of loss names, got {losses!r}")
+    _check(
+        isinstance(losses, list) and all(isinstance(n, str) for n in losses),
+        f"sweep key 'losses' must be a list of loss names, got {losses!r}",
+    )
     _check(len(set(losses)) == len(losses), f"sweep key 'losses' names a loss twice: {losses}")
     for loss in losses:
         loss_info(loss)  # unknown names raise a ValueError listing the registered losses
     search = values.get("search") or {}
     _check(isinstance(search, dict), f"sweep key 'search' must map config keys to ranges, got {search!r}")
     overrides = values.get("loss_overrides") or {}
-    _check(isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values()),
-           "sweep key 'loss_overrides' must map loss names to {param: range, choices or value}")
+    _check(
+        isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values()),
+        "sweep key 'loss_overrides' must map loss names to {param: range, choices or value}",
+    )
     stray = sorted(set(overrides) - set(losses))
-    _check(not stray,
-           f"loss_overrides names loss(es) {stray} that the sweep does not compare; losses: {losses}")
+    _check(
+        not stray, f"loss_overrides names loss(es) {stray} that the sweep does not compare; losses: {losses}"
+    )
     experiment = values.get("experiment") or {}
-    _check(isinstance(experiment, dict),
-           f"sweep key 'experiment' must be an experiment config mapping, got {experiment!r}")
-    _check("loss" not in experiment,
-           "the sweep's experiment settings must not set 'loss': the sweep picks the loss; "
-           "fix or narrow loss parameters under loss_overrides: {<loss>: {<param>: ...}}")
+    _check(
+        isinstance(experiment, dict),
+        f"sweep key 'experiment' must be an experiment config mapping, got {experiment!r}",
+    )
+    _check(
+        "loss" not in experiment,
+        "the sweep's experiment settings must not set 'loss': the sweep picks the loss; "
+        "fix or narrow loss parameters under loss_overrides: {<loss>: {<param>: ...}}",
+    )
     experiment_from_dict(experiment)  # unknown or invalid experiment keys fail here, naming the key
     sampler = values.get("sampler") or {}
-    _check(isinstance(sampler, dict),
-           f"sweep key 'sampler' must map TPESampler options to values, got {sampler!r}")
+    _check(
+        isinstance(sampler, dict),
+        f"sweep key 'sampler' must map TPESampler options to values, got {sampler!r}",
+    )
     cfg = SweepConfig(
-        name=name, losses=tuple(losses), trials=_as_int(values, "trials", 20, 1),
-        seeds=_as_int(values, "seeds", 3, 1), seed=_as_int(values, "seed", 0, 0),
+        name=name,
+        losses=tuple(losses),
+        trials=_as_int(values, "trials", 20, 1),
+        seeds=_as_int(values, "seeds", 3, 1),
+        seed=_as_int(values, "seed", 0, 0),
         folds=_as_int(values, "folds", 1, 1),
-        pruner=_pruner(values.get("pruner", "median")), sampler=dict(sampler), search=dict(search),
-        loss_overrides={k: dict(v) for k, v in overrides.items()}, experiment=copy.deepcopy(experiment),
-        plugins=tuple(plugins), trials_per_gpu=_as_int(values, "trials_per_gpu", 2, 1),
+        pruner=_pruner(values.get("pruner", "median")),
+        sampler=dict(sampler),
+        search=dict(search),
+        loss_overrides={k: dict(v) for k, v in overrides.items()},
+        experiment=copy.deepcopy(experiment),
+        plugins=tuple(plugins),
+        trials_per_gpu=_as_int(values, "trials_per_gpu", 2, 1),
         heartbeat_interval=_as_int(values, "heartbeat_interval", 60, 1),
         grace_period=_as_int(values, "grace_period", 600, 1),
     )
-    _check(cfg.pruner["name"] != "wilcoxon" or cfg.folds > 1,
-           "pruner wilcoxon compares a trial with the best one fold by fold, so it needs folds >= 2 "
-           "(e.g. folds=4); with folds=1 choose median, hyperband, threshold or none")
-    _check(cfg.grace_period > cfg.heartbeat_interval,
-           f"grace_period ({cfg.grace_period}s) must exceed heartbeat_interval ({cfg.heartbeat_interval}s)")
+    _check(
+        cfg.pruner["name"] != "wilcoxon" or cfg.folds > 1,
+        "pruner wilcoxon compares a trial with the best one fold by fold, so it needs folds >= 2 "
+        "(e.g. folds=4); with folds=1 choose median, hyperband, threshold or none",
+    )
+    _check(
+        cfg.grace_period > cfg.heartbeat_interval,
+        f"grace_period ({cfg.grace_period}s) must exceed heartbeat_interval ({cfg.heartbeat_interval}s)",
+    )
     for loss in cfg.losses:
         build_space(loss, cfg.search, cfg.loss_overrides.get(loss))  # bad ranges fail here, before any run
     return cfg

@@ -3,6 +3,7 @@
 The context travels to worker processes as a JSON file, so each worker rebuilds exactly the same
 sweep (loading the same loss plugins first).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,10 +44,16 @@ class SweepContext:
         return self.sweep_dir / "budget.lock"
 
     def to_json(self) -> str:
-        return json.dumps({
-            "sweep": self.sweep.to_dict(), "storage": self.storage, "tracking_uri": self.tracking_uri,
-            "sweep_dir": str(self.sweep_dir), "plugins": list(self.plugins), "parents": self.parents,
-        })
+        return json.dumps(
+            {
+                "sweep": self.sweep.to_dict(),
+                "storage": self.storage,
+                "tracking_uri": self.tracking_uri,
+                "sweep_dir": str(self.sweep_dir),
+                "plugins": list(self.plugins),
+                "parents": self.parents,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> "SweepContext":
@@ -54,5 +61,11 @@ class SweepContext:
         from losses import load_plugins
 
         load_plugins(data["plugins"])
-        return cls(sweep_from_dict(data["sweep"]), data["storage"], data["tracking_uri"],
-                   Path(data["sweep_dir"]), tuple(data["plugins"]), dict(data["parents"]))
+        return cls(
+            sweep_from_dict(data["sweep"]),
+            data["storage"],
+            data["tracking_uri"],
+            Path(data["sweep_dir"]),
+            tuple(data["plugins"]),
+            dict(data["parents"]),
+        )

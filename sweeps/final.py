@@ -9,6 +9,7 @@ folds) and the table shows the test metrics of the concatenated embeddings (``te
 with those of the separated per-fold models (``test/separated/<metric>``) beside them, as
 "A Metric Learning Reality Check" (Musgrave et al., ECCV 2020) reports both.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,15 +57,19 @@ def final_runs(ctx: SweepContext, client: MlflowClient, loss: str, best_number: 
     runs = client.search_runs(
         [_experiment_id(client, ctx.sweep.name)],
         filter_string=f"tags.`mlflow.parentRunId` = '{ctx.parents[loss]}' and tags.`{ROLE_TAG}` = 'final' "
-                      f"and tags.`tripletlab.best_trial` = '{best_number}' "
-                      "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"])
+        f"and tags.`tripletlab.best_trial` = '{best_number}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
     return {int(run.data.tags[SEED_TAG]): run for run in runs}
 
 
 def _running_on(trials: list[optuna.trial.FrozenTrial]) -> str:
-    return ", ".join(f"trial {t.number} on {t.user_attrs.get('worker_host', '?')} "
-                     f"(pid {t.user_attrs.get('worker_pid', '?')})" for t in trials)
+    return ", ".join(
+        f"trial {t.number} on {t.user_attrs.get('worker_host', '?')} "
+        f"(pid {t.user_attrs.get('worker_pid', '?')})"
+        for t in trials
+    )
 
 
 def wait_for_finished_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> None:
@@ -90,8 +95,10 @@ def wait_for_finished_studies(ctx: SweepContext, storage: optuna.storages.BaseSt
             if not running:
                 break
             if running != shown or time.monotonic() - shown_at > WAIT_REPORT_SECONDS:
-                print(f"[{loss}] waiting for trials on live workers before the final runs: {running}",
-                      flush=True)
+                print(
+                    f"[{loss}] waiting for trials on live workers before the final runs: {running}",
+                    flush=True,
+                )
                 shown, shown_at = running, time.monotonic()
             time.sleep(poll)
 
@@ -117,26 +124,44 @@ def run_final(ctx: SweepContext, storage: optuna.storages.BaseStorage, loss: str
 
     best = best_trial(optuna.load_study(study_name=ctx.study_name(loss), storage=storage))
     cfg = trial_experiment(base_experiment(ctx), best_values(ctx, loss, best), seed)
-    tags = {ROLE_TAG: "final", "tripletlab.sweep": ctx.sweep.name, "tripletlab.best_trial": str(best.number),
-            "optuna.study_name": ctx.study_name(loss),
-            **{f"tripletlab.worker_{k}": str(v) for k, v in worker_identity().items()}}
+    tags = {
+        ROLE_TAG: "final",
+        "tripletlab.sweep": ctx.sweep.name,
+        "tripletlab.best_trial": str(best.number),
+        "optuna.study_name": ctx.study_name(loss),
+        **{f"tripletlab.worker_{k}": str(v) for k, v in worker_identity().items()},
+    }
     try:
-        result = run_experiment(cfg, tracking_uri=ctx.tracking_uri, experiment_name=ctx.sweep.name,
-                                parent_run_id=ctx.parents[loss], run_name=f"{loss}/seed-{seed}", tags=tags,
-                                folds=ctx.sweep.folds, fold_seed=ctx.sweep.seed, log_model=True)
+        result = run_experiment(
+            cfg,
+            tracking_uri=ctx.tracking_uri,
+            experiment_name=ctx.sweep.name,
+            parent_run_id=ctx.parents[loss],
+            run_name=f"{loss}/seed-{seed}",
+            tags=tags,
+            folds=ctx.sweep.folds,
+            fold_seed=ctx.sweep.seed,
+            log_model=True,
+        )
     except Exception as exc:
         print(f"[{loss}] final seed {seed} failed: {type(exc).__name__}: {exc}", flush=True)
         return f"{type(exc).__name__}: {exc}"
     test = result.test_metrics
-    folds = (f" ({ctx.sweep.folds} folds concatenated; separated {test['separated/map_at_r']:.4f})"
-             if ctx.sweep.folds > 1 else "")
+    folds = (
+        f" ({ctx.sweep.folds} folds concatenated; separated {test['separated/map_at_r']:.4f})"
+        if ctx.sweep.folds > 1
+        else ""
+    )
     print(f"[{loss}] final seed {seed}: test MAP@R {test['map_at_r']:.4f}{folds}", flush=True)
     return None
 
 
 def _trial_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
-    return sum((t.datetime_complete - t.datetime_start).total_seconds()
-               for t in trials if t.datetime_complete is not None and t.datetime_start is not None)
+    return sum(
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in trials
+        if t.datetime_complete is not None and t.datetime_start is not None
+    )
 
 
 def _interval(finals: dict[int, Any], key: str, column: str) -> dict[str, float]:
@@ -172,16 +197,22 @@ def summarize(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> pd.Dat
     for loss in ctx.sweep.losses:
         study = optuna.load_study(study_name=ctx.study_name(loss), storage=storage)
         trials = budget_trials(study)
-        counts = {s: sum(t.state == s for t in trials)
-                  for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        counts = {
+            s: sum(t.state == s for t in trials)
+            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        }
         best = best_trial(study)
         finals = final_runs(ctx, client, loss, best.number) if best is not None else {}
-        final_seconds = sum((r.info.end_time - r.info.start_time) / 1000
-                            for r in finals.values() if r.info.end_time)
+        final_seconds = sum(
+            (r.info.end_time - r.info.start_time) / 1000 for r in finals.values() if r.info.end_time
+        )
         row: dict[str, Any] = {
-            "loss": loss, "best_val_map_at_r": best.value if best is not None else math.nan,
-            "trials_complete": counts[TrialState.COMPLETE], "trials_pruned": counts[TrialState.PRUNED],
-            "trials_failed": counts[TrialState.FAIL], "seeds": len(finals),
+            "loss": loss,
+            "best_val_map_at_r": best.value if best is not None else math.nan,
+            "trials_complete": counts[TrialState.COMPLETE],
+            "trials_pruned": counts[TrialState.PRUNED],
+            "trials_failed": counts[TrialState.FAIL],
+            "seeds": len(finals),
             "tuning_seconds": round(_trial_seconds(study.get_trials(deepcopy=False)), 1),
             "final_seconds": round(final_seconds, 1),
         }

@@ -1,5 +1,6 @@
 """GitHub-flavoured Markdown tables, written one way for the sweep, the analysis report and the
 benchmarks."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -14,12 +15,13 @@ def markdown_lines(header: Sequence, rows: Iterable[Sequence], align: str = "") 
     Cells are written with ``str`` and a ``|`` in them is escaped. ``align`` holds one letter per
     column, ``l`` (the default for columns it leaves out) or ``r`` (right-aligned, ``---:``).
     """
+
     def line(cells) -> str:
         return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
     if set(align) - {"l", "r"}:
         raise ValueError(f"align takes the letters l and r, got {align!r}")
-    rule = "|" + "".join("---:|" if align[i:i + 1] == "r" else "---|" for i in range(len(header)))
+    rule = "|" + "".join("---:|" if align[i : i + 1] == "r" else "---|" for i in range(len(header)))
     return [line(header), rule, *(line(row) for row in rows)]
 
 

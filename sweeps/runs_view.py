@@ -7,6 +7,7 @@ missing SQLite file is reported, not created.
 
     python -m sweeps.runs_view --tracking-uri sqlite:///mlflow.db --address http://127.0.0.1:5000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,19 @@ def describe(tracking_uri: str | None, address: str) -> str:
         return f"Cannot read the sweeps in {mask_secrets(uri)}: {mask_secrets(first_line)}"
     if experiment is None:
         return f"No sweep has been run yet in {mask_secrets(uri)}; {RUN_A_SWEEP}."
-    return (f"Runs of sweep {experiment.name!r} with the test metrics as columns: "
-            f"{address.rstrip('/')}{runs_view_path(experiment.experiment_id)}")
+    return (
+        f"Runs of sweep {experiment.name!r} with the test metrics as columns: "
+        f"{address.rstrip('/')}{runs_view_path(experiment.experiment_id)}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sweeps.runs_view", description=__doc__.splitlines()[0])
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     parser.add_argument("--address", default="http://127.0.0.1:5000", help="where the MLflow UI serves")
     return parser
 

@@ -17,6 +17,7 @@ only with ``miner=True``) is sampled only in trials where the condition holds on
 chosen (sampled, fixed or default); elsewhere it is absent from the trial and stays at its default.
 A condition that the fixed values make false for every trial drops the parameter from the space.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ class Dimension:
         if self.kind == "categorical":
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log,
-                                     step=int(self.step or 1))
+            return trial.suggest_int(
+                self.key, int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+            )
         return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
 
     def describe(self) -> str:
@@ -59,8 +61,10 @@ class Dimension:
             text = "{" + ", ".join(map(str, self.choices)) + "}"
         else:
             text = f"[{self.low:g}, {self.high:g}]{' log' if self.log else ''}"
-        conditions = [f"{key}={allowed[0]}" if len(allowed) == 1
-                      else f"{key} in {{{', '.join(map(str, allowed))}}}" for key, allowed in self.when]
+        conditions = [
+            f"{key}={allowed[0]}" if len(allowed) == 1 else f"{key} in {{{', '.join(map(str, allowed))}}}"
+            for key, allowed in self.when
+        ]
         return f"{text} when {' and '.join(conditions)}" if conditions else text
 
 
@@ -106,14 +110,18 @@ def _number(value: Any, where: str) -> float:
 def _range(key: str, spec: dict, kind: str, log: bool) -> Dimension:
     unknown = sorted(set(spec) - {"low", "high", "log", "step"})
     if unknown or "low" not in spec or "high" not in spec:
-        raise ValueError(f"search range for {key!r} must be {{low: ..., high: ..., log: true|false, "
-                         f"step: ...}}, got {spec!r}")
+        raise ValueError(
+            f"search range for {key!r} must be {{low: ..., high: ..., log: true|false, "
+            f"step: ...}}, got {spec!r}"
+        )
     low, high = _number(spec["low"], f"{key}.low"), _number(spec["high"], f"{key}.high")
     log = bool(spec.get("log", log))
     step = _number(spec["step"], f"{key}.step") if spec.get("step") is not None else None
     if not low < high:
-        raise ValueError(f"search range for {key!r} needs low < high, got low={low:g}, high={high:g}; "
-                         "to fix the value, give it without a range")
+        raise ValueError(
+            f"search range for {key!r} needs low < high, got low={low:g}, high={high:g}; "
+            "to fix the value, give it without a range"
+        )
     if log and low <= 0:
         raise ValueError(f"search range for {key!r} is log-scaled, so low must be > 0, got {low:g}")
     if log and step is not None:
@@ -140,8 +148,10 @@ def _loss_dimension(loss: str, param: HyperParam, spec: Any) -> tuple[Dimension 
     numeric = param.type in (int, float) and param.choices is None
     if isinstance(spec, dict):
         if not numeric:
-            raise ValueError(f"loss_overrides.{loss}.{param.name} is categorical: give a list of choices "
-                             f"from {param.valid_range()} or one fixed value, not a range")
+            raise ValueError(
+                f"loss_overrides.{loss}.{param.name} is categorical: give a list of choices "
+                f"from {param.valid_range()} or one fixed value, not a range"
+            )
         dim = _range(key, spec, "int" if param.type is int else "float", param.log)
         param.validate(dim.low, loss), param.validate(dim.high, loss)
         return dim, None
@@ -155,8 +165,9 @@ def _loss_dimension(loss: str, param: HyperParam, spec: Any) -> tuple[Dimension 
     return None, param.validate(spec, loss)
 
 
-def build_space(loss: str, search: dict[str, Any] | None = None,
-                overrides: dict[str, Any] | None = None) -> SearchSpace:
+def build_space(
+    loss: str, search: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+) -> SearchSpace:
     """The search space of ``loss`` from its declaration, the shared ``search`` and its ``overrides``.
 
     ``overrides`` keys without a dot are the loss's own parameters; dotted keys (``optimizer.lr``)
@@ -170,8 +181,9 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
     unknown = sorted(set(overrides) - set(declared))
     if unknown:
         valid = ", ".join(f"{p.name} {p.valid_range()}" for p in info.params) or "none"
-        raise ValueError(f"loss_overrides.{loss} names unknown parameter(s) {', '.join(unknown)}; "
-                         f"valid: {valid}")
+        raise ValueError(
+            f"loss_overrides.{loss} names unknown parameter(s) {', '.join(unknown)}; valid: {valid}"
+        )
     dimensions: list[Dimension] = []
     fixed: dict[str, Any] = {}
     defaults = {f"loss.{p.name}": p.default for p in info.params}
@@ -194,11 +206,14 @@ def build_space(loss: str, search: dict[str, Any] | None = None,
         dimensions.append(replace(dim, when=when))
     for key, spec in search.items():
         if key == "loss" or key.startswith("loss."):
-            raise ValueError(f"search key {key!r}: tune loss parameters under loss_overrides.<loss>.<param>, "
-                             "shared search keys are experiment keys such as optimizer.lr")
+            raise ValueError(
+                f"search key {key!r}: tune loss parameters under loss_overrides.<loss>.<param>, "
+                "shared search keys are experiment keys such as optimizer.lr"
+            )
         if isinstance(spec, dict):
-            ints = all(isinstance(spec.get(b), int) and not isinstance(spec.get(b), bool)
-                       for b in ("low", "high"))
+            ints = all(
+                isinstance(spec.get(b), int) and not isinstance(spec.get(b), bool) for b in ("low", "high")
+            )
             dimensions.append(_range(key, spec, "int" if ints else "float", False))
         elif isinstance(spec, (list, tuple)) and len(spec) > 1:
             dimensions.append(Dimension(key, "categorical", choices=tuple(spec)))

@@ -9,6 +9,7 @@
 
 Each returns NaN where its sample cannot give an answer instead of raising or warning.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,9 @@ def wilcoxon_p_value(differences) -> float:
     return float(stats.wilcoxon(d).pvalue)
 
 
-def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    values, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean of ``values`` (NaNs dropped); NaN for fewer than 2."""
     _check_confidence(confidence)
     x = np.asarray(values, dtype=float).ravel()
@@ -68,8 +70,10 @@ def bootstrap_interval(values, resamples: int = BOOTSTRAP_RESAMPLES, confidence:
     if x.size < 2:
         return math.nan, math.nan
     rng = np.random.default_rng(seed)
-    blocks = [x[rng.integers(0, x.size, (min(_RESAMPLES_PER_BLOCK, resamples - done), x.size))].mean(1)
-              for done in range(0, resamples, _RESAMPLES_PER_BLOCK)]
+    blocks = [
+        x[rng.integers(0, x.size, (min(_RESAMPLES_PER_BLOCK, resamples - done), x.size))].mean(1)
+        for done in range(0, resamples, _RESAMPLES_PER_BLOCK)
+    ]
     tail = (1 - confidence) / 2
     low, high = np.quantile(np.concatenate(blocks), [tail, 1 - tail])
     return float(low), float(high)

@@ -17,6 +17,7 @@ attribute ``retry_history`` (the original numbers) and the original stays FAIL;
 per seed in a study user attribute (:data:`FINAL_CLAIM`), under the same lock and kept fresh by a
 :class:`Heartbeat`, so that each seed runs once however many machines finish the sweep.
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,23 +73,32 @@ class SweepRDBStorage(RDBStorage):
         return set(super()._get_stale_trial_ids(study_id))
 
 
-def open_storage(storage: str, heartbeat_interval: int = 60,
-                 grace_period: int = 600) -> optuna.storages.BaseStorage:
+def open_storage(
+    storage: str, heartbeat_interval: int = 60, grace_period: int = 600
+) -> optuna.storages.BaseStorage:
     """A journal file storage for a path, a :class:`SweepRDBStorage` with heartbeat for a SQLAlchemy URL."""
     if not is_url(storage):
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(storage)))
     if storage.startswith(("redis://", "rediss://")):
-        raise ValueError("--storage takes a SQLAlchemy URL (sqlite:///..., postgresql://...) or a journal "
-                         "file path; Redis is not supported")
+        raise ValueError(
+            "--storage takes a SQLAlchemy URL (sqlite:///..., postgresql://...) or a journal "
+            "file path; Redis is not supported"
+        )
     with warnings.catch_warnings():  # the heartbeat API is stable in use but still flagged experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return SweepRDBStorage(storage, engine_kwargs={"pool_pre_ping": True},
-                                   heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+            return SweepRDBStorage(
+                storage,
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+            )
         except Exception as exc:  # SQLAlchemy: bad URL, missing driver, unreachable server, ...
-            raise ValueError(f"cannot open the Optuna storage {mask_secrets(storage)}: "
-                             f"{mask_secrets(str(exc)).splitlines()[0]}") from None
+            raise ValueError(
+                f"cannot open the Optuna storage {mask_secrets(storage)}: "
+                f"{mask_secrets(str(exc)).splitlines()[0]}"
+            ) from None
 
 
 def is_retried(trial: FrozenTrial, retried_numbers: set[int]) -> bool:
@@ -135,8 +145,9 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def stale_reason(trial: FrozenTrial, grace_period: float, now: float | None = None,
-                 silent: bool | None = None) -> str | None:
+def stale_reason(
+    trial: FrozenTrial, grace_period: float, now: float | None = None, silent: bool | None = None
+) -> str | None:
     """Why the running ``trial`` is stale, or ``None`` while its worker looks alive.
 
     On the worker's own machine its process is asked: gone means stale at once. Otherwise the
@@ -170,12 +181,19 @@ def enqueue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
     worker attributes), so :func:`budget_trials` counts the retry instead of ``trial``."""
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS}
-    study.add_trial(optuna.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs=user_attrs,
-        system_attrs={**copy.deepcopy(trial.system_attrs), "failed_trial": history[0],
-                      "retry_history": history},
-    ))
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=user_attrs,
+            system_attrs={
+                **copy.deepcopy(trial.system_attrs),
+                "failed_trial": history[0],
+                "retry_history": history,
+            },
+        )
+    )
 
 
 def fail_for_retry(storage: optuna.storages.BaseStorage, trial: FrozenTrial, reason: str) -> bool:
@@ -190,8 +208,9 @@ def fail_for_retry(storage: optuna.storages.BaseStorage, trial: FrozenTrial, rea
     return True
 
 
-def recover_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                         grace_period: float) -> list[int]:
+def recover_stale_trials(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, grace_period: float
+) -> list[int]:
     """Fail the stale running trials of ``study`` and queue their retries; returns their numbers.
 
     ``storage`` is the one the study was opened with. Call it holding the budget lock: it also
@@ -311,8 +330,9 @@ def claim_alive(claim: dict | None, grace_period: float, now: float | None = Non
     return (time.time() if now is None else now) - claim["heartbeat"] <= grace_period
 
 
-def set_final_claim(study: optuna.Study, seed: int, best_trial: int | None,
-                    failed: str | None = None) -> None:
+def set_final_claim(
+    study: optuna.Study, seed: int, best_trial: int | None, failed: str | None = None
+) -> None:
     """Claim final seed ``seed`` of ``best_trial`` for this process, or record that its run
     ``failed``; ``best_trial=None`` gives the seed up. Hold the budget lock."""
     claim = None

@@ -17,6 +17,7 @@ Budget: ``trials`` is the target number of trials per loss. Trials that finished
 pruned, failed) or are running count toward it; a trial failed because its worker died does not,
 its retry does. Re-running the same sweep therefore only tops the studies up to the target.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,11 @@ def make_pruner(ctx: SweepContext) -> optuna.pruners.BasePruner:
 
 def _fingerprint(ctx: SweepContext, loss: str) -> str:
     folds = {"folds": ctx.sweep.folds} if ctx.sweep.folds > 1 else {}  # folds=1 studies keep their print
-    return json.dumps({"space": ctx.space(loss).describe(), "experiment": base_experiment(ctx).to_dict(),
-                       **folds}, sort_keys=True, default=str)
+    return json.dumps(
+        {"space": ctx.space(loss).describe(), "experiment": base_experiment(ctx).to_dict(), **folds},
+        sort_keys=True,
+        default=str,
+    )
 
 
 def create_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> None:
@@ -106,8 +110,14 @@ def create_studies(ctx: SweepContext, storage: optuna.storages.BaseStorage) -> N
     trials would not be comparable.
     """
     for loss in ctx.sweep.losses:
-        study = optuna.create_study(study_name=ctx.study_name(loss), storage=storage, direction="maximize",
-                                    sampler=make_sampler(ctx), pruner=make_pruner(ctx), load_if_exists=True)
+        study = optuna.create_study(
+            study_name=ctx.study_name(loss),
+            storage=storage,
+            direction="maximize",
+            sampler=make_sampler(ctx),
+            pruner=make_pruner(ctx),
+            load_if_exists=True,
+        )
         fingerprint = _fingerprint(ctx, loss)
         previous = study.user_attrs.get("tripletlab.fingerprint")
         if previous is None:
@@ -137,8 +147,12 @@ class Objective:
         mark_worker(trial)
         start = time.time()
         values = self.space.suggest(trial)
-        tags = {ROLE_TAG: "trial", "tripletlab.sweep": self.ctx.sweep.name,
-                "optuna.study_name": self.ctx.study_name(self.loss), "optuna.trial_number": str(trial.number)}
+        tags = {
+            ROLE_TAG: "trial",
+            "tripletlab.sweep": self.ctx.sweep.name,
+            "optuna.study_name": self.ctx.study_name(self.loss),
+            "optuna.trial_number": str(trial.number),
+        }
 
         folds, by_fold = self.ctx.sweep.folds, self.ctx.sweep.pruner["name"] == "wilcoxon"
         trained: list[float] = []  # val MAP@R of each fold trained so far
@@ -164,10 +178,18 @@ class Objective:
         try:
             cfg = trial_experiment(self.base, values, self.ctx.sweep.seed)
             result = run_experiment(
-                cfg, tracking_uri=self.ctx.tracking_uri, experiment_name=self.ctx.sweep.name,
-                parent_run_id=self.ctx.parents.get(self.loss), run_name=f"{self.loss}/trial-{trial.number}",
-                tags=tags, on_epoch=on_epoch, evaluate_test=False, log_embeddings=False,
-                folds=folds, fold_seed=self.ctx.sweep.seed, on_fold=on_fold if folds > 1 else None,
+                cfg,
+                tracking_uri=self.ctx.tracking_uri,
+                experiment_name=self.ctx.sweep.name,
+                parent_run_id=self.ctx.parents.get(self.loss),
+                run_name=f"{self.loss}/trial-{trial.number}",
+                tags=tags,
+                on_epoch=on_epoch,
+                evaluate_test=False,
+                log_embeddings=False,
+                folds=folds,
+                fold_seed=self.ctx.sweep.seed,
+                on_fold=on_fold if folds > 1 else None,
             )
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted; retried when the sweep resumes")
@@ -177,8 +199,10 @@ class Objective:
             reason = f"{type(exc).__name__}: {exc}"[:2000]
             trial.set_user_attr("fail_reason", reason)
             self._tag_trial_run(trial.number, "failed")
-            print(f"[{self.loss}] trial {trial.number} failed after {time.time() - start:.0f}s: {reason}",
-                  flush=True)
+            print(
+                f"[{self.loss}] trial {trial.number} failed after {time.time() - start:.0f}s: {reason}",
+                flush=True,
+            )
             raise
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if folds > 1:
@@ -186,16 +210,21 @@ class Objective:
         if result.pruned:
             self.client.set_tag(result.run_id, TRIAL_STATE_TAG, "pruned")
             where = f"epoch {len(result.history)}" if folds == 1 else f"fold {reached[0] + 1}/{folds}"
-            print(f"[{self.loss}] trial {trial.number} pruned at {where} ({time.time() - start:.0f}s)",
-                  flush=True)
+            print(
+                f"[{self.loss}] trial {trial.number} pruned at {where} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
             raise optuna.TrialPruned(f"pruned at {where}")
         if "map_at_r" not in result.val_metrics:
             raise ValueError("the run logged no validation MAP@R; a sweep needs dataset.val_fraction > 0")
         self.client.set_tag(result.run_id, TRIAL_STATE_TAG, "complete")
         value = float(result.val_metrics["map_at_r"])
         tuned = ", ".join(f"{k}={short_value(v)}" for k, v in trial.params.items())
-        print(f"[{self.loss}] trial {trial.number} complete: val MAP@R {value:.4f} "
-              f"({time.time() - start:.0f}s) {tuned}", flush=True)
+        print(
+            f"[{self.loss}] trial {trial.number} complete: val MAP@R {value:.4f} "
+            f"({time.time() - start:.0f}s) {tuned}",
+            flush=True,
+        )
         return value
 
     def _tag_trial_run(self, number: int, state: str) -> None:
@@ -206,15 +235,20 @@ class Objective:
         runs = self.client.search_runs(
             [experiment.experiment_id],
             filter_string=f"tags.`optuna.study_name` = '{self.ctx.study_name(self.loss)}' "
-                          f"and tags.`optuna.trial_number` = '{number}'")
+            f"and tags.`optuna.trial_number` = '{number}'",
+        )
         for run in runs:
             self.client.set_tag(run.info.run_id, TRIAL_STATE_TAG, state)
 
 
 def tune(ctx: SweepContext, loss: str, storage: optuna.storages.BaseStorage, worker_index: int = 0) -> None:
     """Run trials of ``loss`` until its study holds its budget; safe to run in several workers at once."""
-    study = optuna.load_study(study_name=ctx.study_name(loss), storage=storage,
-                              sampler=make_sampler(ctx, worker_index), pruner=make_pruner(ctx))
+    study = optuna.load_study(
+        study_name=ctx.study_name(loss),
+        storage=storage,
+        sampler=make_sampler(ctx, worker_index),
+        pruner=make_pruner(ctx),
+    )
     target = ctx.budget(loss)
     lock = budget_lock(storage, ctx.lock_path, ctx.sweep.name)
     objective = Objective(ctx, loss, lock)

@@ -8,6 +8,7 @@ of the folds' concatenated embeddings, marked "concat.", and the MAP@R of the se
 models (their mean) in a column of its own. The metrics and their labels are
 ``experiments.eval.retrieval.HEADLINE_METRICS``.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,17 +53,30 @@ def markdown_table(table: pd.DataFrame) -> str:
     """The table as GitHub Markdown: metrics in percent, ``mean [95% CI]``."""
     folds = "separated_map_at_r_mean" in table.columns
     kind = " concat." if folds else ""
-    header = ["loss", *(f"{label}{kind} (%)" for label in HEADLINE_METRICS.values()),
-              *([f"{MAP_AT_R} separated (%)"] if folds else []), f"val {MAP_AT_R} (%)",
-              "trials c/p/f", "seeds", "compute (s)", "tuned hyperparameters"]
+    header = [
+        "loss",
+        *(f"{label}{kind} (%)" for label in HEADLINE_METRICS.values()),
+        *([f"{MAP_AT_R} separated (%)"] if folds else []),
+        f"val {MAP_AT_R} (%)",
+        "trials c/p/f",
+        "seeds",
+        "compute (s)",
+        "tuned hyperparameters",
+    ]
     rows = []
     for _, row in table.iterrows():
         cells = [f"`{row['loss']}`"]
-        cells += [percent_cell(row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"])
-                  for m in HEADLINE_METRICS]
+        cells += [
+            percent_cell(row[f"{m}_mean"], row[f"{m}_ci_low"], row[f"{m}_ci_high"]) for m in HEADLINE_METRICS
+        ]
         if folds:
-            cells.append(percent_cell(row["separated_map_at_r_mean"], row["separated_map_at_r_ci_low"],
-                                      row["separated_map_at_r_ci_high"]))
+            cells.append(
+                percent_cell(
+                    row["separated_map_at_r_mean"],
+                    row["separated_map_at_r_ci_low"],
+                    row["separated_map_at_r_ci_high"],
+                )
+            )
         best = row["best_val_map_at_r"]
         cells.append("n/a" if math.isnan(best) else f"{100 * best:.1f}")
         cells.append(f"{row['trials_complete']}/{row['trials_pruned']}/{row['trials_failed']}")

@@ -4,6 +4,7 @@ Both are found again by their tags on a re-run, so resuming a sweep reuses them 
 adding duplicates (design.md, "sweeps/"). The tags that name a sweep's runs, and the lookup of a
 sweep's experiment in a store (for ``tripletlab rerun`` and ``tripletlab analyze``), are here too.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,12 @@ RERUN_OF_TAG = "tripletlab.rerun_of"  # on a rerun: the id of the final run it r
 
 def last_activity(client: MlflowClient, experiment) -> int:
     """When the experiment's latest run started (its creation time if it has no runs), in ms."""
-    runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL,
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        run_view_type=ViewType.ALL,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.start_time if runs else (experiment.creation_time or 0)
 
 
@@ -43,8 +48,11 @@ def sweep_experiments(client: MlflowClient) -> list:
     for exp in client.search_experiments(view_type=ViewType.ACTIVE_ONLY):
         if client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'parent'", max_results=1):
             found.append(exp)
-    return sorted(found, reverse=True, key=lambda e: (
-        last_activity(client, e), int(e.experiment_id) if e.experiment_id.isdigit() else 0))
+    return sorted(
+        found,
+        reverse=True,
+        key=lambda e: (last_activity(client, e), int(e.experiment_id) if e.experiment_id.isdigit() else 0),
+    )
 
 
 def find_experiment(client: MlflowClient, name: str | None):
@@ -52,8 +60,10 @@ def find_experiment(client: MlflowClient, name: str | None):
     if name is None:
         sweeps = sweep_experiments(client)
         if not sweeps:
-            raise ValueError(f"no sweep found in the MLflow store (no run tagged {ROLE_TAG}=parent): "
-                             "run `make sweep` first or pass --experiment NAME")
+            raise ValueError(
+                f"no sweep found in the MLflow store (no run tagged {ROLE_TAG}=parent): "
+                "run `make sweep` first or pass --experiment NAME"
+            )
         return sweeps[0]
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
@@ -64,8 +74,9 @@ def find_experiment(client: MlflowClient, name: str | None):
 
 def _find_or_create(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"],
-                              max_results=1)
+    runs = client.search_runs(
+        [experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1
+    )
     if runs:
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
@@ -76,15 +87,25 @@ def _identity(ctx: SweepContext, role: str) -> dict[str, str]:
     """The tags naming a sweep's parent or summary run; dataset and split as the runs resolve them
     (the experiment config's defaults where the sweep config leaves them out)."""
     dataset = experiment_from_dict(ctx.sweep.experiment).dataset
-    return {ROLE_TAG: role, "tripletlab.sweep": ctx.sweep.name,
-            "tripletlab.dataset": dataset.name, "tripletlab.split": dataset.split}
+    return {
+        ROLE_TAG: role,
+        "tripletlab.sweep": ctx.sweep.name,
+        "tripletlab.dataset": dataset.name,
+        "tripletlab.split": dataset.split,
+    }
 
 
 # The MLflow UI's runs table with the datasets, models and test metrics as columns: a view state
 # stored as an experiment tag, opened by the URL of runs_view_path (MLflow's "share view" mechanism).
 RUNS_VIEW_KEY = "tripletlab"
-RUNS_VIEW_COLUMNS = ("attributes.`Dataset`", "attributes.`Models`", "metrics.`test/map_at_r`",
-                     "metrics.`test/precision_at_1`", "metrics.`test/r_precision`", "metrics.`cost/step_ms`")
+RUNS_VIEW_COLUMNS = (
+    "attributes.`Dataset`",
+    "attributes.`Models`",
+    "metrics.`test/map_at_r`",
+    "metrics.`test/precision_at_1`",
+    "metrics.`test/r_precision`",
+    "metrics.`cost/step_ms`",
+)
 
 
 def runs_view_path(experiment_id: str) -> str:
@@ -99,8 +120,10 @@ def prepare_tracking(ctx: SweepContext) -> str:
     ctx.tracking_uri = prepare_store(ctx.tracking_uri)
     experiment_id = get_or_create_experiment(ctx.sweep.name, ctx.tracking_uri)
     MlflowClient(tracking_uri=ctx.tracking_uri).set_experiment_tag(
-        experiment_id, f"mlflow.sharedViewState.{RUNS_VIEW_KEY}",
-        json.dumps({"selectedColumns": list(RUNS_VIEW_COLUMNS)}))
+        experiment_id,
+        f"mlflow.sharedViewState.{RUNS_VIEW_KEY}",
+        json.dumps({"selectedColumns": list(RUNS_VIEW_COLUMNS)}),
+    )
     return experiment_id
 
 
@@ -108,8 +131,12 @@ def ensure_parent_runs(ctx: SweepContext, experiment_id: str) -> dict[str, str]:
     """The parent run of every loss (created, or found again on a re-run), by loss name."""
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
     ctx.parents = {
-        loss: _find_or_create(client, experiment_id, loss, {
-            **_identity(ctx, "parent"), LOSS_TAG: loss, "optuna.study_name": ctx.study_name(loss)})
+        loss: _find_or_create(
+            client,
+            experiment_id,
+            loss,
+            {**_identity(ctx, "parent"), LOSS_TAG: loss, "optuna.study_name": ctx.study_name(loss)},
+        )
         for loss in ctx.sweep.losses
     }
     return ctx.parents
@@ -168,8 +195,12 @@ def end_orphaned_final_runs(ctx: SweepContext, loss: str, study: optuna.Study) -
     on their seed (it died, or its claim went stale and another worker took the seed); returns
     their run ids."""
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
-    runs = _runs(client, ctx, f"tags.`mlflow.parentRunId` = '{ctx.parents[loss]}' "
-                              f"and tags.`{ROLE_TAG}` = 'final' and attributes.status = 'RUNNING'")
+    runs = _runs(
+        client,
+        ctx,
+        f"tags.`mlflow.parentRunId` = '{ctx.parents[loss]}' "
+        f"and tags.`{ROLE_TAG}` = 'final' and attributes.status = 'RUNNING'",
+    )
     ended = []
     for run in runs:
         tags = run.data.tags
@@ -177,7 +208,8 @@ def end_orphaned_final_runs(ctx: SweepContext, loss: str, study: optuna.Study) -
         owner = (tags.get("tripletlab.worker_host"), tags.get("tripletlab.worker_pid"))
         if claim_alive(claim, ctx.sweep.grace_period) and owner == (claim["host"], str(claim["pid"])):
             continue
-        _end_killed(client, run.info.run_id,
-                    f"its worker (pid {owner[1]} on {owner[0]}) stopped before ending it")
+        _end_killed(
+            client, run.info.run_id, f"its worker (pid {owner[1]} on {owner[0]}) stopped before ending it"
+        )
         ended.append(run.info.run_id)
     return ended

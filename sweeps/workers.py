@@ -6,6 +6,7 @@ default is ``trials_per_gpu`` workers per visible GPU, each pinned to one GPU wi
 sweep's plugins, then tunes every loss in turn (``tune`` phase) or runs its share of the final
 retrains (``final`` phase).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def visible_gpus(device: str) -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def plan_workers(requested: int | None, device: str, trials_per_gpu: int,
-                 cpus: int | None = None) -> list[WorkerSlot]:
+def plan_workers(
+    requested: int | None, device: str, trials_per_gpu: int, cpus: int | None = None
+) -> list[WorkerSlot]:
     """One slot per worker: how many (``requested`` or the device default) and each one's environment."""
     if requested is not None and requested < 1:
         raise ValueError(f"--workers must be >= 1, got {requested}")
@@ -86,8 +88,12 @@ def _claimed_elsewhere(claim: dict | None, best: int, grace_period: float) -> bo
     return not mine and claim_alive(claim, grace_period)
 
 
-def run_finals(ctx: SweepContext, storage: optuna.storages.BaseStorage, tasks: list[tuple[str, int]],
-               retry_failed: bool = True) -> list[tuple[str, int]]:
+def run_finals(
+    ctx: SweepContext,
+    storage: optuna.storages.BaseStorage,
+    tasks: list[tuple[str, int]],
+    retry_failed: bool = True,
+) -> list[tuple[str, int]]:
     """Run each (loss, seed) retrain that is neither done nor claimed by a live worker (on any
     machine), claiming it first; returns the tasks live workers elsewhere are running.
 
@@ -125,8 +131,9 @@ def run_finals(ctx: SweepContext, storage: optuna.storages.BaseStorage, tasks: l
     return elsewhere
 
 
-def finish_finals(ctx: SweepContext, storage: optuna.storages.BaseStorage,
-                  tasks: list[tuple[str, int]]) -> None:
+def finish_finals(
+    ctx: SweepContext, storage: optuna.storages.BaseStorage, tasks: list[tuple[str, int]]
+) -> None:
     """After the final phase: run here the retrains a dead worker left, wait for those running on
     live workers elsewhere (with a line naming them), and take over any whose worker dies."""
     poll = max(0.5, min(5.0, ctx.sweep.heartbeat_interval))
@@ -136,14 +143,22 @@ def finish_finals(ctx: SweepContext, storage: optuna.storages.BaseStorage,
         if not tasks:
             return
         if tasks != shown:
-            print("waiting for final runs on live workers: "
-                  + ", ".join(f"{loss} seed {seed}" for loss, seed in tasks), flush=True)
+            print(
+                "waiting for final runs on live workers: "
+                + ", ".join(f"{loss} seed {seed}" for loss, seed in tasks),
+                flush=True,
+            )
             shown = tasks
         time.sleep(poll)
 
 
-def run_phase(ctx: SweepContext, phase: str, slots: list[WorkerSlot], storage: optuna.storages.BaseStorage,
-              tasks: list[tuple[str, int]] = ()) -> list[int]:
+def run_phase(
+    ctx: SweepContext,
+    phase: str,
+    slots: list[WorkerSlot],
+    storage: optuna.storages.BaseStorage,
+    tasks: list[tuple[str, int]] = (),
+) -> list[int]:
     """Run ``phase`` (``tune`` or ``final``) on ``slots``; returns the indices of workers that failed.
 
     A single worker runs in this process; several run as subprocesses sharing the storage.
@@ -157,11 +172,18 @@ def run_phase(ctx: SweepContext, phase: str, slots: list[WorkerSlot], storage: o
     spec_path = ctx.sweep_dir / f"worker-{phase}.json"
     # the storage URL may hold a password: it is passed in the environment instead
     context = {**json.loads(ctx.to_json()), "storage": ""}
-    spec_path.write_text(json.dumps({"phase": phase, "workers": len(slots), "tasks": list(map(list, tasks)),
-                                     "context": context}))
+    spec_path.write_text(
+        json.dumps(
+            {"phase": phase, "workers": len(slots), "tasks": list(map(list, tasks)), "context": context}
+        )
+    )
     env = {**os.environ, STORAGE_ENV: ctx.storage}
-    procs = [subprocess.Popen([sys.executable, "-m", "sweeps.workers", str(spec_path), str(slot.index)],
-                              env={**env, **slot.env}) for slot in slots]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweeps.workers", str(spec_path), str(slot.index)], env={**env, **slot.env}
+        )
+        for slot in slots
+    ]
     failed = [slot.index for slot, proc in zip(slots, procs) if proc.wait() != 0]
     spec_path.unlink(missing_ok=True)
     for index in failed:
@@ -187,7 +209,7 @@ def worker_main(spec_path: str, index: int) -> int:
     if spec["phase"] == "tune":
         tune_all(ctx, storage, index)
     else:
-        run_finals(ctx, storage, [(loss, seed) for loss, seed in spec["tasks"][index::spec["workers"]]])
+        run_finals(ctx, storage, [(loss, seed) for loss, seed in spec["tasks"][index :: spec["workers"]]])
     return 0
 
 

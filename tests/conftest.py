@@ -1,6 +1,7 @@
 """Shared test settings (deterministic, single-threaded torch so tests run alike on 2 cores) and the
 fixtures every test module may use: ``tiny_sweep``, ``postgres_server``, ``postgres_url``,
 ``restartable_postgres`` and ``mlflow_server`` (from ``tests/helpers``)."""
+
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

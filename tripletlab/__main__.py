@@ -1,4 +1,5 @@
 """``python -m tripletlab``: the same as the ``tripletlab`` command."""
+
 import sys
 
 from tripletlab.cli import main

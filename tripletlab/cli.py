@@ -4,6 +4,7 @@ Each subcommand lives in its own module exposing ``configure(parser)`` and ``mai
 this file only dispatches, loads plugins, and turns errors into one clear line (an unexpected one
 with the path of a log file holding its traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,31 +18,37 @@ from pathlib import Path
 
 def _losses():
     from experiments.commands import losses
+
     return losses
 
 
 def _train():
     from experiments.commands import train
+
     return train
 
 
 def _evaluate():
     from experiments.commands import evaluate
+
     return evaluate
 
 
 def _sweep():
     from sweeps import command
+
     return command
 
 
 def _rerun():
     from sweeps import rerun_command
+
     return rerun_command
 
 
 def _analyze():
     from analysis import command
+
     return command
 
 
@@ -69,14 +76,24 @@ def log_traceback(command: str) -> Path:
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or with ``chosen`` only that subcommand's options configured."""
     parser = argparse.ArgumentParser(prog="tripletlab", description="Compare triplet-loss variants fairly.")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
-                        help="load a loss plugin (module path or .py file); repeatable. "
-                             "Also read from TRIPLETLAB_PLUGINS.")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="load a loss plugin (module path or .py file); repeatable. Also read from TRIPLETLAB_PLUGINS.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (load, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.add_argument("--plugin", action="append", default=[], dest="sub_plugin",
-                        metavar="MODULE_OR_FILE", help=argparse.SUPPRESS)
+        sp.add_argument(
+            "--plugin",
+            action="append",
+            default=[],
+            dest="sub_plugin",
+            metavar="MODULE_OR_FILE",
+            help=argparse.SUPPRESS,
+        )
         if chosen in (None, name):
             load().configure(sp)
         sp.set_defaults(_load=load)
@@ -110,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
 
         first = (str(exc).strip().splitlines() or [""])[0]
         summary = mask_secrets(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
-        print(f"tripletlab {args.command}: unexpected error: {summary} (traceback in "
-              f"{log_traceback(args.command)}; include it when reporting a bug)", file=sys.stderr)
+        print(
+            f"tripletlab {args.command}: unexpected error: {summary} (traceback in "
+            f"{log_traceback(args.command)}; include it when reporting a bug)",
+            file=sys.stderr,
+        )
         return 1
 
 

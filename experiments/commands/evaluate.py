@@ -11,6 +11,7 @@ the run's own evaluation (folds: the concatenated embeddings as ``test/<metric>`
 models' mean as ``test/separated/<metric>``) and logged to a new MLflow run with role
 ``evaluate`` and tag ``tripletlab.source_run`` (a run id) or ``tripletlab.source_checkpoint``.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,15 +28,28 @@ _FOLD_DIR = re.compile(r"^fold_(\d+)$")
 
 
 def configure(parser) -> None:
-    parser.add_argument("source", metavar="RUN_ID_OR_CHECKPOINT",
-                        help="an MLflow run id whose run logged model weights, or a checkpoint file (.pt)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dataset.* / eval.* / device overrides, e.g. dataset.split=class-disjoint "
-                             "dataset.path=/data/omniglot.npz")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    parser.add_argument("--experiment", default=None,
-                        help="MLflow experiment of the new run (default: the source run's, or tripletlab)")
+    parser.add_argument(
+        "source",
+        metavar="RUN_ID_OR_CHECKPOINT",
+        help="an MLflow run id whose run logged model weights, or a checkpoint file (.pt)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dataset.* / eval.* / device overrides, e.g. dataset.split=class-disjoint "
+        "dataset.path=/data/omniglot.npz",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    parser.add_argument(
+        "--experiment",
+        default=None,
+        help="MLflow experiment of the new run (default: the source run's, or tripletlab)",
+    )
 
 
 def evaluate_overrides(overrides: list[str]) -> dict:
@@ -43,8 +57,10 @@ def evaluate_overrides(overrides: list[str]) -> dict:
     values = parse_overrides(overrides)
     stray = sorted(k for k in values if not k.startswith(EVALUATE_KEYS))
     if stray:
-        raise ValueError(f"evaluate changes only the data and the evaluation (dataset.*, eval.*, device); "
-                         f"{', '.join(stray)} would change the trained model")
+        raise ValueError(
+            f"evaluate changes only the data and the evaluation (dataset.*, eval.*, device); "
+            f"{', '.join(stray)} would change the trained model"
+        )
     return values
 
 
@@ -54,8 +70,10 @@ def _checkpoint_source(path: Path):
 
     state = read_checkpoint(path)
     if state.get("config") is None:
-        raise ValueError(f"checkpoint {path} carries no config (it predates configs in checkpoints); "
-                         "evaluate a checkpoint written by this version, or the run id of its run")
+        raise ValueError(
+            f"checkpoint {path} carries no config (it predates configs in checkpoints); "
+            "evaluate a checkpoint written by this version, or the run id of its run"
+        )
     return state["config"], [state["model"]]
 
 
@@ -64,29 +82,37 @@ def _run_source(client, run_id: str, uri: str):
     import torch
     from mlflow.exceptions import MlflowException
 
-    from experiments.train.record import MODEL_ARTIFACT, WEIGHTS_FILE
     from experiments.tracking.secrets import mask_secrets
+    from experiments.train.record import MODEL_ARTIFACT, WEIGHTS_FILE
 
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ValueError(f"no MLflow run {run_id!r} at {mask_secrets(uri)} (and no such checkpoint file); "
-                         "pass a run id from the MLflow UI with the --tracking-uri it was logged to"
-                         ) from None
+        raise ValueError(
+            f"no MLflow run {run_id!r} at {mask_secrets(uri)} (and no such checkpoint file); "
+            "pass a run id from the MLflow UI with the --tracking-uri it was logged to"
+        ) from None
     listed = {a.path for a in client.list_artifacts(run_id, MODEL_ARTIFACT)}
     folds = sorted((int(m.group(1)), path) for path in listed if (m := _FOLD_DIR.match(Path(path).name)))
-    weights = [f"{MODEL_ARTIFACT}/{WEIGHTS_FILE}"] if f"{MODEL_ARTIFACT}/{WEIGHTS_FILE}" in listed else \
-        [f"{path}/{WEIGHTS_FILE}" for _, path in folds]
+    weights = (
+        [f"{MODEL_ARTIFACT}/{WEIGHTS_FILE}"]
+        if f"{MODEL_ARTIFACT}/{WEIGHTS_FILE}" in listed
+        else [f"{path}/{WEIGHTS_FILE}" for _, path in folds]
+    )
     if not weights:
-        raise ValueError(f"run {run_id} logged no model weights ({MODEL_ARTIFACT}/{WEIGHTS_FILE}); final "
-                         "runs of a sweep log them, or evaluate a train.checkpoint_dir file")
+        raise ValueError(
+            f"run {run_id} logged no model weights ({MODEL_ARTIFACT}/{WEIGHTS_FILE}); final "
+            "runs of a sweep log them, or evaluate a train.checkpoint_dir file"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text())
         except (MlflowException, OSError):
             raise ValueError(f"run {run_id} has no config.yaml artifact to rebuild its model from") from None
-        states = [torch.load(client.download_artifacts(run_id, w, tmp), map_location="cpu", weights_only=True)
-                  for w in weights]
+        states = [
+            torch.load(client.download_artifacts(run_id, w, tmp), map_location="cpu", weights_only=True)
+            for w in weights
+        ]
     name = client.get_experiment(run.info.experiment_id).name
     return config, states, name
 
@@ -104,8 +130,10 @@ def _models(cfg: ExperimentConfig, states: list[dict], image_shape, device):
             model.load_state_dict(state)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise ValueError(f"the weights do not fit model.name={cfg.model.name} rebuilt for "
-                             f"{cfg.dataset.name} images {tuple(image_shape)}: {first}") from None
+            raise ValueError(
+                f"the weights do not fit model.name={cfg.model.name} rebuilt for "
+                f"{cfg.dataset.name} images {tuple(image_shape)}: {first}"
+            ) from None
         models.append(model.to(device).to(memory_format=torch.channels_last).eval())
     return models
 
@@ -118,8 +146,9 @@ def evaluate(cfg: ExperimentConfig, states: list[dict]) -> tuple[dict[str, float
     from experiments.train.tasks import ImageTask
 
     if is_paired(cfg.dataset.name):
-        raise ValueError(f"evaluate tests image models; {cfg.dataset.name!r} is a paired (cross-modal) "
-                         "dataset")
+        raise ValueError(
+            f"evaluate tests image models; {cfg.dataset.name!r} is a paired (cross-modal) dataset"
+        )
     device = pick_device(cfg.device)
     task = ImageTask(cfg, load_dataset(cfg.dataset, cfg.seed))
     models = _models(cfg, states, task.splits.test.image_shape, device)
@@ -132,7 +161,12 @@ def main(args) -> int:
     from mlflow import MlflowClient
 
     from experiments.tracking.provenance import provenance_tags
-    from experiments.tracking.store import RunLogger, get_or_create_experiment, prepare_store, resolve_tracking_uri
+    from experiments.tracking.store import (
+        RunLogger,
+        get_or_create_experiment,
+        prepare_store,
+        resolve_tracking_uri,
+    )
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per weights file is noise
     overrides = evaluate_overrides(args.overrides)
@@ -148,12 +182,23 @@ def main(args) -> int:
         source = {"tripletlab.source_run": args.source}
     cfg = apply(from_dict(config), overrides)
     test, device = evaluate(cfg, states)
-    tags = {"tripletlab.role": "evaluate", "tripletlab.loss": cfg.loss.name,
-            "tripletlab.dataset": cfg.dataset.name, "tripletlab.split": cfg.dataset.split,
-            "tripletlab.seed": str(cfg.seed), "tripletlab.device": device,
-            "tripletlab.folds": str(len(states)), **provenance_tags(), **source}
-    run = RunLogger(uri, get_or_create_experiment(args.experiment or experiment, uri),
-                    f"evaluate-{cfg.loss.name}-{cfg.dataset.name}", tags)
+    tags = {
+        "tripletlab.role": "evaluate",
+        "tripletlab.loss": cfg.loss.name,
+        "tripletlab.dataset": cfg.dataset.name,
+        "tripletlab.split": cfg.dataset.split,
+        "tripletlab.seed": str(cfg.seed),
+        "tripletlab.device": device,
+        "tripletlab.folds": str(len(states)),
+        **provenance_tags(),
+        **source,
+    }
+    run = RunLogger(
+        uri,
+        get_or_create_experiment(args.experiment or experiment, uri),
+        f"evaluate-{cfg.loss.name}-{cfg.dataset.name}",
+        tags,
+    )
     status = "FAILED"
     try:
         run.log_params(flatten_config(cfg))

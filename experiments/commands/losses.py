@@ -1,4 +1,5 @@
 """``tripletlab losses``: a table of every registered loss and its declared hyperparameters."""
+
 from __future__ import annotations
 
 from losses import list_losses, loss_info
@@ -26,8 +27,17 @@ def format_table(pattern: str = "*") -> str:
         if not info.params:
             rows.append((name, "-", "", "", "", "", ref))
         for i, p in enumerate(info.params):
-            rows.append((name if i == 0 else "", p.name, p.type.__name__, repr(p.default), p.valid_range(),
-                         p.search_range(), ref if i == 0 else ""))
+            rows.append(
+                (
+                    name if i == 0 else "",
+                    p.name,
+                    p.type.__name__,
+                    repr(p.default),
+                    p.valid_range(),
+                    p.search_range(),
+                    ref if i == 0 else "",
+                )
+            )
     widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]) - 1)]
     lines = []
     for i, r in enumerate(rows):

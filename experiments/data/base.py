@@ -1,4 +1,5 @@
 """The containers every dataset loader and split produces."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,18 +23,28 @@ class LabeledImages:
     normalised alike.
     """
 
-    def __init__(self, store: torch.Tensor | ImageStore, labels: torch.Tensor, hflip: bool = False,
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                 rows: torch.Tensor | None = None):
+    def __init__(
+        self,
+        store: torch.Tensor | ImageStore,
+        labels: torch.Tensor,
+        hflip: bool = False,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        rows: torch.Tensor | None = None,
+    ):
         self.store, self.rows = as_store(store), rows
         self.labels, self.hflip, self.mean, self.std = labels, hflip, mean, std
-        if rows is not None and (not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1):
+        if rows is not None and (
+            not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1
+        ):
             raise ValueError(f"rows must be an int64 tensor (N,) of store rows; got {rows!r:.80}")
         count = self.store.shape[0] if rows is None else rows.shape[0]
         if getattr(labels, "dtype", None) != torch.int64 or tuple(labels.shape) != (count,):
-            raise ValueError(f"labels must be an int64 tensor of shape ({count},); got "
-                             f"{getattr(labels, 'dtype', type(labels).__name__)} with shape "
-                             f"{tuple(getattr(labels, 'shape', ()))}")
+            raise ValueError(
+                f"labels must be an int64 tensor of shape ({count},); got "
+                f"{getattr(labels, 'dtype', type(labels).__name__)} with shape "
+                f"{tuple(getattr(labels, 'shape', ()))}"
+            )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -52,8 +63,9 @@ class LabeledImages:
         """The split's rows of ``store``, as an int64 tensor."""
         return torch.arange(self.store.shape[0]) if self.rows is None else self.rows
 
-    def gather(self, indices: torch.Tensor | None = None, pin: bool = False,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def gather(
+        self, indices: torch.Tensor | None = None, pin: bool = False, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The split's images at ``indices`` (default all), copied into ``out`` or a new CPU tensor
         (pinned if ``pin``)."""
         rows = self.store_rows()
@@ -75,8 +87,9 @@ class LabeledImages:
 
     def subset(self, indices: torch.Tensor) -> "LabeledImages":
         """The images at ``indices`` (rows of the same store), keeping flags and statistics."""
-        return LabeledImages(self.store, self.labels[indices], self.hflip, self.mean, self.std,
-                             rows=self.store_rows()[indices])
+        return LabeledImages(
+            self.store, self.labels[indices], self.hflip, self.mean, self.std, rows=self.store_rows()[indices]
+        )
 
     def with_labels(self, labels: torch.Tensor) -> "LabeledImages":
         """The same images with other class ids."""
@@ -86,10 +99,21 @@ class LabeledImages:
         """These images followed by ``other``'s (rows of the same store when they share one), with
         this split's flags and statistics."""
         if other.store is self.store:
-            return LabeledImages(self.store, torch.cat([self.labels, other.labels]), self.hflip, self.mean,
-                                 self.std, rows=torch.cat([self.store_rows(), other.store_rows()]))
-        return LabeledImages(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]),
-                             self.hflip, self.mean, self.std)
+            return LabeledImages(
+                self.store,
+                torch.cat([self.labels, other.labels]),
+                self.hflip,
+                self.mean,
+                self.std,
+                rows=torch.cat([self.store_rows(), other.store_rows()]),
+            )
+        return LabeledImages(
+            torch.cat([self.images, other.images]),
+            torch.cat([self.labels, other.labels]),
+            self.hflip,
+            self.mean,
+            self.std,
+        )
 
 
 @dataclass

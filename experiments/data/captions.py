@@ -5,6 +5,7 @@ properties measured on that image (so pairs are instance-specific, not only clas
 user CSV or JSONL of ``image_path, caption, label`` (the shape COCO / Flickr captions are
 usually converted to).
 """
+
 from __future__ import annotations
 
 import csv
@@ -70,8 +71,10 @@ def measure_digits(images: np.ndarray) -> dict[str, list[str]]:
         "thickness": _bucket(thickness, ("thin", "medium", "thick")),
         "slant": _bucket(slant, ("leaning left", "upright", "leaning right")),
         "size": _bucket(height * width, ("small", "mid-sized", "large")),
-        "position": [f"near the {v} {hz}" if v != "middle" or hz != "centre" else "in the centre"
-                     for v, hz in zip(vertical, horizontal)],
+        "position": [
+            f"near the {v} {hz}" if v != "middle" or hz != "centre" else "in the centre"
+            for v, hz in zip(vertical, horizontal)
+        ],
     }
 
 
@@ -79,8 +82,10 @@ def digit_captions(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> lis
     """One caption per image from fixed templates, the template chosen per image by ``seed``."""
     words = measure_digits(images)
     choice = np.random.default_rng(seed).integers(len(TEMPLATES), size=len(labels))
-    return [TEMPLATES[c].format(digit=DIGIT_WORDS[int(y)], **{k: v[i] for k, v in words.items()})
-            for i, (c, y) in enumerate(zip(choice, labels))]
+    return [
+        TEMPLATES[c].format(digit=DIGIT_WORDS[int(y)], **{k: v[i] for k, v in words.items()})
+        for i, (c, y) in enumerate(zip(choice, labels))
+    ]
 
 
 def load_digits_paired(seed: int = 0) -> PairedSplit:
@@ -89,8 +94,11 @@ def load_digits_paired(seed: int = 0) -> PairedSplit:
 
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
-    return PairedSplit(torch.from_numpy(images).unsqueeze(1), digit_captions(digits.images, digits.target, seed),
-                       torch.as_tensor(digits.target, dtype=torch.int64))
+    return PairedSplit(
+        torch.from_numpy(images).unsqueeze(1),
+        digit_captions(digits.images, digits.target, seed),
+        torch.as_tensor(digits.target, dtype=torch.int64),
+    )
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -101,7 +109,9 @@ def _read_rows(path: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number} is not valid JSON ({exc.msg}); write one object per line") from None
+                    raise ValueError(
+                        f"{path}:{number} is not valid JSON ({exc.msg}); write one object per line"
+                    ) from None
         return rows
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -117,15 +127,21 @@ def load_paired_file(path: str | Path, image_size: int = 32) -> PairedSplit:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"paired data file {path} does not exist; set dataset.path to a CSV or JSONL file")
+        raise FileNotFoundError(
+            f"paired data file {path} does not exist; set dataset.path to a CSV or JSONL file"
+        )
     rows = _read_rows(path)
     missing_cols = {"image_path", "caption", "label"} - set(rows[0] if rows else ())
     if not rows or missing_cols:
-        raise ValueError(f"{path} needs columns image_path, caption, label; missing {sorted(missing_cols) or 'all rows'}")
+        raise ValueError(
+            f"{path} needs columns image_path, caption, label; missing {sorted(missing_cols) or 'all rows'}"
+        )
     missing = [r["image_path"] for r in rows if not (path.parent / r["image_path"]).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) listed in {path} do not exist, e.g. {missing[:3]}; "
-                                f"paths are read relative to {path.parent}")
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) listed in {path} do not exist, e.g. {missing[:3]}; "
+            f"paths are read relative to {path.parent}"
+        )
     images = []
     for r in rows:
         try:
@@ -135,8 +151,11 @@ def load_paired_file(path: str | Path, image_size: int = 32) -> PairedSplit:
             raise ValueError(f"cannot read image {path.parent / r['image_path']}: {exc}") from None
     names = sorted({str(r["label"]) for r in rows})
     ids = {name: i for i, name in enumerate(names)}
-    return PairedSplit(torch.from_numpy(np.stack(images)).unsqueeze(1), [str(r["caption"]) for r in rows],
-                       torch.tensor([ids[str(r["label"])] for r in rows], dtype=torch.int64))
+    return PairedSplit(
+        torch.from_numpy(np.stack(images)).unsqueeze(1),
+        [str(r["caption"]) for r in rows],
+        torch.tensor([ids[str(r["label"])] for r in rows], dtype=torch.int64),
+    )
 
 
 class Vocabulary:

@@ -13,6 +13,7 @@ half-written entry. On opening, the index, the ``.npy`` header, the file sizes a
 sums and of sampled rows are checked; an entry failing any check is rebuilt, as is an entry whose
 files changed (a new key; the old entries of the same file list are removed).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -57,8 +58,9 @@ def _file_stats(files: list[Path]) -> list[list[int]]:
         try:
             stat = os.stat(file)
         except OSError as exc:
-            raise ValueError(f"{file}: cannot read it ({exc.strerror}); restore the file or remove it "
-                             "from the dataset") from None
+            raise ValueError(
+                f"{file}: cannot read it ({exc.strerror}); restore the file or remove it from the dataset"
+            ) from None
         stats.append([stat.st_size, stat.st_mtime_ns])
     return stats
 
@@ -85,8 +87,10 @@ def _open_entry(stem: Path, key: str, count: int) -> CachedImages | None:
             return None
         shape = tuple(index["shape"])
         with open(stem.with_suffix(".npy"), "rb") as file:
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(file)]
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }[np.lib.format.read_magic(file)]
             header_shape, fortran, dtype = read_header(file)
             offset = file.tell()
             if header_shape != shape or fortran or dtype != np.uint8 or offset != index["offset"]:
@@ -115,18 +119,29 @@ def _build(stem: Path, key: str, files: list[Path], size: tuple[int, int], mode:
     shape = (len(files), 1 if mode == "L" else 3, *size)
     sums = np.empty((len(files), 2, shape[1]), dtype=np.int64)
     sampled, digest = set(_sampled_rows(len(files))), hashlib.sha256()
-    temporary = {suffix: stem.with_name(f"{stem.name}.{os.getpid()}.tmp{suffix}")
-                 for suffix in (".npy", ".sums.npy", ".json")}
+    temporary = {
+        suffix: stem.with_name(f"{stem.name}.{os.getpid()}.tmp{suffix}")
+        for suffix in (".npy", ".sums.npy", ".json")
+    }
     try:
-        with open(temporary[".npy"], "wb") as out, ThreadPoolExecutor(workers) as pool, \
-                tqdm(total=len(files), desc=f"decoding {len(files)} images into {stem.parent}", unit="img",
-                     disable=not _progress_enabled()) as bar:
-            np.lib.format.write_array_header_1_0(out, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        with (
+            open(temporary[".npy"], "wb") as out,
+            ThreadPoolExecutor(workers) as pool,
+            tqdm(
+                total=len(files),
+                desc=f"decoding {len(files)} images into {stem.parent}",
+                unit="img",
+                disable=not _progress_enabled(),
+            ) as bar,
+        ):
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": "|u1", "fortran_order": False, "shape": shape}
+            )
             offset = out.tell()
             chunk = 64 * workers  # bounds the decoded images waiting to be written
             sampled_bytes = []
             for first in range(0, len(files), chunk):
-                decoded = pool.map(lambda file: _decode(file, mode, size), files[first:first + chunk])
+                decoded = pool.map(lambda file: _decode(file, mode, size), files[first : first + chunk])
                 for row, (image, image_sums) in enumerate(decoded, start=first):
                     out.write(np.ascontiguousarray(image).tobytes())
                     sums[row] = image_sums
@@ -139,8 +154,16 @@ def _build(stem: Path, key: str, files: list[Path], size: tuple[int, int], mode:
         digest.update(sums.tobytes())
         for data in sampled_bytes:
             digest.update(data)
-        index = {"format": FORMAT, "key": key, "count": len(files), "shape": list(shape), "mode": mode,
-                 "offset": offset, "digest": digest.hexdigest(), "first_file": str(files[0])}
+        index = {
+            "format": FORMAT,
+            "key": key,
+            "count": len(files),
+            "shape": list(shape),
+            "mode": mode,
+            "offset": offset,
+            "digest": digest.hexdigest(),
+            "first_file": str(files[0]),
+        }
         temporary[".json"].write_text(json.dumps(index))
         for suffix in (".npy", ".sums.npy", ".json"):  # the index last: it marks the entry complete
             os.replace(temporary[suffix], stem.with_suffix(suffix))
@@ -159,8 +182,9 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def decoded_images(files: list[Path], size: tuple[int, int], mode: str = "auto",
-                   workers: int | None = None) -> CachedImages:
+def decoded_images(
+    files: list[Path], size: tuple[int, int], mode: str = "auto", workers: int | None = None
+) -> CachedImages:
     """``files`` decoded to ``mode`` and resized to ``size`` (height, width), from the cache: opened
     when a valid entry exists, else decoded in ``workers`` threads (default: up to 8, one per
     core) with a progress bar, by one process while the others wait for it."""
@@ -175,8 +199,10 @@ def decoded_images(files: list[Path], size: tuple[int, int], mode: str = "auto",
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"cannot create the image cache folder {folder} ({exc.strerror}); set {CACHE_ENV} "
-                         "to a writable folder") from None
+        raise ValueError(
+            f"cannot create the image cache folder {folder} ({exc.strerror}); set {CACHE_ENV} "
+            "to a writable folder"
+        ) from None
     stem = folder / f"{dataset}-{key}"
     store = _open_entry(stem, key, len(files))
     if store is not None:
@@ -188,6 +214,8 @@ def decoded_images(files: list[Path], size: tuple[int, int], mode: str = "auto",
             _build(stem, key, files, size, mode, workers or min(8, os.cpu_count() or 1))
             store = _open_entry(stem, key, len(files))
     if store is None:
-        raise RuntimeError(f"{stem}.npy: the decoded-image cache entry just written fails its checks; "
-                           f"is another program writing to {folder}?")
+        raise RuntimeError(
+            f"{stem}.npy: the decoded-image cache entry just written fails its checks; "
+            f"is another program writing to {folder}?"
+        )
     return store

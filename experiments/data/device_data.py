@@ -19,6 +19,7 @@ batch's rows are gathered from the dataset's store (the decoded-image cache file
 loop, copied to the device and augmented there. Memory then holds ``PREFETCH_DEPTH + 2`` batches,
 not the split.
 """
+
 from __future__ import annotations
 
 import math
@@ -148,11 +149,21 @@ class DeviceImages:
     device (0: measured, see ``resident_budget``); ``images`` is ``None`` for a streamed split.
     """
 
-    def __init__(self, split: LabeledImages, device: str | torch.device, augment: bool = False,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 seed: int = 0, pad: int | None = None, crop_size: int = 0, channels: int | None = None,
-                 scale: tuple[float, float] = RRC_SCALE, ratio: tuple[float, float] = RRC_RATIO,
-                 resident_mb: float = 0):
+    def __init__(
+        self,
+        split: LabeledImages,
+        device: str | torch.device,
+        augment: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int = 0,
+        pad: int | None = None,
+        crop_size: int = 0,
+        channels: int | None = None,
+        scale: tuple[float, float] = RRC_SCALE,
+        ratio: tuple[float, float] = RRC_RATIO,
+        resident_mb: float = 0,
+    ):
         self.device = torch.device(device)
         if isinstance(resident_mb, bool) or not isinstance(resident_mb, (int, float)) or not resident_mb >= 0:
             raise ValueError(f"resident_mb must be a number >= 0 (0 = measured); got {resident_mb!r}")
@@ -167,20 +178,28 @@ class DeviceImages:
         self.height, self.width = height, width
         self.channels = stored if channels is None else int(channels)
         if self.channels != stored and (stored, self.channels) != (1, 3):
-            raise ValueError(f"channels={channels}: only grey images can be repeated (to 3 channels); "
-                             f"these have {stored}")
+            raise ValueError(
+                f"channels={channels}: only grey images can be repeated (to 3 channels); these have {stored}"
+            )
         self.crop_size = int(crop_size)
         if not 0 <= self.crop_size <= min(height, width):
             side = min(height, width)
-            raise ValueError(f"dataset.crop_size={crop_size} must be in [0, {side}] (0 = no crop) for "
-                             f"{height} x {width} images; raise dataset.image_size to resize them on loading")
+            raise ValueError(
+                f"dataset.crop_size={crop_size} must be in [0, {side}] (0 = no crop) for "
+                f"{height} x {width} images; raise dataset.image_size to resize them on loading"
+            )
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
-            raise ValueError("random resized crop needs 0 < scale[0] <= scale[1] <= 1 and "
-                             f"0 < ratio[0] <= ratio[1]; got scale={scale}, ratio={ratio}")
+            raise ValueError(
+                "random resized crop needs 0 < scale[0] <= scale[1] <= 1 and "
+                f"0 < ratio[0] <= ratio[1]; got scale={scale}, ratio={ratio}"
+            )
         self.scale, self.log_ratio = tuple(scale), (math.log(ratio[0]), math.log(ratio[1]))
         if mean is None or std is None:
-            own_mean, own_std = (split.mean, split.std) if split.mean is not None and split.std is not None \
+            own_mean, own_std = (
+                (split.mean, split.std)
+                if split.mean is not None and split.std is not None
                 else split.channel_stats()
+            )
             mean = own_mean if mean is None else mean
             std = own_std if std is None else std
         if stored == 1:  # a grey statistic holds for every repeated channel
@@ -205,7 +224,7 @@ class DeviceImages:
         chunk = max(1, GATHER_BYTES // max(1, math.prod(split.image_shape)))
         for start in range(0, len(split), chunk):
             indices = torch.arange(start, min(start + chunk, len(split)))
-            out[start:start + chunk].copy_(split.gather(indices, pin=self.pin), non_blocking=self.pin)
+            out[start : start + chunk].copy_(split.gather(indices, pin=self.pin), non_blocking=self.pin)
         return out
 
     def __len__(self) -> int:
@@ -227,7 +246,9 @@ class DeviceImages:
         rows = shift[0].unsqueeze(1) + self._rows
         cols = shift[1].unsqueeze(1) + cols
         # One flat gather per image (several times faster than 4-d advanced indexing on CPU).
-        flat = (rows.unsqueeze(2) * padded.shape[-1] + cols.unsqueeze(1)).view(n, 1, -1).expand(n, channels, -1)
+        flat = (
+            (rows.unsqueeze(2) * padded.shape[-1] + cols.unsqueeze(1)).view(n, 1, -1).expand(n, channels, -1)
+        )
         return padded.flatten(2).gather(2, flat).view(n, channels, *images.shape[2:])
 
     def crop_boxes(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,13 +291,14 @@ class DeviceImages:
         theta[:, 1, 1] = box_h / height
         theta[:, 1, 2] = (2 * top + box_h) / height - 1
         grid = F.affine_grid(theta, [n, channels, self.crop_size, self.crop_size], align_corners=False)
-        return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
-                             align_corners=False)
+        return F.grid_sample(
+            images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
 
     def centre_crop(self, images: torch.Tensor) -> torch.Tensor:
         """The ``crop_size`` square at the centre (top-left corner at ((H - S) // 2, (W - S) // 2))."""
         top, left = ((side - self.crop_size) // 2 for side in images.shape[-2:])
-        return images[..., top:top + self.crop_size, left:left + self.crop_size]
+        return images[..., top : top + self.crop_size, left : left + self.crop_size]
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (or float ones in [0, 255] units) -> float32 ``(x / 255 - mean) / std``; grey
@@ -325,14 +347,17 @@ class DeviceImages:
         centre-cropped to ``crop_size`` when set."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-        chunks = (torch.arange(start, min(start + batch_size, len(self))) for start in range(0, len(self), batch_size))
+        chunks = (
+            torch.arange(start, min(start + batch_size, len(self)))
+            for start in range(0, len(self), batch_size)
+        )
         if self.streams:
             pairs = self._streamed(chunks)
         else:
-            pairs = ((indices, self.images[indices[0]:indices[-1] + 1]) for indices in chunks)
+            pairs = ((indices, self.images[indices[0] : indices[-1] + 1]) for indices in chunks)
         for indices, images in pairs:
             images = self.centre_crop(images) if self.crop_size else images
-            yield self.normalise(images), self.labels[indices[0]:indices[-1] + 1]
+            yield self.normalise(images), self.labels[indices[0] : indices[-1] + 1]
 
 
 def training_batches(data, index_batches: Iterable[torch.Tensor]) -> Iterator:

@@ -7,6 +7,7 @@ chunks whose class counts differ by at most one. Model ``i`` trains on the other
 validated on fold ``i``; all of it is decided before any training, so every trial of a sweep sees
 the same folds.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,13 +23,15 @@ def class_folds(classes: list[int], folds: int, seed: int) -> list[list[int]]:
         raise ValueError(f"folds must be an integer >= 2 for cross-validation (e.g. folds=4), got {folds!r}")
     classes = sorted(set(int(c) for c in classes))
     if len(classes) < MIN_FOLD_CLASSES * folds:
-        raise ValueError(f"folds={folds} needs at least {MIN_FOLD_CLASSES * folds} training classes "
-                         f"({MIN_FOLD_CLASSES} per fold); the training and validation splits hold "
-                         f"{len(classes)}: lower folds or use a dataset with more classes")
+        raise ValueError(
+            f"folds={folds} needs at least {MIN_FOLD_CLASSES * folds} training classes "
+            f"({MIN_FOLD_CLASSES} per fold); the training and validation splits hold "
+            f"{len(classes)}: lower folds or use a dataset with more classes"
+        )
     order = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed)).tolist()
     shuffled = [classes[i] for i in order]
     bounds = [round(i * len(classes) / folds) for i in range(folds + 1)]
-    return [sorted(shuffled[bounds[i]:bounds[i + 1]]) for i in range(folds)]
+    return [sorted(shuffled[bounds[i] : bounds[i + 1]]) for i in range(folds)]
 
 
 def training_pool(splits: DatasetSplits) -> LabeledImages:
@@ -39,13 +42,16 @@ def training_pool(splits: DatasetSplits) -> LabeledImages:
     tested = set(splits.test.classes()) | set(splits.gallery.classes() if splits.gallery is not None else [])
     shared = sorted(set(pool.classes()) & tested)
     if shared:
-        raise ValueError(f"folds are class-disjoint, but {len(shared)} test class(es) are also training "
-                         f"classes (e.g. {shared[:3]}); use dataset.split=class-disjoint")
+        raise ValueError(
+            f"folds are class-disjoint, but {len(shared)} test class(es) are also training "
+            f"classes (e.g. {shared[:3]}); use dataset.split=class-disjoint"
+        )
     return pool
 
 
-def fold_parts(pool: LabeledImages, fold_classes: list[list[int]],
-               index: int) -> tuple[LabeledImages, LabeledImages]:
+def fold_parts(
+    pool: LabeledImages, fold_classes: list[list[int]], index: int
+) -> tuple[LabeledImages, LabeledImages]:
     """``(train, val)`` of fold ``index``: the images of the other folds' classes, and its own."""
     if not 0 <= index < len(fold_classes):
         raise ValueError(f"fold index {index} is outside 0..{len(fold_classes) - 1}")

@@ -4,6 +4,7 @@ Images are read with Pillow, converted to ``mode`` ("L" grey or "RGB") and resiz
 width) with Pillow's antialiased bilinear filter; a file Pillow cannot read is a ``ValueError``
 naming it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ cache file (``.npy``, see ``decode_cache``) with positioned reads into the batch
 process holds only the rows it asked for: the page cache keeps recently read rows warm, but they
 are not part of the process's resident memory, as the pages of a memory map would be.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ class ImageStore(ABC):
         if out is None:
             return torch.empty((count, *self.shape[1:]), dtype=torch.uint8, pin_memory=pin)
         if out.shape != (count, *self.shape[1:]) or out.dtype != torch.uint8 or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous uint8 tensor {(count, *self.shape[1:])}; "
-                             f"got {out.dtype} {tuple(out.shape)}")
+            raise ValueError(
+                f"out must be a contiguous uint8 tensor {(count, *self.shape[1:])}; "
+                f"got {out.dtype} {tuple(out.shape)}"
+            )
         return out
 
     @abstractmethod
@@ -48,8 +51,11 @@ class TensorImages(ImageStore):
 
     def __init__(self, images: torch.Tensor):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            got = f"{images.dtype} with shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) \
+            got = (
+                f"{images.dtype} with shape {tuple(images.shape)}"
+                if isinstance(images, torch.Tensor)
                 else type(images).__name__
+            )
             raise ValueError(f"images must be a uint8 tensor (N, C, H, W); got {got}")
         self.tensor = images
         self.shape = tuple(images.shape)
@@ -85,11 +91,13 @@ class CachedImages(ImageStore):
             read = os.preadv(self._fd, [buffer], offset)
         else:
             data = os.pread(self._fd, len(buffer), offset)
-            buffer[:len(data)] = data
+            buffer[: len(data)] = data
             read = len(data)
         if read != len(buffer):
-            raise ValueError(f"{self.path}: the decoded-image cache file ended early (changed after it was "
-                             "opened); delete it and run again to rebuild it")
+            raise ValueError(
+                f"{self.path}: the decoded-image cache file ended early (changed after it was "
+                "opened); delete it and run again to rebuild it"
+            )
 
     def gather(self, rows: torch.Tensor, pin: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
         out = self._empty(rows.numel(), pin, out)
@@ -102,14 +110,14 @@ class CachedImages(ImageStore):
         starts = np.flatnonzero(np.diff(order, prepend=order[0] - 2) != 1)  # runs of consecutive rows
         ends = np.append(starts[1:], order.size)
         for start, end in zip(starts.tolist(), ends.tolist()):
-            self._read(flat[start * self.row_bytes:end * self.row_bytes], int(order[start]))
+            self._read(flat[start * self.row_bytes : end * self.row_bytes], int(order[start]))
         return out
 
     def channel_stats(self, rows: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
         totals = self.sums[rows.cpu().numpy()].sum(axis=0, dtype=np.float64)  # (2, C)
         count = max(1, rows.numel() * self.shape[2] * self.shape[3])
         mean = totals[0] / 255.0 / count
-        std = np.sqrt(np.clip(totals[1] / 255.0 ** 2 / count - mean ** 2, 0, None)).clip(min=1e-3)
+        std = np.sqrt(np.clip(totals[1] / 255.0**2 / count - mean**2, 0, None)).clip(min=1e-3)
         return tuple(mean.tolist()), tuple(std.tolist())
 
 

@@ -1,4 +1,5 @@
 """Image-tensor helpers: the ``image_size`` option, one-off resizing, channel statistics."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,10 @@ def parse_image_size(value, default: tuple[int, int] | None) -> tuple[int, int] 
         raise ValueError(f"dataset.image_size must be an int or [height, width]; got {value!r}")
     if isinstance(value, int):
         size = (value, value)
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         size = (value[0], value[1])
     else:
@@ -36,12 +39,12 @@ def resize_images(images: torch.Tensor, size: tuple[int, int] | None, chunk: int
     shrinking = size[0] <= images.shape[-2] and size[1] <= images.shape[-1]
     out = torch.empty((images.shape[0], images.shape[1], *size), dtype=torch.uint8)
     for start in range(0, images.shape[0], chunk):
-        part = images[start:start + chunk].float()
+        part = images[start : start + chunk].float()
         if shrinking:
             part = F.interpolate(part, size=size, mode="area")
         else:
             part = F.interpolate(part, size=size, mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+        out[start : start + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
@@ -50,7 +53,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
     total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
     squares = torch.zeros_like(total)
     for start in range(0, images.shape[0], chunk):
-        part = images[start:start + chunk].double().div_(255.0)
+        part = images[start : start + chunk].double().div_(255.0)
         total += part.sum(dim=(0, 2, 3))
         squares += part.square().sum(dim=(0, 2, 3))
     count = max(1, images.shape[0] * images.shape[2] * images.shape[3])

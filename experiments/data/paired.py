@@ -6,6 +6,7 @@ A paired dataset is one registered with ``paired=True`` (``digits-captions``, bu
 ``((images, tokens), labels)`` with the labels given once per modality, ``cat(labels, labels)``,
 matching a two-tower model's output that stacks the image embeddings over the text embeddings.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,9 +42,19 @@ class PairedDeviceData:
     ``batch(indices)`` and ``iterate(batch_size)`` give ``((images, tokens), cat(labels, labels))``.
     """
 
-    def __init__(self, split: PairedSplit, vocabulary: Vocabulary, device: torch.device, augment: bool,
-                 mean, std, seed: int = 0):
-        self.images = DeviceImages(LabeledImages(split.images, split.labels), device, augment, mean, std, seed)
+    def __init__(
+        self,
+        split: PairedSplit,
+        vocabulary: Vocabulary,
+        device: torch.device,
+        augment: bool,
+        mean,
+        std,
+        seed: int = 0,
+    ):
+        self.images = DeviceImages(
+            LabeledImages(split.images, split.labels), device, augment, mean, std, seed
+        )
         self.tokens = vocabulary.encode(split.captions, MAX_CAPTION_TOKENS).to(device)
         self.device = self.images.device
 
@@ -56,4 +67,4 @@ class PairedDeviceData:
 
     def iterate(self, batch_size: int):
         for start, (images, labels) in zip(range(0, len(self), batch_size), self.images.iterate(batch_size)):
-            yield (images, self.tokens[start:start + batch_size]), torch.cat([labels, labels])
+            yield (images, self.tokens[start : start + batch_size]), torch.cat([labels, labels])

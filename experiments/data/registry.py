@@ -13,6 +13,7 @@ The most recently loaded dataset stays in memory, so the trials of a sweep read 
 image folders (``image-folder`` and the natural-image benchmarks) are decoded once into the
 decoded-image cache on disk (``decode_cache``), shared by every process, and read from there.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,23 +23,33 @@ from pathlib import Path
 
 import torch
 
-from experiments.data.formats import cars, cub, inshop, omniglot, sop
 from experiments.data.base import DatasetSplits, LabeledImages, SourceImages
 from experiments.data.captions import load_digits_paired, load_paired_file
+from experiments.data.formats import cars, cub, inshop, omniglot, sop
 from experiments.data.formats.digits import load_digits
 from experiments.data.formats.idx import load_fashion_mnist
 from experiments.data.formats.image_folder import load_image_folder
-from experiments.data.image_store import as_store
-from experiments.data.imaging import parse_image_size, resize_images
 from experiments.data.formats.listed_images import DEFAULT_SIZE as NATURAL_SIZE
 from experiments.data.formats.orl import load_orl_faces
+from experiments.data.image_store import as_store
+from experiments.data.imaging import parse_image_size, resize_images
 from experiments.data.paired import PairedSplits, split_pairs
 from experiments.data.splits import DEFAULT_SPLIT, SPLITS, cap_per_class, split_indices
 
 PAIRED_IMAGE_SIZE = 32
 
-__all__ = ["DatasetSpec", "DatasetSplits", "LabeledImages", "SourceImages", "dataset_path", "env_var",
-           "is_paired", "list_datasets", "load_dataset", "register_dataset"]
+__all__ = [
+    "DatasetSpec",
+    "DatasetSplits",
+    "LabeledImages",
+    "SourceImages",
+    "dataset_path",
+    "env_var",
+    "is_paired",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+]
 
 
 @dataclass(frozen=True)
@@ -90,21 +101,40 @@ def _natural_images(loader: Callable[..., SourceImages], official: str) -> Datas
 
 
 register_dataset("digits", DatasetSpec(lambda path, size: load_digits(), needs_path=False))
-register_dataset("fashion-mnist", DatasetSpec(lambda path, size: load_fashion_mnist(path), hflip=True,
-                                              system_path="/usr/share/datasets/fashion-mnist",
-                                              official="the official 10,000 test images (same classes)"))
+register_dataset(
+    "fashion-mnist",
+    DatasetSpec(
+        lambda path, size: load_fashion_mnist(path),
+        hflip=True,
+        system_path="/usr/share/datasets/fashion-mnist",
+        official="the official 10,000 test images (same classes)",
+    ),
+)
 register_dataset("orl-faces", DatasetSpec(lambda path, size: load_orl_faces(path), hflip=True))
-register_dataset("omniglot", DatasetSpec(omniglot.load_omniglot, default_size=(28, 28), resizes=True,
-                                         official=omniglot.OFFICIAL,
-                                         official_missing=omniglot.OFFICIAL_MISSING))
+register_dataset(
+    "omniglot",
+    DatasetSpec(
+        omniglot.load_omniglot,
+        default_size=(28, 28),
+        resizes=True,
+        official=omniglot.OFFICIAL,
+        official_missing=omniglot.OFFICIAL_MISSING,
+    ),
+)
 register_dataset("cub200", _natural_images(cub.load_cub, cub.OFFICIAL))
 register_dataset("cars196", _natural_images(cars.load_cars, cars.OFFICIAL))
 register_dataset("sop", _natural_images(sop.load_sop, sop.OFFICIAL))
 register_dataset("inshop", _natural_images(inshop.load_inshop, inshop.OFFICIAL))
-register_dataset("image-folder", DatasetSpec(load_image_folder, hflip=True, default_size=(64, 64), resizes=True))
-register_dataset("digits-captions", DatasetSpec(lambda path, size, seed: load_digits_paired(seed),
-                                                needs_path=False, paired=True))
-register_dataset("paired-file", DatasetSpec(lambda path, size, seed: load_paired_file(path, size), paired=True))
+register_dataset(
+    "image-folder", DatasetSpec(load_image_folder, hflip=True, default_size=(64, 64), resizes=True)
+)
+register_dataset(
+    "digits-captions",
+    DatasetSpec(lambda path, size, seed: load_digits_paired(seed), needs_path=False, paired=True),
+)
+register_dataset(
+    "paired-file", DatasetSpec(lambda path, size, seed: load_paired_file(path, size), paired=True)
+)
 
 
 def _option(cfg, key: str, default):
@@ -124,8 +154,10 @@ def dataset_path(name: str, configured, system_path: str = "") -> Path:
     if not raw and system_path and Path(system_path).is_dir():
         raw = system_path
     if not raw:
-        raise ValueError(f"dataset {name!r} needs a path: set dataset.path (e.g. dataset.path=/data/{name}) "
-                         f"or the environment variable {variable}")
+        raise ValueError(
+            f"dataset {name!r} needs a path: set dataset.path (e.g. dataset.path=/data/{name}) "
+            f"or the environment variable {variable}"
+        )
     path = Path(raw).expanduser()
     if not path.exists():
         source = "dataset.path" if configured else variable
@@ -193,8 +225,9 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits | PairedSplits:
     if split not in SPLITS:
         raise ValueError(f"dataset.split must be one of {', '.join(SPLITS)}; got {split!r}")
     if split == "official" and not spec.official:
-        raise ValueError(f"dataset {name!r} has no official split; use dataset.split=standard or "
-                         "class-disjoint")
+        raise ValueError(
+            f"dataset {name!r} has no official split; use dataset.split=standard or class-disjoint"
+        )
     if spec.paired:
         return _load_pairs(name, spec, dataset_cfg, split, seed)
     val_fraction = _option(dataset_cfg, "val_fraction", 0.2)
@@ -204,12 +237,18 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits | PairedSplits:
 
     source = _load_source(name, spec, path, size)
     if split == "official" and source.official_test is None:
-        raise ValueError(spec.official_missing or f"dataset {name!r} at {path}: no official test images "
-                         "found; use dataset.split=standard or class-disjoint")
+        raise ValueError(
+            spec.official_missing
+            or f"dataset {name!r} at {path}: no official test images "
+            "found; use dataset.split=standard or class-disjoint"
+        )
     store = as_store(source.images if spec.resizes else resize_images(source.images, size))
     labels = source.labels
-    masks = {"standard_test": source.standard_test, "official_test": source.official_test,
-             "gallery": source.gallery}
+    masks = {
+        "standard_test": source.standard_test,
+        "official_test": source.official_test,
+        "gallery": source.gallery,
+    }
 
     # Cap each class, and each class within the dataset's own parts (train / test / gallery) when kept.
     part = _part_codes(split, masks)
@@ -218,9 +257,16 @@ def load_dataset(dataset_cfg, seed: int) -> DatasetSplits | PairedSplits:
         labels = labels[rows]
         masks = {key: mask[rows] if mask is not None else None for key, mask in masks.items()}
 
-    parts = split_indices(split, labels, masks["standard_test"], val_fraction, seed,
-                          official_test=masks["official_test"], gallery=masks["gallery"],
-                          test_source=spec.official)
+    parts = split_indices(
+        split,
+        labels,
+        masks["standard_test"],
+        val_fraction,
+        seed,
+        official_test=masks["official_test"],
+        gallery=masks["gallery"],
+        test_source=spec.official,
+    )
     mean, std = store.channel_stats(rows[parts.train])
 
     def make(indices: torch.Tensor) -> LabeledImages:

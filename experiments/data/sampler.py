@@ -8,6 +8,7 @@ images; a class with fewer than K images is sampled with replacement. Index gene
 tensorised (sort by class then random key; no per-sample Python), deterministic in
 (seed, epoch), and reshuffled every epoch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -29,8 +30,9 @@ class PKSampler:
     batches per epoch, ``max(1, N // (P*K))``, i.e. about one pass over the training set.
 
     ``classes_with_replacement`` lists the class ids with fewer than K images (sampled with
-    replacement); its ``len()`` is how many there are. Iterating starts epoch ``self.epoch`` and then advances it; ``set_epoch(e)``
-    jumps to an epoch, so a resumed run sees the same batches. ``p=0`` takes ``min(AUTO_P, classes)``.
+    replacement); its ``len()`` is how many there are. Iterating starts epoch ``self.epoch`` and then
+    advances it; ``set_epoch(e)`` jumps to an epoch, so a resumed run sees the same batches. ``p=0``
+    takes ``min(AUTO_P, classes)``.
     """
 
     def __init__(self, labels: torch.Tensor, p: int, k: int, seed: int = 0):
@@ -45,8 +47,10 @@ class PKSampler:
         self.num_classes = int(self._counts.numel())
         self.p = min(AUTO_P, self.num_classes) if p == 0 else p
         if self.p > self.num_classes:
-            raise ValueError(f"batch.p={self.p} exceeds the {self.num_classes} classes of the training split; "
-                             f"set batch.p to at most {self.num_classes} (or use a dataset with more classes)")
+            raise ValueError(
+                f"batch.p={self.p} exceeds the {self.num_classes} classes of the training split; "
+                f"set batch.p to at most {self.num_classes} (or use a dataset with more classes)"
+            )
         self._starts = torch.cumsum(self._counts, 0) - self._counts
         self.classes_with_replacement: list[int] = classes[self._counts < self.k].tolist()
         self.num_samples = int(labels.numel())

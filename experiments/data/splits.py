@@ -17,6 +17,7 @@ retrieved among its gallery images. Validation comes from the official training 
 ``val_fraction`` of its classes when the test classes are unseen (as for ``class-disjoint``),
 else a seeded per-class sample (Fashion-MNIST).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -88,8 +89,9 @@ def _info(name: str, seed: int, labels: torch.Tensor, parts: dict[str, torch.Ten
     return info
 
 
-def _sample_val_classes(train_classes: torch.Tensor, val_fraction: float,
-                        generator: torch.Generator) -> torch.Tensor:
+def _sample_val_classes(
+    train_classes: torch.Tensor, val_fraction: float, generator: torch.Generator
+) -> torch.Tensor:
     """A seeded ``val_fraction`` of ``train_classes``: at least 2, leaving at least 2 to train."""
     n = train_classes.numel()
     n_val = min(max(round(val_fraction * n), MIN_VAL_CLASSES), n - MIN_TRAIN_CLASSES)
@@ -120,8 +122,9 @@ def class_disjoint_split(labels: torch.Tensor, val_fraction: float, seed: int) -
     return SplitIndices(**parts, info=info)
 
 
-def standard_split(labels: torch.Tensor, standard_test: torch.Tensor | None, val_fraction: float,
-                   seed: int) -> SplitIndices:
+def standard_split(
+    labels: torch.Tensor, standard_test: torch.Tensor | None, val_fraction: float, seed: int
+) -> SplitIndices:
     """The dataset's own test set (or a seeded half of each class), validation from the rest."""
     val_fraction = _check_fraction(val_fraction, "dataset.val_fraction")
     generator = torch.Generator().manual_seed(seed)
@@ -138,9 +141,14 @@ def standard_split(labels: torch.Tensor, standard_test: torch.Tensor | None, val
     return SplitIndices(**parts, info=info)
 
 
-def official_split(labels: torch.Tensor, official_test: torch.Tensor, gallery: torch.Tensor | None,
-                   val_fraction: float, seed: int, test_source: str = "the dataset's official test set"
-                   ) -> SplitIndices:
+def official_split(
+    labels: torch.Tensor,
+    official_test: torch.Tensor,
+    gallery: torch.Tensor | None,
+    val_fraction: float,
+    seed: int,
+    test_source: str = "the dataset's official test set",
+) -> SplitIndices:
     """The official test images (the queries, when ``gallery`` marks a gallery); the rest trains,
     minus validation classes (test classes unseen) or a per-class validation sample (same classes)."""
     val_fraction = _check_fraction(val_fraction, "dataset.val_fraction")
@@ -149,8 +157,10 @@ def official_split(labels: torch.Tensor, official_test: torch.Tensor, gallery: t
     test = torch.nonzero(official_test).flatten()
     if rest.numel() == 0 or test.numel() == 0:
         empty = "training" if rest.numel() == 0 else "test"
-        raise ValueError(f"split=official: the dataset's official {empty} part is empty; dataset.path must "
-                         "hold the complete dataset (or use dataset.split=standard)")
+        raise ValueError(
+            f"split=official: the dataset's official {empty} part is empty; dataset.path must "
+            "hold the complete dataset (or use dataset.split=standard)"
+        )
     train_classes = torch.unique(labels[rest])
     generator = torch.Generator().manual_seed(seed)
     if bool(torch.isin(labels[test], train_classes).any()):
@@ -158,23 +168,39 @@ def official_split(labels: torch.Tensor, official_test: torch.Tensor, gallery: t
         val_source = f"seeded per-class sample ({val_fraction:g} of each training class)"
     else:
         if train_classes.numel() < MIN_VAL_CLASSES + MIN_TRAIN_CLASSES:
-            raise ValueError(f"split=official needs at least {MIN_VAL_CLASSES + MIN_TRAIN_CLASSES} official "
-                             f"training classes (>= {MIN_VAL_CLASSES} validate, >= {MIN_TRAIN_CLASSES} "
-                             f"train); this dataset has {train_classes.numel()}")
+            raise ValueError(
+                f"split=official needs at least {MIN_VAL_CLASSES + MIN_TRAIN_CLASSES} official "
+                f"training classes (>= {MIN_VAL_CLASSES} validate, >= {MIN_TRAIN_CLASSES} "
+                f"train); this dataset has {train_classes.numel()}"
+            )
         is_val = torch.isin(labels[rest], _sample_val_classes(train_classes, val_fraction, generator))
         val_source = f"seeded {val_fraction:g} of the official training classes"
     parts = {"train": rest[~is_val], "val": rest[is_val], "test": test}
     if gallery is not None:
         parts["gallery"] = torch.nonzero(gallery).flatten()
-    info = _info("official", seed, labels, parts, val_fraction=val_fraction, test_source=test_source,
-                 val_source=val_source)
+    info = _info(
+        "official",
+        seed,
+        labels,
+        parts,
+        val_fraction=val_fraction,
+        test_source=test_source,
+        val_source=val_source,
+    )
     return SplitIndices(parts["train"], parts["val"], parts["test"], info, parts.get("gallery"))
 
 
-def split_indices(split: str, labels: torch.Tensor, standard_test: torch.Tensor | None,
-                  val_fraction: float, seed: int, *, official_test: torch.Tensor | None = None,
-                  gallery: torch.Tensor | None = None, test_source: str = "the dataset's official test set"
-                  ) -> SplitIndices:
+def split_indices(
+    split: str,
+    labels: torch.Tensor,
+    standard_test: torch.Tensor | None,
+    val_fraction: float,
+    seed: int,
+    *,
+    official_test: torch.Tensor | None = None,
+    gallery: torch.Tensor | None = None,
+    test_source: str = "the dataset's official test set",
+) -> SplitIndices:
     """Dispatch on ``dataset.split``; ``official`` needs ``official_test`` (and ``gallery`` if any)."""
     if split == "class-disjoint":
         return class_disjoint_split(labels, val_fraction, seed)
@@ -182,8 +208,10 @@ def split_indices(split: str, labels: torch.Tensor, standard_test: torch.Tensor 
         return standard_split(labels, standard_test, val_fraction, seed)
     if split == "official":
         if official_test is None:
-            raise ValueError("dataset.split=official needs a dataset with an official test set "
-                             "(fashion-mnist, omniglot, cub200, cars196, sop, inshop); use "
-                             "dataset.split=standard or class-disjoint")
+            raise ValueError(
+                "dataset.split=official needs a dataset with an official test set "
+                "(fashion-mnist, omniglot, cub200, cars196, sop, inshop); use "
+                "dataset.split=standard or class-disjoint"
+            )
         return official_split(labels, official_test, gallery, val_fraction, seed, test_source)
     raise ValueError(f"dataset.split must be one of {', '.join(SPLITS)}; got {split!r}")

@@ -7,6 +7,7 @@ pytorch-metric-learning clusters with faiss k-means (20 iterations); we run seed
 initialisation (Arthur & Vassilvitskii 2007) and Lloyd iterations until no assignment changes,
 so the NMI values agree with theirs only approximately.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,9 +21,9 @@ def _nearest_centre(x: torch.Tensor, centres: torch.Tensor, chunk_size: int | No
     rows = auto_chunk_size(x.shape[0], centres.shape[0], chunk_size)
     out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for start in range(0, x.shape[0], rows):
-        block = x[start:start + rows]
+        block = x[start : start + rows]
         # argmin ||x - c||^2 = argmax (2 x.c - ||c||^2): the ||x||^2 term is constant per row
-        out[start:start + rows] = torch.addmm(-centre_norms, block, centres.T, alpha=2).argmax(1)
+        out[start : start + rows] = torch.addmm(-centre_norms, block, centres.T, alpha=2).argmax(1)
     return out
 
 
@@ -43,16 +44,18 @@ def _kmeans_plus_plus(x: torch.Tensor, n_clusters: int, generator: torch.Generat
     return centres
 
 
-def kmeans(x: torch.Tensor, n_clusters: int, *, max_iter: int = 100, seed: int = 0,
-           chunk_size: int | None = None) -> torch.Tensor:
+def kmeans(
+    x: torch.Tensor, n_clusters: int, *, max_iter: int = 100, seed: int = 0, chunk_size: int | None = None
+) -> torch.Tensor:
     """Cluster the rows of ``x`` into ``n_clusters``; returns an int64 (n,) assignment.
 
     k-means++ seeding then Lloyd iterations, stopping when no assignment changes or after
     ``max_iter`` iterations; an emptied cluster keeps its previous centre.
     """
     if not 1 <= n_clusters <= x.shape[0]:
-        raise ValueError(f"n_clusters must be between 1 and the number of rows ({x.shape[0]}), "
-                         f"got {n_clusters}")
+        raise ValueError(
+            f"n_clusters must be between 1 and the number of rows ({x.shape[0]}), got {n_clusters}"
+        )
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     generator = torch.Generator().manual_seed(seed)
@@ -82,8 +85,10 @@ def normalized_mutual_info(labels_true: torch.Tensor, labels_pred: torch.Tensor)
     (1.0 when both labelings have a single cluster).
     """
     if labels_true.shape != labels_pred.shape or labels_true.ndim != 1:
-        raise ValueError(f"labelings must be 1-D and of equal length, got shapes "
-                         f"{tuple(labels_true.shape)} and {tuple(labels_pred.shape)}")
+        raise ValueError(
+            f"labelings must be 1-D and of equal length, got shapes "
+            f"{tuple(labels_true.shape)} and {tuple(labels_pred.shape)}"
+        )
     true_ids = torch.unique(labels_true, return_inverse=True)[1]
     pred_ids = torch.unique(labels_pred, return_inverse=True)[1]
     n_true, n_pred = int(true_ids.max()) + 1, int(pred_ids.max()) + 1

@@ -4,6 +4,7 @@ Image-to-text and text-to-image Recall@K and median rank as in VSE++ (Faghri et 
 the rank of the paired item among all items of the other modality, 1 = first. Ties count
 against the query (an item at the same distance as the pair ranks ahead of it).
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,27 +12,35 @@ import torch
 from losses.distances import pairwise_distances
 
 
-def paired_ranks(queries: torch.Tensor, items: torch.Tensor, distance: str = "cosine",
-                 chunk_size: int = 1024) -> torch.Tensor:
+def paired_ranks(
+    queries: torch.Tensor, items: torch.Tensor, distance: str = "cosine", chunk_size: int = 1024
+) -> torch.Tensor:
     """For each query row i, the 1-based rank of ``items[i]`` among all ``items``."""
     ranks = []
     for start in range(0, queries.shape[0], chunk_size):
-        d = pairwise_distances(queries[start:start + chunk_size], items, distance)
+        d = pairwise_distances(queries[start : start + chunk_size], items, distance)
         rows = torch.arange(d.shape[0], device=d.device)
         own = d[rows, rows + start].unsqueeze(1)
         ranks.append((d <= own).sum(1))
     return torch.cat(ranks)
 
 
-def cross_modal_metrics(emb_a: torch.Tensor, emb_b: torch.Tensor, labels: torch.Tensor,
-                        distance: str = "cosine", ks: tuple[int, ...] = (1, 5, 10),
-                        names: tuple[str, str] = ("image", "text")) -> dict[str, float]:
+def cross_modal_metrics(
+    emb_a: torch.Tensor,
+    emb_b: torch.Tensor,
+    labels: torch.Tensor,
+    distance: str = "cosine",
+    ks: tuple[int, ...] = (1, 5, 10),
+    names: tuple[str, str] = ("image", "text"),
+) -> dict[str, float]:
     """Recall@K and median rank in both directions, plus label-level MAP@R across modalities."""
     from experiments.eval.retrieval import retrieval_metrics
 
     if emb_a.shape != emb_b.shape or emb_a.shape[0] != labels.shape[0]:
-        raise ValueError(f"paired embeddings must have equal shapes and one label per pair, got "
-                         f"{tuple(emb_a.shape)}, {tuple(emb_b.shape)} and {tuple(labels.shape)} labels")
+        raise ValueError(
+            f"paired embeddings must have equal shapes and one label per pair, got "
+            f"{tuple(emb_a.shape)}, {tuple(emb_b.shape)} and {tuple(labels.shape)} labels"
+        )
     a, b = names
     out: dict[str, float] = {}
     for tag, queries, items in ((f"{a}_to_{b}", emb_a, emb_b), (f"{b}_to_{a}", emb_b, emb_a)):

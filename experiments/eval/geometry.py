@@ -11,6 +11,7 @@
 
 On at most :data:`GEOMETRY_POINTS` embeddings, a seeded subset, so it costs little per epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,14 @@ import torch
 from experiments.eval.embedding_quality import alignment_uniformity, reference_triplet_statistics
 
 GEOMETRY_POINTS = 2000
-GEOMETRY_KEYS = ("alignment", "uniformity", "intra_class_distance", "inter_class_distance", "distance_ratio",
-                 "spectral_decay")
+GEOMETRY_KEYS = (
+    "alignment",
+    "uniformity",
+    "intra_class_distance",
+    "inter_class_distance",
+    "distance_ratio",
+    "spectral_decay",
+)
 
 
 def spectral_decay(embeddings: torch.Tensor) -> float:
@@ -34,8 +41,9 @@ def spectral_decay(embeddings: torch.Tensor) -> float:
     return float((uniform * torch.log(uniform / p.clamp_min(1e-300))).sum())
 
 
-def embedding_geometry(embeddings: torch.Tensor, labels: torch.Tensor, points: int = GEOMETRY_POINTS,
-                       seed: int = 0) -> dict[str, float]:
+def embedding_geometry(
+    embeddings: torch.Tensor, labels: torch.Tensor, points: int = GEOMETRY_POINTS, seed: int = 0
+) -> dict[str, float]:
     """The :data:`GEOMETRY_KEYS` of a labelled set; empty when it has no positive and negative pair."""
     if embeddings.shape[0] > points:
         keep = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(seed))[:points]
@@ -47,6 +55,11 @@ def embedding_geometry(embeddings: torch.Tensor, labels: torch.Tensor, points: i
     alignment, uniformity = alignment_uniformity(embeddings, labels)
     distances = reference_triplet_statistics(embeddings, labels)
     intra, inter = distances["intra_class_distance"], distances["inter_class_distance"]
-    return {"alignment": alignment, "uniformity": uniformity, "intra_class_distance": intra,
-            "inter_class_distance": inter, "distance_ratio": intra / inter if inter > 0 else math.nan,
-            "spectral_decay": spectral_decay(embeddings)}
+    return {
+        "alignment": alignment,
+        "uniformity": uniformity,
+        "intra_class_distance": intra,
+        "inter_class_distance": inter,
+        "distance_ratio": intra / inter if inter > 0 else math.nan,
+        "spectral_decay": spectral_decay(embeddings),
+    }

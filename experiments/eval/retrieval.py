@@ -12,6 +12,7 @@ query's own item is excluded. Ties in distance are broken arbitrarily, as in a k
 Everything runs in torch on the embeddings' device, chunked over queries: a chunk holds one
 (chunk, n_ref) score matrix and its top-k, with k = the largest R in the chunk (at least max(ks)).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,10 +21,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from losses.params import DISTANCES
-
 from experiments.eval.clustering import kmeans, normalized_mutual_info
 from experiments.eval.inputs import as_embeddings, as_labels, auto_chunk_size
+from losses.params import DISTANCES
 
 # The headline metrics of "A Metric Learning Reality Check", by logged key, with the names tables print
 HEADLINE_METRICS = {"precision_at_1": "P@1", "r_precision": "R-precision", "map_at_r": "MAP@R"}
@@ -50,13 +50,23 @@ def _closeness(query: torch.Tensor, ref: torch.Tensor, distance: str):
     # -||q - r||^2 + ||q||^2 = 2 q.r - ||r||^2, the same order within a row, as one matmul of the
     # augmented rows [2q, -1] and [r, ||r||^2] (no separate pass to add the bias)
     ref = torch.cat([ref, (ref * ref).sum(1, keepdim=True)], 1)
-    return lambda block, out: torch.mm(torch.cat([2 * block, -block.new_ones(block.shape[0], 1)], 1),
-                                       ref.T, out=out)
+    return lambda block, out: torch.mm(
+        torch.cat([2 * block, -block.new_ones(block.shape[0], 1)], 1), ref.T, out=out
+    )
 
 
-def retrieval_metrics(embeddings, labels, ref_embeddings=None, ref_labels=None, *,
-                      distance: str = "euclidean", ks=(1, 2, 4, 8), chunk_size: int | None = None,
-                      with_nmi: bool = True, seed: int = 0) -> dict[str, float]:
+def retrieval_metrics(
+    embeddings,
+    labels,
+    ref_embeddings=None,
+    ref_labels=None,
+    *,
+    distance: str = "euclidean",
+    ks=(1, 2, 4, 8),
+    chunk_size: int | None = None,
+    with_nmi: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
     """Retrieval metrics of ``embeddings`` (queries) against ``ref_embeddings`` (default: themselves).
 
     Returns ``precision_at_1``, ``r_precision``, ``map_at_r``, ``recall_at_<k>`` for each k in
@@ -74,24 +84,29 @@ def retrieval_metrics(embeddings, labels, ref_embeddings=None, ref_labels=None, 
     query_labels = as_labels(labels, query.shape[0], query.device)
     same_source = ref_embeddings is None
     if same_source != (ref_labels is None):
-        raise ValueError("pass ref_embeddings and ref_labels together, or neither to use the "
-                         "queries as their own reference set")
+        raise ValueError(
+            "pass ref_embeddings and ref_labels together, or neither to use the "
+            "queries as their own reference set"
+        )
     if same_source:
         ref, reference_labels = query, query_labels
     else:
         ref = as_embeddings(ref_embeddings, "ref_embeddings")
         if ref.device != query.device:
-            raise ValueError(f"embeddings are on {query.device} but ref_embeddings on {ref.device}; "
-                             f"move both to one device")
+            raise ValueError(
+                f"embeddings are on {query.device} but ref_embeddings on {ref.device}; "
+                f"move both to one device"
+            )
         if ref.shape[1] != query.shape[1]:
-            raise ValueError(f"embeddings have dimension {query.shape[1]} but ref_embeddings "
-                             f"{ref.shape[1]}; both must come from the same embedding space")
+            raise ValueError(
+                f"embeddings have dimension {query.shape[1]} but ref_embeddings "
+                f"{ref.shape[1]}; both must come from the same embedding space"
+            )
         ref = ref.to(torch.promote_types(ref.dtype, query.dtype))
         query = query.to(ref.dtype)
         reference_labels = as_labels(ref_labels, ref.shape[0], ref.device, "ref_labels")
 
-    out = _ranking_metrics(query, query_labels, ref, reference_labels, same_source, distance, ks,
-                           chunk_size)
+    out = _ranking_metrics(query, query_labels, ref, reference_labels, same_source, distance, ks, chunk_size)
     if with_nmi:
         points = F.normalize(query, dim=1) if distance == "cosine" else query
         n_classes = int(torch.unique(query_labels).numel())
@@ -103,7 +118,7 @@ def retrieval_metrics(embeddings, labels, ref_embeddings=None, ref_labels=None, 
 def _ranking_metrics(query, query_labels, ref, ref_labels, same_source, distance, ks, chunk_size):
     classes, class_ids = torch.unique(torch.cat([query_labels, ref_labels]), return_inverse=True)
     class_ids = class_ids.to(torch.int32)  # narrower gathers of the neighbours' classes
-    query_ids, ref_ids = class_ids[:query.shape[0]], class_ids[query.shape[0]:]
+    query_ids, ref_ids = class_ids[: query.shape[0]], class_ids[query.shape[0] :]
     ref_counts = torch.bincount(ref_ids, minlength=classes.numel()).to(torch.int32)
     relevant = ref_counts[query_ids] - int(same_source)  # R of each query
     relevant_cpu = relevant.cpu()
@@ -115,12 +130,12 @@ def _ranking_metrics(query, query_labels, ref, ref_labels, same_source, distance
 
     sums = torch.zeros(3 + len(ks), dtype=torch.float64, device=query.device)
     for start in range(0, query.shape[0], rows):
-        idx_cpu = order[start:start + rows]
+        idx_cpu = order[start : start + rows]
         if int(relevant_cpu[idx_cpu[0]]) <= 0:
             break  # the remaining queries have no same-class reference
         k = min(max(int(relevant_cpu[idx_cpu[0]]), max(ks)), n_available)
         idx = idx_cpu.to(query.device)
-        scores = closeness(query[idx], buffer[:idx.shape[0]])
+        scores = closeness(query[idx], buffer[: idx.shape[0]])
         if same_source:
             scores.scatter_(1, idx[:, None], float("-inf"))
         nearest = _top_k_indices(scores, k)
@@ -130,8 +145,11 @@ def _ranking_metrics(query, query_labels, ref, ref_labels, same_source, distance
     n_valid = int((relevant_cpu > 0).sum())
     names = [*RANKING_METRICS, *(f"recall_at_{k}" for k in ks)]
     if n_valid == 0:
-        warnings.warn("no query has a same-class item in the reference set; retrieval metrics "
-                      "are NaN", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "no query has a same-class item in the reference set; retrieval metrics are NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return {name: math.nan for name in names}
     return dict(zip(names, (sums / n_valid).tolist()))
 

@@ -1,4 +1,5 @@
 """Embedding a split with a trained model, and the validation and test metrics of a run."""
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,13 @@ def validate_split(model: nn.Module, data: DeviceImages, batch_size: int) -> dic
     return {**validation_metrics(embeddings, labels), **embedding_geometry(embeddings, labels)}
 
 
-def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: bool, seed: int = 0,
-                 gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+def test_metrics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    verification: bool,
+    seed: int = 0,
+    gallery: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Every retrieval metric, embedding quality (alignment, uniformity, class distances and the
     easy/semi-hard/hard triplet shares, in the reference geometry of
     :mod:`experiments.eval.embedding_quality`) and, with ``verification``, face
@@ -69,7 +75,9 @@ def test_metrics(embeddings: torch.Tensor, labels: torch.Tensor, verification: b
     metrics.update({k: float(v) for k, v in embedding_quality(embeddings, labels).items()})
     if verification:
         if embeddings.shape[0] > MAX_SAMPLES:
-            keep = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(seed))[:MAX_SAMPLES]
+            keep = torch.randperm(embeddings.shape[0], generator=torch.Generator().manual_seed(seed))[
+                :MAX_SAMPLES
+            ]
             embeddings, labels = embeddings[keep.to(embeddings.device)], labels[keep.to(labels.device)]
         pairs = verification_metrics(embeddings, labels, seed=seed)
         metrics.update({f"verification_{k}": float(v) for k, v in pairs.items()})

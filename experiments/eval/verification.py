@@ -13,38 +13,39 @@ Reported, over all n(n-1)/2 pairs:
 - ``balanced_accuracy``: the same protocol scoring the mean of the genuine and impostor
   accuracies, since all-pairs sets are mostly impostor pairs.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
+from experiments.eval.inputs import as_embeddings, as_labels, auto_chunk_size
 from losses.distances import pairwise_distances
 from losses.params import DISTANCES
-
-from experiments.eval.inputs import as_embeddings, as_labels, auto_chunk_size
 
 FAR_TARGETS = {"tar_at_far_1e-2": 1e-2, "tar_at_far_1e-3": 1e-3}
 MAX_SAMPLES = 10_000  # 50M pairs; beyond that, evaluate a random subset of identities
 
 
-def pair_scores(embeddings: torch.Tensor, labels: torch.Tensor, distance: str = "cosine",
-                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(
+    embeddings: torch.Tensor, labels: torch.Tensor, distance: str = "cosine", chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Similarity and genuine flag of every pair (i, j), i < j, in row-major order."""
     n = embeddings.shape[0]
     rows = auto_chunk_size(n, n, chunk_size)
     scores, genuine = [], []
     columns = torch.arange(n, device=embeddings.device)
     for start in range(0, n, rows):
-        block = embeddings[start:start + rows]
-        row_ids = columns[start:start + rows]
+        block = embeddings[start : start + rows]
+        row_ids = columns[start : start + rows]
         upper = columns[None, :] > row_ids[:, None]
         if distance == "cosine":
             similarity = 1 - pairwise_distances(block, embeddings, kind="cosine")
         else:
             similarity = -pairwise_distances(block, embeddings, kind=distance)
         scores.append(similarity[upper])
-        genuine.append((labels[start:start + rows, None] == labels[None, :])[upper])
+        genuine.append((labels[start : start + rows, None] == labels[None, :])[upper])
     return torch.cat(scores), torch.cat(genuine)
 
 
@@ -114,8 +115,9 @@ def stratified_folds(genuine: torch.Tensor, folds: int, seed: int) -> torch.Tens
     return fold_of.to(genuine.device)
 
 
-def cross_validated_accuracy(scores: torch.Tensor, genuine: torch.Tensor, folds: int, seed: int,
-                             balanced: bool = False) -> tuple[float, float]:
+def cross_validated_accuracy(
+    scores: torch.Tensor, genuine: torch.Tensor, folds: int, seed: int, balanced: bool = False
+) -> tuple[float, float]:
     """Mean and standard deviation (ddof=0) of held-out accuracy over ``folds`` folds."""
     fold_of = stratified_folds(genuine, folds, seed)
     accuracies = []
@@ -125,8 +127,11 @@ def cross_validated_accuracy(scores: torch.Tensor, genuine: torch.Tensor, folds:
         correct = (scores[held_out].to(torch.float64) >= threshold) == genuine[held_out]
         if balanced:
             test_genuine = genuine[held_out]
-            rates = [correct[group].to(torch.float64).mean() for group in (test_genuine, ~test_genuine)
-                     if bool(group.any())]
+            rates = [
+                correct[group].to(torch.float64).mean()
+                for group in (test_genuine, ~test_genuine)
+                if bool(group.any())
+            ]
             accuracies.append(float(sum(rates) / len(rates)))
         else:
             accuracies.append(float(correct.to(torch.float64).mean()))
@@ -134,8 +139,14 @@ def cross_validated_accuracy(scores: torch.Tensor, genuine: torch.Tensor, folds:
     return float(values.mean()), float(values.std(correction=0))
 
 
-def verification_metrics(embeddings, labels, distance: str = "cosine", folds: int = 10,
-                         seed: int = 0, chunk_size: int | None = None) -> dict[str, float]:
+def verification_metrics(
+    embeddings,
+    labels,
+    distance: str = "cosine",
+    folds: int = 10,
+    seed: int = 0,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
     """ROC AUC, TAR at FAR 1e-2 / 1e-3 and 10-fold accuracy over all pairs of ``embeddings``."""
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
@@ -144,14 +155,18 @@ def verification_metrics(embeddings, labels, distance: str = "cosine", folds: in
     x = as_embeddings(embeddings)
     y = as_labels(labels, x.shape[0], x.device)
     if x.shape[0] > MAX_SAMPLES:
-        raise ValueError(f"verification over all pairs is limited to {MAX_SAMPLES} embeddings, got "
-                         f"{x.shape[0]}; evaluate a random subset of the identities")
+        raise ValueError(
+            f"verification over all pairs is limited to {MAX_SAMPLES} embeddings, got "
+            f"{x.shape[0]}; evaluate a random subset of the identities"
+        )
     scores, genuine = pair_scores(x, y, distance, chunk_size)
     n_genuine = int(genuine.sum())
     if n_genuine == 0 or n_genuine == genuine.numel():
-        raise ValueError("verification needs both genuine pairs (two images of one identity) and "
-                         "impostor pairs (two identities); give at least two identities, one of "
-                         "them with two or more images")
+        raise ValueError(
+            "verification needs both genuine pairs (two images of one identity) and "
+            "impostor pairs (two identities); give at least two identities, one of "
+            "them with two or more images"
+        )
     if genuine.numel() < folds:
         raise ValueError(f"{genuine.numel()} pairs cannot be split into {folds} folds; lower folds")
     out = {"roc_auc": roc_auc(scores, genuine)}

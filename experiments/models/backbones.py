@@ -9,6 +9,7 @@ loads directly; the classifier ``fc`` is the :class:`~experiments.models.image.E
 swapped for the same head. "A Metric Learning Reality Check" (Musgrave et al. 2020) trains from
 ImageNet weights with BatchNorm frozen (``freeze_bn``) and ImageNet input statistics.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -129,8 +130,9 @@ class ImageNetResNet(ImageBackbone):
     """ImageNet ResNet: 7x7/2 stem and 3x3/2 max-pool, four stages of 64-128-256-512 block widths
     (stride 2 from the second), global average pooling, then the embedding head as ``fc``."""
 
-    def __init__(self, arch: str, block: type[nn.Module], depths: tuple[int, ...], embedding_dim: int,
-                 normalize: bool) -> None:
+    def __init__(
+        self, arch: str, block: type[nn.Module], depths: tuple[int, ...], embedding_dim: int, normalize: bool
+    ) -> None:
         super().__init__(arch, classifier="fc")
         self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -157,8 +159,9 @@ RESNETS = {"resnet18": (ResidualBlock, (2, 2, 2, 2)), "resnet50": (BottleneckBlo
 class LibraryBackbone(ImageBackbone):
     """A torchvision or timm network (``trunk``, giving pooled features) with the embedding head."""
 
-    def __init__(self, arch: str, trunk: nn.Module, features: int, classifier: str, embedding_dim: int,
-                 normalize: bool) -> None:
+    def __init__(
+        self, arch: str, trunk: nn.Module, features: int, classifier: str, embedding_dim: int, normalize: bool
+    ) -> None:
         super().__init__(arch, classifier)
         self.trunk = trunk
         self.fc = EmbeddingHead(features, embedding_dim, normalize)
@@ -194,8 +197,9 @@ def replace_classifier(network: nn.Module) -> tuple[str, int]:
     qualified name and input width."""
     linears = [(name, m) for name, m in network.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(network).__name__} has no linear classifier to replace with the "
-                         "embedding head")
+        raise ValueError(
+            f"{type(network).__name__} has no linear classifier to replace with the embedding head"
+        )
     name, linear = linears[-1]
     parent_name, _, attribute = name.rpartition(".")
     setattr(network.get_submodule(parent_name), attribute, nn.Identity())
@@ -214,8 +218,9 @@ def _library_backbone(name: str, embedding_dim: int, normalize: bool) -> Library
     return LibraryBackbone(name, trunk, features, classifier, embedding_dim, normalize)
 
 
-def build_backbone(name: str, embedding_dim: int, normalize: bool, freeze_bn: bool = False,
-                   seed: int = 0) -> ImageBackbone:
+def build_backbone(
+    name: str, embedding_dim: int, normalize: bool, freeze_bn: bool = False, seed: int = 0
+) -> ImageBackbone:
     """The backbone ``name`` with a fresh embedding head, initialised from ``seed`` (the built-in
     ResNets as ``reset_parameters``, as torchvision's; library networks by their own scheme)."""
     if name in RESNETS:
@@ -232,14 +237,20 @@ def build_backbone(name: str, embedding_dim: int, normalize: bool, freeze_bn: bo
 def _weights_hint(arch: str) -> str:
     if arch in WEIGHT_URLS:
         url = WEIGHT_URLS[arch]
-        return (f"download the ImageNet weights {url.rsplit('/', 1)[-1]} from {url} on a machine with "
-                "internet access, then pass its path")
+        return (
+            f"download the ImageNet weights {url.rsplit('/', 1)[-1]} from {url} on a machine with "
+            "internet access, then pass its path"
+        )
     library, _, name = arch.partition(":")
     if library == "timm":
-        return (f"on a machine with internet access save timm.create_model({name!r}, pretrained=True)"
-                ".state_dict() with torch.save, then pass that file's path")
-    return (f"download the file at torchvision.models.get_model_weights({name!r}).DEFAULT.url on a "
-            "machine with internet access, then pass its path")
+        return (
+            f"on a machine with internet access save timm.create_model({name!r}, pretrained=True)"
+            ".state_dict() with torch.save, then pass that file's path"
+        )
+    return (
+        f"download the file at torchvision.models.get_model_weights({name!r}).DEFAULT.url on a "
+        "machine with internet access, then pass its path"
+    )
 
 
 def _tensors(checkpoint, path: str) -> dict[str, torch.Tensor]:
@@ -250,8 +261,10 @@ def _tensors(checkpoint, path: str) -> dict[str, torch.Tensor]:
                 checkpoint = checkpoint[key]
                 break
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"model.weights={path!r} holds no state dict of tensors (a plain state dict, or one "
-                         "under 'state_dict' or 'model'); save one with torch.save(model.state_dict(), path)")
+        raise ValueError(
+            f"model.weights={path!r} holds no state dict of tensors (a plain state dict, or one "
+            "under 'state_dict' or 'model'); save one with torch.save(model.state_dict(), path)"
+        )
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
@@ -273,16 +286,20 @@ def load_backbone_weights(model: nn.Module, path: str) -> dict[str, str]:
     classifier; returns what was loaded (``weights.sha256``, ``weights.tensors``, ``weights.skipped``,
     the classifier tensors left out) for the run's params. Nothing is ever downloaded."""
     if not isinstance(model, ImageBackbone):
-        raise ValueError(f"model.weights needs an ImageNet backbone (resnet18, resnet50, torchvision:<arch>, "
-                         f"timm:<arch>); {type(model).__name__} has no pretrained weights")
+        raise ValueError(
+            f"model.weights needs an ImageNet backbone (resnet18, resnet50, torchvision:<arch>, "
+            f"timm:<arch>); {type(model).__name__} has no pretrained weights"
+        )
     file = Path(path).expanduser()
     if not file.is_file():
         raise ValueError(f"model.weights={path!r}: no such file; {_weights_hint(model.arch)}")
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"model.weights={path!r} is not a torch checkpoint of tensors "
-                         f"({type(exc).__name__}: {exc}); {_weights_hint(model.arch)}") from None
+        raise ValueError(
+            f"model.weights={path!r} is not a torch checkpoint of tensors "
+            f"({type(exc).__name__}: {exc}); {_weights_hint(model.arch)}"
+        ) from None
     given = _tensors(checkpoint, path)
 
     def backbone(key: str) -> bool:
@@ -294,18 +311,32 @@ def load_backbone_weights(model: nn.Module, path: str) -> dict[str, str]:
     # BatchNorm's step counter is absent from older checkpoints and unused with momentum set.
     missing = sorted(k for k in expected.keys() - loaded.keys() if not k.endswith("num_batches_tracked"))
     unexpected = sorted(loaded.keys() - expected.keys())
-    mismatched = sorted(f"{k} (file {tuple(loaded[k].shape)}, model {tuple(expected[k].shape)})"
-                        for k in expected.keys() & loaded.keys() if loaded[k].shape != expected[k].shape)
-    problems = [f"{label} ({len(keys)}): {_listed(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-                if keys]
+    mismatched = sorted(
+        f"{k} (file {tuple(loaded[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected.keys() & loaded.keys()
+        if loaded[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{label} ({len(keys)}): {_listed(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
     if problems:
-        raise ValueError(f"model.weights={path!r} does not fit model.name={model.arch}: "
-                         f"{'; '.join(problems)}. Pass a checkpoint of this architecture (torchvision/timm "
-                         f"names); {_weights_hint(model.arch)}")
+        raise ValueError(
+            f"model.weights={path!r} does not fit model.name={model.arch}: "
+            f"{'; '.join(problems)}. Pass a checkpoint of this architecture (torchvision/timm "
+            f"names); {_weights_hint(model.arch)}"
+        )
     target.load_state_dict(loaded, strict=False)
-    return {"weights.sha256": _sha256(file), "weights.tensors": str(len(loaded)),
-            "weights.skipped": str(len(given) - len(loaded))}
+    return {
+        "weights.sha256": _sha256(file),
+        "weights.tensors": str(len(loaded)),
+        "weights.skipped": str(len(given) - len(loaded)),
+    }
 
 
 def input_options(crop_size: int, weights: str) -> dict:

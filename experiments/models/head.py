@@ -1,4 +1,5 @@
 """What every embedding network shares: the embedding head and a seeded initialisation."""
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,7 @@ def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
-            bound = 1.0 / module.in_features ** 0.5
+            bound = 1.0 / module.in_features**0.5
             nn.init.uniform_(module.weight, -bound, bound, generator=generator)
             nn.init.uniform_(module.bias, -bound, bound, generator=generator)
         elif isinstance(module, nn.BatchNorm2d):

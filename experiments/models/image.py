@@ -5,6 +5,7 @@ from the dataset; ``model.name=auto`` picks the CNN up to 32 pixels a side and t
 The ResNet follows He et al. 2016 ("Deep Residual Learning", basic blocks, BN after each conv)
 at CIFAR width (16-32-64-128 channels), with a strided stem for large inputs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,9 @@ class SmallCNN(nn.Module):
 
     POOLED_STAGES = 2
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], embedding_dim: int, normalize: bool) -> None:
+    def __init__(
+        self, in_channels: int, image_size: tuple[int, int], embedding_dim: int, normalize: bool
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         side = min(image_size)
@@ -60,7 +63,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -71,17 +76,20 @@ class SmallResNet(nn.Module):
     """A ResNet-10-style network: stem (stride 2 above 64 pixels a side), four stages of one basic
     block each (16, 32, 64, 128 channels; stride 2 from the second), global average pooling."""
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], embedding_dim: int, normalize: bool) -> None:
+    def __init__(
+        self, in_channels: int, image_size: tuple[int, int], embedding_dim: int, normalize: bool
+    ) -> None:
         super().__init__()
         stem_stride = 2 if min(image_size) > 64 else 1
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 16, 3, stride=stem_stride, padding=1, bias=False),
-            nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
         )
         widths = (16, 32, 64, 128)
-        self.stages = nn.Sequential(*(
-            BasicBlock(widths[max(i - 1, 0)], w, stride=1 if i == 0 else 2) for i, w in enumerate(widths)
-        ))
+        self.stages = nn.Sequential(
+            *(BasicBlock(widths[max(i - 1, 0)], w, stride=1 if i == 0 else 2) for i, w in enumerate(widths))
+        )
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = EmbeddingHead(widths[-1], embedding_dim, normalize)
 
@@ -92,16 +100,25 @@ class SmallResNet(nn.Module):
 MODELS = {"cnn": SmallCNN, "resnet": SmallResNet}
 
 
-def build_model(name: str, in_channels: int, image_size: tuple[int, int], embedding_dim: int,
-                normalize: bool = True, seed: int = 0, freeze_bn: bool = False) -> nn.Module:
+def build_model(
+    name: str,
+    in_channels: int,
+    image_size: tuple[int, int],
+    embedding_dim: int,
+    normalize: bool = True,
+    seed: int = 0,
+    freeze_bn: bool = False,
+) -> nn.Module:
     """The embedding network ``name`` (``auto``, ``cnn``, ``resnet``, or an ImageNet backbone of
     ``experiments.models.backbones``: ``resnet18``, ``resnet50``, ``torchvision:<arch>``, ``timm:<arch>``),
     initialised from ``seed``; ``freeze_bn`` keeps a backbone's BatchNorm frozen."""
     if name == "auto":
         name = "cnn" if max(image_size) <= SMALL_IMAGE_SIDE else "resnet"
     if name not in MODELS and not is_backbone(name):
-        raise ValueError(f"unknown model {name!r}; choose one of auto, {', '.join(MODELS)}, resnet18, "
-                         "resnet50, torchvision:<arch> or timm:<arch>")
+        raise ValueError(
+            f"unknown model {name!r}; choose one of auto, {', '.join(MODELS)}, resnet18, "
+            "resnet50, torchvision:<arch> or timm:<arch>"
+        )
     if in_channels < 1 or min(image_size) < 1:
         raise ValueError(f"images must have >= 1 channel and positive size, got {in_channels} x {image_size}")
     if is_backbone(name):
@@ -109,8 +126,10 @@ def build_model(name: str, in_channels: int, image_size: tuple[int, int], embedd
             raise ValueError(f"model.name={name} takes RGB or grey images, got {in_channels} channels")
         return build_backbone(name, embedding_dim, normalize, freeze_bn, seed)
     if freeze_bn:
-        raise ValueError("model.freeze_bn freezes pretrained BatchNorm statistics: use it with resnet18, "
-                         f"resnet50, torchvision:<arch> or timm:<arch>, not {name}")
+        raise ValueError(
+            "model.freeze_bn freezes pretrained BatchNorm statistics: use it with resnet18, "
+            f"resnet50, torchvision:<arch> or timm:<arch>, not {name}"
+        )
     model = MODELS[name](in_channels, tuple(image_size), embedding_dim, normalize)
     reset_parameters(model, torch.Generator().manual_seed(seed))
     return model

@@ -3,6 +3,7 @@
 A mean-pooled ``nn.EmbeddingBag`` (fastText-style, Joulin et al. 2017) followed by a two-layer
 projection into the shared embedding space; trained from scratch, nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """The two-tower model for cross-modal retrieval: an image tower and a text tower projecting into
 one space (as VSE++, Faghri et al. 2018); its output stacks the image embeddings over the text
 embeddings of a batch of pairs."""
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ class TwoTower(nn.Module):
 def build_two_tower(cfg, train: PairedSplit, vocabulary: Vocabulary) -> TwoTower:
     """``cfg.model``'s image network for the training images and a bag-of-words text tower, seeded."""
     _, channels, height, width = train.images.shape
-    image = build_model(cfg.model.name, channels, (height, width), cfg.model.embedding_dim, cfg.model.normalize,
-                        cfg.seed)
+    image = build_model(
+        cfg.model.name, channels, (height, width), cfg.model.embedding_dim, cfg.model.normalize, cfg.seed
+    )
     torch.manual_seed(cfg.seed)
     text = BagOfWordsEncoder(len(vocabulary), cfg.model.embedding_dim, normalize=cfg.model.normalize)
     return TwoTower(image, text)

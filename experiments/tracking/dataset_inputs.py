@@ -7,6 +7,7 @@ built-in origin), the profile holds the split's image and class counts, and the 
 of the split's definition (dataset, source, split, seed, class cap, its classes and count): runs
 that trained and tested on the same data share it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,12 +41,21 @@ def dataset_inputs(name: str, path: str, info: dict[str, Any]) -> list[DatasetIn
         if split not in SPLIT_CONTEXTS:
             continue
         classes = info.get(f"{split}_classes", [])
-        definition = {"dataset": name, "source": source, "split": info.get("split"), "seed": info.get("seed"),
-                      "max_per_class": info.get("max_per_class"), "part": split, "classes": classes, "count": count}
+        definition = {
+            "dataset": name,
+            "source": source,
+            "split": info.get("split"),
+            "seed": info.get("seed"),
+            "max_per_class": info.get("max_per_class"),
+            "part": split,
+            "classes": classes,
+            "count": count,
+        }
         digest = hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()
         profile = json.dumps({"num_rows": count, "num_classes": len(classes), "split": info.get("split")})
-        dataset = Dataset(name=name, digest=digest[:DIGEST_LENGTH], source_type=source_type, source=source,
-                          profile=profile)
+        dataset = Dataset(
+            name=name, digest=digest[:DIGEST_LENGTH], source_type=source_type, source=source, profile=profile
+        )
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXTS[split])]))
     return inputs
 
@@ -61,5 +71,7 @@ def log_dataset_inputs(client, run_ids: list[str], inputs: list[DatasetInput]) -
                 break
             except MlflowException as exc:
                 if attempt == ATTEMPTS - 1:
-                    warnings.warn(f"dataset inputs not logged to run {run_id}: {exc}", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"dataset inputs not logged to run {run_id}: {exc}", RuntimeWarning, stacklevel=2
+                    )
                 time.sleep(0.1 * (attempt + 1))

@@ -1,4 +1,5 @@
 """Where a run came from: the git commit of the code and the versions of the key libraries."""
+
 from __future__ import annotations
 
 import functools
@@ -20,10 +21,17 @@ def git_commit(root: Path = SOURCE_ROOT) -> str:
     """The commit hash of the checkout holding the code, with ``-dirty`` for local changes;
     ``unknown`` outside a git checkout (an installed wheel)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit

@@ -9,6 +9,7 @@ than the command line) and artifacts in a directory the server itself serves
     python -m experiments.tracking.server --backend-store-uri postgresql://tripletlab@127.0.0.1:5432/mlflow \\
         --artifacts-destination ./mlartifacts --host 127.0.0.1 --port 5000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,33 +46,58 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def server_command(backend_store_uri: str, artifacts_destination: str | Path, host: str = DEFAULT_HOST,
-                   port: int = DEFAULT_PORT, workers: int = 1) -> list[str]:
+def server_command(
+    backend_store_uri: str,
+    artifacts_destination: str | Path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    workers: int = 1,
+) -> list[str]:
     """The ``mlflow server`` command line, after checking each argument (``ValueError`` names the fix)."""
     if "://" not in backend_store_uri or _scheme(backend_store_uri) not in DATABASE_SCHEMES:
-        raise ValueError(f"backend store {mask_secrets(backend_store_uri)!r} is not a database URL; use e.g. "
-                         f"{DEFAULT_BACKEND_STORE} (or sqlite:///mlflow.db on one machine)")
+        raise ValueError(
+            f"backend store {mask_secrets(backend_store_uri)!r} is not a database URL; use e.g. "
+            f"{DEFAULT_BACKEND_STORE} (or sqlite:///mlflow.db on one machine)"
+        )
     if not 1 <= int(port) <= 65535:
         raise ValueError(f"port {port} is out of range; pick one in 1..65535, e.g. {DEFAULT_PORT}")
     if int(workers) < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if not host or any(c.isspace() for c in host):
-        raise ValueError(f"host {host!r} is not an address; use {DEFAULT_HOST} (this machine only) or an interface address")
+        raise ValueError(
+            f"host {host!r} is not an address; use {DEFAULT_HOST} (this machine only) or an interface address"
+        )
     artifacts = Path(artifacts_destination).resolve()
-    return [sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", backend_store_uri,
-            "--artifacts-destination", str(artifacts),
-            "--host", host, "--port", str(int(port)), "--workers", str(int(workers))]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        host,
+        "--port",
+        str(int(port)),
+        "--workers",
+        str(int(workers)),
+    ]
 
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as the server does: TIME_WAIT is no conflict
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}); another server may be running "
-                             "there: stop it or choose another port (make server SERVER_PORT=...)") from None
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); another server may be running "
+                "there: stop it or choose another port (make server SERVER_PORT=...)"
+            ) from None
 
 
 def server_url(host: str, port: int) -> str:
@@ -79,8 +105,14 @@ def server_url(host: str, port: int) -> str:
     return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
 
 
-def start_server(backend_store_uri: str, artifacts_destination: str | Path, host: str = DEFAULT_HOST,
-                 port: int = DEFAULT_PORT, workers: int = 1, log_file: Path | None = None) -> subprocess.Popen:
+def start_server(
+    backend_store_uri: str,
+    artifacts_destination: str | Path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    workers: int = 1,
+    log_file: Path | None = None,
+) -> subprocess.Popen:
     """Start the server in its own process group (stop it with :func:`stop_server`)."""
     command = server_command(backend_store_uri, artifacts_destination, host, port, workers)
     check_port_free(host, port)
@@ -98,7 +130,9 @@ def wait_until_ready(url: str, process: subprocess.Popen | None = None, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the MLflow server exited with status {process.returncode} before it was ready")
+            raise RuntimeError(
+                f"the MLflow server exited with status {process.returncode} before it was ready"
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -124,13 +158,22 @@ def stop_server(process: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.tracking.server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend-store-uri", default=os.environ.get("TRIPLETLAB_SERVER_STORE", DEFAULT_BACKEND_STORE),
-                        help="database for runs (default: %(default)s; env TRIPLETLAB_SERVER_STORE)")
-    parser.add_argument("--artifacts-destination", default=DEFAULT_ARTIFACTS,
-                        help="directory the server stores and serves artifacts in (default: %(default)s)")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="interface to bind (default: %(default)s, this machine only)")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.tracking.server", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--backend-store-uri",
+        default=os.environ.get("TRIPLETLAB_SERVER_STORE", DEFAULT_BACKEND_STORE),
+        help="database for runs (default: %(default)s; env TRIPLETLAB_SERVER_STORE)",
+    )
+    parser.add_argument(
+        "--artifacts-destination",
+        default=DEFAULT_ARTIFACTS,
+        help="directory the server stores and serves artifacts in (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="interface to bind (default: %(default)s, this machine only)"
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="server processes (default: %(default)s)")
     return parser
@@ -139,16 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        process = start_server(args.backend_store_uri, args.artifacts_destination, args.host, args.port, args.workers)
+        process = start_server(
+            args.backend_store_uri, args.artifacts_destination, args.host, args.port, args.workers
+        )
     except ValueError as exc:
         print(f"tripletlab server: error: {exc}", file=sys.stderr)
         return 2
     url = server_url(args.host, args.port)
-    print(f"MLflow server: {url}  runs in {mask_secrets(args.backend_store_uri)}  "
-          f"artifacts in {Path(args.artifacts_destination).resolve()}", file=sys.stderr)
+    print(
+        f"MLflow server: {url}  runs in {mask_secrets(args.backend_store_uri)}  "
+        f"artifacts in {Path(args.artifacts_destination).resolve()}",
+        file=sys.stderr,
+    )
     if not is_loopback(args.host):
-        print(f"warning: bound to {args.host}: other machines can reach this server. Open port {args.port} only "
-              "to your workers in the firewall; MLflow has no authentication by default.", file=sys.stderr)
+        print(
+            f"warning: bound to {args.host}: other machines can reach this server. "
+            f"Open port {args.port} only to your workers in the firewall; "
+            "MLflow has no authentication by default.",
+            file=sys.stderr,
+        )
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return process.wait()

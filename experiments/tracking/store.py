@@ -4,11 +4,11 @@ artifacts, and :class:`RunLogger`, which logs to one run by its id.
 Everything goes through ``MlflowClient`` with explicit run ids, never MLflow's thread-local
 active-run stack, so trials running in threads each log to their own run.
 """
+
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import threading
 import time
@@ -39,10 +39,12 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if "://" not in uri and not uri.startswith(("databricks", "sqlite:")):
-        raise ValueError(f"tracking URI {mask_secrets(uri)!r} is not a URI; use e.g. sqlite:///{uri} "
-                         "for a SQLite file or http://host:5000 for a tracking server")
+        raise ValueError(
+            f"tracking URI {mask_secrets(uri)!r} is not a URI; use e.g. sqlite:///{uri} "
+            "for a SQLite file or http://host:5000 for a tracking server"
+        )
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        relative = uri[len("sqlite:///"):]
+        relative = uri[len("sqlite:///") :]
         if relative and relative != ":memory:":
             uri = "sqlite:///" + str(Path(relative).resolve())
     return uri
@@ -52,7 +54,7 @@ def sqlite_file(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (``None`` for other stores and ``:memory:``)."""
     if not uri.startswith("sqlite:///"):
         return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
 
 
@@ -82,14 +84,18 @@ def prepare_store(uri: str) -> str:
         if uri in _prepared:
             return uri
         if _scheme(uri) == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
-            raise ValueError(f"MLflow 3 refuses the file store {uri!r}; use sqlite:///mlflow.db or set "
-                             "MLFLOW_ALLOW_FILE_STORE=true")
+            raise ValueError(
+                f"MLflow 3 refuses the file store {uri!r}; use sqlite:///mlflow.db or set "
+                "MLFLOW_ALLOW_FILE_STORE=true"
+            )
         if _scheme(uri) == "sqlite":
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except MlflowException as exc:
-            raise ValueError(f"cannot open the MLflow store {mask_secrets(uri)}: {mask_secrets(str(exc))}") from exc
+            raise ValueError(
+                f"cannot open the MLflow store {mask_secrets(uri)}: {mask_secrets(str(exc))}"
+            ) from exc
         _prepared.add(uri)
     return uri
 
@@ -102,7 +108,9 @@ def get_or_create_experiment(name: str, uri: str | None = None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
-            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it in the UI or pick another name")
+            raise ValueError(
+                f"MLflow experiment {name!r} is deleted; restore it in the UI or pick another name"
+            )
         return experiment.experiment_id
     location = Path(ARTIFACT_DIR).resolve().as_uri() if _scheme(uri) in LOCAL_SCHEMES else None
     try:
@@ -116,14 +124,20 @@ def get_or_create_experiment(name: str, uri: str | None = None) -> str:
 
 def _chunks(items: list, size: int = BATCH_LIMIT):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 class RunLogger:
     """Logs params, tags, metrics and artifacts to one MLflow run, addressed by id."""
 
-    def __init__(self, uri: str, experiment_id: str, run_name: str | None, tags: dict[str, str],
-                 parent_run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment_id: str,
+        run_name: str | None,
+        tags: dict[str, str],
+        parent_run_id: str | None = None,
+    ) -> None:
         self.client = MlflowClient(tracking_uri=uri)
         tags = dict(tags)
         if parent_run_id:
@@ -160,7 +174,9 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / path.name
             np.savez_compressed(local, **arrays)
-            self.client.log_artifact(self.run_id, str(local), str(path.parent) if path.parent != Path(".") else None)
+            self.client.log_artifact(
+                self.run_id, str(local), str(path.parent) if path.parent != Path(".") else None
+            )
 
     def end(self, status: str = "FINISHED") -> None:
         """Terminate the run (``FINISHED``, ``FAILED`` or ``KILLED``) once; later calls do nothing."""

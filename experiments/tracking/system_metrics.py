@@ -4,6 +4,7 @@ installed, GPU utilisation and memory), logged by MLflow's own monitor under ``s
 On by default; MLflow's switch ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns it off and
 ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` (seconds, default 10) sets how often it samples.
 """
+
 from __future__ import annotations
 
 import contextlib

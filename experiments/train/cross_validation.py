@@ -17,6 +17,7 @@ compare, each model is also scored alone. Logged besides the keys of a single-mo
 ``fold``; ``on_fold(fold, val_metrics)`` each fold's tested validation metrics once it is trained.
 Either returning ``True`` stops the run, pruned, before the next fold.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,13 @@ import torch.nn.functional as F
 from experiments.data.folds import class_folds, fold_parts, training_pool
 from experiments.data.sampler import PKSampler
 from experiments.train.fitting import fit_model
-from experiments.train.record import (RunResult, log_embeddings_artifact, log_run_config, log_weights,
-                                      tested_val_metrics)
+from experiments.train.record import (
+    RunResult,
+    log_embeddings_artifact,
+    log_run_config,
+    log_weights,
+    tested_val_metrics,
+)
 from experiments.train.tasks import ImageTask, with_dense_labels
 
 
@@ -39,8 +45,12 @@ def mean_history(histories: list[list[dict[str, float]]]) -> list[dict[str, floa
     for epoch in epochs:
         entries = [e for history in histories for e in history if e["epoch"] == epoch]
         keys = dict.fromkeys(k for e in entries for k in e if k != "epoch")
-        out.append({"epoch": epoch, **{k: sum(e[k] for e in entries if k in e) / sum(k in e for e in entries)
-                                       for k in keys}})
+        out.append(
+            {
+                "epoch": epoch,
+                **{k: sum(e[k] for e in entries if k in e) / sum(k in e for e in entries) for k in keys},
+            }
+        )
     return out
 
 
@@ -75,16 +85,32 @@ def test_fold_models(task: ImageTask, models: list, device):
     return metrics, separated, arrays
 
 
-def train_and_evaluate_folds(cfg, run, task: ImageTask, device, folds: int, fold_seed: int, on_epoch, on_fold,
-                             evaluate_test: bool, log_embeddings: bool, log_model: bool):
+def train_and_evaluate_folds(
+    cfg,
+    run,
+    task: ImageTask,
+    device,
+    folds: int,
+    fold_seed: int,
+    on_epoch,
+    on_fold,
+    evaluate_test: bool,
+    log_embeddings: bool,
+    log_model: bool,
+):
     """Cross-validate ``cfg`` on ``folds`` class-disjoint folds dealt by ``fold_seed`` (module docstring)."""
     splits = task.splits
     pool = training_pool(splits)
     fold_classes = class_folds(pool.classes(), folds, fold_seed)
     info = {**splits.info, "folds": folds, "fold_seed": fold_seed, "fold_classes": fold_classes}
     most_classes = len(pool.classes()) - min(len(f) for f in fold_classes)  # the largest training part
-    log_run_config(run, cfg, info, most_classes,
-                   PKSampler(with_dense_labels(pool).labels, cfg.batch.p, cfg.batch.k, cfg.seed))
+    log_run_config(
+        run,
+        cfg,
+        info,
+        most_classes,
+        PKSampler(with_dense_labels(pool).labels, cfg.batch.p, cfg.batch.k, cfg.seed),
+    )
     run.set_tags({"tripletlab.folds": str(folds)})
     checkpoints = Path(cfg.train.checkpoint_dir) / run.run_id if cfg.train.checkpoint_dir else None
     models, outcomes, fold_val, pruned = [], [], [], False
@@ -100,8 +126,18 @@ def train_and_evaluate_folds(cfg, run, task: ImageTask, device, folds: int, fold
             step = fold * cfg.epochs + epoch
             return on_epoch is not None and bool(on_epoch(step, {**metrics, "fold": fold}))
 
-        model, outcome = fit_model(cfg, run, task, train_part, sampler, val_part, device, report, log_epoch,
-                                   checkpoints / f"fold_{fold}" if checkpoints else None)
+        model, outcome = fit_model(
+            cfg,
+            run,
+            task,
+            train_part,
+            sampler,
+            val_part,
+            device,
+            report,
+            log_epoch,
+            checkpoints / f"fold_{fold}" if checkpoints else None,
+        )
         outcomes.append(outcome)
         fold_val.append(tested_val_metrics(cfg, outcome))
         if log_model:
@@ -132,6 +168,7 @@ def train_and_evaluate_folds(cfg, run, task: ImageTask, device, folds: int, fold
             log_embeddings_artifact(run, arrays)
     steps = max((len(o.history) for o in outcomes), default=0)
     run.log_metrics(final, step=steps)
-    run.log_json({"history": history, "val": val_metrics, "folds": fold_val, "test": test, **final},
-                 "metrics.json")
+    run.log_json(
+        {"history": history, "val": val_metrics, "folds": fold_val, "test": test, **final}, "metrics.json"
+    )
     return RunResult(run.run_id, history, val_metrics, test, pruned=pruned)

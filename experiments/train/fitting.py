@@ -1,5 +1,6 @@
 """Training one model of a run: the task's network and objective, the split on the device, the
 loop, and the measured cost of a step and of the loss."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,18 @@ from experiments.train.loss_cost import training_batch_cost
 from losses import build_loss
 
 
-def fit_model(cfg: ExperimentConfig, run: RunLogger, task, train_split, sampler: PKSampler, val_split,
-              device: torch.device, on_epoch, log_epoch, checkpoint_dir: Path | None):
+def fit_model(
+    cfg: ExperimentConfig,
+    run: RunLogger,
+    task,
+    train_split,
+    sampler: PKSampler,
+    val_split,
+    device: torch.device,
+    on_epoch,
+    log_epoch,
+    checkpoint_dir: Path | None,
+):
     """Build ``task``'s model and objective, train on ``train_split`` (``sampler``'s PK batches)
     validating on ``val_split``, then log the cost: ``cost/step_ms`` (the training loop's time per
     step, validation left out) and the loss's own on one training batch
@@ -25,8 +36,19 @@ def fit_model(cfg: ExperimentConfig, run: RunLogger, task, train_split, sampler:
         torch.manual_seed(cfg.seed)
         objective = task.objective(build_loss(cfg.loss.name, **cfg.loss.params)).to(device)
     train_data, val_data = task.device_data(train_split, val_split, device)
-    outcome = train(model, objective, train_data, sampler, val_data, cfg, device, on_epoch=on_epoch,
-                    log_epoch=log_epoch, checkpoint_dir=checkpoint_dir, validate=task.validate)
+    outcome = train(
+        model,
+        objective,
+        train_data,
+        sampler,
+        val_data,
+        cfg,
+        device,
+        on_epoch=on_epoch,
+        log_epoch=log_epoch,
+        checkpoint_dir=checkpoint_dir,
+        validate=task.validate,
+    )
     step_ms = 1000 * sum(h["epoch_seconds"] for h in outcome.history) / (len(outcome.history) * len(sampler))
     run.log_metrics({"cost/step_ms": step_ms, **training_batch_cost(model, objective, train_data, sampler)})
     return model, outcome

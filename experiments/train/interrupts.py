@@ -6,6 +6,7 @@ drops it, and the command would carry on as if nothing happened. The handler ins
 records the interrupt, and :func:`raise_if_interrupted`, called at every training step and before
 every trial, raises it again.
 """
+
 from __future__ import annotations
 
 import signal

@@ -2,6 +2,7 @@
 cosine decay, channels-last convolutions, bf16 autocast on CUDA, gradient clipping, per-epoch
 validation, early stopping, checkpoints. Loss and loss statistics are summed on the device and
 read once per epoch, so a step never waits for the host (the nanoGPT/airbench recipe)."""
+
 from __future__ import annotations
 
 import math
@@ -44,10 +45,16 @@ def pick_device(name: str = "auto") -> torch.device:
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device={name} but {torch.cuda.device_count()} CUDA device(s) are available; "
-                         "use device=cpu or device=auto")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(
+            f"device={name} but {torch.cuda.device_count()} CUDA device(s) are available; "
+            "use device=cpu or device=auto"
+        )
+    if device.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise ValueError("device=mps but MPS is not available; use device=cpu or device=auto")
     return device
 
@@ -55,13 +62,18 @@ def pick_device(name: str = "auto") -> torch.device:
 def make_optimizer(cfg: ExperimentConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     opt = cfg.optimizer
     if opt.name == "sgd":
-        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=True
+        )
     return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, cosine: bool = True):
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, cosine: bool = True
+):
     """Linear warm-up from ~0 to the base rate over ``warmup_steps``, then cosine decay to 0
     (SGDR, Loshchilov & Hutter 2017, without restarts) or a constant rate."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -69,6 +81,7 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -83,13 +96,16 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty() and os.environ.get("TRIPLETLAB_PROGRESS", "1") != "0"
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                    config: dict | None = None) -> None:
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, config: dict | None = None
+) -> None:
     """Model and optimizer state, the epoch and the resolved config (``ExperimentConfig.to_dict()``),
     so that the file alone rebuilds the model (``tripletlab evaluate CHECKPOINT``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "config": config}, path)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config},
+        path,
+    )
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -98,8 +114,10 @@ def read_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a file that is not a checkpoint
-        raise ValueError(f"{path} is not a readable checkpoint (torch.load with weights_only: "
-                         f"{type(exc).__name__}); pass a file written to train.checkpoint_dir") from None
+        raise ValueError(
+            f"{path} is not a readable checkpoint (torch.load with weights_only: "
+            f"{type(exc).__name__}); pass a file written to train.checkpoint_dir"
+        ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a checkpoint of train.checkpoint_dir (no 'model' state)")
     return state
@@ -113,10 +131,19 @@ def _loss_call(loss_fn: nn.Module) -> Callable:
     return loss_fn
 
 
-def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, cfg: ExperimentConfig,
-          device: torch.device, on_epoch: Callable[[int, dict], bool] | None = None,
-          log_epoch: Callable[[int, dict], None] | None = None, checkpoint_dir: Path | None = None,
-          validate: Callable[[nn.Module, object, int], dict[str, float]] | None = None) -> TrainOutcome:
+def train(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train_data,
+    sampler,
+    val_data,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    on_epoch: Callable[[int, dict], bool] | None = None,
+    log_epoch: Callable[[int, dict], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    validate: Callable[[nn.Module, object, int], dict[str, float]] | None = None,
+) -> TrainOutcome:
     """Train ``model`` with ``loss_fn`` for ``cfg.epochs`` epochs of ``sampler``'s PK batches.
 
     After each validated epoch ``log_epoch(epoch, metrics)`` records the metrics and
@@ -144,9 +171,15 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
         totals = torch.zeros(1 + len(STAT_NAMES), device=device)
         stat_counts = torch.zeros(len(STAT_NAMES), device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
-        for step, (images, labels) in enumerate(tqdm(training_batches(train_data, sampler), total=steps,
-                                                     desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                                                     disable=not progress_enabled())):
+        for step, (images, labels) in enumerate(
+            tqdm(
+                training_batches(train_data, sampler),
+                total=steps,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                leave=False,
+                disable=not progress_enabled(),
+            )
+        ):
             raise_if_interrupted()
             images = channels_last(images)
             with amp:
@@ -168,8 +201,10 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
                     stat_counts[i] += 1
         sums = totals.tolist()  # the epoch's one host sync
         if not bool(finite):
-            raise NonFiniteLossError(f"the training loss or embeddings became non-finite in epoch {epoch}; "
-                                     f"lower optimizer.lr (now {cfg.optimizer.lr:g}) or set train.grad_clip")
+            raise NonFiniteLossError(
+                f"the training loss or embeddings became non-finite in epoch {epoch}; "
+                f"lower optimizer.lr (now {cfg.optimizer.lr:g}) or set train.grad_clip"
+            )
         counts = stat_counts.tolist()
         metrics = {"train/loss": sums[0] / steps}
         metrics.update({f"train/{n}": sums[1 + i] / counts[i] for i, n in enumerate(STAT_NAMES) if counts[i]})
@@ -177,8 +212,10 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
         if val_data is not None and (epoch % cfg.eval.every == 0 or epoch == cfg.epochs):
             metrics.update({f"val/{k}": v for k, v in validate(model, val_data, cfg.eval.batch_size).items()})
             if not math.isfinite(metrics["val/map_at_r"]):
-                raise NonFiniteLossError(f"the validation embeddings became non-finite after epoch {epoch}; "
-                                         f"lower optimizer.lr (now {cfg.optimizer.lr:g}) or set train.grad_clip")
+                raise NonFiniteLossError(
+                    f"the validation embeddings became non-finite after epoch {epoch}; "
+                    f"lower optimizer.lr (now {cfg.optimizer.lr:g}) or set train.grad_clip"
+                )
             score = metrics["val/map_at_r"]
             if not out.best_epoch or score > out.best_map_at_r:
                 out.best_map_at_r, out.best_epoch, bad_epochs = score, epoch, 0
@@ -204,4 +241,3 @@ def train(model: nn.Module, loss_fn: nn.Module, train_data, sampler, val_data, c
         model.load_state_dict(best_state)
     out.train_seconds = time.perf_counter() - start
     return out
-

@@ -7,6 +7,7 @@ already held: CUDA's max-memory counter on a GPU, and on other devices the peak 
 storage created while the loss runs (counted by a dispatch mode, since the CPU allocator keeps no
 statistics and ``tracemalloc`` does not see tensor memory).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -73,7 +74,9 @@ def loss_peak_bytes(loss_fn, embeddings: torch.Tensor, labels: torch.Tensor) -> 
     return counter.peak
 
 
-def loss_cost(loss_fn, embeddings: torch.Tensor, labels: torch.Tensor, repeats: int = REPEATS) -> dict[str, float]:
+def loss_cost(
+    loss_fn, embeddings: torch.Tensor, labels: torch.Tensor, repeats: int = REPEATS
+) -> dict[str, float]:
     """``cost/loss_ms`` (median of ``repeats`` timed forward+backward passes, after one warm-up) and
     ``cost/loss_peak_mb`` of ``loss_fn`` on ``embeddings`` and ``labels``; the loss's own parameters
     receive gradients, nothing else changes."""
@@ -86,8 +89,10 @@ def loss_cost(loss_fn, embeddings: torch.Tensor, labels: torch.Tensor, repeats: 
         _step(loss_fn, embeddings, labels)
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"cost/loss_ms": 1000 * statistics.median(times),
-            "cost/loss_peak_mb": loss_peak_bytes(loss_fn, embeddings, labels) / 2 ** 20}
+    return {
+        "cost/loss_ms": 1000 * statistics.median(times),
+        "cost/loss_peak_mb": loss_peak_bytes(loss_fn, embeddings, labels) / 2**20,
+    }
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """What a run records in MLflow: its resolved config and splits, its final metrics, embeddings and
 weights, and the :class:`RunResult` handed back to the caller."""
+
 from __future__ import annotations
 
 import tempfile
@@ -53,12 +54,16 @@ def _fill_derived_params(cfg: ExperimentConfig, num_classes: int) -> None:
 
 def _split_params(info: dict[str, Any]) -> dict[str, str]:
     """The scalar entries of the dataset's split record, as ``data.<key>`` params."""
-    return {f"data.{k}": str(v) for k, v in info.items()
-            if isinstance(v, (int, float, str, bool)) and len(str(v)) < 500}
+    return {
+        f"data.{k}": str(v)
+        for k, v in info.items()
+        if isinstance(v, (int, float, str, bool)) and len(str(v)) < 500
+    }
 
 
-def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, Any], num_classes: int,
-                   sampler: PKSampler) -> None:
+def log_run_config(
+    run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, Any], num_classes: int, sampler: PKSampler
+) -> None:
     """Fill derived loss params and the sampler's resolved P, then log the flattened config, the
     split, the resolved YAML and the splits as MLflow dataset inputs (on the parent run too: a sweep's
     parent rows then show their dataset)."""
@@ -70,8 +75,11 @@ def log_run_config(run: RunLogger, cfg: ExperimentConfig, split_info: dict[str, 
     run.log_json(split_info, "split.json")
     run.log_text(cfg.to_yaml(), "config.yaml")
     parent = run.client.get_run(run.run_id).data.tags.get("mlflow.parentRunId")
-    log_dataset_inputs(run.client, [run.run_id, *([parent] if parent else [])],
-                       dataset_inputs(cfg.dataset.name, cfg.dataset.path, split_info))
+    log_dataset_inputs(
+        run.client,
+        [run.run_id, *([parent] if parent else [])],
+        dataset_inputs(cfg.dataset.name, cfg.dataset.path, split_info),
+    )
 
 
 def tested_val_metrics(cfg: ExperimentConfig, outcome) -> dict[str, float]:
@@ -90,8 +98,13 @@ def log_embeddings_artifact(run: RunLogger, arrays: dict[str, torch.Tensor]) -> 
     run.log_npz("embeddings/test.npz", **{k: v.cpu().numpy() for k, v in arrays.items()})
 
 
-def finish_run(run: RunLogger, cfg: ExperimentConfig, outcome, test: dict[str, float] | None,
-               arrays: dict[str, torch.Tensor] | None) -> RunResult:
+def finish_run(
+    run: RunLogger,
+    cfg: ExperimentConfig,
+    outcome,
+    test: dict[str, float] | None,
+    arrays: dict[str, torch.Tensor] | None,
+) -> RunResult:
     """Log the final metrics, the metrics JSON and the test embeddings ``arrays`` (unless ``None``);
     build the :class:`RunResult`."""
     val_metrics = tested_val_metrics(cfg, outcome)

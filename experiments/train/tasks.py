@@ -5,6 +5,7 @@ evaluate, log. A task says how to do the steps that depend on the data: build th
 registry loss as the training objective, put the splits on the device, validate, and embed and
 score the test split.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,15 @@ def build_run_model(cfg: ExperimentConfig, image_shape: tuple[int, int, int]) ->
     """The freshly initialised embedding network of ``cfg`` for images of ``image_shape`` (C, H, W)."""
     channels, height, width = image_shape
     crop = cfg.dataset.crop_size
-    return build_model(cfg.model.name, channels, (crop, crop) if crop else (height, width),
-                       cfg.model.embedding_dim, cfg.model.normalize, cfg.seed, freeze_bn=cfg.model.freeze_bn)
+    return build_model(
+        cfg.model.name,
+        channels,
+        (crop, crop) if crop else (height, width),
+        cfg.model.embedding_dim,
+        cfg.model.normalize,
+        cfg.seed,
+        freeze_bn=cfg.model.freeze_bn,
+    )
 
 
 class ImageTask:
@@ -51,8 +59,10 @@ class ImageTask:
 
     def __init__(self, cfg: ExperimentConfig, splits: DatasetSplits):
         self.cfg, self.splits = cfg, splits
-        self.inputs = {**input_options(cfg.dataset.crop_size, cfg.model.weights),
-                       "resident_mb": cfg.dataset.resident_mb}
+        self.inputs = {
+            **input_options(cfg.dataset.crop_size, cfg.model.weights),
+            "resident_mb": cfg.dataset.resident_mb,
+        }
 
     def training_split(self) -> LabeledImages:
         return with_dense_labels(self.splits.train)
@@ -72,8 +82,9 @@ class ImageTask:
 
     def device_data(self, train_split: LabeledImages, val_split: LabeledImages, device: torch.device):
         """``(training data, validation data or None)`` on the device; only training is augmented."""
-        train = DeviceImages(train_split, device, augment=self.cfg.dataset.augment, seed=self.cfg.seed,
-                             **self.inputs)
+        train = DeviceImages(
+            train_split, device, augment=self.cfg.dataset.augment, seed=self.cfg.seed, **self.inputs
+        )
         val = DeviceImages(val_split, device, augment=False, **self.inputs) if len(val_split) > 1 else None
         return train, val
 
@@ -84,11 +95,16 @@ class ImageTask:
         (``None`` for no split: the test queries rank no separate gallery)."""
         if split is None:
             return None
-        return embed_split(model, DeviceImages(split, device, augment=False, **self.inputs),
-                           self.cfg.eval.batch_size)
+        return embed_split(
+            model, DeviceImages(split, device, augment=False, **self.inputs), self.cfg.eval.batch_size
+        )
 
-    def score(self, embeddings: torch.Tensor, labels: torch.Tensor,
-              gallery: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    def score(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        gallery: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, float]:
         """Unprefixed test metrics: retrieval (against ``gallery`` when given), embedding quality in
         one reference geometry for every loss, and verification where ``eval.verification`` (or the
         dataset) asks."""
@@ -169,12 +185,20 @@ class PairedTask:
     validate = staticmethod(validate_pairs)
 
     def __init__(self, cfg: ExperimentConfig, splits: PairedSplits):
-        unsupported = [key for key, value in (("model.weights", cfg.model.weights),
-                                              ("model.freeze_bn", cfg.model.freeze_bn),
-                                              ("dataset.crop_size", cfg.dataset.crop_size)) if value]
+        unsupported = [
+            key
+            for key, value in (
+                ("model.weights", cfg.model.weights),
+                ("model.freeze_bn", cfg.model.freeze_bn),
+                ("dataset.crop_size", cfg.dataset.crop_size),
+            )
+            if value
+        ]
         if unsupported:
-            raise ValueError(f"{', '.join(unsupported)} are not supported for the paired dataset "
-                             f"{cfg.dataset.name!r} (its image tower is the small CNN or ResNet): remove them")
+            raise ValueError(
+                f"{', '.join(unsupported)} are not supported for the paired dataset "
+                f"{cfg.dataset.name!r} (its image tower is the small CNN or ResNet): remove them"
+            )
         self.cfg, self.splits = cfg, splits
         self.vocabulary = Vocabulary(splits.train.captions)
         self.stats = channel_stats(splits.train.images)  # every split is normalised as training is

@@ -5,6 +5,7 @@ gradients are applied in O(n d) (triplet) or left to two matmuls in backward (In
 the hardest-negative hinge and InfoNCE get their gradient in closed form, and the summed hinge over
 all negatives is computed by sorting each anchor's negative distances once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,8 +83,9 @@ def paired_hardest_negatives(distance: torch.Tensor, dims: tuple[int, ...]):
 
 
 @torch.no_grad()
-def aligned_pair_gradients(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, distance: torch.Tensor,
-                           kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def aligned_pair_gradients(
+    x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, distance: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_k weights_k * d(x_k, y_k)`` with respect to the prepared embeddings ``x``
     and ``y``, for row-aligned pairs at distances ``distance`` (taken from the distance matrix).
 
@@ -105,14 +107,24 @@ def _diagonal_means(matrix: torch.Tensor, diagonal: torch.Tensor) -> tuple[torch
     return diagonal.sum() / max(n, 1), (total - diagonal.sum()) / max(n * n - n, 1)
 
 
-def cross_modal_triplet_loss(emb_a: torch.Tensor, labels: torch.Tensor, emb_b: torch.Tensor,
-                             labels_b: torch.Tensor, *, margin: float, negatives: str, direction: str,
-                             label_positives: bool, distance: str,
-                             normalize: bool) -> tuple[torch.Tensor, dict]:
+def cross_modal_triplet_loss(
+    emb_a: torch.Tensor,
+    labels: torch.Tensor,
+    emb_b: torch.Tensor,
+    labels_b: torch.Tensor,
+    *,
+    margin: float,
+    negatives: str,
+    direction: str,
+    label_positives: bool,
+    distance: str,
+    normalize: bool,
+) -> tuple[torch.Tensor, dict]:
     """``CrossModalTripletLoss``' value (differentiable) and statistics."""
     if negatives == "hardest" and not label_positives:
-        return _paired_hardest(emb_a, emb_b, margin=margin, direction=direction, kind=distance,
-                               normalize=normalize)
+        return _paired_hardest(
+            emb_a, emb_b, margin=margin, direction=direction, kind=distance, normalize=normalize
+        )
     positive = paired_positives(labels, emb_a, emb_b, labels_b, label_positives)
     matrix = pairwise_distances(emb_a, emb_b, distance, normalize)
     detached = matrix.detach()
@@ -121,8 +133,9 @@ def cross_modal_triplet_loss(emb_a: torch.Tensor, labels: torch.Tensor, emb_b: t
     active = terms = ordered = violated = anchors = torch.zeros((), dtype=torch.long, device=matrix.device)
     for d, pos, transposed in directions(matrix, positive, direction):
         if negatives == "hardest":
-            value, grad, n_active, n_terms, hardest_pos, hardest_neg = hardest_negative_hinge(d.detach(), pos,
-                                                                                             margin)
+            value, grad, n_active, n_terms, hardest_pos, hardest_neg = hardest_negative_hinge(
+                d.detach(), pos, margin
+            )
             closed_form_value = closed_form_value + value / n_pos
             grad = grad.T if transposed else grad
             closed_form_grad = grad if closed_form_grad is None else closed_form_grad.add_(grad)
@@ -144,8 +157,9 @@ def cross_modal_triplet_loss(emb_a: torch.Tensor, labels: torch.Tensor, emb_b: t
     return loss, triplet_counts_stats(active, terms, ordered, violated, anchors, mean_d_ap, mean_d_an)
 
 
-def _paired_hardest(emb_a: torch.Tensor, emb_b: torch.Tensor, *, margin: float, direction: str, kind: str,
-                    normalize: bool) -> tuple[torch.Tensor, dict]:
+def _paired_hardest(
+    emb_a: torch.Tensor, emb_b: torch.Tensor, *, margin: float, direction: str, kind: str, normalize: bool
+) -> tuple[torch.Tensor, dict]:
     """The default case, each anchor's only positive its pair: no (n, n) masks, and each hinge's
     gradient touches two pairs, applied in O(n d) by :func:`aligned_pair_gradients`."""
     check_pairing(emb_a, emb_b)
@@ -215,15 +229,23 @@ def paired_info_nce(logits: torch.Tensor, row_max: torch.Tensor, col_max: torch.
     col_sum = col_probs.sum(0)
     row_probs = logits.sub_(row_max[:, None]).exp_()
     row_sum = row_probs.sum(1)
-    value = ((row_max + row_sum.log() - paired).sum()
-             + (col_max + col_sum.log() - paired).sum()) / (2 * max(logits.shape[0], 1))
+    value = ((row_max + row_sum.log() - paired).sum() + (col_max + col_sum.log() - paired).sum()) / (
+        2 * max(logits.shape[0], 1)
+    )
     grad = col_probs.div_(col_sum).addcmul_(row_probs, row_sum.reciprocal()[:, None])
     grad.diagonal().sub_(2)
     return value, grad
 
 
-def info_nce_loss(emb_a: torch.Tensor, labels: torch.Tensor, emb_b: torch.Tensor, labels_b: torch.Tensor, *,
-                  temperature: float, label_positives: bool) -> tuple[torch.Tensor, dict]:
+def info_nce_loss(
+    emb_a: torch.Tensor,
+    labels: torch.Tensor,
+    emb_b: torch.Tensor,
+    labels_b: torch.Tensor,
+    *,
+    temperature: float,
+    label_positives: bool,
+) -> tuple[torch.Tensor, dict]:
     """``SymmetricInfoNCELoss``' value (differentiable) and statistics."""
     if not label_positives:
         return _paired_info_nce(emb_a, emb_b, temperature)
@@ -236,8 +258,9 @@ def info_nce_loss(emb_a: torch.Tensor, labels: torch.Tensor, emb_b: torch.Tensor
         pos_logits = torch.where(positive, logits, 0)
         per_row = torch.count_nonzero(positive, dim=1).clamp_min(1).to(s.dtype)  # 1 / int64 is float32
         per_col = torch.count_nonzero(positive, dim=0).clamp_min(1).to(s.dtype)
-        value = ((lse_rows - pos_logits.sum(1) / per_row).sum()
-                 + (lse_cols - pos_logits.sum(0) / per_col).sum()) / (2 * n)
+        value = (
+            (lse_rows - pos_logits.sum(1) / per_row).sum() + (lse_cols - pos_logits.sum(0) / per_col).sum()
+        ) / (2 * n)
         # d value / d logits: row softmax + column softmax - each direction's positive weights
         grad = (logits - lse_rows[:, None]).exp_().add_((logits - lse_cols[None, :]).exp_())
         grad.sub_(torch.where(positive, 1 / per_row[:, None] + 1 / per_col[None, :], 0))
@@ -246,8 +269,9 @@ def info_nce_loss(emb_a: torch.Tensor, labels: torch.Tensor, emb_b: torch.Tensor
     return with_gradients(value.to(sim.dtype), [(sim, grad)]), stats
 
 
-def _paired_info_nce(emb_a: torch.Tensor, emb_b: torch.Tensor,
-                     temperature: float) -> tuple[torch.Tensor, dict]:
+def _paired_info_nce(
+    emb_a: torch.Tensor, emb_b: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, dict]:
     """The default case, each anchor's only positive its pair: logits scaled inside the matmul,
     both softmaxes in two (n, n) buffers, and the two gradient matmuls left to backward."""
     check_pairing(emb_a, emb_b)
@@ -280,6 +304,12 @@ def _paired_stats(logits: torch.Tensor, scratch: torch.Tensor, temperature: floa
     diagonal.copy_(paired)
     mean_ap, mean_an = _diagonal_means(logits, paired)
     n = logits.shape[0]
-    stats = similarity_stats(active / max(2 * (n * n - n), 1), ordered, violated, anchors,
-                            mean_ap * temperature, mean_an * temperature)
+    stats = similarity_stats(
+        active / max(2 * (n * n - n), 1),
+        ordered,
+        violated,
+        anchors,
+        mean_ap * temperature,
+        mean_an * temperature,
+    )
     return (strongest[0], strongest[1]), stats

@@ -9,6 +9,7 @@ on CPU); :func:`similarity_gradients` turns that gradient into the gradient of t
 and ``losses.distances.with_gradients`` hands it to autograd, which back-propagates through the L2
 normalisation.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,13 +22,16 @@ from ..distances import with_gradients
 from .workspace import Workspace
 
 
-def normalized_rows(embeddings: torch.Tensor,
-                    ref_embeddings: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def normalized_rows(
+    embeddings: torch.Tensor, ref_embeddings: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The L2-normalised rows of the batch and of the reference set (``None``: the batch itself),
     in float32 at least: the losses' exponentials need more range than float16/bfloat16 have."""
+
     def rows(t: torch.Tensor) -> torch.Tensor:
         t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
         return torch.nn.functional.normalize(t, p=2, dim=1)
+
     return rows(embeddings), None if ref_embeddings is None else rows(ref_embeddings)
 
 
@@ -38,8 +42,9 @@ def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None, workspace: Worksp
         return torch.mm(x, y.T, out=workspace("similarity", x, (x.shape[0], y.shape[0])))
 
 
-def similarity_gradients(x: torch.Tensor, y: torch.Tensor | None, grad: torch.Tensor,
-                         scratch: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def similarity_gradients(
+    x: torch.Tensor, y: torch.Tensor | None, grad: torch.Tensor, scratch: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(tensor, gradient)`` pairs for ``with_gradients`` from ``grad`` = d loss / d (x @ y^T),
     which is overwritten, as is ``scratch`` (a spent tensor of the same shape).
 
@@ -52,8 +57,9 @@ def similarity_gradients(x: torch.Tensor, y: torch.Tensor | None, grad: torch.Te
         return [(x, grad @ y), (y, grad.T @ x)]
 
 
-def _class_keys(labels: torch.Tensor, other: torch.Tensor,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_keys(
+    labels: torch.Tensor, other: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One key per distinct label, shared by ``labels`` and ``other``: the label's first position in
     their sorted concatenation, exact in ``dtype`` (comparing int64 labels into a float tensor
     costs twenty times more than comparing float keys)."""
@@ -111,8 +117,9 @@ class SimilarityGroups:
 
     @classmethod
     @torch.no_grad()
-    def split(cls, s: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None,
-              workspace: Workspace) -> "SimilarityGroups":
+    def split(
+        cls, s: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None, workspace: Workspace
+    ) -> "SimilarityGroups":
         same_source = ref_labels is None
         keys, other_keys = _class_keys(labels, labels if same_source else ref_labels, s.dtype)
         positive = torch.eq(keys.unsqueeze(1), other_keys.unsqueeze(0), out=workspace("positive", s))
@@ -129,8 +136,18 @@ class SimilarityGroups:
         hardest_pos, hardest_neg = positive_view.amin(1), negative_view.amax(1)
         hardest_pos = hardest_pos.masked_fill(hardest_pos > OFF_GROUP / 2, float("inf"))
         hardest_neg = hardest_neg.masked_fill(hardest_neg < -OFF_GROUP / 2, float("-inf"))
-        return cls(positive, negative, positive_view, negative_view, hardest_pos, hardest_neg,
-                   positive.sum(), negative.sum(), positive_sum, negative_sum)
+        return cls(
+            positive,
+            negative,
+            positive_view,
+            negative_view,
+            hardest_pos,
+            hardest_neg,
+            positive.sum(),
+            negative.sum(),
+            positive_sum,
+            negative_sum,
+        )
 
     def positives_below(self, threshold, out: torch.Tensor | None = None) -> torch.Tensor:
         """0/1 (n, m) mask of the positive pairs with similarity below ``threshold`` (a number or
@@ -144,8 +161,10 @@ class SimilarityGroups:
 
     def count(self, positives_below: float, negatives_above: float, scratch: torch.Tensor) -> torch.Tensor:
         """Positive pairs below one similarity plus negative pairs above another, using ``scratch``."""
-        return (self.positives_below(positives_below, scratch).sum()
-                + self.negatives_above(negatives_above, scratch).sum())
+        return (
+            self.positives_below(positives_below, scratch).sum()
+            + self.negatives_above(negatives_above, scratch).sum()
+        )
 
     def stats(self, n_active: torch.Tensor, n_violating: torch.Tensor) -> dict[str, torch.Tensor]:
         """The ``STAT_NAMES`` statistics (all detached, no host synchronisation).
@@ -174,10 +193,19 @@ def _per_row(threshold):
     return threshold.unsqueeze(1) if isinstance(threshold, torch.Tensor) else threshold
 
 
-def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: torch.Tensor | None,
-                          ref_labels: torch.Tensor | None, *, alpha: float, beta: float, base: float,
-                          miner: bool,
-                          epsilon: float, workspace: Workspace) -> tuple[torch.Tensor, dict]:
+def multi_similarity_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+    *,
+    alpha: float,
+    beta: float,
+    base: float,
+    miner: bool,
+    epsilon: float,
+    workspace: Workspace,
+) -> tuple[torch.Tensor, dict]:
     """``MultiSimilarityLoss``' value (differentiable) and statistics."""
     x, y = normalized_rows(embeddings, ref_embeddings)
     s = cosine_similarity(x, y, workspace)
@@ -194,10 +222,13 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_em
         # that of the least similar positive and of the most similar negative, used whenever any is
         shift_pos = (alpha * (base - hardest_pos)).clamp_min(0)
         shift_neg = (beta * (hardest_neg - base)).clamp_min(0)
-        exp_pos = masked_exp(torch.add((alpha * base - shift_pos)[:, None], s, alpha=-alpha,
-                                       out=groups.positive_view), pos_used)
-        exp_neg = masked_exp(torch.add((-beta * base - shift_neg)[:, None], s, alpha=beta,
-                                       out=groups.negative_view), neg_used)
+        exp_pos = masked_exp(
+            torch.add((alpha * base - shift_pos)[:, None], s, alpha=-alpha, out=groups.positive_view),
+            pos_used,
+        )
+        exp_neg = masked_exp(
+            torch.add((-beta * base - shift_neg)[:, None], s, alpha=beta, out=groups.negative_view), neg_used
+        )
         norm_pos = exp_pos.sum(1) + torch.exp(-shift_pos)
         norm_neg = exp_neg.sum(1) + torch.exp(-shift_neg)
         per_anchor = (shift_pos + norm_pos.log()) / alpha + (shift_neg + norm_neg.log()) / beta
@@ -211,9 +242,16 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_em
     return with_gradients(value.to(x.dtype), similarity_gradients(x, y, grad, s)), stats
 
 
-def circle_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: torch.Tensor | None,
-                ref_labels: torch.Tensor | None, *, m: float, gamma: float,
-                workspace: Workspace) -> tuple[torch.Tensor, dict]:
+def circle_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+    *,
+    m: float,
+    gamma: float,
+    workspace: Workspace,
+) -> tuple[torch.Tensor, dict]:
     """``CircleLoss``' value (differentiable) and statistics."""
     x, y = normalized_rows(embeddings, ref_embeddings)
     s = cosine_similarity(x, y, workspace)
@@ -238,10 +276,14 @@ def circle_loss(embeddings: torch.Tensor, labels: torch.Tensor, ref_embeddings: 
         top_neg = (logit_neg.amax(1) - 1) * 8
         has_pos, has_neg = torch.isfinite(hardest_pos), torch.isfinite(hardest_neg)
         shift_pos, shift_neg = torch.where(has_pos, top_pos, 0), torch.where(has_neg, top_neg, 0)
-        exp_pos = masked_exp(torch.addcmul((-gamma * shift_pos)[:, None], offset_pos, weight_pos,
-                                           value=gamma, out=offset_pos), positive)
-        exp_neg = masked_exp(torch.addcmul((-gamma * shift_neg)[:, None], offset_neg, weight_neg,
-                                           value=gamma, out=logit_neg), negative)
+        exp_pos = masked_exp(
+            torch.addcmul((-gamma * shift_pos)[:, None], offset_pos, weight_pos, value=gamma, out=offset_pos),
+            positive,
+        )
+        exp_neg = masked_exp(
+            torch.addcmul((-gamma * shift_neg)[:, None], offset_neg, weight_neg, value=gamma, out=logit_neg),
+            negative,
+        )
         norm_pos = exp_pos.sum(1).masked_fill_(~has_pos, 1)
         norm_neg = exp_neg.sum(1).masked_fill_(~has_neg, 1)
         has_both = has_pos & has_neg

@@ -18,6 +18,7 @@ anchor for the nearest-farther engine): hinge and softplus terms are linear in t
 order, so ``losses.distances.distance_sum_gradients`` (or its form for pairs,
 ``losses.distances.column_distance_gradients``) turns the weights into the exact gradient.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,10 +71,21 @@ class PairTriplets:
     stats: dict[str, torch.Tensor]
 
 
-def triplet_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor,
-                 ref_labels: torch.Tensor | None,
-                 *, margin: float, distance: str, mining: str, reduction: str, soft_margin: bool, swap: bool,
-                 admitted: torch.Tensor | None, workspace: Workspace) -> tuple[torch.Tensor, dict]:
+def triplet_loss(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None,
+    *,
+    margin: float,
+    distance: str,
+    mining: str,
+    reduction: str,
+    soft_margin: bool,
+    swap: bool,
+    admitted: torch.Tensor | None,
+    workspace: Workspace,
+) -> tuple[torch.Tensor, dict]:
     """``TripletLoss``' value (differentiable) and statistics from the prepared embeddings ``x`` and
     references ``y`` (``None``: the batch itself)."""
     with torch.no_grad():
@@ -83,11 +95,13 @@ def triplet_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor,
         if swap:
             swap_distances = distances if y is None else distance_matrix(y, None, distance)
     if soft_margin or swap:
-        result = dense_triplet_loss(distances, slots, negatives, margin, mining, soft_margin, reduction,
-                                    swap_distances, admitted)
+        result = dense_triplet_loss(
+            distances, slots, negatives, margin, mining, soft_margin, reduction, swap_distances, admitted
+        )
     else:
-        result = threshold_triplet_loss(distances, slots, negatives, margin, mining, reduction, admitted,
-                                        workspace)
+        result = threshold_triplet_loss(
+            distances, slots, negatives, margin, mining, reduction, admitted, workspace
+        )
     weights = result.weights
     if y is None:
         if result.swap_weights is not None:
@@ -102,25 +116,41 @@ def triplet_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor,
     return with_gradients(result.value, pairs), result.stats
 
 
-def semi_hard_loss(x: torch.Tensor, y: torch.Tensor | None, labels: torch.Tensor,
-                   ref_labels: torch.Tensor | None,
-                   *, margin: float, distance: str, fallback: str, reduction: str,
-                   workspace: Workspace) -> tuple[torch.Tensor, dict]:
+def semi_hard_loss(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None,
+    *,
+    margin: float,
+    distance: str,
+    fallback: str,
+    reduction: str,
+    workspace: Workspace,
+) -> tuple[torch.Tensor, dict]:
     """``SemiHardLoss``' value (differentiable) and statistics, as :func:`triplet_loss`."""
     with torch.no_grad():
         distances = distance_matrix(x, y, distance)
         slots, negatives = positive_slots(labels, ref_labels), negative_mask(labels, ref_labels)
     result = nearest_farther_triplet_loss(distances, slots, negatives, margin, fallback, reduction, workspace)
-    grad_x, grad_y = column_distance_gradients(x, x if y is None else y, result.columns, result.weights,
-                                               result.distances, distance)
+    grad_x, grad_y = column_distance_gradients(
+        x, x if y is None else y, result.columns, result.weights, result.distances, distance
+    )
     return with_gradients(result.value, [(x, grad_x), (x if y is None else y, grad_y)]), result.stats
 
 
 @torch.no_grad()
-def dense_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor, margin: float,
-                       mining: str, soft_margin: bool = False, reduction: str = "mean_nonzero",
-                       swap_distances: torch.Tensor | None = None,
-                       admitted: torch.Tensor | None = None) -> DenseTriplets:
+def dense_triplet_loss(
+    distances: torch.Tensor,
+    slots: PositiveSlots,
+    negatives: torch.Tensor,
+    margin: float,
+    mining: str,
+    soft_margin: bool = False,
+    reduction: str = "mean_nonzero",
+    swap_distances: torch.Tensor | None = None,
+    admitted: torch.Tensor | None = None,
+) -> DenseTriplets:
     """Triplet loss over the triplets ``mining`` keeps, from a detached (n, m) distance matrix.
 
     Works on (n, k, chunk) slot tensors (k = positives per anchor), never on triplet index lists.
@@ -195,15 +225,23 @@ class _Candidates:
     data-dependent selects cost more than float compares. Counts below each bound are computed once.
     """
 
-    def __init__(self, distances: torch.Tensor, mask: torch.Tensor, slot_valid: torch.Tensor, rows: slice,
-                 bounds: dict[str, object], workspace: Workspace) -> None:
+    def __init__(
+        self,
+        distances: torch.Tensor,
+        mask: torch.Tensor,
+        slot_valid: torch.Tensor,
+        rows: slice,
+        bounds: dict[str, object],
+        workspace: Workspace,
+    ) -> None:
         self.rows = rows
         self.bounds = bounds
         self.distances = distances[rows]
         self.mask = mask[rows]
         infinity = distances.new_full((), float("inf"))
-        self.masked = torch.where(self.mask, self.distances, infinity,
-                                  out=workspace("masked", self.distances))
+        self.masked = torch.where(
+            self.mask, self.distances, infinity, out=workspace("masked", self.distances)
+        )
         self.slot_valid = slot_valid[rows]
         self.plane = workspace("plane", self.distances)
         self.memo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -211,7 +249,7 @@ class _Candidates:
     def _slot_thresholds(self, bound: str) -> list[torch.Tensor]:
         """The (rows, 1) threshold column of each slot, -inf on invalid slots."""
         masked = torch.where(self.slot_valid, self.bounds[bound][self.rows], float("-inf"))
-        return [masked[:, s:s + 1] for s in range(masked.shape[1])]
+        return [masked[:, s : s + 1] for s in range(masked.shape[1])]
 
     def _slot_zeros(self) -> torch.Tensor:
         return torch.zeros(self.slot_valid.shape, dtype=self.distances.dtype, device=self.distances.device)
@@ -284,8 +322,15 @@ def triplet_intervals(low: str, high: str) -> tuple[tuple[str, str], tuple[str, 
     return (low, high), (low, active_high), (correct_low, high)
 
 
-def _block_counts(distances: torch.Tensor, slot_valid: torch.Tensor, rows: slice, intervals: list,
-                  bounds: dict[str, object], weights: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+def _block_counts(
+    distances: torch.Tensor,
+    slot_valid: torch.Tensor,
+    rows: slice,
+    intervals: list,
+    bounds: dict[str, object],
+    weights: torch.Tensor,
+    workspace: Workspace,
+) -> torch.Tensor:
     """Per (anchor, slot) of one block of anchors, stacked: used negatives, the sum of their
     distances, those not hard and the active ones; each negative's number of active slots is
     subtracted from ``weights``."""
@@ -300,10 +345,16 @@ def _block_counts(distances: torch.Tensor, slot_valid: torch.Tensor, rows: slice
 
 
 @torch.no_grad()
-def threshold_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
-                           margin: float, mining: str, reduction: str = "mean_nonzero",
-                           admitted: torch.Tensor | None = None,
-                           workspace: Workspace | None = None) -> DenseTriplets:
+def threshold_triplet_loss(
+    distances: torch.Tensor,
+    slots: PositiveSlots,
+    negatives: torch.Tensor,
+    margin: float,
+    mining: str,
+    reduction: str = "mean_nonzero",
+    admitted: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
+) -> DenseTriplets:
     """Hinge triplet loss under margin-based mining, from counts below per-slot thresholds.
 
     For a slot with positive distance ``d_ap`` and kept negatives in ``[low, high)``, the active
@@ -323,8 +374,10 @@ def threshold_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negati
     index = slots.index
     d_ap = distances.gather(1, index)
     bounds = bound_values(d_ap, margin)
-    intervals = [(parts[part], *triplet_intervals(*_merged(difficulties)))
-                 for part, difficulties in TRIPLET_MINING[mining].items()]
+    intervals = [
+        (parts[part], *triplet_intervals(*_merged(difficulties)))
+        for part, difficulties in TRIPLET_MINING[mining].items()
+    ]
     counts = distances.new_zeros(4, *index.shape)
     weights = workspace("weights", distances).zero_()
     total = distances.new_zeros(())
@@ -335,15 +388,22 @@ def threshold_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negati
     total += (active * bounds["d_ap+m"]).sum()
     weights.scatter_add_(1, index, active)
     count, d_an, correct_order, active_count = counts.sum((1, 2))
-    sums = {"count": count, "active": active_count, "correct_order": correct_order,
-            "margin_violation": active_count, "d_ap": _dot(used, d_ap), "d_an": d_an}
+    sums = {
+        "count": count,
+        "active": active_count,
+        "correct_order": correct_order,
+        "margin_violation": active_count,
+        "d_ap": _dot(used, d_ap),
+        "d_an": d_an,
+    }
     scale = 1 / reduce_terms(total, sums, reduction)
     weights *= scale
     return DenseTriplets(total * scale, weights, None, finish_stats(sums))
 
 
-def nearest_farther(candidates: torch.Tensor, thresholds: torch.Tensor,
-                    plane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_farther(
+    candidates: torch.Tensor, thresholds: torch.Tensor, plane: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (anchor, slot): the smallest candidate distance ``> thresholds`` (+inf if none) and its
     column, the first one on ties (as ``min``).
 
@@ -358,16 +418,22 @@ def nearest_farther(candidates: torch.Tensor, thresholds: torch.Tensor,
     nearest = torch.empty_like(thresholds)
     nearest_index = torch.empty_like(thresholds, dtype=torch.long)
     for s in range(thresholds.shape[1]):
-        torch.sub(thresholds[:, s:s + 1], candidates, out=plane)
+        torch.sub(thresholds[:, s : s + 1], candidates, out=plane)
         torch.copysign(infinity, plane, out=plane)
         nearest[:, s], nearest_index[:, s] = torch.maximum(candidates, plane, out=plane).min(1)
     return nearest, nearest_index
 
 
 @torch.no_grad()
-def nearest_farther_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, negatives: torch.Tensor,
-                                 margin: float, fallback: str = "easiest", reduction: str = "mean",
-                                 workspace: Workspace | None = None) -> PairTriplets:
+def nearest_farther_triplet_loss(
+    distances: torch.Tensor,
+    slots: PositiveSlots,
+    negatives: torch.Tensor,
+    margin: float,
+    fallback: str = "easiest",
+    reduction: str = "mean",
+    workspace: Workspace | None = None,
+) -> PairTriplets:
     """FaceNet's semi-hard loss: per (anchor, positive), the nearest negative that is not hard
     (``d_an >= d_ap``, :func:`losses.mining.triplet_difficulty`).
 
@@ -391,8 +457,9 @@ def nearest_farther_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, 
         farthest = torch.where(negatives[rows], block, minus_infinity, out=workspace("candidates", block))
         easiest[rows], easiest_index[rows] = farthest.max(1, keepdim=True)
         candidates = farthest.nan_to_num_(nan=float("nan"), posinf=inf, neginf=inf)  # +inf off the negatives
-        nearest[rows], nearest_index[rows] = nearest_farther(candidates, below_ap[rows],
-                                                             workspace("plane", block))
+        nearest[rows], nearest_index[rows] = nearest_farther(
+            candidates, below_ap[rows], workspace("plane", block)
+        )
     has_negative = easiest > -inf  # the farthest negative is -inf only where there is none
     has_farther = torch.isfinite(nearest)
     used = slots.valid & (has_farther | has_negative if fallback == "easiest" else has_farther)
@@ -403,5 +470,10 @@ def nearest_farther_triplet_loss(distances: torch.Tensor, slots: PositiveSlots, 
     sums = triplet_stats(d_ap, d_an, margin, term, used)
     total = term.sum()
     scale = 1 / reduce_terms(total, sums, reduction)
-    return PairTriplets(total * scale, torch.cat([index, negative_index], 1),
-                        torch.cat([slope, -slope], 1) * scale, torch.cat([d_ap, d_an], 1), finish_stats(sums))
+    return PairTriplets(
+        total * scale,
+        torch.cat([index, negative_index], 1),
+        torch.cat([slope, -slope], 1) * scale,
+        torch.cat([d_ap, d_an], 1),
+        finish_stats(sums),
+    )

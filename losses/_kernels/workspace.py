@@ -6,6 +6,7 @@ much as a pass over it; CUDA's caching allocator already avoids this, and a work
 same on every device. The matrices are dead once the loss returns (autograd saves none of them),
 so one module's calls may share them; a module must not be called from two threads at once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,12 @@ class Workspace:
         shape = like.shape if shape is None else torch.Size(shape)
         size = shape.numel()
         buffer = self._buffers.get(name)
-        if (buffer is None or buffer.numel() < size or buffer.dtype != like.dtype
-                or buffer.device != like.device):
+        if (
+            buffer is None
+            or buffer.numel() < size
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
             buffer = torch.empty(size, dtype=like.dtype, device=like.device)
             self._buffers[name] = buffer
         return buffer[:size].view(shape)

@@ -4,6 +4,7 @@ The end-to-end tests analyse a copy of the shared ``tiny_sweep`` (real training,
 SQLite store, real Optuna journal); values are checked against MLflow read independently through
 ``MlflowClient``. Numerical helpers are checked against brute-force loops, closed forms and SciPy.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,8 +35,16 @@ from sweeps.statistics import t_interval
 from sweeps.tracking import find_experiment
 from tripletlab.cli import main as cli_main
 
-FIGURES = ("convergence", "embedding_projection", "pair_distances", "triplet_quality", "tuning", "budget",
-           "geometry", "cost")
+FIGURES = (
+    "convergence",
+    "embedding_projection",
+    "pair_distances",
+    "triplet_quality",
+    "tuning",
+    "budget",
+    "geometry",
+    "cost",
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -58,25 +67,62 @@ def analysed(tiny_sweep, tmp_path_factory):
     root = tmp_path_factory.mktemp("analysed") / "sweep"
     uri = copy_store(tiny_sweep.root, root)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRIPLETLAB_PROGRESS": "0"}
-    rerun = subprocess.run([sys.executable, "-m", "tripletlab.cli", "rerun", "--loss", tiny_sweep.losses[0],
-                            "--times", "1", "--tracking-uri", uri], cwd=root, capture_output=True, text=True,
-                           env=env, timeout=300)
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tripletlab.cli",
+            "rerun",
+            "--loss",
+            tiny_sweep.losses[0],
+            "--times",
+            "1",
+            "--tracking-uri",
+            uri,
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr
-    done = subprocess.run([sys.executable, "-m", "tripletlab.cli", "analyze", "--tracking-uri", uri,
-                           "--baseline", tiny_sweep.losses[0]], cwd=root, capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tripletlab.cli",
+            "analyze",
+            "--tracking-uri",
+            uri,
+            "--baseline",
+            tiny_sweep.losses[0],
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    return {"root": root, "uri": uri, "sweep": tiny_sweep,
-            "report": root / "runs" / tiny_sweep.name / "report", "stdout": done.stdout}
+    return {
+        "root": root,
+        "uri": uri,
+        "sweep": tiny_sweep,
+        "report": root / "runs" / tiny_sweep.name / "report",
+        "stdout": done.stdout,
+    }
 
 
 def final_runs(client: MlflowClient, experiment: str) -> list:
     exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id],
-                              "tags.`tripletlab.role` = 'final' and attributes.status = 'FINISHED'")
+    return client.search_runs(
+        [exp.experiment_id], "tags.`tripletlab.role` = 'final' and attributes.status = 'FINISHED'"
+    )
 
 
 # ---------- end to end on the tiny sweep ----------
+
 
 def test_every_figure_is_a_decodable_png_and_an_svg(analysed):
     for name in FIGURES:
@@ -103,8 +149,10 @@ def test_table_has_one_row_per_loss_with_the_values_logged_in_mlflow(analysed):
     client = MlflowClient(tracking_uri=analysed["uri"])
     finals = final_runs(client, sweep.experiment_name)
     exp = client.get_experiment_by_name(sweep.experiment_name)
-    parents = {r.data.tags["tripletlab.loss"]: r for r in client.search_runs(
-        [exp.experiment_id], "tags.`tripletlab.role` = 'parent'")}
+    parents = {
+        r.data.tags["tripletlab.loss"]: r
+        for r in client.search_runs([exp.experiment_id], "tags.`tripletlab.role` = 'parent'")
+    }
     by_seed = {}
     for loss in sweep.losses:
         own = [r for r in finals if r.data.tags["tripletlab.loss"] == loss]
@@ -113,22 +161,28 @@ def test_table_has_one_row_per_loss_with_the_values_logged_in_mlflow(analysed):
             values = [r.data.metrics[f"test/{metric}"] for r in own]
             assert table.loc[loss, f"{metric}_mean"] == pytest.approx(np.mean(values), abs=1e-12)
             assert table.loc[loss, f"{metric}_mean"] == pytest.approx(
-                parents[loss].data.metrics[f"final/test/{metric}_mean"], abs=1e-9)
+                parents[loss].data.metrics[f"final/test/{metric}_mean"], abs=1e-9
+            )
             lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
             assert table.loc[loss, f"{metric}_ci_low"] == pytest.approx(lo)
             assert table.loc[loss, f"{metric}_ci_high"] == pytest.approx(hi)
         assert table.loc[loss, "trials_complete"] == parents[loss].data.metrics["trials_complete"]
         assert table.loc[loss, "trials_pruned"] == parents[loss].data.metrics["trials_pruned"]
-        children = [r for r in client.search_runs([exp.experiment_id], f"tags.`tripletlab.loss` = '{loss}'")
-                    if r.data.tags["tripletlab.role"] in ("trial", "final")]
+        children = [
+            r
+            for r in client.search_runs([exp.experiment_id], f"tags.`tripletlab.loss` = '{loss}'")
+            if r.data.tags["tripletlab.role"] in ("trial", "final")
+        ]
         assert table.loc[loss, "wall_clock_s"] == pytest.approx(
-            sum(r.info.end_time - r.info.start_time for r in children) / 1000)
+            sum(r.info.end_time - r.info.start_time for r in children) / 1000
+        )
         assert table.loc[loss, "wall_clock_s"] > 0
         by_seed[loss] = {r.data.tags["tripletlab.seed"]: r.data.metrics["test/map_at_r"] for r in own}
     baseline, other = sweep.losses[0], sweep.losses[1]
     seeds = sorted(by_seed[baseline])
-    expected = stats.ttest_rel([by_seed[other][s] for s in seeds],
-                               [by_seed[baseline][s] for s in seeds]).pvalue
+    expected = stats.ttest_rel(
+        [by_seed[other][s] for s in seeds], [by_seed[baseline][s] for s in seeds]
+    ).pvalue
     assert table.loc[other, "p_value"] == pytest.approx(expected)
     assert math.isnan(table.loc[baseline, "p_value"])
 
@@ -137,9 +191,16 @@ def test_paired_decisions_noise_floor_and_classes_match_mlflow_and_scipy(analyse
     sweep = analysed["sweep"]
     client = MlflowClient(tracking_uri=analysed["uri"])
     finals = final_runs(client, sweep.experiment_name)
-    by_seed = {loss: pd.Series({r.data.tags["tripletlab.seed"]: r.data.metrics["test/map_at_r"]
-                                for r in finals if r.data.tags["tripletlab.loss"] == loss}).sort_index()
-               for loss in sweep.losses}
+    by_seed = {
+        loss: pd.Series(
+            {
+                r.data.tags["tripletlab.seed"]: r.data.metrics["test/map_at_r"]
+                for r in finals
+                if r.data.tags["tripletlab.loss"] == loss
+            }
+        ).sort_index()
+        for loss in sweep.losses
+    }
     noise = pd.read_csv(analysed["report"] / "noise_floor.csv", index_col="loss")
     for loss, values in by_seed.items():
         assert noise.loc[loss, "sd"] == pytest.approx(values.std(ddof=1))
@@ -149,8 +210,11 @@ def test_paired_decisions_noise_floor_and_classes_match_mlflow_and_scipy(analyse
     [rerun] = client.search_runs([exp.experiment_id], "tags.`tripletlab.role` = 'rerun'")
     [original] = [r for r in finals if r.info.run_id == rerun.data.tags["tripletlab.rerun_of"]]
     assert original.data.tags["tripletlab.loss"] == sweep.losses[0]
-    assert original.data.tags["tripletlab.seed"] == rerun.data.tags["tripletlab.seed"] \
+    assert (
+        original.data.tags["tripletlab.seed"]
+        == rerun.data.tags["tripletlab.seed"]
         == min(by_seed[sweep.losses[0]].index)
+    )
     assert rerun.data.metrics["test/map_at_r"] == original.data.metrics["test/map_at_r"]
     assert noise.loc[sweep.losses[0], "reruns"] == 2 and noise.loc[sweep.losses[0], "rerun_sd"] == 0
     assert noise.loc[sweep.losses[1], "reruns"] == 0
@@ -240,8 +304,11 @@ def test_report_is_logged_to_the_sweeps_summary_run(analysed):
     assert logged.is_relative_to(analysed["root"])
     for name in ("report.html", "report.md", *(f"{n}.png" for n in FIGURES)):
         assert (logged / name).read_bytes() == (analysed["report"] / name).read_bytes(), name
-    original = Path(urlparse(summary.info.artifact_uri.replace(analysed["root"].as_uri(),
-                                                               analysed["sweep"].root.as_uri())).path)
+    original = Path(
+        urlparse(
+            summary.info.artifact_uri.replace(analysed["root"].as_uri(), analysed["sweep"].root.as_uri())
+        ).path
+    )
     assert not (original / "report").exists()  # the shared sweep is untouched
 
 
@@ -257,9 +324,11 @@ def test_default_experiment_is_the_most_recent_sweep(analysed):
 
 # ---------- bad input ----------
 
+
 def test_unknown_experiment_is_one_line_listing_the_available_ones(analysed):
-    code, _, err = run_cli(["analyze", "--experiment", "no-such-sweep", "--tracking-uri", analysed["uri"]],
-                           analysed["root"])
+    code, _, err = run_cli(
+        ["analyze", "--experiment", "no-such-sweep", "--tracking-uri", analysed["uri"]], analysed["root"]
+    )
     assert code == 2
     assert err.count("\n") == 1 and "unknown experiment 'no-such-sweep'" in err
     assert analysed["sweep"].experiment_name in err
@@ -269,8 +338,9 @@ def test_experiment_without_finished_runs_is_one_line(analysed):
     client = MlflowClient(tracking_uri=analysed["uri"])
     exp = client.create_experiment("still-running")
     client.create_run(exp, tags={"tripletlab.role": "trial", "tripletlab.loss": "triplet"})  # left RUNNING
-    code, _, err = run_cli(["analyze", "--experiment", "still-running", "--tracking-uri", analysed["uri"]],
-                           analysed["root"])
+    code, _, err = run_cli(
+        ["analyze", "--experiment", "still-running", "--tracking-uri", analysed["uri"]], analysed["root"]
+    )
     assert code == 2 and err.count("\n") == 1
     assert "no finished trial or final runs" in err
 
@@ -299,9 +369,13 @@ def without_umap(monkeypatch):
 @pytest.fixture(scope="module")
 def logged_sweep(tmp_path_factory):
     """A sweep logged directly (no training) in which ``batch_hard`` has no embeddings artifact."""
-    return build_logged_sweep(tmp_path_factory.mktemp("logged"),
-                              losses=("triplet", "batch_hard", "multi_similarity"), seeds=(0, 1, 2), trials=4,
-                              embeddings_for=("triplet", "multi_similarity"))
+    return build_logged_sweep(
+        tmp_path_factory.mktemp("logged"),
+        losses=("triplet", "batch_hard", "multi_similarity"),
+        seeds=(0, 1, 2),
+        trials=4,
+        embeddings_for=("triplet", "multi_similarity"),
+    )
 
 
 def test_run_without_embeddings_skips_its_panels_and_says_so(logged_sweep, without_umap, tmp_path):
@@ -321,8 +395,9 @@ def test_run_without_embeddings_skips_its_panels_and_says_so(logged_sweep, witho
 
 def test_baseline_pairing_and_detect_option(logged_sweep, without_umap, tmp_path):
     sweep = load_sweep(logged_sweep.name, logged_sweep.tracking_uri)
-    report = build_report(sweep, tmp_path / "report", points=60, log_to_mlflow=False, pairing="baseline",
-                          detect_points=2.0)
+    report = build_report(
+        sweep, tmp_path / "report", points=60, log_to_mlflow=False, pairing="baseline", detect_points=2.0
+    )
     pairs = report.decisions.comparisons
     assert sorted(pairs["loss"]) == ["batch_hard", "multi_similarity"] and set(pairs["other"]) == {"triplet"}
     assert "seeds for 2 point" in (tmp_path / "report" / "report.md").read_text()
@@ -339,10 +414,14 @@ def test_cost_columns_are_the_final_runs_means(logged_sweep):
     client = MlflowClient(tracking_uri=logged_sweep.tracking_uri)
     exp = client.get_experiment_by_name(logged_sweep.name)
     for loss in logged_sweep.losses:
-        runs = client.search_runs([exp.experiment_id],
-                                  f"tags.`tripletlab.role` = 'final' and tags.`tripletlab.loss` = '{loss}'")
-        for column, key in (("step_ms", "cost/step_ms"), ("loss_ms", "cost/loss_ms"),
-                            ("loss_peak_mb", "cost/loss_peak_mb")):
+        runs = client.search_runs(
+            [exp.experiment_id], f"tags.`tripletlab.role` = 'final' and tags.`tripletlab.loss` = '{loss}'"
+        )
+        for column, key in (
+            ("step_ms", "cost/step_ms"),
+            ("loss_ms", "cost/loss_ms"),
+            ("loss_peak_mb", "cost/loss_peak_mb"),
+        ):
             assert table.loc[loss, column] == pytest.approx(np.mean([r.data.metrics[key] for r in runs]))
 
 
@@ -359,6 +438,7 @@ def test_paired_test_against_the_triplet_baseline(logged_sweep):
 
 
 # ---------- numerical helpers against independent oracles ----------
+
 
 def test_pair_distances_match_a_brute_force_loop():
     rng = np.random.default_rng(1)
@@ -398,8 +478,14 @@ def test_t_interval_and_paired_p_value_match_scipy():
 
 
 def test_train_loss_is_normalised_by_its_first_epoch_per_run():
-    history = pd.DataFrame({"run_id": ["a", "a", "b", "b", "a"], "key": ["train/loss"] * 4 + ["val/map_at_r"],
-                            "step": [2, 1, 1, 2, 1], "value": [1.0, 4.0, 0.5, 0.25, 0.3]})
+    history = pd.DataFrame(
+        {
+            "run_id": ["a", "a", "b", "b", "a"],
+            "key": ["train/loss"] * 4 + ["val/map_at_r"],
+            "step": [2, 1, 1, 2, 1],
+            "value": [1.0, 4.0, 0.5, 0.25, 0.3],
+        }
+    )
     out = normalise_train_loss(history)
     assert out["value"].tolist() == [0.25, 1.0, 1.0, 0.5, 0.3]
 

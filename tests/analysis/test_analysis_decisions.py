@@ -3,6 +3,7 @@ oracle: Monte Carlo simulation, the normal-approximation sample size, brute-forc
 loops, SciPy, and the project's own retrieval metrics; the expected-max budget curves
 and the per-class comparisons. The report's use of them is tested end to end
 in test_analysis.py."""
+
 from __future__ import annotations
 
 import itertools
@@ -42,7 +43,7 @@ def test_seeds_needed_is_the_smallest_n_with_80_percent_power(sd):
     assert n == 2 or simulated_power(n - 1, 0.01, sd) < 0.8 + 0.01
     # the normal approximation with Guenther's correction, n ~ ((z_.975 + z_.8) sd / delta)^2 + z_.975^2 / 2
     z = stats.norm.ppf(0.975)
-    approx = ((z + stats.norm.ppf(0.8)) * sd / 0.01) ** 2 + z ** 2 / 2
+    approx = ((z + stats.norm.ppf(0.8)) * sd / 0.01) ** 2 + z**2 / 2
     assert abs(n - approx) <= 1.5 or n == 2
     assert seeds_needed(sd, 0.005) > n  # a smaller difference needs more seeds
     assert math.isnan(seeds_needed(math.nan, 0.01)) and math.isinf(seeds_needed(10.0, 1e-6))
@@ -66,7 +67,8 @@ def test_compare_matches_scipy_on_the_seeds_both_losses_share():
     d = a[b.index] - b
     assert got["pairs"] == 4 and got["diff_mean"] == pytest.approx(d.mean())
     assert (got["diff_ci_low"], got["diff_ci_high"]) == pytest.approx(
-        stats.t.interval(0.95, 3, loc=d.mean(), scale=stats.sem(d)))
+        stats.t.interval(0.95, 3, loc=d.mean(), scale=stats.sem(d))
+    )
     assert got["p_t"] == pytest.approx(stats.ttest_rel(a[b.index], b).pvalue)
     assert got["p_wilcoxon"] == pytest.approx(stats.wilcoxon(d).pvalue)
     assert got["diff_sd"] == pytest.approx(d.std(ddof=1))
@@ -80,12 +82,17 @@ def test_identical_differences_are_resolved_by_their_sign():
 
 
 def test_pairs_follow_the_ranking_and_the_baseline_option():
-    values = {"triplet": pd.Series([0.50, 0.52, 0.51], index=["1", "2", "3"]),
-              "batch_hard": pd.Series([0.55, 0.56, 0.57], index=["1", "2", "3"]),
-              "ms": pd.Series([0.53, 0.50, 0.55], index=["1", "2", "3"])}
+    values = {
+        "triplet": pd.Series([0.50, 0.52, 0.51], index=["1", "2", "3"]),
+        "batch_hard": pd.Series([0.55, 0.56, 0.57], index=["1", "2", "3"]),
+        "ms": pd.Series([0.53, 0.50, 0.55], index=["1", "2", "3"]),
+    }
     every = paired_comparisons(values)
-    assert list(zip(every["loss"], every["other"])) == [("batch_hard", "ms"), ("batch_hard", "triplet"),
-                                                        ("ms", "triplet")]
+    assert list(zip(every["loss"], every["other"])) == [
+        ("batch_hard", "ms"),
+        ("batch_hard", "triplet"),
+        ("ms", "triplet"),
+    ]
     assert (every["diff_mean"] > 0).all()
     against = paired_comparisons(values, "baseline", "triplet")
     assert list(zip(against["loss"], against["other"])) == [("batch_hard", "triplet"), ("ms", "triplet")]
@@ -95,10 +102,20 @@ def test_pairs_follow_the_ranking_and_the_baseline_option():
 
 
 def test_decision_line_reads_like_the_issue():
-    row = {"loss": "batch_hard", "other": "triplet", "pairs": 3, "diff_mean": 0.008, "diff_ci_low": -0.004,
-           "diff_ci_high": 0.020, "p_t": 0.18, "resolved": False, "seeds_needed": 9}
-    assert decision_line(row) == ("batch_hard vs triplet: +0.8 [-0.4, 2.0], p=0.18: "
-                                  "not resolved, ~9 seeds needed")
+    row = {
+        "loss": "batch_hard",
+        "other": "triplet",
+        "pairs": 3,
+        "diff_mean": 0.008,
+        "diff_ci_low": -0.004,
+        "diff_ci_high": 0.020,
+        "p_t": 0.18,
+        "resolved": False,
+        "seeds_needed": 9,
+    }
+    assert decision_line(row) == (
+        "batch_hard vs triplet: +0.8 [-0.4, 2.0], p=0.18: not resolved, ~9 seeds needed"
+    )
     assert decision_line({**row, "p_t": 0.003, "resolved": True}).endswith("p=0.003: resolved (3 seeds)")
     assert "likely smaller" in decision_line({**row, "seeds_needed": 3})
 
@@ -138,8 +155,9 @@ def test_per_query_ap_at_r_matches_a_loop_and_the_runs_map_at_r():
 def test_bootstrap_interval_matches_scipy_and_normal_theory():
     x = np.random.default_rng(5).beta(2, 3, size=800)
     low, high = bootstrap_interval(x, resamples=4000, seed=1)
-    reference = stats.bootstrap((x,), np.mean, n_resamples=4000, method="percentile",
-                                rng=np.random.default_rng(2)).confidence_interval
+    reference = stats.bootstrap(
+        (x,), np.mean, n_resamples=4000, method="percentile", rng=np.random.default_rng(2)
+    ).confidence_interval
     assert low == pytest.approx(reference.low, abs=0.003) and high == pytest.approx(reference.high, abs=0.003)
     half = stats.norm.ppf(0.975) * x.std(ddof=1) / math.sqrt(x.size)
     assert (high - low) / 2 == pytest.approx(half, rel=0.08)
@@ -150,8 +168,9 @@ def test_bootstrap_interval_matches_scipy_and_normal_theory():
 
 def test_noise_floor_spread_and_query_half_width():
     values = {"triplet": pd.Series([0.50, 0.54, 0.52], index=["1", "2", "3"])}
-    intervals = pd.DataFrame({"loss": ["triplet", "triplet"], "query_ci_low": [0.49, 0.50],
-                              "query_ci_high": [0.53, 0.56]})
+    intervals = pd.DataFrame(
+        {"loss": ["triplet", "triplet"], "query_ci_low": [0.49, 0.50], "query_ci_high": [0.53, 0.56]}
+    )
     floor = noise_floor(values, intervals)
     assert floor.loc["triplet", "sd"] == pytest.approx(np.std([0.50, 0.54, 0.52], ddof=1))
     assert (floor.loc["triplet", "min"], floor.loc["triplet", "max"]) == (0.50, 0.54)
@@ -159,6 +178,7 @@ def test_noise_floor_spread_and_query_half_width():
 
 
 # ---------- performance against tuning budget (Dodge et al. 2019) ----------
+
 
 def test_expected_max_matches_enumerating_every_draw():
     values = np.array([0.42, 0.61, 0.55, 0.61, 0.30])
@@ -170,9 +190,14 @@ def test_expected_max_matches_enumerating_every_draw():
 
 
 def test_budget_curves_use_complete_and_pruned_trials_only():
-    trials = pd.DataFrame({"loss": ["a"] * 4 + ["b"] * 2, "number": [0, 1, 2, 3, 0, 1],
-                           "state": ["complete", "pruned", "failed", "complete", "complete", "complete"],
-                           "value": [0.5, 0.2, 0.99, 0.7, 0.4, np.nan]})
+    trials = pd.DataFrame(
+        {
+            "loss": ["a"] * 4 + ["b"] * 2,
+            "number": [0, 1, 2, 3, 0, 1],
+            "state": ["complete", "pruned", "failed", "complete", "complete", "complete"],
+            "value": [0.5, 0.2, 0.99, 0.7, 0.4, np.nan],
+        }
+    )
     curves = budget_curves(trials)
     a = curves[curves["loss"] == "a"]
     assert a["n"].tolist() == [1, 2, 3] and a["expected"].iloc[0] == pytest.approx(np.mean([0.5, 0.2, 0.7]))
@@ -180,8 +205,13 @@ def test_budget_curves_use_complete_and_pruned_trials_only():
 
 
 def test_crossings_are_interpolated_between_budgets():
-    curves = pd.DataFrame({"loss": ["a"] * 3 + ["b"] * 3 + ["c"] * 3, "n": [1, 2, 3] * 3,
-                           "expected": [1.0, 2.0, 3.0, 2.0, 2.5, 2.5, 3.0, 2.0, 3.0]})
+    curves = pd.DataFrame(
+        {
+            "loss": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,
+            "n": [1, 2, 3] * 3,
+            "expected": [1.0, 2.0, 3.0, 2.0, 2.5, 2.5, 3.0, 2.0, 3.0],
+        }
+    )
     crossed = crossings(curves)
     # a meets c, never crosses
     assert list(zip(crossed["loss"], crossed["other"])) == [("a", "b"), ("b", "c"), ("b", "c")]
@@ -197,17 +227,24 @@ def test_crossings_are_interpolated_between_budgets():
 
 # ---------- per-class results ----------
 
+
 def test_class_map_at_r_and_the_paired_test_over_classes_match_loops_and_scipy():
     rng = np.random.default_rng(6)
-    rows = [(f"{loss}-{seed}", loss, str(seed), label, ap) for loss in ("a", "b") for seed in (1, 2)
-            for label in (3, 7, 9, 11)
-            for ap in rng.uniform(0.2 if loss == "a" else 0.0, 1.0, size=label % 4 + 2)]
+    rows = [
+        (f"{loss}-{seed}", loss, str(seed), label, ap)
+        for loss in ("a", "b")
+        for seed in (1, 2)
+        for label in (3, 7, 9, 11)
+        for ap in rng.uniform(0.2 if loss == "a" else 0.0, 1.0, size=label % 4 + 2)
+    ]
     scores = pd.DataFrame(rows, columns=["run_id", "loss", "seed", "label", "ap"])
     table = class_map_at_r(scores)
     for loss in ("a", "b"):
         for label in (3, 7, 9, 11):
-            per_run = [np.mean([r[4] for r in rows if r[1] == loss and r[2] == seed and r[3] == label])
-                       for seed in ("1", "2")]
+            per_run = [
+                np.mean([r[4] for r in rows if r[1] == loss and r[2] == seed and r[3] == label])
+                for seed in ("1", "2")
+            ]
             assert table.loc[label, loss] == pytest.approx(np.mean(per_run))
     got = class_comparison(table, "a", "b", top=2)
     d = table["a"] - table["b"]
@@ -222,15 +259,32 @@ def test_class_map_at_r_and_the_paired_test_over_classes_match_loops_and_scipy()
 
 
 def test_rerun_spread_pools_the_variance_within_each_repeated_seed():
-    finals = pd.DataFrame({"run_id": ["f1", "f2"], "loss": ["a", "a"], "role": "final", "status": "FINISHED",
-                           "metrics.test/map_at_r": [0.50, 0.60]})
-    reruns = pd.DataFrame({"run_id": ["r1", "r2", "r3"], "loss": ["a", "a", "a"], "role": "rerun",
-                           "status": "FINISHED", "metrics.test/map_at_r": [0.52, 0.51, 0.64],
-                           "tags.tripletlab.rerun_of": ["f1", "f1", "f2"]})
+    finals = pd.DataFrame(
+        {
+            "run_id": ["f1", "f2"],
+            "loss": ["a", "a"],
+            "role": "final",
+            "status": "FINISHED",
+            "metrics.test/map_at_r": [0.50, 0.60],
+        }
+    )
+    reruns = pd.DataFrame(
+        {
+            "run_id": ["r1", "r2", "r3"],
+            "loss": ["a", "a", "a"],
+            "role": "rerun",
+            "status": "FINISHED",
+            "metrics.test/map_at_r": [0.52, 0.51, 0.64],
+            "tags.tripletlab.rerun_of": ["f1", "f1", "f2"],
+        }
+    )
     sweep = Sweep("s", "0", "sqlite://", pd.concat([finals, reruns], ignore_index=True))
     spread = rerun_spread(sweep)
     pooled = math.sqrt(np.mean([np.var([0.50, 0.52, 0.51], ddof=1), np.var([0.60, 0.64], ddof=1)]))
     assert spread.loc["a", "reruns"] == 5 and spread.loc["a", "rerun_sd"] == pytest.approx(pooled)
-    floor = noise_floor({"a": pd.Series([0.5, 0.6]), "b": pd.Series([0.4, 0.45])},
-                        pd.DataFrame(columns=["loss", "query_ci_low", "query_ci_high"]), spread)
+    floor = noise_floor(
+        {"a": pd.Series([0.5, 0.6]), "b": pd.Series([0.4, 0.45])},
+        pd.DataFrame(columns=["loss", "query_ci_low", "query_ci_high"]),
+        spread,
+    )
     assert floor.loc["b", "reruns"] == 0 and math.isnan(floor.loc["b", "rerun_sd"])

@@ -1,4 +1,5 @@
 """The data benchmark's own logic: the fabricated tree, the best of repeats, the bound verdict."""
+
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,16 @@ from PIL import Image
 
 from benchmarks.bench_data import PHASES, best_of, fabricate, render
 
-PHASE = {"seconds": 1.0, "images": 100, "images_per_s": 10.0, "peak_rss": 10**9, "streams": False, "steps": 2,
-         "batch_bytes": 10**6, "split_bytes": 10**8}
+PHASE = {
+    "seconds": 1.0,
+    "images": 100,
+    "images_per_s": 10.0,
+    "peak_rss": 10**9,
+    "streams": False,
+    "steps": 2,
+    "batch_bytes": 10**6,
+    "split_bytes": 10**8,
+}
 
 
 def test_fabricated_photos_are_400x300_jpegs_in_class_folders(tmp_path):
@@ -29,8 +38,21 @@ def test_render_marks_a_peak_over_the_bound():
     results = {phase: dict(PHASE) for phase in PHASES}
     results["decode"].update(peak_rss=4 * 10**8)
     results["stream"].update(peak_rss=10**9 + 6 * 10**6 * 1.5 * 5)  # over baseline + 1.5 x 5 batches
-    results.update(runs=[copy.deepcopy({p: results[p] for p in PHASES[2:]})],
-                   device={"name": "cpu", "type": "cpu"}, torch="2", commit="abc", cpus=2, date="today",
-                   load=1.0, count=100, classes=10, p=8, k=4, note="", fabricate_s=1.0, tree_mb=1.0)
+    results.update(
+        runs=[copy.deepcopy({p: results[p] for p in PHASES[2:]})],
+        device={"name": "cpu", "type": "cpu"},
+        torch="2",
+        commit="abc",
+        cpus=2,
+        date="today",
+        load=1.0,
+        count=100,
+        classes=10,
+        p=8,
+        k=4,
+        note="",
+        fabricate_s=1.0,
+        tree_mb=1.0,
+    )
     text = render(results)
     assert "(met)" in text and "(MISSED)" in text

@@ -1,4 +1,5 @@
 """The evaluation benchmark runs end to end in quick mode and writes its report."""
+
 import json
 
 from benchmarks import bench_eval
@@ -21,8 +22,9 @@ def test_quick_benchmark_writes_report(tmp_path):
 
 
 def test_pml_skipped_where_its_knn_is_too_large(tmp_path):
-    report = bench_eval.main(["--quick", "--cases", "400x5", "--pml-max-neighbours", "1000",
-                              "--out", str(tmp_path)])
+    report = bench_eval.main(
+        ["--quick", "--cases", "400x5", "--pml-max-neighbours", "1000", "--out", str(tmp_path)]
+    )
     case = report["cases"][0]
     assert set(case["median_seconds"]) == {"tripletlab"}
     assert set(case["skipped"]) >= {"pml-faiss", "pml-torch"}

@@ -1,4 +1,5 @@
 """The GPU benchmark's dry run end to end on the CPU, its offline installer and its wheel planning."""
+
 import argparse
 import base64
 import hashlib
@@ -25,8 +26,11 @@ STEPS = ("deps", "eval", "losses", "train", "compile", "sweep tpg=1")
 def test_dry_run_runs_every_step_and_writes_reports_and_summary(tmp_path):
     out = tmp_path / "results"
     args = f"--dry-run --out {out} --wheels {tmp_path / 'no-wheels'}"
-    command = (["make", "-s", "bench-gpu", f"ARGS={args}"] if shutil.which("make")
-               else [sys.executable, "-m", "benchmarks.bench_gpu", *args.split()])
+    command = (
+        ["make", "-s", "bench-gpu", f"ARGS={args}"]
+        if shutil.which("make")
+        else [sys.executable, "-m", "benchmarks.bench_gpu", *args.split()]
+    )
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "gpu-cpu.json").read_text())
@@ -67,10 +71,12 @@ def test_recommendation_is_the_smallest_trials_per_gpu_near_the_best_rate(tmp_pa
 def _wheel(folder: Path, module: str) -> str:
     """A minimal pure-Python wheel of distribution ``module`` holding ``module.py``."""
     name = f"{module}-1.0-py3-none-any.whl"
-    files = {f"{module}.py": "VALUE = 42\n",
-             f"{module}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n",
-             f"{module}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                              "Tag: py3-none-any\n"}
+    files = {
+        f"{module}.py": "VALUE = 42\n",
+        f"{module}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n",
+        f"{module}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
     record = []
     for path, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
@@ -114,8 +120,10 @@ def test_ensure_refuses_wheels_of_another_python(tmp_path):
 
 
 def test_wheel_names_and_import_check():
-    assert wheel_distribution("pytorch_metric_learning-2.9.0-py3-none-any.whl") == ("pytorch-metric-learning",
-                                                                                    "2.9.0")
+    assert wheel_distribution("pytorch_metric_learning-2.9.0-py3-none-any.whl") == (
+        "pytorch-metric-learning",
+        "2.9.0",
+    )
     assert import_error(("json", "csv")) is None
     assert "ModuleNotFoundError" in import_error(("json", "tl_module_nobody_has"))
 
@@ -123,8 +131,12 @@ def test_wheel_names_and_import_check():
 def test_ensure_without_wheels_says_how_to_get_them(tmp_path):
     outcome = ensure(tmp_path, modules=("tl_module_nobody_has",))
     assert outcome["still_missing"] == ["tl_module_nobody_has"] and "make gpu-wheels" in outcome["error"]
-    assert ensure(tmp_path, modules=("json",)) == {"missing": [], "installed": [], "still_missing": [],
-                                                    "error": None}
+    assert ensure(tmp_path, modules=("json",)) == {
+        "missing": [],
+        "installed": [],
+        "still_missing": [],
+        "error": None,
+    }
 
 
 def test_platforms_expand_to_older_manylinux_tags():
@@ -139,15 +151,26 @@ def _item(name, version, requires=()):
 
 
 def test_download_list_drops_what_the_target_has_and_cuda_libraries():
-    items = [_item("mlflow", "3.17.2", ["pandas<4", "pyarrow>=4", "flask", "pytest; extra == 'dev'"]),
-             _item("pandas", "3.1.1", ["numpy>=2", "python-dateutil"]), _item("numpy", "2.4.6"),
-             _item("python_dateutil", "2.9"), _item("pyarrow", "25.0"), _item("Flask", "3.1.3", ["click"]),
-             _item("click", "8.5"), _item("nvidia-cublas-cu12", "12.6"), _item("faiss-gpu-cu12", "1.14",
-                                                                             ["nvidia-cublas-cu12"]),
-             _item("nvidia-ml-py", "13.5")]
+    items = [
+        _item("mlflow", "3.17.2", ["pandas<4", "pyarrow>=4", "flask", "pytest; extra == 'dev'"]),
+        _item("pandas", "3.1.1", ["numpy>=2", "python-dateutil"]),
+        _item("numpy", "2.4.6"),
+        _item("python_dateutil", "2.9"),
+        _item("pyarrow", "25.0"),
+        _item("Flask", "3.1.3", ["click"]),
+        _item("click", "8.5"),
+        _item("nvidia-cublas-cu12", "12.6"),
+        _item("faiss-gpu-cu12", "1.14", ["nvidia-cublas-cu12"]),
+        _item("nvidia-ml-py", "13.5"),
+    ]
     keep, dropped = to_download(items, provided=["pandas"], leave_out=["pyarrow"])
-    assert keep == ["mlflow==3.17.2", "flask==3.1.3", "click==8.5", "faiss-gpu-cu12==1.14",
-                    "nvidia-ml-py==13.5"]
+    assert keep == [
+        "mlflow==3.17.2",
+        "flask==3.1.3",
+        "click==8.5",
+        "faiss-gpu-cu12==1.14",
+        "nvidia-ml-py==13.5",
+    ]
     assert dropped == ["numpy", "nvidia-cublas-cu12", "pandas", "pyarrow", "python-dateutil"]
 
 
@@ -168,8 +191,16 @@ def test_data_is_found_in_the_data_folder_and_training_is_skipped_without_it(tmp
 def test_full_plan_fits_the_budget_and_covers_every_measurement():
     steps = gpu_steps({"fashion-mnist": "f", "omniglot": "o"}, threads=8)
     assert sum(s.estimate_s for s in steps) <= 8 * 60 - 30  # 30 s left for installing the wheels
-    assert [s.name for s in steps] == ["eval", "losses", "train", "compile", "sweep tpg=1", "sweep tpg=2",
-                                       "sweep tpg=4", "sweep tpg=8"]
+    assert [s.name for s in steps] == [
+        "eval",
+        "losses",
+        "train",
+        "compile",
+        "sweep tpg=1",
+        "sweep tpg=2",
+        "sweep tpg=4",
+        "sweep tpg=8",
+    ]
     losses = next(s for s in steps if s.name == "losses").argv
     assert losses[losses.index("--sizes") + 1] == "256,512,1024,2048,4096"
     assert losses[losses.index("--dtypes") + 1] == "float32,bfloat16" and "cuda" in losses
@@ -181,8 +212,10 @@ def test_a_step_the_time_left_cannot_hold_is_skipped_without_running(tmp_path):
     def never_read(out, slug):
         raise AssertionError("the step ran")
 
-    steps = [Step("late", "bench_nothing", [], 60, never_read),
-             Step("no data", "bench_nothing", [], 1, never_read, skip="no data")]
+    steps = [
+        Step("late", "bench_nothing", [], 60, never_read),
+        Step("no data", "bench_nothing", [], 1, never_read, skip="no data"),
+    ]
     rows = run_steps(steps, tmp_path, "cpu", deadline=0.0)
     assert [(r["step"], r["status"]) for r in rows] == [("late", "skipped"), ("no data", "skipped")]
     assert "needs about 60 s" in rows[0]["result"] and rows[1]["result"] == "no data"
@@ -217,8 +250,12 @@ def test_wheels_are_resolved_for_the_project_dependencies_less_those_left_out():
 def test_without_the_required_modules_the_run_stops_and_says_why(tmp_path, monkeypatch, capsys):
     import benchmarks.bench_gpu as bench_gpu
 
-    outcome = {"missing": ["mlflow"], "installed": [], "still_missing": ["mlflow"],
-               "error": "no manifest.json"}
+    outcome = {
+        "missing": ["mlflow"],
+        "installed": [],
+        "still_missing": ["mlflow"],
+        "error": "no manifest.json",
+    }
     monkeypatch.setattr(bench_gpu, "ensure", lambda wheels: outcome)
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main() extends it
     assert bench_gpu.main(["--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(tmp_path)]) == 1

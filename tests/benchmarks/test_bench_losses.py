@@ -1,4 +1,5 @@
 """The loss benchmark's quick mode: every registry loss gets timed, with ratios to PML and the floor."""
+
 import json
 
 from benchmarks import bench_losses
@@ -12,8 +13,14 @@ def test_quick_run_reports_every_loss(tmp_path):
     rows = report["results"]
     assert {r["name"] for r in rows} >= set(list_losses())
     with_pml = {c.label for c in bench_losses.built_in_cases() if c.pml is not None}
-    assert {"batch_hard", "semi_hard", "batch_all", "multi_similarity", "multi_similarity[miner=False]",
-            "circle"} <= with_pml
+    assert {
+        "batch_hard",
+        "semi_hard",
+        "batch_all",
+        "multi_similarity",
+        "multi_similarity[miner=False]",
+        "circle",
+    } <= with_pml
     for r in rows:
         assert r["ours_ms"] > 0 and r["floor_ms"] > 0 and r["ratio_floor"] > 0
         assert (r["ratio_pml"] is not None and r["ratio_pml"] > 0) == (r["loss"] in with_pml)

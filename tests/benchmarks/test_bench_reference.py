@@ -1,4 +1,5 @@
 """The reference benchmark (PML's textbook pipeline against tripletlab's defaults) at toy size."""
+
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ def _omniglot(path, rng, classes=16, drawers=4):
     images = np.ones((classes, drawers, 105, 105), dtype=bool)  # True = background
     for c in range(classes):
         row, col = divmod(c, 4)
-        images[c, :, row * 26:row * 26 + 20, col * 26:col * 26 + 20] = rng.random((drawers, 20, 20)) > 0.7
+        images[c, :, row * 26 : row * 26 + 20, col * 26 : col * 26 + 20] = rng.random((drawers, 20, 20)) > 0.7
     np.savez(path, images=images, labels=np.arange(classes * drawers).reshape(classes, drawers) // drawers)
 
 
@@ -42,9 +43,31 @@ def test_textbook_net_is_the_described_network():
 def test_toy_run_writes_both_sides_and_the_ratio(tmp_path):
     _omniglot(tmp_path / "omniglot.npz", np.random.default_rng(0))
     out = tmp_path / "results"
-    assert main(["--omniglot", str(tmp_path / "omniglot.npz"), "--fashion-mnist", "", "--seeds", "2",
-                 "--epochs", "1", "--threads", "1", "--out", str(out), "--override", "batch.p=4",
-                 "--override", "batch.k=4", "--tag", "toy"]) == 0
+    assert (
+        main(
+            [
+                "--omniglot",
+                str(tmp_path / "omniglot.npz"),
+                "--fashion-mnist",
+                "",
+                "--seeds",
+                "2",
+                "--epochs",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+                "--override",
+                "batch.p=4",
+                "--override",
+                "batch.k=4",
+                "--tag",
+                "toy",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "reference-cpu-toy.json").read_text())
     assert report["overrides"] == ["batch.p=4", "batch.k=4"]
     (result,) = report["datasets"].values()
@@ -55,7 +78,8 @@ def test_toy_run_writes_both_sides_and_the_ratio(tmp_path):
             assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
             assert result[side][metric]["mean"] == pytest.approx(np.mean(values))
     for metric in METRICS:
-        assert result["ratio"][metric] == pytest.approx(result["tripletlab"][metric]["mean"]
-                                                        / result["pml"][metric]["mean"])
+        assert result["ratio"][metric] == pytest.approx(
+            result["tripletlab"][metric]["mean"] / result["pml"][metric]["mean"]
+        )
     markdown = (out / "reference-cpu-toy.md").read_text()
     assert "| pml |" in markdown and "| tripletlab / pml |" in markdown and "batch.p=4" in markdown

@@ -1,4 +1,5 @@
 """The end-to-end sweep benchmark runs a real (tiny) sweep and reports its wall time and trials."""
+
 import json
 import shutil
 

@@ -1,4 +1,5 @@
 """The training benchmark's quick mode on tiny Fashion-MNIST IDX and Omniglot npz files."""
+
 import json
 
 import numpy as np
@@ -12,9 +13,26 @@ def test_quick_mode_writes_both_reports(tmp_path):
     write_fashion_mnist(tmp_path / "fmnist", rng)
     write_omniglot(tmp_path / "omniglot.npz", rng)
     out = tmp_path / "results"
-    assert main(["--quick", "--fashion-mnist", str(tmp_path / "fmnist"),
-                 "--omniglot", str(tmp_path / "omniglot.npz"), "--workers", "0", "--threads", "1",
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--fashion-mnist",
+                str(tmp_path / "fmnist"),
+                "--omniglot",
+                str(tmp_path / "omniglot.npz"),
+                "--workers",
+                "0",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "train-cpu-quick.json").read_text())
     assert report["epochs"] == 1 and set(report["datasets"]) == {"fashion-mnist", "omniglot"}
     for result in report["datasets"].values():

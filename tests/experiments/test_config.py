@@ -1,4 +1,5 @@
 """Experiment config: YAML files, key=value overrides, typed values and clear errors."""
+
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,18 @@ def test_bundled_configs_load(name):
 
 
 def test_overrides_are_yaml_typed_and_fill_the_loss_defaults():
-    cfg = load_config("digits", ["loss.name=triplet", "loss.margin=0.3", "epochs=5", "model.normalize=false",
-                                 "optimizer.lr=1e-3", "dataset.image_size=[10, 12]",
-                                 "eval.verification=auto"])
+    cfg = load_config(
+        "digits",
+        [
+            "loss.name=triplet",
+            "loss.margin=0.3",
+            "epochs=5",
+            "model.normalize=false",
+            "optimizer.lr=1e-3",
+            "dataset.image_size=[10, 12]",
+            "eval.verification=auto",
+        ],
+    )
     assert (cfg.epochs, cfg.model.normalize, cfg.optimizer.lr) == (5, False, 1e-3)
     assert cfg.loss.params["margin"] == 0.3
     assert cfg.dataset.image_size == [10, 12]
@@ -40,8 +50,9 @@ def test_overrides_are_yaml_typed_and_fill_the_loss_defaults():
 
 def test_yaml_file_with_overrides(tmp_path: Path):
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"loss": {"name": "triplet", "margin": 0.1}, "batch": {"p": 2, "k": 4},
-                                    "seed": 7}))
+    path.write_text(
+        yaml.safe_dump({"loss": {"name": "triplet", "margin": 0.1}, "batch": {"p": 2, "k": 4}, "seed": 7})
+    )
     cfg = load_config(str(path), ["batch.k=6"])
     assert (cfg.loss.params["margin"], cfg.batch.p, cfg.batch.k, cfg.seed) == (0.1, 2, 6, 7)
 
@@ -63,8 +74,9 @@ def test_round_trip_through_dict_and_yaml():
 
 
 def test_typo_names_the_key_the_close_match_and_the_valid_keys():
-    with pytest.raises(ValueError,
-                       match=r"unknown config key 'optimiser.lr'.*optimizer\.lr.*Valid keys:.*batch\.p"):
+    with pytest.raises(
+        ValueError, match=r"unknown config key 'optimiser.lr'.*optimizer\.lr.*Valid keys:.*batch\.p"
+    ):
         load_config(None, ["optimiser.lr=0.1"])
     with pytest.raises(ValueError, match=r"unknown config key 'epoch'.*Did you mean epochs"):
         load_config(None, ["epoch=3"])
@@ -77,17 +89,20 @@ def test_typo_inside_a_yaml_file(tmp_path: Path):
         load_config(str(path), [])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("loss.margn=0.1", r"unknown parameter\(s\) margn for loss 'triplet'; valid: margin"),
-    ("loss.margin=-1", r"triplet\.margin must be in"),
-    ("batch.p=x", r"'batch\.p' must be an integer"),
-    ("batch.k=1", r"batch\.k .* must be >= 2"),
-    ("model.name=vgg", r"'model\.name' must be one of auto, cnn, resnet"),
-    ("optimizer.lr=0", r"optimizer\.lr must be > 0"),
-    ("dataset.val_fraction=1.5", r"dataset\.val_fraction must be in"),
-    ("device=tpu", r"device must be auto, cpu, cuda"),
-    ("epochs", r"not key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.margn=0.1", r"unknown parameter\(s\) margn for loss 'triplet'; valid: margin"),
+        ("loss.margin=-1", r"triplet\.margin must be in"),
+        ("batch.p=x", r"'batch\.p' must be an integer"),
+        ("batch.k=1", r"batch\.k .* must be >= 2"),
+        ("model.name=vgg", r"'model\.name' must be one of auto, cnn, resnet"),
+        ("optimizer.lr=0", r"optimizer\.lr must be > 0"),
+        ("dataset.val_fraction=1.5", r"dataset\.val_fraction must be in"),
+        ("device=tpu", r"device must be auto, cpu, cuda"),
+        ("epochs", r"not key=value"),
+    ],
+)
 def test_bad_values_raise_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, ["loss.name=triplet", override])
@@ -108,8 +123,11 @@ def test_yaml_is_loaded_safely(tmp_path: Path):
 
 
 def test_parse_overrides_keeps_strings_and_lists():
-    assert parse_overrides(["dataset.path=/data/x", "a=[1, 2]", "b="]) == {"dataset.path": "/data/x",
-                                                                           "a": [1, 2], "b": ""}
+    assert parse_overrides(["dataset.path=/data/x", "a=[1, 2]", "b="]) == {
+        "dataset.path": "/data/x",
+        "a": [1, 2],
+        "b": "",
+    }
 
 
 def test_dataclass_defaults_validate():

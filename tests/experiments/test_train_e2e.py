@@ -1,10 +1,11 @@
 """``tripletlab train`` and ``run_experiment`` end to end on tiny digits, with a real SQLite MLflow
 store: finished, failed, killed and pruned runs, reproducibility, checkpoints and clear errors."""
+
 import gzip
-from dataclasses import dataclass
 import io
 import struct
 import zipfile
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -13,15 +14,22 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tripletlab.cli import main as cli_main
 from experiments.config import load_config
 from experiments.models.image import build_model
-from experiments.train.run import NonFiniteLossError, run_experiment
 from experiments.tracking.store import prepare_store
 from experiments.train.loop import read_checkpoint
+from experiments.train.run import NonFiniteLossError, run_experiment
 from losses import STAT_NAMES
+from tripletlab.cli import main as cli_main
 
-TINY = ["epochs=2", "dataset.max_per_class=24", "batch.p=4", "batch.k=4", "model.embedding_dim=16", "device=cpu"]
+TINY = [
+    "epochs=2",
+    "dataset.max_per_class=24",
+    "batch.p=4",
+    "batch.k=4",
+    "model.embedding_dim=16",
+    "device=cpu",
+]
 
 
 @dataclass
@@ -75,18 +83,37 @@ def test_train_command_logs_a_finished_run(store, tmp_path, capsys):
     params = run.data.params
     assert params["batch.p"] == "4" and params["loss.name"] == "batch_hard" and "loss.margin" in params
     assert params["data.classes_with_replacement"] == "0"
-    for key in ["train/loss", "val/map_at_r", "val/precision_at_1", "val/r_precision", "epoch_seconds",
-                *(f"train/{s}" for s in STAT_NAMES)]:
+    for key in [
+        "train/loss",
+        "val/map_at_r",
+        "val/precision_at_1",
+        "val/r_precision",
+        "epoch_seconds",
+        *(f"train/{s}" for s in STAT_NAMES),
+    ]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
-    for key in ["test/map_at_r", "test/precision_at_1", "test/r_precision", "test/recall_at_8", "test/nmi",
-                "test/alignment", "test/uniformity", "test/intra_class_distance", "test/inter_class_distance",
-                "test/easy_fraction", "test/semi_hard_fraction", "test/hard_fraction",
-                "val/best_map_at_r", "train_seconds"]:
+    for key in [
+        "test/map_at_r",
+        "test/precision_at_1",
+        "test/r_precision",
+        "test/recall_at_8",
+        "test/nmi",
+        "test/alignment",
+        "test/uniformity",
+        "test/intra_class_distance",
+        "test/inter_class_distance",
+        "test/easy_fraction",
+        "test/semi_hard_fraction",
+        "test/hard_fraction",
+        "val/best_map_at_r",
+        "train_seconds",
+    ]:
         assert key in run.data.metrics, key
     metrics = run.data.metrics
     assert 0.0 <= metrics["test/map_at_r"] <= 1.0
-    assert metrics["test/easy_fraction"] + metrics["test/semi_hard_fraction"] + metrics["test/hard_fraction"] == \
-        pytest.approx(1.0)
+    assert metrics["test/easy_fraction"] + metrics["test/semi_hard_fraction"] + metrics[
+        "test/hard_fraction"
+    ] == pytest.approx(1.0)
     assert not any(k.startswith("test/verification_") for k in metrics)  # digits: not an identity dataset
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     assert artifacts.is_relative_to(tmp_path / "mlartifacts")
@@ -99,8 +126,10 @@ def test_train_command_logs_a_finished_run(store, tmp_path, capsys):
 
 def test_auto_batch_p_is_logged_as_the_resolved_value(store, tmp_path):
     """batch.p=0 (the default) trains on every class of digits' 10 and records P=10, not 0."""
-    result = store.run(load_config(None, ["epochs=1", "dataset.max_per_class=24", "model.embedding_dim=8",
-                                          "device=cpu"]), evaluate_test=False)
+    result = store.run(
+        load_config(None, ["epochs=1", "dataset.max_per_class=24", "model.embedding_dim=8", "device=cpu"]),
+        evaluate_test=False,
+    )
     run = MlflowClient(store.uri).get_run(result.run_id)
     assert run.data.params["batch.p"] == "10" and run.data.params["batch.k"] == "4"
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
@@ -121,8 +150,8 @@ def test_same_seed_gives_identical_metrics(store):
 def test_training_beats_the_untrained_network(store):
     cfg = load_config(None, ["epochs=3", "dataset.max_per_class=60", "device=cpu"])
     result = store.run(cfg)
-    from experiments.data.registry import load_dataset
     from experiments.data.device_data import DeviceImages
+    from experiments.data.registry import load_dataset
     from experiments.eval.run_metrics import embed_split, validation_metrics
 
     test = load_dataset(cfg.dataset, cfg.seed).test
@@ -138,10 +167,13 @@ def _failed(store, match):
     return run
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optimiser.lr=0.1"], "unknown config key 'optimiser.lr'"),
-    (["loss.margn=0.1"], "unknown parameter(s) margn for loss 'batch_hard'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimiser.lr=0.1"], "unknown config key 'optimiser.lr'"),
+        (["loss.margn=0.1"], "unknown parameter(s) margn for loss 'batch_hard'"),
+    ],
+)
 def test_config_errors_are_clear_and_start_no_run(store, capsys, overrides, message):
     assert store.train(*TINY, *overrides) == 2
     assert message in capsys.readouterr().err
@@ -163,7 +195,9 @@ def test_data_errors_fail_the_run_with_the_reason(store, tmp_path, capsys):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 40), ("t10k", 20)):
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 1234, (n, 28, 28), rng.integers(0, 255, n * 784))
+        _write_idx(
+            folder / f"{prefix}-images-idx3-ubyte.gz", 1234, (n, 28, 28), rng.integers(0, 255, n * 784)
+        )
         _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, (n,), np.arange(n) % 10)
     assert store.train(*base, f"dataset.path={folder}") == 2
     assert "expected IDX magic number 2051, found 1234" in capsys.readouterr().err
@@ -195,8 +229,11 @@ def test_non_finite_loss(store):
 
 def test_pruned_run_finishes_early(store):
     seen = []
-    result = store.run(load_config(None, [*TINY, "epochs=3"]), tags={"tripletlab.role": "trial"},
-                       on_epoch=lambda epoch, metrics: seen.append((epoch, metrics["val/map_at_r"])) or True)
+    result = store.run(
+        load_config(None, [*TINY, "epochs=3"]),
+        tags={"tripletlab.role": "trial"},
+        on_epoch=lambda epoch, metrics: seen.append((epoch, metrics["val/map_at_r"])) or True,
+    )
     assert result.pruned and len(result.history) == 1 and seen[0][0] == 1
     assert result.val_metrics["map_at_r"] == seen[0][1]
     (run,) = store.runs()
@@ -217,7 +254,9 @@ def test_keyboard_interrupt_kills_the_run(store):
 def test_parent_run_and_checkpoints(store, tmp_path):
     client = MlflowClient(store.uri)
     parent = store.run(load_config(None, [*TINY, "epochs=1"]), evaluate_test=False)
-    cfg = load_config(None, [*TINY, f"train.checkpoint_dir={tmp_path / 'ckpt'}", "train.early_stopping_patience=1"])
+    cfg = load_config(
+        None, [*TINY, f"train.checkpoint_dir={tmp_path / 'ckpt'}", "train.early_stopping_patience=1"]
+    )
     child = store.run(cfg, parent_run_id=parent.run_id, log_embeddings=False)
     run = client.get_run(child.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent.run_id
@@ -240,8 +279,17 @@ def test_identity_dataset_gets_verification_metrics(store, tmp_path):
                 noisy = np.clip(face + rng.normal(0, 20, face.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(noisy).save(buffer, format="PPM")  # grey images are written as P5 PGM
                 zf.writestr(f"att_faces/s{subject}/{k}.pgm", buffer.getvalue())
-    cfg = load_config("orl-faces", ["epochs=1", "batch.p=2", "batch.k=4", "model.embedding_dim=8",
-                                    f"dataset.path={archive}", "device=cpu"])
+    cfg = load_config(
+        "orl-faces",
+        [
+            "epochs=1",
+            "batch.p=2",
+            "batch.k=4",
+            "model.embedding_dim=8",
+            f"dataset.path={archive}",
+            "device=cpu",
+        ],
+    )
     result = store.run(cfg)
     assert 0.0 <= result.test_metrics["verification_roc_auc"] <= 1.0
     assert "test/verification_accuracy" in store.runs()[0].data.metrics

@@ -4,6 +4,7 @@ run ``tripletlab sweep`` as separate processes against it.
 The ``mlflow_server`` fixture is registered for every test in ``tests/conftest.py``. One server per
 test module; tests keep apart by sweep name.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,16 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers.postgres_fixture import free_port
 
 from experiments.tracking.server import server_url, start_server, stop_server, wait_until_ready
+from helpers.postgres_fixture import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT = 180  # seconds; a cold start migrates the schema, slow on a busy 2-core machine
 
 # Tiny and fast: digits, 20 images per class, 1 epoch, small batches (under a second per trial).
-TINY_TRIAL = ["epochs=1", "pruner=none", "dataset.max_per_class=20", "model.embedding_dim=8",
-              "batch.p=3", "batch.k=4", "optimizer.warmup_fraction=0"]
+TINY_TRIAL = [
+    "epochs=1",
+    "pruner=none",
+    "dataset.max_per_class=20",
+    "model.embedding_dim=8",
+    "batch.p=3",
+    "batch.k=4",
+    "optimizer.warmup_fraction=0",
+]
 
 
 @dataclass
@@ -42,7 +50,9 @@ class TrackingServer:
         return server_url("127.0.0.1", self.port)
 
     def start(self) -> None:
-        self.process = start_server(self.backend_uri, self.artifacts, port=self.port, workers=1, log_file=self.log_file)
+        self.process = start_server(
+            self.backend_uri, self.artifacts, port=self.port, workers=1, log_file=self.log_file
+        )
         try:
             wait_until_ready(self.url, self.process, timeout=SERVER_START_TIMEOUT)
         except RuntimeError as exc:
@@ -71,21 +81,54 @@ def mlflow_server(postgres_server, tmp_path_factory):
         postgres_server.drop_database(database)
 
 
-def sweep_command(name: str, storage: str, tracking_uri: str, output_dir: Path, workers: int,
-                  trials: int, extra: list[str] = ()) -> list[str]:
+def sweep_command(
+    name: str,
+    storage: str,
+    tracking_uri: str,
+    output_dir: Path,
+    workers: int,
+    trials: int,
+    extra: list[str] = (),
+) -> list[str]:
     """``tripletlab sweep`` for one loss, tiny trials, a short heartbeat so dead workers are seen fast."""
-    return [sys.executable, "-m", "tripletlab.cli", "sweep", "--config", "quick", f"name={name}",
-            "losses=[batch_hard]", f"trials={trials}", "seeds=1", "heartbeat_interval=1", "grace_period=3",
-            *TINY_TRIAL, *extra, "--workers", str(workers), "--storage", storage,
-            "--tracking-uri", tracking_uri, "--output-dir", str(output_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "tripletlab.cli",
+        "sweep",
+        "--config",
+        "quick",
+        f"name={name}",
+        "losses=[batch_hard]",
+        f"trials={trials}",
+        "seeds=1",
+        "heartbeat_interval=1",
+        "grace_period=3",
+        *TINY_TRIAL,
+        *extra,
+        "--workers",
+        str(workers),
+        "--storage",
+        storage,
+        "--tracking-uri",
+        tracking_uri,
+        "--output-dir",
+        str(output_dir),
+    ]
 
 
 def start_sweep(command: list[str], log_file: Path) -> subprocess.Popen:
     """Start a sweep in its own process group (so a test can stop it and all its workers)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     with open(log_file, "ab") as out:
-        return subprocess.Popen(command, cwd=log_file.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command,
+            cwd=log_file.parent,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def finish(process: subprocess.Popen, log_file: Path, timeout: float = 240) -> int:
@@ -109,7 +152,9 @@ def log_tail(log_file: Path, lines: int = 40) -> str:
     return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, log_file: Path, interval: float = 0.2):
+def wait_for(
+    predicate, timeout: float, what: str, process: subprocess.Popen, log_file: Path, interval: float = 0.2
+):
     """Poll ``predicate`` while ``process`` runs until it returns something truthy (returned);
     fail naming ``what`` and showing the end of the process's log."""
     deadline = time.monotonic() + timeout
@@ -118,6 +163,10 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, lo
         if value:
             return value
         if process.poll() is not None:
-            pytest.fail(f"the sweep exited ({process.returncode}) before {what}; its log ends:\n{log_tail(log_file)}")
+            pytest.fail(
+                f"the sweep exited ({process.returncode}) before {what}; its log ends:\n{log_tail(log_file)}"
+            )
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; the sweep's log ends:\n{log_tail(log_file)}")
+    pytest.fail(
+        f"timed out after {timeout:.0f}s waiting for {what}; the sweep's log ends:\n{log_tail(log_file)}"
+    )

@@ -6,9 +6,11 @@ does. Otherwise start a throwaway cluster with the installed ``initdb``/``pg_ctl
 system user when running as root (PostgreSQL refuses to run as root). Without either, the tests
 that need it skip and say why.
 
-The fixtures ``postgres_server`` and ``postgres_url`` are registered in ``tests/conftest.py``. A test that restarts the server uses ``restartable_postgres`` instead: always a
-throwaway cluster of its own, never the shared server.
+The fixtures ``postgres_server`` and ``postgres_url`` are registered in ``tests/conftest.py``. A test
+that restarts the server uses ``restartable_postgres`` instead: always a throwaway cluster of its
+own, never the shared server.
 """
+
 from __future__ import annotations
 
 import glob
@@ -73,8 +75,10 @@ class PostgresServer:
 
 
 def _bin_dir() -> Path | None:
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
-                        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     if candidates:
         return Path(candidates[-1]).parent
     pg_ctl = shutil.which("pg_ctl")
@@ -97,8 +101,10 @@ class _ThrowawayCluster:
             try:
                 self.user = pwd.getpwnam("postgres")
             except KeyError:
-                raise RuntimeError("running as root and there is no 'postgres' system user to run "
-                                   "PostgreSQL as; set TRIPLETLAB_TEST_POSTGRES_URL instead") from None
+                raise RuntimeError(
+                    "running as root and there is no 'postgres' system user to run "
+                    "PostgreSQL as; set TRIPLETLAB_TEST_POSTGRES_URL instead"
+                ) from None
         self._reap_orphans()
         self.root = Path(tempfile.mkdtemp(prefix=self.PREFIX))
         (self.root / "owner.pid").write_text(str(os.getpid()))
@@ -117,7 +123,12 @@ class _ThrowawayCluster:
             except (OSError, ValueError):
                 continue  # not ours to judge: no readable owner
             orphan = object.__new__(_ThrowawayCluster)
-            orphan.bin_dir, orphan.user, orphan.root, orphan.data = self.bin_dir, self.user, root, root / "data"
+            orphan.bin_dir, orphan.user, orphan.root, orphan.data = (
+                self.bin_dir,
+                self.user,
+                root,
+                root / "data",
+            )
             try:
                 orphan.stop()
             except RuntimeError:
@@ -125,8 +136,14 @@ class _ThrowawayCluster:
 
     def _run(self, *args: str) -> None:
         kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
-        result = subprocess.run([str(self.bin_dir / args[0]), *args[1:]], cwd=self.root,
-                                capture_output=True, text=True, timeout=120, **kwargs)
+        result = subprocess.run(
+            [str(self.bin_dir / args[0]), *args[1:]],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **kwargs,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
 
@@ -137,16 +154,40 @@ class _ThrowawayCluster:
         if self.user:
             for path in (self.root, password_file):
                 os.chown(path, self.user.pw_uid, self.user.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", CLUSTER_ROLE, "-E", "UTF8", "--no-sync",
-                  "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            CLUSTER_ROLE,
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={password_file}",
+        )
         self._start_server()
         return f"postgresql://{CLUSTER_ROLE}:{self.password}@127.0.0.1:{self.port}/postgres"
 
     def _start_server(self) -> None:
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}"
-                   " -c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options,
-                  "-w", "-t", "60", "start")
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def restart(self, down_seconds: float) -> None:
         """Stop the server as an administrator would (``-m fast``: sessions are cut), stay down

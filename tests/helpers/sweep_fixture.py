@@ -3,6 +3,7 @@ analysis tests: real training, a real Optuna journal file and a real MLflow SQLi
 
 The ``tiny_sweep`` fixture is registered for every test in ``tests/conftest.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,17 @@ import pytest
 from tripletlab.cli import main as cli_main
 
 TINY_LOSSES = ("batch_hard", "multi_similarity")
-TINY_SETTINGS = ["trials=3", "seeds=2", "epochs=1", "pruner=none", "model.embedding_dim=16",
-                 "optimizer.warmup_fraction=0", "batch.p=8", "batch.k=4", "dataset.max_per_class=40"]
+TINY_SETTINGS = [
+    "trials=3",
+    "seeds=2",
+    "epochs=1",
+    "pruner=none",
+    "model.embedding_dim=16",
+    "optimizer.warmup_fraction=0",
+    "batch.p=8",
+    "batch.k=4",
+    "dataset.max_per_class=40",
+]
 
 
 @dataclass
@@ -45,13 +55,23 @@ def working_directory(path: Path):
 
 
 def sweep_args(name: str, losses=TINY_LOSSES, extra=(), storage: str | None = None) -> list[str]:
-    args = ["sweep", "--config", "quick", f"name={name}", f"losses=[{','.join(losses)}]", *TINY_SETTINGS, *extra,
-            "--tracking-uri", "sqlite:///mlflow.db"]
+    args = [
+        "sweep",
+        "--config",
+        "quick",
+        f"name={name}",
+        f"losses=[{','.join(losses)}]",
+        *TINY_SETTINGS,
+        *extra,
+        "--tracking-uri",
+        "sqlite:///mlflow.db",
+    ]
     return args + (["--storage", storage] if storage else [])
 
 
-def run_sweep(root: Path, name: str = "tiny", losses=TINY_LOSSES, extra=(), storage: str | None = None,
-              cli_args=()) -> TinySweep:
+def run_sweep(
+    root: Path, name: str = "tiny", losses=TINY_LOSSES, extra=(), storage: str | None = None, cli_args=()
+) -> TinySweep:
     """Run ``tripletlab sweep`` in ``root`` (in this process) and describe what it wrote."""
     root.mkdir(parents=True, exist_ok=True)
     args = [*cli_args, *sweep_args(name, losses, extra, storage)]
@@ -59,9 +79,19 @@ def run_sweep(root: Path, name: str = "tiny", losses=TINY_LOSSES, extra=(), stor
         code = cli_main(args)
     trials = next((int(a.split("=", 1)[1]) for a in reversed(args) if a.startswith("trials=")), 3)
     seeds = next((int(a.split("=", 1)[1]) for a in reversed(args) if a.startswith("seeds=")), 2)
-    return TinySweep(root, name, f"sqlite:///{root / 'mlflow.db'}", name,
-                     storage or str(root / "runs" / name / "optuna.journal"), root / "runs" / name,
-                     tuple(losses), trials, seeds, code, args)
+    return TinySweep(
+        root,
+        name,
+        f"sqlite:///{root / 'mlflow.db'}",
+        name,
+        storage or str(root / "runs" / name / "optuna.journal"),
+        root / "runs" / name,
+        tuple(losses),
+        trials,
+        seeds,
+        code,
+        args,
+    )
 
 
 @pytest.fixture(scope="session")

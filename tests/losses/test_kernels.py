@@ -1,9 +1,10 @@
 """Every fused kernel against its loss's readable formula (``fused = False``), the kernel's oracle:
 values, gradients (embeddings and references) and statistics, in float64."""
+
 import pytest
 import torch
-from helpers.loss_batches import clustered_batch, pk_batch
 
+from helpers.loss_batches import clustered_batch, pk_batch
 from losses import STAT_NAMES, build_loss, loss_info
 
 CASES = [
@@ -58,17 +59,32 @@ def assert_same(fused, readable):
 
 def test_every_built_in_with_a_kernel_is_covered():
     covered = {name for name, _ in CASES + CROSS_MODAL_CASES}
-    with_kernel = {name for name in ("triplet", "batch_all", "batch_hard", "semi_hard", "multi_similarity",
-                                     "circle", "cross_modal_triplet", "info_nce", "triplet_center")
-                   if getattr(loss_info(name).cls, "fused", False)}
+    with_kernel = {
+        name
+        for name in (
+            "triplet",
+            "batch_all",
+            "batch_hard",
+            "semi_hard",
+            "multi_similarity",
+            "circle",
+            "cross_modal_triplet",
+            "info_nce",
+            "triplet_center",
+        )
+        if getattr(loss_info(name).cls, "fused", False)
+    }
     assert with_kernel == covered
 
 
 @pytest.mark.parametrize("batch", ["pk", "clustered"])
 @pytest.mark.parametrize("name,params", CASES)
 def test_kernel_equals_the_formula(name, params, batch):
-    x, labels = pk_batch(4, 4, 6, torch.float64, seed=31) if batch == "pk" else \
-        clustered_batch(4, 4, 6, torch.float64, seed=32, spread=0.9)
+    x, labels = (
+        pk_batch(4, 4, 6, torch.float64, seed=31)
+        if batch == "pk"
+        else clustered_batch(4, 4, 6, torch.float64, seed=32, spread=0.9)
+    )
     fused = run(name, params, True, [x], labels)
     assert_same(fused, run(name, params, False, [x], labels))
     assert fused[0] > 0 or params.get("mining") == "easy-triplets"
@@ -95,6 +111,9 @@ def test_cross_modal_kernel_equals_the_formula(name, params):
 def test_mining_changes_what_the_kernel_and_the_formula_compute():
     """The comparisons above are not vacuous: the strategies give different losses."""
     x, labels = clustered_batch(4, 4, 6, torch.float64, seed=32, spread=0.9)
-    values = {mining: run("triplet", dict(mining=mining), fused, [x], labels)[0].item()
-              for mining in ("all", "hard-triplets", "semi-hard-triplets") for fused in (False,)}
+    values = {
+        mining: run("triplet", dict(mining=mining), fused, [x], labels)[0].item()
+        for mining in ("all", "hard-triplets", "semi-hard-triplets")
+        for fused in (False,)
+    }
     assert len(set(values.values())) == 3

@@ -1,8 +1,9 @@
 """Malformed input to every registered loss raises ValueError naming the problem."""
+
 import pytest
 import torch
-from helpers.loss_batches import pk_batch
 
+from helpers.loss_batches import pk_batch
 from losses import build_loss, list_losses, loss_info
 
 DIM = 4
@@ -63,16 +64,19 @@ def test_cross_modal_needs_reference_embeddings(name):
         make_loss(name)(x, labels)
 
 
-@pytest.mark.parametrize("name,params,message", [
-    ("triplet", {"margin": -0.1}, "triplet.margin must be in"),
-    ("triplet", {"mining": "hardest"}, "triplet.mining must be one of"),
-    ("triplet", {"distance": "manhattan"}, "triplet.distance must be one of"),
-    ("triplet", {"curriculum_end": 1.5}, "curriculum_end"),
-    ("batch_hard", {"reduction": "sum"}, "batch_hard.reduction must be one of"),
-    ("batch_hard", {"mining": "all"}, "unknown parameter"),
-    ("semi_hard", {"fallback": "hardest"}, "semi_hard.fallback must be one of"),
-    ("triplet_center", {"num_classes": -1}, "num_classes must be in"),
-])
+@pytest.mark.parametrize(
+    "name,params,message",
+    [
+        ("triplet", {"margin": -0.1}, "triplet.margin must be in"),
+        ("triplet", {"mining": "hardest"}, "triplet.mining must be one of"),
+        ("triplet", {"distance": "manhattan"}, "triplet.distance must be one of"),
+        ("triplet", {"curriculum_end": 1.5}, "curriculum_end"),
+        ("batch_hard", {"reduction": "sum"}, "batch_hard.reduction must be one of"),
+        ("batch_hard", {"mining": "all"}, "unknown parameter"),
+        ("semi_hard", {"fallback": "hardest"}, "semi_hard.fallback must be one of"),
+        ("triplet_center", {"num_classes": -1}, "num_classes must be in"),
+    ],
+)
 def test_bad_hyperparameters(name, params, message):
     with pytest.raises(ValueError, match=message):
         build_loss(name, **params)

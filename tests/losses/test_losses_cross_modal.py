@@ -1,4 +1,5 @@
 """Cross-modal triplet and symmetric InfoNCE against brute-force loops, gradient checks and input errors."""
+
 import math
 
 import pytest
@@ -49,8 +50,12 @@ def brute_info_nce(a, labels_a, b, labels_b, temperature, label_positives):
         for i in range(n):
             logits = [1 - cosine_distance(anchors[i], candidates[j]) for j in range(n)]
             log_norm = torch.logsumexp(torch.stack(logits) / temperature, 0)
-            pos = [j for j in range(n) if j == i or (label_positives and
-                   (labels_a[j] == labels_b[i] if flip else labels_a[i] == labels_b[j]))]
+            pos = [
+                j
+                for j in range(n)
+                if j == i
+                or (label_positives and (labels_a[j] == labels_b[i] if flip else labels_a[i] == labels_b[j]))
+            ]
             total = total - sum(logits[j] / temperature - log_norm for j in pos) / len(pos) / (2 * n)
     return total
 
@@ -74,12 +79,17 @@ def grads(fn, a, b):
 @pytest.mark.parametrize("label_positives", [False, True])
 def test_cross_modal_triplet_matches_loops(negatives, direction, label_positives):
     a, la, b, lb = paired_batch(seed=1)
-    loss = build_loss("cross_modal_triplet", margin=0.3, negatives=negatives, direction=direction,
-                      label_positives=label_positives)
+    loss = build_loss(
+        "cross_modal_triplet",
+        margin=0.3,
+        negatives=negatives,
+        direction=direction,
+        label_positives=label_positives,
+    )
     ours = grads(lambda u, v: loss(u, la, v, lb), a, b)
-    oracle = grads(lambda u,
-                   v: brute_cross_modal_triplet(u, la, v, lb, 0.3, negatives, direction,
-                                                label_positives), a, b)
+    oracle = grads(
+        lambda u, v: brute_cross_modal_triplet(u, la, v, lb, 0.3, negatives, direction, label_positives), a, b
+    )
     assert float(ours[0]) > 0
     for mine, theirs in zip(ours, oracle):
         assert torch.allclose(mine, theirs, atol=1e-10)
@@ -101,16 +111,21 @@ def test_info_nce_equals_clip_cross_entropy():
     a, la, b, lb = paired_batch(seed=3)
     logits = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T / 0.07
     target = torch.arange(len(a))
-    clip = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T,
-                                                                                                  target)) / 2
+    clip = (
+        torch.nn.functional.cross_entropy(logits, target)
+        + torch.nn.functional.cross_entropy(logits.T, target)
+    ) / 2
     assert torch.allclose(build_loss("info_nce")(a, la, b, lb), clip, atol=1e-12)
 
 
-@pytest.mark.parametrize("params", [
-    dict(name="cross_modal_triplet", negatives="hardest"),
-    dict(name="cross_modal_triplet", negatives="sum", label_positives=True),
-    dict(name="info_nce", label_positives=True),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(name="cross_modal_triplet", negatives="hardest"),
+        dict(name="cross_modal_triplet", negatives="sum", label_positives=True),
+        dict(name="info_nce", label_positives=True),
+    ],
+)
 def test_gradcheck(params):
     params = dict(params)
     a, la, b, lb = paired_batch(n=6, d=4, seed=4)
@@ -146,8 +161,13 @@ def test_single_pair_gives_zero_triplet_loss_and_finite_gradients():
 @pytest.mark.parametrize("label_positives", [False, True])
 def test_triplet_stats_match_loops(negatives, label_positives):
     a, la, b, lb = paired_batch(seed=6)
-    loss = build_loss("cross_modal_triplet", margin=0.3, negatives=negatives, direction="a_to_b",
-                      label_positives=label_positives)
+    loss = build_loss(
+        "cross_modal_triplet",
+        margin=0.3,
+        negatives=negatives,
+        direction="a_to_b",
+        label_positives=label_positives,
+    )
     loss(a, la, b, lb)
     n = len(a)
     d = [[float(cosine_distance(a[i], b[j])) for j in range(n)] for i in range(n)]

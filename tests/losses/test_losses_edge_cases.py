@@ -1,8 +1,9 @@
 """Edge batches for every registered loss: finite values and gradients, and 0 where nothing is valid."""
+
 import pytest
 import torch
-from helpers.loss_batches import pk_batch
 
+from helpers.loss_batches import pk_batch
 from losses import STAT_NAMES, build_loss, list_losses, loss_info
 
 DIM = 6
@@ -42,8 +43,16 @@ def edge_batch(case):
     raise AssertionError(case)
 
 
-CASES = ["single_class", "all_distinct", "one_sample", "identical", "large_norm", "small_norm", "float16",
-         "bfloat16"]
+CASES = [
+    "single_class",
+    "all_distinct",
+    "one_sample",
+    "identical",
+    "large_norm",
+    "small_norm",
+    "float16",
+    "bfloat16",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -53,8 +62,11 @@ def test_edge_batch(name, case):
     loss = make_loss(name)
     inputs = [x.clone().requires_grad_()]
     if loss_info(name).cross_modal:
-        inputs.append((x.flip(0) + 0.5 * x.roll(1, 1)).to(x.dtype).requires_grad_() if case != "identical"
-                      else x.clone().requires_grad_())
+        inputs.append(
+            (x.flip(0) + 0.5 * x.roll(1, 1)).to(x.dtype).requires_grad_()
+            if case != "identical"
+            else x.clone().requires_grad_()
+        )
         value = loss(inputs[0], labels, inputs[1], labels)
     else:
         value = loss(inputs[0], labels)

@@ -1,11 +1,12 @@
 """Multi-Similarity and Circle against pytorch-metric-learning (value and gradient), plus gradient
 checks and the pair statistics against brute-force loops."""
+
 import pytest
 import torch
-from helpers.loss_batches import clustered_batch, pk_batch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
+from helpers.loss_batches import clustered_batch, pk_batch
 from losses import build_loss
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
@@ -62,8 +63,15 @@ def test_matches_pml_with_reference_set(case):
     ref, ref_y = clustered_batch(5, 2, 8, torch.float64, seed=6, spread=1.5)
     ours = value_and_grad(ours_factory(), x, y, ref, ref_y)
     pml_fn = pml_factory()
-    theirs = value_and_grad(lambda a, b, r, ry: pml_fn(a, b, ref=r, ref_y=ry) if case == "ms_miner"
-                            else pml_fn(a, b, ref_emb=r, ref_labels=ry), x, y, ref, ref_y)
+    theirs = value_and_grad(
+        lambda a, b, r, ry: (
+            pml_fn(a, b, ref=r, ref_y=ry) if case == "ms_miner" else pml_fn(a, b, ref_emb=r, ref_labels=ry)
+        ),
+        x,
+        y,
+        ref,
+        ref_y,
+    )
     assert torch.allclose(ours[0], theirs[0], atol=1e-9)
     for mine, other in zip(ours[1], theirs[1]):
         assert torch.allclose(mine, other, atol=1e-9)
@@ -100,8 +108,11 @@ def brute_circle(x, y, weights_from, m=0.25, gamma=256.0):
             else:
                 neg.append(gamma * torch.relu(w + m) * (s - m))
         if pos and neg:
-            terms.append(torch.nn.functional.softplus(torch.logsumexp(torch.stack(pos), 0)
-                                                      + torch.logsumexp(torch.stack(neg), 0)))
+            terms.append(
+                torch.nn.functional.softplus(
+                    torch.logsumexp(torch.stack(pos), 0) + torch.logsumexp(torch.stack(neg), 0)
+                )
+            )
     nonzero = [t for t in terms if t > 0]
     return sum(nonzero) / max(len(nonzero), 1)
 
@@ -119,8 +130,9 @@ def test_circle_gradient_matches_finite_differences_with_frozen_weights():
         step = torch.zeros(x.numel(), dtype=x.dtype)
         step[index] = h
         step = step.view_as(x)
-        numeric.view(-1)[index] = (brute_circle(x + step, y, x, gamma=32.0)
-                                   - brute_circle(x - step, y, x, gamma=32.0)) / (2 * h)
+        numeric.view(-1)[index] = (
+            brute_circle(x + step, y, x, gamma=32.0) - brute_circle(x - step, y, x, gamma=32.0)
+        ) / (2 * h)
     assert torch.allclose(grad, numeric, atol=1e-6)
 
 
@@ -128,8 +140,10 @@ def _active_and_violating(name, pos, neg):
     """Brute-force counts of active (weighted) and violating pairs of one anchor."""
     if name == "circle":
         m = 0.25
-        return (sum(1 + m - s > 0 for s in pos) + sum(s + m > 0 for s in neg),
-                sum(s < 1 - m for s in pos) + sum(s > m for s in neg))
+        return (
+            sum(1 + m - s > 0 for s in pos) + sum(s + m > 0 for s in neg),
+            sum(s < 1 - m for s in pos) + sum(s > m for s in neg),
+        )
     base, eps = 0.5, 0.1  # Multi-Similarity with its miner
     kept_pos = [s for s in pos if neg and s - eps < max(neg)]
     kept_neg = [s for s in neg if pos and s + eps > min(pos)]

@@ -1,15 +1,16 @@
 """The triplet family against independent oracles: pytorch-metric-learning, brute-force loops, gradcheck."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.loss_batches import clustered_batch, pk_batch
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 
+from helpers.loss_batches import clustered_batch, pk_batch
 from losses import STAT_NAMES, build_loss, loss_info
 from losses.triplet import TripletLoss, triplet_margin
 
@@ -44,11 +45,13 @@ def assert_agree(ours, theirs, dtype):
 
 
 def pml_distance(kind, normalize):
-    return pml_distances.LpDistance(normalize_embeddings=normalize,
-                                    power=2 if kind == "squared_euclidean" else 1)
+    return pml_distances.LpDistance(
+        normalize_embeddings=normalize, power=2 if kind == "squared_euclidean" else 1
+    )
 
 
 # ---------------------------------------------------------------- brute-force oracle
+
 
 def brute_distance(u, v, kind):
     if kind == "cosine":
@@ -72,8 +75,14 @@ def brute_triplets(x, labels, ref=None, ref_labels=None, kind="euclidean", norma
                 continue
             for n in range(len(ref_labels)):
                 if ref_labels[n] != labels[a]:
-                    yield a, p, n, brute_distance(xs[a], ys[p], kind), brute_distance(xs[a], ys[n], kind), \
-                        (lambda p=p, n=n: brute_distance(ys[p], ys[n], kind))
+                    yield (
+                        a,
+                        p,
+                        n,
+                        brute_distance(xs[a], ys[p], kind),
+                        brute_distance(xs[a], ys[n], kind),
+                        (lambda p=p, n=n: brute_distance(ys[p], ys[n], kind)),
+                    )
 
 
 def reduce(terms, reduction, anchor=None):
@@ -84,9 +93,20 @@ def reduce(terms, reduction, anchor=None):
     return terms.sum() / max(int(count), 1)
 
 
-def brute_triplet_loss(x, labels, ref=None, ref_labels=None, *, margin, kind, normalize, keep=lambda t, a,
-                       n: True,
-                       soft=False, reduction="mean_nonzero", swap=False):
+def brute_triplet_loss(
+    x,
+    labels,
+    ref=None,
+    ref_labels=None,
+    *,
+    margin,
+    kind,
+    normalize,
+    keep=lambda t, a, n: True,
+    soft=False,
+    reduction="mean_nonzero",
+    swap=False,
+):
     terms = []
     for a, p, n, d_ap, d_an, d_pn in brute_triplets(x, labels, ref, ref_labels, kind, normalize):
         if not keep((d_an - d_ap).item(), a, n):
@@ -100,17 +120,23 @@ def brute_triplet_loss(x, labels, ref=None, ref_labels=None, *, margin, kind, no
 
 def margin_rule(mining, margin):
     """FaceNet's difficulties with t = d_an - d_ap (PML's miner differs from them only on ties)."""
-    return {"all": lambda t, a, n: True, "hard-triplets": lambda t, a, n: t < 0,
-            "semi-hard-triplets": lambda t, a, n: 0 <= t < margin,
-            "easy-triplets": lambda t, a, n: t >= margin}[mining]
+    return {
+        "all": lambda t, a, n: True,
+        "hard-triplets": lambda t, a, n: t < 0,
+        "semi-hard-triplets": lambda t, a, n: 0 <= t < margin,
+        "easy-triplets": lambda t, a, n: t >= margin,
+    }[mining]
 
 
 # ---------------------------------------------------------------- triplet vs PML
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", ["pk", "clustered"])
-@pytest.mark.parametrize("kind,normalize", [("euclidean", True), ("euclidean", False),
-                                            ("squared_euclidean", True), ("squared_euclidean", False)])
+@pytest.mark.parametrize(
+    "kind,normalize",
+    [("euclidean", True), ("euclidean", False), ("squared_euclidean", True), ("squared_euclidean", False)],
+)
 @pytest.mark.parametrize("mining", ["all", "hard-triplets", "semi-hard-triplets", "easy-triplets"])
 def test_triplet_mining_matches_pml(mining, kind, normalize, batch, dtype):
     x, labels = make_batch(batch, dtype)
@@ -119,8 +145,9 @@ def test_triplet_mining_matches_pml(mining, kind, normalize, batch, dtype):
     ours = TripletLoss(margin=margin, distance=kind, normalize=normalize, mining=mining, soft_margin=soft)
     distance = pml_distance(kind, normalize)
     theirs = pml_losses.TripletMarginLoss(margin=margin, distance=distance, smooth_loss=soft)
-    miner = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=PML_MINING.get(mining, "all"),
-                                          distance=distance)
+    miner = pml_miners.TripletMarginMiner(
+        margin=margin, type_of_triplets=PML_MINING.get(mining, "all"), distance=distance
+    )
     expected = value_and_grad(lambda e: theirs(e, labels, miner(e, labels)), x)
     assert_agree(value_and_grad(lambda e: ours(e, labels), x), expected, dtype)
     assert expected[0] > 0
@@ -145,8 +172,9 @@ def test_mean_reduction_matches_pml_mean_reducer(mining, dtype):
     if mining == "all":
         expected = value_and_grad(lambda e: theirs(e, labels), x)
     else:
-        miner = pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets=PML_MINING[mining],
-                                              distance=distance)
+        miner = pml_miners.TripletMarginMiner(
+            margin=0.2, type_of_triplets=PML_MINING[mining], distance=distance
+        )
         expected = value_and_grad(lambda e: theirs(e, labels, miner(e, labels)), x)
     ours = TripletLoss(margin=0.2, mining=mining, reduction="mean")
     assert_agree(value_and_grad(lambda e: ours(e, labels), x), expected, dtype)
@@ -159,14 +187,16 @@ def test_soft_margin_and_swap_match_pml(soft, swap, dtype):
     distance = pml_distance("euclidean", False)
     theirs = pml_losses.TripletMarginLoss(margin=0.5, distance=distance, smooth_loss=soft, swap=swap)
     ours = TripletLoss(margin=0.5, normalize=False, soft_margin=soft, swap=swap)
-    assert_agree(value_and_grad(lambda e: ours(e, labels), x),
-                 value_and_grad(lambda e: theirs(e, labels), x), dtype)
+    assert_agree(
+        value_and_grad(lambda e: ours(e, labels), x), value_and_grad(lambda e: theirs(e, labels), x), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["euclidean", "squared_euclidean"])
-@pytest.mark.parametrize("loss_name,mining",
-                         [("triplet", "all"), ("triplet", "hard-triplets"), ("batch_hard", None)])
+@pytest.mark.parametrize(
+    "loss_name,mining", [("triplet", "all"), ("triplet", "hard-triplets"), ("batch_hard", None)]
+)
 def test_reference_embeddings_match_pml(loss_name, mining, kind, dtype):
     x, labels = pk_batch(4, 3, 6, dtype, seed=5)
     ref, ref_labels = pk_batch(5, 3, 6, dtype, seed=6)  # class 4 exists only among the references
@@ -174,8 +204,9 @@ def test_reference_embeddings_match_pml(loss_name, mining, kind, dtype):
     theirs = pml_losses.TripletMarginLoss(margin=0.2, distance=distance)
     if loss_name == "triplet":
         ours = TripletLoss(margin=0.2, distance=kind, mining=mining)
-        miner = pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets=PML_MINING.get(mining, mining),
-                                              distance=distance)
+        miner = pml_miners.TripletMarginMiner(
+            margin=0.2, type_of_triplets=PML_MINING.get(mining, mining), distance=distance
+        )
     else:
         ours = build_loss("batch_hard", margin=0.2, distance=kind, normalize=True, reduction="mean_nonzero")
         miner = pml_miners.BatchHardMiner(distance=distance)
@@ -190,10 +221,13 @@ def test_reference_embeddings_match_pml(loss_name, mining, kind, dtype):
 
 # ---------------------------------------------------------------- batch-hard / batch-all
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", ["pk", "clustered"])
-@pytest.mark.parametrize("kind,normalize", [("euclidean", True), ("euclidean", False),
-                                            ("squared_euclidean", True), ("squared_euclidean", False)])
+@pytest.mark.parametrize(
+    "kind,normalize",
+    [("euclidean", True), ("euclidean", False), ("squared_euclidean", True), ("squared_euclidean", False)],
+)
 def test_batch_hard_matches_pml(kind, normalize, batch, dtype):
     x, labels = make_batch(batch, dtype, seed=7)
     distance = pml_distance(kind, normalize)
@@ -208,8 +242,11 @@ def brute_batch_hard(x, labels, margin, kind, normalize, soft, reduction):
     xs = prepared(x, kind, normalize)
     terms = []
     for a in range(len(labels)):
-        pos = [brute_distance(xs[a], xs[p],
-                              kind) for p in range(len(labels)) if p != a and labels[p] == labels[a]]
+        pos = [
+            brute_distance(xs[a], xs[p], kind)
+            for p in range(len(labels))
+            if p != a and labels[p] == labels[a]
+        ]
         neg = [brute_distance(xs[a], xs[n], kind) for n in range(len(labels)) if labels[n] != labels[a]]
         if pos and neg:
             v = max(pos, key=torch.Tensor.item) - min(neg, key=torch.Tensor.item) + margin
@@ -221,8 +258,9 @@ def brute_batch_hard(x, labels, margin, kind, normalize, soft, reduction):
 @pytest.mark.parametrize("soft,reduction", [(False, "mean"), (True, "mean"), (False, "mean_nonzero")])
 def test_batch_hard_brute_force(kind, soft, reduction):
     x, labels = small_batch(8)
-    ours = build_loss("batch_hard", margin=0.1, distance=kind, normalize=True, soft_margin=soft,
-                      reduction=reduction)
+    ours = build_loss(
+        "batch_hard", margin=0.1, distance=kind, normalize=True, soft_margin=soft, reduction=reduction
+    )
     expected = value_and_grad(lambda e: brute_batch_hard(e, labels, 0.1, kind, True, soft, reduction), x)
     assert_agree(value_and_grad(lambda e: ours(e, labels), x), expected, torch.float64)
 
@@ -232,13 +270,16 @@ def test_batch_hard_brute_force(kind, soft, reduction):
 def test_batch_all_brute_force(kind, reduction):
     x, labels = small_batch(9)
     ours = build_loss("batch_all", margin=0.4, distance=kind, reduction=reduction)
-    expected = value_and_grad(lambda e: brute_triplet_loss(e, labels, margin=0.4, kind=kind, normalize=False,
-                                                           reduction=reduction), x)
+    expected = value_and_grad(
+        lambda e: brute_triplet_loss(e, labels, margin=0.4, kind=kind, normalize=False, reduction=reduction),
+        x,
+    )
     assert_agree(value_and_grad(lambda e: ours(e, labels), x), expected, torch.float64)
 
 
 # ---------------------------------------------------------------- cosine, reduction "mean", swap with
 # references
+
 
 @pytest.mark.parametrize("mining", ["all", "hard-triplets", "semi-hard-triplets"])
 @pytest.mark.parametrize("reduction", ["mean", "mean_nonzero"])
@@ -246,10 +287,19 @@ def test_batch_all_brute_force(kind, reduction):
 def test_cosine_and_mean_reduction_brute_force(mining, reduction, swap):
     x, labels = small_batch(10)
     ours = TripletLoss(margin=0.1, distance="cosine", mining=mining, reduction=reduction, swap=swap)
-    expected = value_and_grad(lambda e: brute_triplet_loss(e, labels, margin=0.1, kind="cosine",
-                                                           normalize=True,
-                                                           keep=margin_rule(mining, 0.1), reduction=reduction,
-                                                           swap=swap), x)
+    expected = value_and_grad(
+        lambda e: brute_triplet_loss(
+            e,
+            labels,
+            margin=0.1,
+            kind="cosine",
+            normalize=True,
+            keep=margin_rule(mining, 0.1),
+            reduction=reduction,
+            swap=swap,
+        ),
+        x,
+    )
     assert_agree(value_and_grad(lambda e: ours(e, labels), x), expected, torch.float64)
     assert expected[0] > 0
 
@@ -259,9 +309,11 @@ def test_swap_with_reference_embeddings_brute_force(kind):
     x, labels = pk_batch(3, 3, 5, torch.float64, seed=11)
     ref, ref_labels = pk_batch(3, 4, 5, torch.float64, seed=12)
     ours = TripletLoss(margin=1.0, distance=kind, normalize=False, swap=True, reduction="mean")
+
     def brute(e, r):
-        return brute_triplet_loss(e, labels, r, ref_labels, margin=1.0, kind=kind, normalize=False,
-                                  reduction="mean", swap=True)
+        return brute_triplet_loss(
+            e, labels, r, ref_labels, margin=1.0, kind=kind, normalize=False, reduction="mean", swap=True
+        )
 
     expected = value_and_grad(brute, x, ref)
     assert_agree(value_and_grad(lambda e, r: ours(e, labels, r, ref_labels), x, ref), expected, torch.float64)
@@ -269,9 +321,16 @@ def test_swap_with_reference_embeddings_brute_force(kind):
 
 # ---------------------------------------------------------------- curriculum
 
+
 def brute_curriculum(x, labels, admitted, margin):
-    return brute_triplet_loss(x, labels, margin=margin, kind="euclidean", normalize=True,
-                              keep=lambda t, a, n: t >= 0 or bool(admitted[a, n]))
+    return brute_triplet_loss(
+        x,
+        labels,
+        margin=margin,
+        kind="euclidean",
+        normalize=True,
+        keep=lambda t, a, n: t >= 0 or bool(admitted[a, n]),
+    )
 
 
 @pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
@@ -296,20 +355,25 @@ def test_curriculum_moves_from_easy_to_hard_and_is_seeded():
         return loss(x, labels)
 
     assert mean_violation(0.0, 1) < mean_violation(0.5, 1) < mean_violation(1.0, 1)
-    torch.testing.assert_close(mean_violation(1.0, 1),
-                               build_loss("triplet", margin=0.2, reduction="mean")(x, labels))
+    torch.testing.assert_close(
+        mean_violation(1.0, 1), build_loss("triplet", margin=0.2, reduction="mean")(x, labels)
+    )
     assert mean_violation(0.5, 1) == mean_violation(0.5, 1)
     assert mean_violation(0.5, 1) != mean_violation(0.5, 2)
 
 
 # ---------------------------------------------------------------- FaceNet semi-hard
 
+
 def brute_semi_hard(x, labels, margin, kind, fallback, reduction):
     xs = prepared(x, kind, True)
     terms, fallbacks = [], 0
     for a in range(len(labels)):
-        neg = [(brute_distance(xs[a], xs[n], kind).item(),
-                n) for n in range(len(labels)) if labels[n] != labels[a]]
+        neg = [
+            (brute_distance(xs[a], xs[n], kind).item(), n)
+            for n in range(len(labels))
+            if labels[n] != labels[a]
+        ]
         for p in range(len(labels)):
             if p == a or labels[p] != labels[a] or not neg:
                 continue
@@ -326,8 +390,9 @@ def brute_semi_hard(x, labels, margin, kind, fallback, reduction):
 
 
 @pytest.mark.parametrize("kind", ["squared_euclidean", "euclidean", "cosine"])
-@pytest.mark.parametrize("fallback,reduction",
-                         [("easiest", "mean"), ("skip", "mean"), ("easiest", "mean_nonzero")])
+@pytest.mark.parametrize(
+    "fallback,reduction", [("easiest", "mean"), ("skip", "mean"), ("easiest", "mean_nonzero")]
+)
 def test_semi_hard_brute_force(kind, fallback, reduction):
     x, labels = pk_batch(4, 4, 6, torch.float64, seed=2)
     ours = build_loss("semi_hard", margin=0.3, distance=kind, fallback=fallback, reduction=reduction)
@@ -339,6 +404,7 @@ def test_semi_hard_brute_force(kind, fallback, reduction):
 
 # ---------------------------------------------------------------- triplet-center
 
+
 def brute_triplet_center(x, centres, labels, margin, kind, normalize, reduction):
     xs, cs = prepared(x, kind, normalize), prepared(centres, kind, normalize)
     terms = []
@@ -348,19 +414,28 @@ def brute_triplet_center(x, centres, labels, margin, kind, normalize, reduction)
     return reduce(terms, reduction, x)
 
 
-@pytest.mark.parametrize("kind,normalize",
-                         [("squared_euclidean", False), ("euclidean", True), ("cosine", False)])
+@pytest.mark.parametrize(
+    "kind,normalize", [("squared_euclidean", False), ("euclidean", True), ("cosine", False)]
+)
 @pytest.mark.parametrize("reduction", ["mean", "mean_nonzero"])
 def test_triplet_center_brute_force(kind, normalize, reduction):
     x, labels = pk_batch(4, 3, 5, torch.float64, seed=16)
-    loss = build_loss("triplet_center", margin=0.5, distance=kind, normalize=normalize, reduction=reduction,
-                      num_classes=6, embedding_dim=5).double()
+    loss = build_loss(
+        "triplet_center",
+        margin=0.5,
+        distance=kind,
+        normalize=normalize,
+        reduction=reduction,
+        num_classes=6,
+        embedding_dim=5,
+    ).double()
     centres = loss.centres.detach().clone()
-    expected = value_and_grad(lambda e,
-                              c: brute_triplet_center(e, c, labels, 0.5, kind, normalize, reduction),
-                              x, centres)
-    ours = value_and_grad(lambda e, c: torch.func.functional_call(loss, {"centres": c}, (e, labels)), x,
-                          centres)
+    expected = value_and_grad(
+        lambda e, c: brute_triplet_center(e, c, labels, 0.5, kind, normalize, reduction), x, centres
+    )
+    ours = value_and_grad(
+        lambda e, c: torch.func.functional_call(loss, {"centres": c}, (e, labels)), x, centres
+    )
     assert_agree(ours, expected, torch.float64)
     assert expected[0] > 0 and expected[1][1].abs().sum() > 0
     assert [name for name, _ in loss.named_parameters()] == ["centres"]
@@ -381,14 +456,17 @@ def test_triplet_center_centres_learn():
 # ---------------------------------------------------------------- gradcheck, statistics, functional form
 
 GRADCHECK_CASES = [
-    ("triplet", dict(mining="all")), ("triplet", dict(mining="hard-triplets", distance="squared_euclidean")),
+    ("triplet", dict(mining="all")),
+    ("triplet", dict(mining="hard-triplets", distance="squared_euclidean")),
     ("triplet", dict(mining="semi-hard-triplets", margin=0.5, normalize=False)),
     ("triplet", dict(mining="easy-triplets", soft_margin=True)),
     ("triplet", dict(mining="curriculum", curriculum_start=0.5, curriculum_end=0.5, seed=3)),
     ("triplet", dict(distance="cosine", swap=True, reduction="mean")),
-    ("batch_hard", dict()), ("batch_hard", dict(soft_margin=True, distance="cosine")),
+    ("batch_hard", dict()),
+    ("batch_hard", dict(soft_margin=True, distance="cosine")),
     ("batch_all", dict(distance="squared_euclidean", reduction="mean")),
-    ("semi_hard", dict()), ("semi_hard", dict(distance="euclidean", fallback="skip")),
+    ("semi_hard", dict()),
+    ("semi_hard", dict(distance="euclidean", fallback="skip")),
     ("triplet_center", dict(num_classes=3, embedding_dim=3)),
 ]
 
@@ -441,28 +519,38 @@ def test_triplet_margin_functional(kind, soft, swap):
     a, p, n = (pk_batch(2, 3, 5, torch.float64, seed)[0] for seed in (21, 22, 23))
     terms = []
     for i in range(len(a)):
-        d_an = brute_distance(a[i], n[i], kind) if kind != "cosine" else 1 - F.cosine_similarity(a[i], n[i],
-                                                                                                 dim=0)
+        d_an = (
+            brute_distance(a[i], n[i], kind)
+            if kind != "cosine"
+            else 1 - F.cosine_similarity(a[i], n[i], dim=0)
+        )
         if swap:
-            d_pn = (brute_distance(p[i], n[i], kind) if kind != "cosine"
-                    else 1 - F.cosine_similarity(p[i], n[i], dim=0))
+            d_pn = (
+                brute_distance(p[i], n[i], kind)
+                if kind != "cosine"
+                else 1 - F.cosine_similarity(p[i], n[i], dim=0)
+            )
             d_an = torch.minimum(d_an, d_pn)
-        d_ap = brute_distance(a[i], p[i], kind) if kind != "cosine" else 1 - F.cosine_similarity(a[i], p[i],
-                                                                                                 dim=0)
+        d_ap = (
+            brute_distance(a[i], p[i], kind)
+            if kind != "cosine"
+            else 1 - F.cosine_similarity(a[i], p[i], dim=0)
+        )
         v = d_ap - d_an + 0.7
         terms.append(F.softplus(v) if soft else F.relu(v))
     expected = torch.stack(terms)
     got = triplet_margin(a, p, n, margin=0.7, distance=kind, soft_margin=soft, swap=swap, reduction="none")
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(triplet_margin(a, p, n, 0.7, kind, soft_margin=soft, swap=swap),
-                               expected.mean())
+    torch.testing.assert_close(
+        triplet_margin(a, p, n, 0.7, kind, soft_margin=soft, swap=swap), expected.mean()
+    )
     with pytest.raises(ValueError, match="one shape"):
         triplet_margin(a, p[:-1], n)
 
 
-@pytest.mark.parametrize("params",
-                         [dict(mining="semi-hard-triplets"), dict(soft_margin=True),
-                          dict(mining="curriculum")])
+@pytest.mark.parametrize(
+    "params", [dict(mining="semi-hard-triplets"), dict(soft_margin=True), dict(mining="curriculum")]
+)
 def test_many_positives_per_anchor_are_chunked_without_changing_the_result(monkeypatch, params):
     x, labels = pk_batch(2, 12, 4, torch.float64, seed=24)
     whole = value_and_grad(lambda e: TripletLoss(**params)(e, labels), x)
@@ -473,14 +561,20 @@ def test_many_positives_per_anchor_are_chunked_without_changing_the_result(monke
     monkeypatch.setattr(terms, "slot_chunks", lambda k, n, m: original(k, n, m, budget=n * m * 3))
     assert len(list(terms.slot_chunks(11, 24, 24))) == 4
     assert_agree(value_and_grad(lambda e: TripletLoss(**params)(e, labels), x), whole, torch.float64)
-    assert_agree(value_and_grad(lambda e: build_loss("semi_hard")(e, labels), x), whole_semi_hard,
-                 torch.float64)
+    assert_agree(
+        value_and_grad(lambda e: build_loss("semi_hard")(e, labels), x), whole_semi_hard, torch.float64
+    )
 
 
-@pytest.mark.parametrize("name,params", [("triplet", dict(mining="all")),
-                                         ("triplet", dict(mining="semi-hard-triplets", reduction="mean")),
-                                         ("triplet", dict(mining="curriculum", curriculum_start=0.5)),
-                                         ("semi_hard", dict())])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("triplet", dict(mining="all")),
+        ("triplet", dict(mining="semi-hard-triplets", reduction="mean")),
+        ("triplet", dict(mining="curriculum", curriculum_start=0.5)),
+        ("semi_hard", dict()),
+    ],
+)
 @pytest.mark.parametrize("with_ref", [False, True])
 def test_blocks_of_anchors_do_not_change_the_result(monkeypatch, name, params, with_ref):
     x, labels = pk_batch(5, 4, 6, torch.float64, seed=25)

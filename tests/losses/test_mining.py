@@ -1,8 +1,9 @@
 """The one table of triplet difficulties (FaceNet's) and the mining strategies built on it."""
+
 import pytest
 import torch
-from helpers.loss_batches import clustered_batch
 
+from helpers.loss_batches import clustered_batch
 from losses.distances import pairwise_distances
 from losses.mining import TRIPLET_MINING, difficulty_counts, label_masks, mined_triplets, triplet_difficulty
 
@@ -55,8 +56,9 @@ def test_mining_strategies_keep_their_difficulties():
     assert torch.equal(mined["all"], valid) and torch.equal(mined["hard-triplets"], hard)
     assert torch.equal(mined["semi-hard-triplets"], semi_hard) and torch.equal(mined["easy-triplets"], easy)
     assert torch.equal(mined["curriculum"], semi_hard | easy)  # nothing admitted: no hard triplet
-    everything = mined_triplets("curriculum", d.unsqueeze(2), d.unsqueeze(1), 0.3, valid,
-                                torch.ones(16, 16, dtype=torch.bool))
+    everything = mined_triplets(
+        "curriculum", d.unsqueeze(2), d.unsqueeze(1), 0.3, valid, torch.ones(16, 16, dtype=torch.bool)
+    )
     assert torch.equal(everything, valid) and hard.any() and semi_hard.any() and easy.any()
     with pytest.raises(ValueError, match="unknown mining 'hard'"):
         mined_triplets("hard", d.unsqueeze(2), d.unsqueeze(1), 0.3, valid)

@@ -1,5 +1,6 @@
 """The three plugin routes (decorator, entry point, --plugin file / TRIPLETLAB_PLUGINS), a broken
 plugin and a duplicate name. The command-line checks share one ``tripletlab losses`` run."""
+
 import os
 import shutil
 import subprocess
@@ -50,7 +51,8 @@ def install_as_distribution(site: Path) -> None:
     dist_info = site / f"tripletlab_example_plugin-{project['version']}.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
     entry_points = project["entry-points"]["tripletlab.losses"]
     lines = ["[tripletlab.losses]"] + [f"{k} = {v}" for k, v in entry_points.items()]
     (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
@@ -67,11 +69,27 @@ def cli_run(tmp_path_factory):
     (root / "by_env.py").write_text(FILE_PLUGIN.format(name="env_loss"))
     (root / "broken.py").write_text("raise RuntimeError('plugin exploded on import')\n")
     (root / "duplicate.py").write_text(DUPLICATE_PLUGIN)
-    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1",
-           "TRIPLETLAB_PLUGINS": f"{root / 'by_env.py'},{root / 'broken.py'}"}
-    result = subprocess.run([str(TRIPLETLAB), "--plugin", str(root / "by_flag.py"), "--plugin",
-                             str(root / "duplicate.py"), "losses"],
-                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "OMP_NUM_THREADS": "1",
+        "TRIPLETLAB_PLUGINS": f"{root / 'by_env.py'},{root / 'broken.py'}",
+    }
+    result = subprocess.run(
+        [
+            str(TRIPLETLAB),
+            "--plugin",
+            str(root / "by_flag.py"),
+            "--plugin",
+            str(root / "duplicate.py"),
+            "losses",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return root, site, result
 
 
@@ -79,6 +97,7 @@ def test_decorator_in_user_code(restore_registry):
     @register_loss("user_code_loss")
     class UserLoss(MetricLoss):
         """Mean squared norm, scaled."""
+
         paper = "user paper"
         hyperparams = (loss_info("triplet").param("margin"),)
 
@@ -100,15 +119,27 @@ def test_installed_distribution_entry_point(cli_run):
     assert result.returncode == 0, result.stderr
     assert "angular" in result.stdout
     assert "Wang et al., Deep Metric Learning with Angular Loss" in result.stdout
-    code = ("import torch; from losses import build_loss, loss_info; "
-            "l = build_loss('angular', alpha=45); print(loss_info('angular').source); "
-            "print(float(l(torch.randn(8, 4), torch.arange(4).repeat(2))) > 0)")
-    probe = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                           timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+    code = (
+        "import torch; from losses import build_loss, loss_info; "
+        "l = build_loss('angular', alpha=45); print(loss_info('angular').source); "
+        "print(float(l(torch.randn(8, 4), torch.arange(4).repeat(2))) > 0)"
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"},
+    )
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.split() == ["entry", "point", "angular", "(tripletlab_example_plugin.angular)",
-                                    "True"]
+    assert probe.stdout.split() == [
+        "entry",
+        "point",
+        "angular",
+        "(tripletlab_example_plugin.angular)",
+        "True",
+    ]
 
 
 def test_plugin_file_by_flag_and_by_environment(cli_run):
@@ -139,14 +170,24 @@ def test_load_plugins_reports_a_broken_plugin_and_loads_the_others(tmp_path):
     (tmp_path / "good.py").write_text(FILE_PLUGIN.format(name="good_loss"))
     (tmp_path / "env_module.py").write_text(FILE_PLUGIN.format(name="module_loss"))
     (tmp_path / "broken.py").write_text("raise RuntimeError('plugin exploded on import')\n")
-    code = ("import sys; from losses import load_plugins, loss_info; "
-            "load_plugins([sys.argv[1], sys.argv[2], 'no_such_plugin_module']); "
-            "print(*(loss_info(name).source for name in ('good_loss', 'module_loss', 'triplet')))")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "broken.py"),
-                             str(tmp_path / "good.py")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path),
-                                 "TRIPLETLAB_PLUGINS": "env_module"})
+    code = (
+        "import sys; from losses import load_plugins, loss_info; "
+        "load_plugins([sys.argv[1], sys.argv[2], 'no_such_plugin_module']); "
+        "print(*(loss_info(name).source for name in ('good_loss', 'module_loss', 'triplet')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "broken.py"), str(tmp_path / "good.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(tmp_path),
+            "TRIPLETLAB_PLUGINS": "env_module",
+        },
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(tmp_path / "good.py"), "env_module", "tripletlab"]
     assert "broken.py" in result.stderr and "RuntimeError: plugin exploded on import" in result.stderr

@@ -1,4 +1,5 @@
 """The registry: registration, helpful errors, wildcards, declarations, the CLI listing, pml: names."""
+
 import inspect
 import os
 import subprocess
@@ -7,19 +8,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.loss_batches import pk_batch
 from pytorch_metric_learning import losses as pml_losses
 
+from helpers.loss_batches import pk_batch
 from losses import HyperParam, MetricLoss, build_loss, list_losses, loss_info, register_loss, validate_params
 from losses.params import FROM_INIT
 
-BUILT_INS = ("triplet", "batch_hard", "batch_all", "semi_hard", "multi_similarity", "circle",
-             "cross_modal_triplet", "info_nce", "triplet_center")
+BUILT_INS = (
+    "triplet",
+    "batch_hard",
+    "batch_all",
+    "semi_hard",
+    "multi_similarity",
+    "circle",
+    "cross_modal_triplet",
+    "info_nce",
+    "triplet_center",
+)
 
 
 def make_loss(value):
     class Constant(MetricLoss):
         """Returns a constant."""
+
         paper = f"constant {value}"
 
         def compute(self, embeddings, labels, ref_embeddings, ref_labels):
@@ -47,13 +58,18 @@ def test_unknown_name_lists_close_matches_and_available_names():
     assert all(name in message for name in BUILT_INS)
 
 
-@pytest.mark.parametrize("params, pattern", [
-    ({"margn": 0.2},
-     r"unknown parameter\(s\) margn for loss 'circle'.*valid: m \[-0.5, 1\], gamma \(0, 4096\]"),
-    ({"gamma": -1.0}, r"circle.gamma must be in \(0, 4096\], got -1.0"),
-    ({"m": 2}, r"circle.m must be in \[-0.5, 1\], got 2.0"),
-    ({"gamma": "big"}, r"circle.gamma must be a number in \(0, 4096\]"),
-])
+@pytest.mark.parametrize(
+    "params, pattern",
+    [
+        (
+            {"margn": 0.2},
+            r"unknown parameter\(s\) margn for loss 'circle'.*valid: m \[-0.5, 1\], gamma \(0, 4096\]",
+        ),
+        ({"gamma": -1.0}, r"circle.gamma must be in \(0, 4096\], got -1.0"),
+        ({"m": 2}, r"circle.m must be in \[-0.5, 1\], got 2.0"),
+        ({"gamma": "big"}, r"circle.gamma must be a number in \(0, 4096\]"),
+    ],
+)
 def test_bad_parameters_name_the_parameter_and_its_range(params, pattern):
     with pytest.raises(ValueError, match=pattern):
         build_loss("circle", **params)
@@ -84,8 +100,14 @@ def test_every_built_in_declares_its_hyperparameters(name):
 
 def test_cli_lists_every_built_in(tmp_path):
     tripletlab = Path(sys.executable).with_name("tripletlab")
-    result = subprocess.run([str(tripletlab), "losses"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [str(tripletlab), "losses"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0] for line in result.stdout.splitlines()[2:] if line and not line[0].isspace()}
     assert set(BUILT_INS) <= listed
@@ -103,7 +125,9 @@ def test_pml_contrastive_builds_runs_and_matches_pml():
     assert float(loss.last_stats["mean_d_an"]) > 0
     info = loss_info("pml:ContrastiveLoss")
     assert [(p.name, p.type, p.default, p.search) for p in info.params] == [
-        ("pos_margin", float, 0, None), ("neg_margin", float, 1, None)]
+        ("pos_margin", float, 0, None),
+        ("neg_margin", float, 1, None),
+    ]
 
 
 def test_pml_errors_and_required_arguments():
@@ -121,9 +145,13 @@ def test_pml_errors_and_required_arguments():
 
 # ---------------------------------------------------------------- defaults declared once, conditions
 
+
 def constructor_defaults(cls) -> dict:
-    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 @pytest.mark.parametrize("name", BUILT_INS)
@@ -141,8 +169,17 @@ def test_every_registered_loss_has_its_constructor_defaults():
         assert all(p.default == init[p.name] for p in info.params if p.name in init), name
 
 
-@pytest.mark.parametrize("class_name", ["TripletMarginLoss", "ContrastiveLoss", "MultiSimilarityLoss",
-                                        "CircleLoss", "ArcFaceLoss", "NTXentLoss"])
+@pytest.mark.parametrize(
+    "class_name",
+    [
+        "TripletMarginLoss",
+        "ContrastiveLoss",
+        "MultiSimilarityLoss",
+        "CircleLoss",
+        "ArcFaceLoss",
+        "NTXentLoss",
+    ],
+)
 def test_pml_defaults_are_the_pml_constructor_defaults(class_name):
     info = loss_info(f"pml:{class_name}")
     init = {**constructor_defaults(getattr(pml_losses, class_name))}
@@ -161,6 +198,7 @@ def test_pml_defaults_are_the_pml_constructor_defaults(class_name):
 def declaring(default, init_default=1.0, **extra):
     class Declared(MetricLoss):
         """A loss with one declared hyperparameter."""
+
         paper = "paper"
         hyperparams = (HyperParam("scale", float, default, "scale", **extra),)
 
@@ -184,6 +222,7 @@ def test_register_loss_fills_in_and_checks_defaults(restore_registry):
 
     class Undeclared(MetricLoss):
         """Declares a parameter its constructor does not take."""
+
         hyperparams = (HyperParam("width", float, 1.0),)
 
     with pytest.raises(ValueError, match=r"declares hyperparameter 'width' but Undeclared.__init__ does not"):
@@ -198,7 +237,9 @@ def test_conditions_are_declared_and_listed():
     normalize = loss_info("triplet").param("normalize")
     assert normalize.applies({"distance": "euclidean"}) and not normalize.applies({"distance": "cosine"})
     assert normalize.condition() == "distance in {euclidean, squared_euclidean}"
-    assert all(loss_info("triplet").param(name).when == (("mining", ("curriculum",)),)
-               for name in ("curriculum_start", "curriculum_end", "seed"))
+    assert all(
+        loss_info("triplet").param(name).when == (("mining", ("curriculum",)),)
+        for name in ("curriculum_start", "curriculum_end", "seed")
+    )
     assert loss_info("triplet").param("seed").search_range() == "fixed (has an effect when mining=curriculum)"
     assert loss_info("circle").param("gamma").when == ()

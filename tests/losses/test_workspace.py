@@ -1,4 +1,5 @@
 """The loss workspace hands out reusable buffers of the asked shape, dtype and device."""
+
 import torch
 
 from losses._kernels.workspace import Workspace
@@ -20,6 +21,7 @@ def test_buffers_are_reused_and_grown():
 
 def test_loss_values_do_not_depend_on_an_earlier_call():
     from losses import build_loss
+
     torch.manual_seed(0)
     x, y = torch.randn(12, 8), torch.arange(4).repeat_interleave(3)
     for name in ("multi_similarity", "circle"):

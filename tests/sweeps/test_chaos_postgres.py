@@ -2,6 +2,7 @@
 ``unshare --uts``) sharing a PostgreSQL study and an ``mlflow server``; 3 workers in all. Random
 SIGKILLs hit workers and commands, each killed command is started again until it exits 0, and
 PostgreSQL and the tracking server are each restarted mid-sweep. The end state must be exact."""
+
 from __future__ import annotations
 
 import functools
@@ -53,7 +54,7 @@ def _group_pids(pgids: set[int]) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] != "Z" and int(fields[2]) in pgids:
             pids.append(int(entry.name))
     return pids
@@ -133,6 +134,7 @@ def trial_started(url: str, sweep: str) -> bool:
 
 def restart_in_background(name: str, restart, events: list[str], start: float) -> threading.Thread:
     """Run ``restart()`` in a thread (the kills and restarts of commands go on meanwhile)."""
+
     def run() -> None:
         restart()
         events.append(f"{time.monotonic() - start:.0f}s {name} back")
@@ -182,20 +184,29 @@ def run_chaos(machines: list[Machine], url: str, sweep: str, restart_postgres, t
                 events.append(f"{elapsed:.0f}s kill {alive[victim].name}:{victim}{busy_mark}")
             next_kill = elapsed + rng.uniform(3, 6)
             if kills == 2 and not restarts:
-                restarts.append(restart_in_background("postgres", lambda: restart_postgres(2.0), events,
-                                                      start))
+                restarts.append(
+                    restart_in_background("postgres", lambda: restart_postgres(2.0), events, start)
+                )
             elif kills == 4 and len(restarts) == 1:
-                restarts.append(restart_in_background("tracking server", lambda: restart_tracking(tracking),
-                                                      events, start))
+                restarts.append(
+                    restart_in_background(
+                        "tracking server", lambda: restart_tracking(tracking), events, start
+                    )
+                )
         time.sleep(0.2)
     for thread in restarts:
         thread.join()
-    return {"kills": kills, "events": events, "starts": {m.name: m.starts for m in machines},
-            "seconds": round(time.monotonic() - start)}
+    return {
+        "kills": kills,
+        "events": events,
+        "starts": {m.name: m.starts for m in machines},
+        "seconds": round(time.monotonic() - start),
+    }
 
 
 def test_random_kills_and_server_restarts_end_in_the_exact_state(
-        mlflow_server, restartable_postgres, tmp_path):
+    mlflow_server, restartable_postgres, tmp_path
+):
     reason = _can_unshare()
     if reason:
         pytest.skip(reason)
@@ -203,14 +214,23 @@ def test_random_kills_and_server_restarts_end_in_the_exact_state(
     url = restartable_postgres.server.create_database()
 
     def command(machine: str, workers: int) -> list[str]:
-        return sweep_command(sweep, url, mlflow_server.url, tmp_path / machine / "runs", workers=workers,
-                             trials=TRIALS, extra=EXTRA)
+        return sweep_command(
+            sweep,
+            url,
+            mlflow_server.url,
+            tmp_path / machine / "runs",
+            workers=workers,
+            trials=TRIALS,
+            extra=EXTRA,
+        )
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     other = ["unshare", "--uts", "sh", "-c", f'hostname {OTHER_HOST} && exec "$@"', "sh", *command("b", 1)]
-    machines = [Machine("a", command("a", 2), tmp_path / "a" / "sweep.log"),
-                Machine("b", other, tmp_path / "b" / "sweep.log")]
+    machines = [
+        Machine("a", command("a", 2), tmp_path / "a" / "sweep.log"),
+        Machine("b", other, tmp_path / "b" / "sweep.log"),
+    ]
     try:
         outcome = run_chaos(machines, url, sweep, restartable_postgres.restart, mlflow_server)
     finally:
@@ -232,18 +252,29 @@ def test_random_kills_and_server_restarts_end_in_the_exact_state(
         assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
         counted = budget_trials(study)
         assert len(counted) == TRIALS, [(t.number, t.state.name) for t in trials]
-        assert [t.state for t in counted] == [TrialState.COMPLETE] * TRIALS, \
-            [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+        assert [t.state for t in counted] == [TrialState.COMPLETE] * TRIALS, [
+            (t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials
+        ]
         counted_numbers = {t.number for t in counted}
         for trial in trials:
             if trial.number not in counted_numbers:
                 assert trial.state == TrialState.FAIL and "retried" in trial.user_attrs["fail_reason"], trial
         hosts |= {t.user_attrs["worker_host"] for t in trials if "worker_host" in t.user_attrs}
-        print(f"{loss}: " + "; ".join(f"{t.number} {t.state.name} {t.user_attrs.get('worker_host')} "
-                                      f"{t.user_attrs.get('fail_reason', '')}".strip() for t in trials))
+        print(
+            f"{loss}: "
+            + "; ".join(
+                f"{t.number} {t.state.name} {t.user_attrs.get('worker_host')} "
+                f"{t.user_attrs.get('fail_reason', '')}".strip()
+                for t in trials
+            )
+        )
 
-        trial_runs = [r for r in runs if r.data.tags.get("tripletlab.role") == "trial"
-                      and r.data.tags["optuna.study_name"] == study.study_name]
+        trial_runs = [
+            r
+            for r in runs
+            if r.data.tags.get("tripletlab.role") == "trial"
+            and r.data.tags["optuna.study_name"] == study.study_name
+        ]
         numbers = [r.data.tags["optuna.trial_number"] for r in trial_runs]
         assert len(numbers) == len(set(numbers)), f"two runs for one trial number: {sorted(numbers)}"
         by_id = {r.info.run_id: r for r in trial_runs}
@@ -251,15 +282,23 @@ def test_random_kills_and_server_restarts_end_in_the_exact_state(
             run = by_id[trial.user_attrs["mlflow_run_id"]]
             assert run.info.status == "FINISHED" and run.data.tags["tripletlab.trial_state"] == "complete"
 
-        [parent] = [r for r in runs if r.data.tags.get("tripletlab.role") == "parent"
-                    and r.data.tags["tripletlab.loss"] == loss]
+        [parent] = [
+            r
+            for r in runs
+            if r.data.tags.get("tripletlab.role") == "parent" and r.data.tags["tripletlab.loss"] == loss
+        ]
         assert parent.info.status == "FINISHED"
         best = study.best_trial
-        finals = [r for r in runs
-                  if r.data.tags.get("tripletlab.role") == "final" and r.info.status == "FINISHED"
-                  and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        assert sorted(int(r.data.tags["tripletlab.seed"]) for r in finals) == list(range(1, SEEDS + 1)), \
-            [(r.data.tags["tripletlab.seed"], r.data.tags["tripletlab.best_trial"]) for r in finals]
+        finals = [
+            r
+            for r in runs
+            if r.data.tags.get("tripletlab.role") == "final"
+            and r.info.status == "FINISHED"
+            and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        ]
+        assert sorted(int(r.data.tags["tripletlab.seed"]) for r in finals) == list(range(1, SEEDS + 1)), [
+            (r.data.tags["tripletlab.seed"], r.data.tags["tripletlab.best_trial"]) for r in finals
+        ]
         for run in finals:
             assert run.data.tags["tripletlab.best_trial"] == str(best.number)
             assert {k: run.data.params[k] for k in best.params} == {k: str(v) for k, v in best.params.items()}

@@ -3,6 +3,7 @@ with SIGKILL or stopped with SIGINT in the middle of a trial, a trial held by a 
 the budget is reached, the tracking server going away for a while, and a loss that turns NaN.
 After each, the counts are exact, no trial or run is left RUNNING, final runs start only on a
 finished study, and the sweep resumes with the same command."""
+
 from __future__ import annotations
 
 import functools
@@ -76,8 +77,11 @@ def running_trial_with_run(storage: str, sweep: str, client: MlflowClient, exclu
         trials = study_trials(storage, sweep)
     except KeyError:  # the study is not created yet
         return None
-    running = {t.number: t for t in trials if t.state == TrialState.RUNNING
-               and t.user_attrs.get("worker_pid") not in (None, exclude_pid)}
+    running = {
+        t.number: t
+        for t in trials
+        if t.state == TrialState.RUNNING and t.user_attrs.get("worker_pid") not in (None, exclude_pid)
+    }
     if not running:
         return None
     for run in runs_of(client, sweep, "trial"):
@@ -125,8 +129,10 @@ def test_database_liveness_asks_the_process_here_and_the_heartbeat_elsewhere(pos
     storage.record_heartbeat(beating._trial_id)  # fresh however long the set-up took on a loaded machine
     assert recover_stale_trials(study, storage, grace_period=GRACE) == [silent.number, dead.number]
     by_number = {t.number: t for t in study.get_trials()}
-    assert f"no heartbeat from its worker (pid 4242 on another-machine) for over {GRACE}s" in \
-        by_number[silent.number].user_attrs["fail_reason"]
+    assert (
+        f"no heartbeat from its worker (pid 4242 on another-machine) for over {GRACE}s"
+        in by_number[silent.number].user_attrs["fail_reason"]
+    )
     assert "exited without finishing it" in by_number[dead.number].user_attrs["fail_reason"]
     assert by_number[beating.number].state == by_number[alive.number].state == TrialState.RUNNING
     waiting = [t for t in by_number.values() if t.state == TrialState.WAITING]
@@ -145,13 +151,26 @@ def final_runs_of(client: MlflowClient, sweep: str) -> list:
 def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "killed", 4
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=2,
-                            trials=trials, extra=[*LONGER_TRIAL, *DEFAULT_GRACE])
+    command = sweep_command(
+        sweep,
+        postgres_url,
+        mlflow_server.url,
+        tmp_path / "runs",
+        workers=2,
+        trials=trials,
+        extra=[*LONGER_TRIAL, *DEFAULT_GRACE],
+    )
     log = tmp_path / "sweep.log"
     leader = start_sweep(command, log)
     try:
-        victim = wait_for(lambda: running_trial_with_run(postgres_url, sweep, client, leader.pid), 240,
-                          "a worker in the middle of a trial", leader, log, interval=0.1)
+        victim = wait_for(
+            lambda: running_trial_with_run(postgres_url, sweep, client, leader.pid),
+            240,
+            "a worker in the middle of a trial",
+            leader,
+            log,
+            interval=0.1,
+        )
         os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
         code = finish(leader, log)
     finally:
@@ -164,7 +183,7 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
 
     # Re-run at once, one worker (the machine that lost its worker): nothing is left to do.
     restart_log = tmp_path / "restart.log"
-    restart = [*command[:command.index("--workers") + 1], "1", *command[command.index("--workers") + 2:]]
+    restart = [*command[: command.index("--workers") + 1], "1", *command[command.index("--workers") + 2 :]]
     assert finish(start_sweep(restart, restart_log), restart_log) == 0, restart_log.read_text()[-3000:]
     assert not re.search(r"\] trial \d+", restart_log.read_text()), "the re-run ran trials again"
     assert len(final_runs_of(client, sweep)) == 1
@@ -172,8 +191,9 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
     by_number = {t.number: t for t in study_trials(postgres_url, sweep)}
     assert by_number[victim.number].state == TrialState.FAIL
     retries = [t for t in by_number.values() if t.system_attrs.get("failed_trial") == victim.number]
-    assert [t.state for t in retries] == [TrialState.COMPLETE], \
+    assert [t.state for t in retries] == [TrialState.COMPLETE], (
         "the killed trial was not retried to completion"
+    )
     assert retries[0].params == victim.params
     complete = [t for t in by_number.values() if t.state == TrialState.COMPLETE]
     assert len(complete) == trials
@@ -181,8 +201,9 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
 
     runs = runs_of(client, sweep, "trial")
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in finished) \
-        == sorted(t.number for t in complete)
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in finished) == sorted(
+        t.number for t in complete
+    )
     assert retries[0].user_attrs["mlflow_run_id"] in {r.info.run_id for r in finished}
     killed_runs = [r for r in runs if r.data.tags["optuna.trial_number"] == str(victim.number)]
     assert len(killed_runs) == 1
@@ -192,23 +213,39 @@ def test_sigkill_in_mid_trial_fails_the_trial_retries_it_and_resumes(mlflow_serv
 
 
 def test_final_runs_wait_for_a_live_worker_and_take_over_its_trial_when_it_dies(
-        mlflow_server, postgres_url, tmp_path):
+    mlflow_server, postgres_url, tmp_path
+):
     sweep, trials = "waits", 2
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
-                            trials=trials, extra=DEFAULT_GRACE)
+    command = sweep_command(
+        sweep,
+        postgres_url,
+        mlflow_server.url,
+        tmp_path / "runs",
+        workers=1,
+        trials=trials,
+        extra=DEFAULT_GRACE,
+    )
     # Another worker of the same machine holds trial 0: a live process the test controls.
     holder = subprocess.Popen(["sleep", "600"])
-    study = optuna.create_study(study_name=f"{sweep}/{LOSS}", storage=rdb_storage(postgres_url),
-                                direction="maximize")
+    study = optuna.create_study(
+        study_name=f"{sweep}/{LOSS}", storage=rdb_storage(postgres_url), direction="maximize"
+    )
     _running(study, socket.gethostname(), holder.pid)
     log = tmp_path / "sweep.log"
     sweeping = start_sweep(command, log)
     try:
-        line = (f"[{LOSS}] waiting for trials on live workers before the final runs: "
-                f"trial 0 on {socket.gethostname()} (pid {holder.pid})")
-        wait_for(lambda: line in log.read_text(), 240, "the line saying what the final runs wait for",
-                 sweeping, log)
+        line = (
+            f"[{LOSS}] waiting for trials on live workers before the final runs: "
+            f"trial 0 on {socket.gethostname()} (pid {holder.pid})"
+        )
+        wait_for(
+            lambda: line in log.read_text(),
+            240,
+            "the line saying what the final runs wait for",
+            sweeping,
+            log,
+        )
         time.sleep(2)  # still waiting: the trial's worker is alive
         assert sweeping.poll() is None and not runs_of(client, sweep, "final")
         holder.kill()
@@ -235,13 +272,26 @@ def test_final_runs_wait_for_a_live_worker_and_take_over_its_trial_when_it_dies(
 def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "interrupted", 3
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
-                            trials=trials, extra=LONGER_TRIAL)
+    command = sweep_command(
+        sweep,
+        postgres_url,
+        mlflow_server.url,
+        tmp_path / "runs",
+        workers=1,
+        trials=trials,
+        extra=LONGER_TRIAL,
+    )
     log = tmp_path / "sweep.log"
     worker = start_sweep(command, log)  # one worker: the sweep process trains itself
     try:
-        victim = wait_for(lambda: running_trial_with_run(postgres_url, sweep, client, exclude_pid=-1), 240,
-                          "a trial in progress", worker, log, interval=0.1)
+        victim = wait_for(
+            lambda: running_trial_with_run(postgres_url, sweep, client, exclude_pid=-1),
+            240,
+            "a trial in progress",
+            worker,
+            log,
+            interval=0.1,
+        )
         os.kill(worker.pid, signal.SIGINT)
         code = finish(worker, log, timeout=120)
     finally:
@@ -251,8 +301,9 @@ def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, 
 
     trial = {t.number: t for t in study_trials(postgres_url, sweep)}[victim.number]
     assert trial.state == TrialState.FAIL
-    run = next(r for r in runs_of(client, sweep, "trial")
-               if r.data.tags["optuna.trial_number"] == str(victim.number))
+    run = next(
+        r for r in runs_of(client, sweep, "trial") if r.data.tags["optuna.trial_number"] == str(victim.number)
+    )
     assert run.info.status == "KILLED"
     assert "interrupt" in run.data.tags.get("tripletlab.error", "").lower()
 
@@ -260,21 +311,28 @@ def test_sigint_ends_trial_and_run_cleanly_and_the_study_resumes(mlflow_server, 
     assert finish(start_sweep(command, resume_log), resume_log) == 0, resume_log.read_text()[-3000:]
     by_number = {t.number: t.state for t in study_trials(postgres_url, sweep)}
     assert [n for n, state in by_number.items() if state != TrialState.COMPLETE] == [victim.number], by_number
-    assert list(by_number.values()).count(TrialState.COMPLETE) == trials, \
+    assert list(by_number.values()).count(TrialState.COMPLETE) == trials, (
         "the resumed study is not topped up exactly"
+    )
     assert_nothing_running(postgres_url, sweep, client)
 
 
 def test_lost_tracking_server_is_survived_or_reported(mlflow_server, postgres_url, tmp_path):
     sweep, trials = "lost-server", 4
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
-                            trials=trials)
+    command = sweep_command(
+        sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1, trials=trials
+    )
     log = tmp_path / "sweep.log"
     worker = start_sweep(command, log)
     try:
-        wait_for(lambda: any(t.state == TrialState.COMPLETE for t in _trials_or_empty(postgres_url, sweep)),
-                 240, "the first complete trial", worker, log)
+        wait_for(
+            lambda: any(t.state == TrialState.COMPLETE for t in _trials_or_empty(postgres_url, sweep)),
+            240,
+            "the first complete trial",
+            worker,
+            log,
+        )
         mlflow_server.stop()
         time.sleep(3)
         mlflow_server.start()  # same port, same store
@@ -288,8 +346,9 @@ def test_lost_tracking_server_is_survived_or_reported(mlflow_server, postgres_ur
     assert TrialState.RUNNING not in [t.state for t in trials_now]
     for trial in trials_now:
         if trial.state == TrialState.FAIL:
-            assert trial.user_attrs.get("fail_reason"), \
+            assert trial.user_attrs.get("fail_reason"), (
                 f"trial {trial.number} failed without a recorded reason"
+            )
     if code != 0:  # the worker gave up: the re-run completes the study
         resume_log = tmp_path / "resume.log"
         assert finish(start_sweep(command, resume_log), resume_log) == 0, resume_log.read_text()[-3000:]
@@ -305,15 +364,22 @@ def _trials_or_empty(storage: str, sweep: str) -> list:
         return []
 
 
-def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(mlflow_server, postgres_url,
-                                                                         tmp_path):
+def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(
+    mlflow_server, postgres_url, tmp_path
+):
     sweep, trials = "nan", 2
     plugin = tmp_path / "nan_plugin.py"
     plugin.write_text(NAN_PLUGIN)
-    command = sweep_command(sweep, postgres_url, mlflow_server.url, tmp_path / "runs", workers=1,
-                            trials=trials,
-                            extra=["losses=[nan_after_two_steps,batch_hard]", "dataset.max_per_class=40"])
-    command[command.index("sweep") + 1:command.index("sweep") + 1] = ["--plugin", str(plugin)]
+    command = sweep_command(
+        sweep,
+        postgres_url,
+        mlflow_server.url,
+        tmp_path / "runs",
+        workers=1,
+        trials=trials,
+        extra=["losses=[nan_after_two_steps,batch_hard]", "dataset.max_per_class=40"],
+    )
+    command[command.index("sweep") + 1 : command.index("sweep") + 1] = ["--plugin", str(plugin)]
     log = tmp_path / "sweep.log"
     code = finish(start_sweep(command, log), log)
     assert code == 0, log.read_text()[-3000:]
@@ -326,8 +392,9 @@ def test_nan_loss_fails_the_trial_with_its_reason_and_the_sweep_goes_on(mlflow_s
     assert [t.state for t in study_trials(postgres_url, sweep, LOSS)] == [TrialState.COMPLETE] * trials
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    nan_runs = [r for r in runs_of(client, sweep, "trial")
-                if r.info.run_name.startswith("nan_after_two_steps/")]
+    nan_runs = [
+        r for r in runs_of(client, sweep, "trial") if r.info.run_name.startswith("nan_after_two_steps/")
+    ]
     assert len(nan_runs) == trials
     for run in nan_runs:
         assert run.info.status == "FAILED"

@@ -3,6 +3,7 @@ CLI). A module imports only from its own package or lower ones: at the top of th
 function, or by a module name given to ``importlib.import_module`` / ``__import__``. The check reads
 the source (every ``import`` statement and every such call with a literal name), so an import that
 would only run on some code path is caught too."""
+
 from __future__ import annotations
 
 import ast
@@ -26,7 +27,7 @@ def _absolute(module: str, path: Path, node: ast.ImportFrom) -> str:
     if not node.level:
         return node.module or ""
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-    base = package[:len(package) - node.level + 1]
+    base = package[: len(package) - node.level + 1]
     return ".".join([*base, *([node.module] if node.module else [])])
 
 
@@ -39,8 +40,12 @@ def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             found.append((node.lineno, _absolute(module, path, node)))
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             if name in IMPORT_CALLS:
@@ -69,15 +74,21 @@ def test_sweeps_never_imports_analysis():
     assert not [name for name in names if name.split(".")[0] == "analysis"]
 
 
-@pytest.mark.parametrize("source, caught", [
-    ("from analysis.load import find_experiment\n", True),
-    ("def main():\n    from analysis import load\n", True),
-    ("import importlib\nimportlib.import_module('analysis.load')\n", True),
-    ("__import__('tripletlab.cli')\n", True),
-    ("from experiments.config import load_config\nfrom . import table\nfrom .table import markdown_table\n",
-     False),
-    ("from losses import build_loss\nimport sweeps.storage\n", False),
-])
+@pytest.mark.parametrize(
+    "source, caught",
+    [
+        ("from analysis.load import find_experiment\n", True),
+        ("def main():\n    from analysis import load\n", True),
+        ("import importlib\nimportlib.import_module('analysis.load')\n", True),
+        ("__import__('tripletlab.cli')\n", True),
+        (
+            "from experiments.config import load_config\nfrom . import table\n"
+            "from .table import markdown_table\n",
+            False,
+        ),
+        ("from losses import build_loss\nimport sweeps.storage\n", False),
+    ],
+)
 def test_the_check_catches_every_form_of_import(tmp_path, source, caught):
     for package in LAYERS:
         (tmp_path / package).mkdir()

@@ -1,5 +1,6 @@
 """``key=value`` overrides and config-file lookup, one implementation (``experiments.config``) for the
 experiment configs and the sweep configs alike."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,12 +13,17 @@ from sweeps.config import CONFIG_DIR as SWEEP_CONFIGS
 from sweeps.config import apply_overrides, load_sweep_config
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("trials=4", ("trials", 4)), (" losses = [triplet, circle]", ("losses", ["triplet", "circle"])),
-    ("optimizer.lr=1e-3", ("optimizer.lr", "1e-3")),  # YAML 1.1: no dot, so text; the config coerces it
-    ("dataset.path=/data/x=y", ("dataset.path", "/data/x=y")), ("name=", ("name", "")),
-    ("model.normalize=false", ("model.normalize", False)),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("trials=4", ("trials", 4)),
+        (" losses = [triplet, circle]", ("losses", ["triplet", "circle"])),
+        ("optimizer.lr=1e-3", ("optimizer.lr", "1e-3")),  # YAML 1.1: no dot, so text; the config coerces it
+        ("dataset.path=/data/x=y", ("dataset.path", "/data/x=y")),
+        ("name=", ("name", "")),
+        ("model.normalize=false", ("model.normalize", False)),
+    ],
+)
 def test_parse_override_reads_the_value_as_yaml(item, expected):
     assert parse_override(item) == expected
 

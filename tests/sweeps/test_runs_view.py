@@ -1,6 +1,7 @@
 """``python -m sweeps.runs_view`` (``make ui``'s first line) on a real MLflow SQLite store: the URL of
 the runs view of the most recent sweep (the one ``analyze`` takes: its latest run started last), or
 one line saying no sweep has run, without creating a store."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,11 @@ def experiment(client: MlflowClient, name: str, run_starts: list[int], sweep: bo
     run and the experiment holds the sweep's runs view."""
     experiment_id = client.create_experiment(name)
     if sweep:
-        client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{RUNS_VIEW_KEY}",
-                                  json.dumps({"selectedColumns": list(RUNS_VIEW_COLUMNS)}))
+        client.set_experiment_tag(
+            experiment_id,
+            f"mlflow.sharedViewState.{RUNS_VIEW_KEY}",
+            json.dumps({"selectedColumns": list(RUNS_VIEW_COLUMNS)}),
+        )
     for i, start in enumerate(run_starts):
         tags = {ROLE_TAG: "parent" if sweep and i == 0 else "trial"}
         run_id = client.create_run(experiment_id, start_time=start, tags=tags).info.run_id
@@ -51,7 +55,8 @@ def test_names_the_sweep_whose_latest_run_started_last(tmp_path, capsys):
 
     client.create_run(newer, start_time=T0 + 60_000)
     assert runs_view(capsys, "--tracking-uri", uri).endswith(
-        f"/#/experiments/{newer}/runs?viewStateShareKey={RUNS_VIEW_KEY}")
+        f"/#/experiments/{newer}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+    )
 
 
 def test_a_store_without_sweeps_says_so(tmp_path, capsys):

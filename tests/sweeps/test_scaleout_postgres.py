@@ -1,6 +1,7 @@
 """Scale-out on real servers: three sweep workers share one Optuna study in PostgreSQL and log to
 one PostgreSQL-backed ``mlflow server``; nothing is lost or duplicated. The budget lock is on the
 database, so workers on different machines (no shared lock file) start exactly ``trials`` trials."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,9 @@ STUDY_LOSS = "batch_hard"
 def trial_runs(client: MlflowClient, sweep: str) -> list:
     experiment = client.get_experiment_by_name(sweep)
     assert experiment is not None, f"the sweep logged no MLflow experiment {sweep!r}"
-    return client.search_runs([experiment.experiment_id], filter_string="tags.`tripletlab.role` = 'trial'",
-                              max_results=1000)
+    return client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`tripletlab.role` = 'trial'", max_results=1000
+    )
 
 
 def test_server_binds_localhost_unless_told_otherwise():
@@ -39,8 +41,9 @@ def test_server_binds_localhost_unless_told_otherwise():
 
 def test_three_workers_share_one_study(mlflow_server, postgres_url, tmp_path):
     log = tmp_path / "sweep.log"
-    command = sweep_command("scaleout", postgres_url, mlflow_server.url, tmp_path / "runs", workers=3,
-                            trials=12)
+    command = sweep_command(
+        "scaleout", postgres_url, mlflow_server.url, tmp_path / "runs", workers=3, trials=12
+    )
     code = finish(start_sweep(command, log), log)
     assert code == 0, log.read_text()[-3000:]
 
@@ -97,17 +100,20 @@ while True:
 
 def _python(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_advisory_lock_excludes_other_connections(postgres_url):
     storage = open_storage(postgres_url)
     lock = budget_lock(storage, "unused", "exclusive")
     assert isinstance(lock, AdvisoryLock)
-    script = ("import sys, time; from sweeps.storage import budget_lock, open_storage; "
-              "lock = budget_lock(open_storage(sys.argv[1]), 'unused', 'exclusive'); "
-              "print('ready', flush=True); t = time.time(); lock.acquire(); print(time.time() - t)")
+    script = (
+        "import sys, time; from sweeps.storage import budget_lock, open_storage; "
+        "lock = budget_lock(open_storage(sys.argv[1]), 'unused', 'exclusive'); "
+        "print('ready', flush=True); t = time.time(); lock.acquire(); print(time.time() - t)"
+    )
     with lock:
         proc = _python("-c", script, postgres_url)
         assert proc.stdout.readline().strip() == "ready"
@@ -117,9 +123,11 @@ def test_advisory_lock_excludes_other_connections(postgres_url):
 
 
 def test_advisory_lock_of_a_killed_worker_is_released(postgres_url):
-    script = ("import sys, time; from sweeps.storage import budget_lock, open_storage; "
-              "budget_lock(open_storage(sys.argv[1]), 'unused', 'killed').acquire(); "
-              "print('held', flush=True); time.sleep(600)")
+    script = (
+        "import sys, time; from sweeps.storage import budget_lock, open_storage; "
+        "budget_lock(open_storage(sys.argv[1]), 'unused', 'killed').acquire(); "
+        "print('held', flush=True); time.sleep(600)"
+    )
     holder = _python("-c", script, postgres_url)
     assert holder.stdout.readline().strip() == "held"
     holder.kill()

@@ -1,4 +1,5 @@
 """Search spaces, sweep configs, the t-interval table and worker planning (no training here)."""
+
 from __future__ import annotations
 
 import math
@@ -13,13 +14,20 @@ from losses import list_losses, loss_info
 from sweeps.config import CONFIG_DIR, apply_overrides, default_losses, load_sweep_config
 from sweeps.context import SweepContext
 from sweeps.space import build_space
-from sweeps.study import base_experiment, make_pruner, make_sampler
 from sweeps.statistics import t_interval
+from sweeps.study import base_experiment, make_pruner, make_sampler
 from sweeps.table import markdown_table
 from sweeps.workers import plan_workers
 
-BUILTIN_COMPARISON = ("batch_all", "batch_hard", "circle", "multi_similarity", "semi_hard", "triplet",
-                      "triplet_center")
+BUILTIN_COMPARISON = (
+    "batch_all",
+    "batch_hard",
+    "circle",
+    "multi_similarity",
+    "semi_hard",
+    "triplet",
+    "triplet_center",
+)
 
 
 def test_default_losses_are_the_single_modality_builtins():
@@ -38,31 +46,47 @@ def test_space_mirrors_the_loss_declaration(loss):
         elif param.choices is not None or param.type in (bool, str):
             assert dims[key].kind == "categorical" and dims[key].choices == tuple(param.search)
         else:
-            assert (dims[key].low, dims[key].high, dims[key].log) == (param.search[0], param.search[1],
-                                                                      param.log)
+            assert (dims[key].low, dims[key].high, dims[key].log) == (
+                param.search[0],
+                param.search[1],
+                param.log,
+            )
     assert space.fixed == {}
 
 
 def test_overrides_narrow_fix_and_add_per_loss_settings():
     space = build_space(
-        "triplet", search={"optimizer.lr": {"low": "1e-4", "high": "1e-2", "log": True},
-                           "batch.k": {"low": 4, "high": 8}},
-        overrides={"margin": {"low": 0.1, "high": 0.3}, "mining": ["hard-triplets", "semi-hard-triplets"],
-                   "distance": "cosine",
-                   "normalize": [True], "optimizer.weight_decay": 0.0},
+        "triplet",
+        search={
+            "optimizer.lr": {"low": "1e-4", "high": "1e-2", "log": True},
+            "batch.k": {"low": 4, "high": 8},
+        },
+        overrides={
+            "margin": {"low": 0.1, "high": 0.3},
+            "mining": ["hard-triplets", "semi-hard-triplets"],
+            "distance": "cosine",
+            "normalize": [True],
+            "optimizer.weight_decay": 0.0,
+        },
     )
     dims = {d.key: d for d in space.dimensions}
     assert (dims["loss.margin"].low, dims["loss.margin"].high) == (0.1, 0.3)
     assert dims["loss.mining"].choices == ("hard-triplets", "semi-hard-triplets")
-    assert (dims["optimizer.lr"].low, dims["optimizer.lr"].high, dims["optimizer.lr"].log) == (1e-4, 1e-2,
-                                                                                               True)
+    assert (dims["optimizer.lr"].low, dims["optimizer.lr"].high, dims["optimizer.lr"].log) == (
+        1e-4,
+        1e-2,
+        True,
+    )
     assert dims["batch.k"].kind == "int"
     assert space.fixed == {"loss.distance": "cosine", "loss.normalize": True, "optimizer.weight_decay": 0.0}
 
 
 def test_sampled_values_lie_in_the_space_and_apply_to_the_experiment_config():
-    space = build_space("multi_similarity", search={"optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
-                        overrides={"miner": False})
+    space = build_space(
+        "multi_similarity",
+        search={"optimizer.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+        overrides={"miner": False},
+    )
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
     base = from_dict({"epochs": 1, "optimizer": {"warmup_fraction": 0}})
     for _ in range(8):
@@ -102,36 +126,45 @@ def test_conditioned_parameters_are_sampled_only_when_their_condition_holds():
     for params, _ in trials:
         assert ("loss.normalize" in params) == (params["loss.distance"] != "cosine")
     assert build_space("triplet").describe()["loss.normalize"] == (
-        "{True, False} when loss.distance in {euclidean, squared_euclidean}")
+        "{True, False} when loss.distance in {euclidean, squared_euclidean}"
+    )
 
 
 def test_curriculum_parameters_follow_the_mining_strategy():
-    overrides = {"mining": ["all", "curriculum"], "curriculum_start": {"low": 0.0, "high": 0.5},
-                 "curriculum_end": {"low": 0.5, "high": 1.0}}
+    overrides = {
+        "mining": ["all", "curriculum"],
+        "curriculum_start": {"low": 0.0, "high": 0.5},
+        "curriculum_end": {"low": 0.5, "high": 1.0},
+    }
     trials = sample(build_space("triplet", overrides=overrides))
     assert {params["loss.mining"] for params, _ in trials} == {"all", "curriculum"}
     for params, _ in trials:
         curriculum = params["loss.mining"] == "curriculum"
         assert ("loss.curriculum_start" in params) == curriculum
         assert ("loss.curriculum_end" in params) == curriculum
-    fixed_off = build_space("triplet",
-                            overrides={"mining": "hard-triplets", "curriculum_start": {"low": 0, "high": 1}})
+    fixed_off = build_space(
+        "triplet", overrides={"mining": "hard-triplets", "curriculum_start": {"low": 0, "high": 1}}
+    )
     assert "loss.curriculum_start" not in {d.key for d in fixed_off.dimensions}
-    fixed_on = build_space("triplet",
-                           overrides={"mining": "curriculum", "curriculum_start": {"low": 0, "high": 1}})
+    fixed_on = build_space(
+        "triplet", overrides={"mining": "curriculum", "curriculum_start": {"low": 0, "high": 1}}
+    )
     start = next(d for d in fixed_on.dimensions if d.key == "loss.curriculum_start")
     assert start.when == () and all("loss.curriculum_start" in params for params, _ in sample(fixed_on, 5))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"margn": 0.2}, "unknown parameter(s) margn"),
-    ({"margin": -1.0}, "triplet.margin must be in"),
-    ({"margin": {"low": 0.5, "high": 0.1}}, "needs low < high"),
-    ({"mining": {"low": 0, "high": 1}}, "is categorical"),
-    ({"mining": ["hard-triplets", "sideways"]}, "triplet.mining must be one of"),
-    ({"mining": ["hard"]}, "triplet.mining must be one of"),
-    ({"margin": {"low": 0.1}}, "must be {low: ..., high: ..."),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"margn": 0.2}, "unknown parameter(s) margn"),
+        ({"margin": -1.0}, "triplet.margin must be in"),
+        ({"margin": {"low": 0.5, "high": 0.1}}, "needs low < high"),
+        ({"mining": {"low": 0, "high": 1}}, "is categorical"),
+        ({"mining": ["hard-triplets", "sideways"]}, "triplet.mining must be one of"),
+        ({"mining": ["hard"]}, "triplet.mining must be one of"),
+        ({"margin": {"low": 0.1}}, "must be {low: ..., high: ..."),
+    ],
+)
 def test_bad_loss_overrides_name_the_parameter(overrides, message):
     with pytest.raises(ValueError, match=None) as info:
         build_space("triplet", overrides=overrides)
@@ -147,13 +180,23 @@ def test_loss_parameters_are_not_shared_search_keys():
 
 def test_sweep_config_file_and_overrides(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("losses: [triplet, circle]\ntrials: 5\nsearch:\n"
-                    "  optimizer.lr: {low: 1e-4, high: 1e-2, log: true}\n"
-                    "experiment:\n  epochs: 3\n  batch: {p: 3, k: 8}\n")
-    cfg = load_sweep_config(str(path),
-                            ["trials=2", "seeds=4", "epochs=1", "batch.k=4",
-                             "loss_overrides.triplet.margin=0.3",
-                                        "loss_overrides.circle.optimizer.lr=0.001", "pruner.name=hyperband"])
+    path.write_text(
+        "losses: [triplet, circle]\ntrials: 5\nsearch:\n"
+        "  optimizer.lr: {low: 1e-4, high: 1e-2, log: true}\n"
+        "experiment:\n  epochs: 3\n  batch: {p: 3, k: 8}\n"
+    )
+    cfg = load_sweep_config(
+        str(path),
+        [
+            "trials=2",
+            "seeds=4",
+            "epochs=1",
+            "batch.k=4",
+            "loss_overrides.triplet.margin=0.3",
+            "loss_overrides.circle.optimizer.lr=0.001",
+            "pruner.name=hyperband",
+        ],
+    )
     assert cfg.name == "mine" and cfg.losses == ("triplet", "circle")
     assert (cfg.trials, cfg.seeds, cfg.final_seeds) == (2, 4, [1, 2, 3, 4])
     assert cfg.experiment == {"epochs": 1, "batch": {"p": 3, "k": 4}}
@@ -164,16 +207,19 @@ def test_sweep_config_file_and_overrides(tmp_path):
     assert "optimizer.lr" not in {d.key for d in circle.dimensions}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["trails=3"], "'trails' is neither a sweep key nor an experiment key (did you mean 'trials'?)"),
-    (["batch.q=3"], "unknown config key 'batch.q'"),
-    (["losses=[triplet,nope]"], "unknown loss 'nope'"),
-    (["trials=0"], "'trials' must be an integer >= 1"),
-    (["pruner=sometimes"], "pruner must be one of"),
-    (["name=a/b"], "sweep name 'a/b'"),
-    (["loss_overrides.circle.m=0.2"], "does not compare"),
-    (["experiment.loss.name=circle"], "must not set 'loss'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trails=3"], "'trails' is neither a sweep key nor an experiment key (did you mean 'trials'?)"),
+        (["batch.q=3"], "unknown config key 'batch.q'"),
+        (["losses=[triplet,nope]"], "unknown loss 'nope'"),
+        (["trials=0"], "'trials' must be an integer >= 1"),
+        (["pruner=sometimes"], "pruner must be one of"),
+        (["name=a/b"], "sweep name 'a/b'"),
+        (["loss_overrides.circle.m=0.2"], "does not compare"),
+        (["experiment.loss.name=circle"], "must not set 'loss'"),
+    ],
+)
 def test_bad_sweep_configs_raise_clear_errors(overrides, message):
     with pytest.raises(ValueError) as info:
         load_sweep_config("quick", overrides)
@@ -200,9 +246,14 @@ def test_bundled_sweep_configs_load_and_validate(path, tmp_path):
     make_sampler(ctx), make_pruner(ctx)
 
 
-@pytest.mark.parametrize("pruner, cls", [("median", optuna.pruners.MedianPruner),
-                                         ("hyperband", optuna.pruners.HyperbandPruner),
-                                         ("none", optuna.pruners.NopPruner)])
+@pytest.mark.parametrize(
+    "pruner, cls",
+    [
+        ("median", optuna.pruners.MedianPruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+        ("none", optuna.pruners.NopPruner),
+    ],
+)
 def test_pruners(pruner, cls, tmp_path):
     ctx = SweepContext(load_sweep_config("quick", [f"pruner={pruner}"]), "", "", tmp_path)
     assert isinstance(make_pruner(ctx), cls)
@@ -222,9 +273,16 @@ def test_t_interval_matches_scipy():
 
 
 def test_markdown_table_shows_mean_and_interval():
-    row = {"loss": "triplet", "best_val_map_at_r": 0.5, "trials_complete": 3, "trials_pruned": 1,
-           "trials_failed": 0,
-           "seeds": 2, "compute_seconds": 12.0, "best_params": "loss.margin=0.2"}
+    row = {
+        "loss": "triplet",
+        "best_val_map_at_r": 0.5,
+        "trials_complete": 3,
+        "trials_pruned": 1,
+        "trials_failed": 0,
+        "seeds": 2,
+        "compute_seconds": 12.0,
+        "best_params": "loss.margin=0.2",
+    }
     for metric in ("precision_at_1", "r_precision", "map_at_r"):
         row.update({f"{metric}_mean": 0.5, f"{metric}_ci_low": 0.4, f"{metric}_ci_high": 0.6})
     import pandas as pd

@@ -1,6 +1,7 @@
 """The statistics, the Markdown tables and the metric labels that the sweep, the analysis and the
 benchmarks share, each checked against an independent oracle (SciPy's own interval, tests and
 bootstrap), and checks that no copy of them comes back."""
+
 from __future__ import annotations
 
 import ast
@@ -60,8 +61,14 @@ def test_wilcoxon_p_value_is_scipys_signed_rank_test():
 def test_bootstrap_interval_agrees_with_scipys_percentile_bootstrap():
     x = np.random.default_rng(6).exponential(0.3, 400)
     low, high = bootstrap_interval(x, resamples=4000, confidence=0.9, seed=2)
-    reference = stats.bootstrap((x,), np.mean, n_resamples=4000, confidence_level=0.9, method="percentile",
-                                rng=np.random.default_rng(9)).confidence_interval
+    reference = stats.bootstrap(
+        (x,),
+        np.mean,
+        n_resamples=4000,
+        confidence_level=0.9,
+        method="percentile",
+        rng=np.random.default_rng(9),
+    ).confidence_interval
     assert low == pytest.approx(reference.low, abs=0.004) and high == pytest.approx(reference.high, abs=0.004)
     assert bootstrap_interval(x, resamples=250, seed=1) == bootstrap_interval(x, resamples=250, seed=1)
 
@@ -100,13 +107,33 @@ def test_every_table_labels_the_metrics_from_headline_metrics():
 
     assert set(PML_NAMES) == set(HEADLINE_METRICS)
     assert [SHORT[m] for m in METRICS] == list(HEADLINE_METRICS.values())
-    row = {"loss": "triplet", "best_val_map_at_r": 0.5, "trials_complete": 1, "trials_pruned": 0,
-           "trials_failed": 0, "seeds": 2, "compute_seconds": 1.0, "best_params": "",
-           **{f"{m}_{s}": 0.5 for m in HEADLINE_METRICS for s in ("mean", "ci_low", "ci_high")}}
+    row = {
+        "loss": "triplet",
+        "best_val_map_at_r": 0.5,
+        "trials_complete": 1,
+        "trials_pruned": 0,
+        "trials_failed": 0,
+        "seeds": 2,
+        "compute_seconds": 1.0,
+        "best_params": "",
+        **{f"{m}_{s}": 0.5 for m in HEADLINE_METRICS for s in ("mean", "ci_low", "ci_high")},
+    }
     header = markdown_table(pd.DataFrame([row])).splitlines()[0]
     assert [f"{label} (%)" for label in HEADLINE_METRICS.values()] == header.split(" | ")[1:4]
-    table = pd.DataFrame([{**row, "map_at_r_diff": 0.0, "p_value": 0.5, "tuned": "", "wall_clock_s": 1.0,
-                           "step_ms": 1.0, "loss_ms": 1.0, "loss_peak_mb": 1.0}]).set_index("loss")
+    table = pd.DataFrame(
+        [
+            {
+                **row,
+                "map_at_r_diff": 0.0,
+                "p_value": 0.5,
+                "tuned": "",
+                "wall_clock_s": 1.0,
+                "step_ms": 1.0,
+                "loss_ms": 1.0,
+                "loss_peak_mb": 1.0,
+            }
+        ]
+    ).set_index("loss")
     shown = format_table(table, "triplet")
     assert [f"{label} % (95% CI)" for label in HEADLINE_METRICS.values()] == list(shown.columns[:3])
 
@@ -120,16 +147,27 @@ def _sources():
 # One definition each: the shared helpers and where they live. bench_losses.py still carries a copy of
 # git_commit of its own, to go when it imports experiments.tracking.provenance's like the other benchmarks.
 DECLARED_ONCE = {
-    "t_interval": "sweeps/statistics.py", "paired_t_p_value": "sweeps/statistics.py",
-    "wilcoxon_p_value": "sweeps/statistics.py", "bootstrap_interval": "sweeps/statistics.py",
-    "markdown_lines": "sweeps/markdown.py", "frame_markdown": "sweeps/markdown.py",
-    "git_commit": "experiments/tracking/provenance.py", "parse_override": "experiments/config.py",
-    "parse_overrides": "experiments/config.py", "resolve_config_path": "experiments/config.py",
-    "read_yaml_mapping": "experiments/config.py", "existing_store_uri": "experiments/tracking/store.py",
-    "sqlite_file": "experiments/tracking/store.py", "find_experiment": "sweeps/tracking.py",
-    "sweep_experiments": "sweeps/tracking.py", "short_value": "sweeps/table.py",
-    "p_cell": "sweeps/table.py", "open_storage": "sweeps/storage.py", "default_storage": "sweeps/storage.py",
-    "write_report": "benchmarks/reporting.py", "utc_now": "benchmarks/reporting.py",
+    "t_interval": "sweeps/statistics.py",
+    "paired_t_p_value": "sweeps/statistics.py",
+    "wilcoxon_p_value": "sweeps/statistics.py",
+    "bootstrap_interval": "sweeps/statistics.py",
+    "markdown_lines": "sweeps/markdown.py",
+    "frame_markdown": "sweeps/markdown.py",
+    "git_commit": "experiments/tracking/provenance.py",
+    "parse_override": "experiments/config.py",
+    "parse_overrides": "experiments/config.py",
+    "resolve_config_path": "experiments/config.py",
+    "read_yaml_mapping": "experiments/config.py",
+    "existing_store_uri": "experiments/tracking/store.py",
+    "sqlite_file": "experiments/tracking/store.py",
+    "find_experiment": "sweeps/tracking.py",
+    "sweep_experiments": "sweeps/tracking.py",
+    "short_value": "sweeps/table.py",
+    "p_cell": "sweeps/table.py",
+    "open_storage": "sweeps/storage.py",
+    "default_storage": "sweeps/storage.py",
+    "write_report": "benchmarks/reporting.py",
+    "utc_now": "benchmarks/reporting.py",
 }
 
 
@@ -148,10 +186,16 @@ def test_metric_labels_and_statistical_tests_are_not_written_again():
     copies = []
     for path, tree in _sources():
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and node.value in labels \
-                    and path != "experiments/eval/retrieval.py":
+            if (
+                isinstance(node, ast.Constant)
+                and node.value in labels
+                and path != "experiments/eval/retrieval.py"
+            ):
                 copies.append(f"{path}:{node.lineno} {node.value!r}")
-            if isinstance(node, ast.Attribute) and node.attr in ("ttest_rel", "wilcoxon", "bootstrap") \
-                    and path != "sweeps/statistics.py":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("ttest_rel", "wilcoxon", "bootstrap")
+                and path != "sweeps/statistics.py"
+            ):
                 copies.append(f"{path}:{node.lineno} stats.{node.attr}")
     assert copies == []

@@ -1,4 +1,5 @@
 """Worker processes sharing one study, and recovery of trials a dead worker left RUNNING."""
+
 from __future__ import annotations
 
 import os
@@ -54,27 +55,34 @@ def test_trials_of_dead_or_silent_workers_are_failed_and_retried_once(tmp_path):
     assert by_number[alive.number].state == TrialState.RUNNING
     retries = [t for t in study.trials if t.state == TrialState.WAITING]
     assert sorted(t.system_attrs["retry_history"] for t in retries) == [[dead.number], [silent.number]]
-    assert {t.params["loss.margin"] for t in retries} == {dead.params["loss.margin"],
-                                                          silent.params["loss.margin"]}
+    assert {t.params["loss.margin"] for t in retries} == {
+        dead.params["loss.margin"],
+        silent.params["loss.margin"],
+    }
     assert all("worker_pid" not in t.user_attrs for t in retries)
     # budget: the failed originals are replaced by their retries, so the count is unchanged
     assert len(budget_trials(study)) == 4
 
 
 def test_stale_reason_by_heartbeat_age():
-    trial = optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={
-        "worker_host": "elsewhere", "worker_pid": 1, "heartbeat": 1000.0})
+    trial = optuna.trial.create_trial(
+        state=TrialState.RUNNING,
+        user_attrs={"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": 1000.0},
+    )
     assert stale_reason(trial, grace_period=60, now=1030.0) is None
     assert "for 100s" in stale_reason(trial, grace_period=60, now=1100.0)
 
 
 def test_budget_lock_is_exclusive(tmp_path):
     path = tmp_path / "budget.lock"
-    script = ("import sys, time; sys.path.insert(0, %r); from sweeps.storage import BudgetLock; "
-              "print('ready', flush=True); t = time.time(); BudgetLock(%r).acquire(); print(time.time() - t)")
+    script = (
+        "import sys, time; sys.path.insert(0, %r); from sweeps.storage import BudgetLock; "
+        "print('ready', flush=True); t = time.time(); BudgetLock(%r).acquire(); print(time.time() - t)"
+    )
     with BudgetLock(path):
-        proc = subprocess.Popen([sys.executable, "-c", script % (os.getcwd(), str(path))],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script % (os.getcwd(), str(path))], stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout.readline().strip() == "ready"  # the other process is now waiting for the lock
         time.sleep(1.0)
     waited = float(proc.communicate(timeout=120)[0])

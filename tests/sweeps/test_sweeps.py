@@ -1,4 +1,5 @@
 """End-to-end sweeps on digits: real training, a real Optuna storage and a real MLflow SQLite store."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,9 @@ def _runs(sweep, role=None, parent=None):
     filters = [f"tags.`tripletlab.role` = '{role}'"] if role else []
     if parent:
         filters.append(f"tags.`mlflow.parentRunId` = '{parent}'")
-    return client.search_runs([experiment.experiment_id], filter_string=" and ".join(filters),
-                              max_results=1000)
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=" and ".join(filters), max_results=1000
+    )
 
 
 def _study(sweep, loss):
@@ -62,24 +64,32 @@ def test_each_loss_gets_its_budget_and_a_parent_with_trial_and_final_children(ti
         assert (metrics["trials_complete"], metrics["trials_pruned"], metrics["trials_failed"]) == (3, 0, 0)
         tests = [r.data.metrics["test/map_at_r"] for r in finals]
         assert metrics["final/test/map_at_r_mean"] == pytest.approx(sum(tests) / len(tests))
-        assert metrics["final/test/map_at_r_ci_low"] < metrics["final/test/map_at_r_mean"] \
+        assert (
+            metrics["final/test/map_at_r_ci_low"]
+            < metrics["final/test/map_at_r_mean"]
             < metrics["final/test/map_at_r_ci_high"]
+        )
 
 
 def test_comparison_table_files_and_summary_run(tiny_sweep):
     table = pd.read_csv(tiny_sweep.output_dir / "comparison.csv")
     assert list(table["loss"]) == list(TINY_LOSSES)
     assert (table["seeds"] == 2).all() and (table["trials_complete"] == 3).all()
-    assert ((table["map_at_r_ci_low"] <= table["map_at_r_mean"])
-            & (table["map_at_r_mean"] <= table["map_at_r_ci_high"])).all()
+    assert (
+        (table["map_at_r_ci_low"] <= table["map_at_r_mean"])
+        & (table["map_at_r_mean"] <= table["map_at_r_ci_high"])
+    ).all()
     assert table["precision_at_1_mean"].between(0, 1).all() and (table["compute_seconds"] > 0).all()
     markdown = (tiny_sweep.output_dir / "comparison.md").read_text()
     assert all(f"`{loss}`" in markdown for loss in TINY_LOSSES)
     assert "trials: 3" in (tiny_sweep.output_dir / "sweep.yaml").read_text()
     [summary] = _runs(tiny_sweep, "summary")
     client = MlflowClient(tracking_uri=tiny_sweep.tracking_uri)
-    assert {a.path for a in client.list_artifacts(summary.info.run_id)} == {"comparison.csv", "comparison.md",
-                                                                             "sweep.yaml"}
+    assert {a.path for a in client.list_artifacts(summary.info.run_id)} == {
+        "comparison.csv",
+        "comparison.md",
+        "sweep.yaml",
+    }
 
 
 def test_rerunning_resumes_without_going_past_the_budget(tiny_sweep):
@@ -101,21 +111,33 @@ def test_a_changed_space_under_the_same_name_is_refused_before_training(tiny_swe
 
 
 def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
-    sweep = run_sweep(tmp_path, name="broken", extra=[
-        "trials=2", "seeds=1", "loss_overrides.multi_similarity.optimizer.lr=1.0e+30",
-        "pruner={name: threshold, lower: 2.0}"])
+    sweep = run_sweep(
+        tmp_path,
+        name="broken",
+        extra=[
+            "trials=2",
+            "seeds=1",
+            "loss_overrides.multi_similarity.optimizer.lr=1.0e+30",
+            "pruner={name: threshold, lower: 2.0}",
+        ],
+    )
     assert sweep.exit_code == 0
     failed = _study(sweep, "multi_similarity").trials
     assert [t.state for t in failed] == [TrialState.FAIL] * 2
-    assert all("non-finite" in t.user_attrs["fail_reason"] or "NaN" in t.user_attrs["fail_reason"]
-               for t in failed)
+    assert all(
+        "non-finite" in t.user_attrs["fail_reason"] or "NaN" in t.user_attrs["fail_reason"] for t in failed
+    )
     pruned = _study(sweep, "batch_hard").trials
     assert [t.state for t in pruned] == [TrialState.PRUNED] * 2 and all(t.intermediate_values for t in pruned)
-    states = {(r.data.tags["tripletlab.loss"], r.data.tags["tripletlab.trial_state"])
-              for r in _runs(sweep, "trial")}
+    states = {
+        (r.data.tags["tripletlab.loss"], r.data.tags["tripletlab.trial_state"]) for r in _runs(sweep, "trial")
+    }
     assert states == {("multi_similarity", "failed"), ("batch_hard", "pruned")}
-    assert all("tripletlab.error" in r.data.tags for r in _runs(sweep, "trial")
-               if r.data.tags["tripletlab.loss"] == "multi_similarity")
+    assert all(
+        "tripletlab.error" in r.data.tags
+        for r in _runs(sweep, "trial")
+        if r.data.tags["tripletlab.loss"] == "multi_similarity"
+    )
     assert _runs(sweep, "final") == []  # nothing completed, so nothing to retrain
     table = pd.read_csv(sweep.output_dir / "comparison.csv")
     assert table.set_index("loss").loc["multi_similarity", "trials_failed"] == 2
@@ -125,8 +147,9 @@ def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
 
 def test_sqlite_rdb_storage_with_heartbeat(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    sweep = run_sweep(tmp_path, name="rdb", losses=("batch_hard",), extra=["trials=2", "seeds=1"],
-                      storage=storage)
+    sweep = run_sweep(
+        tmp_path, name="rdb", losses=("batch_hard",), extra=["trials=2", "seeds=1"], storage=storage
+    )
     assert sweep.exit_code == 0
     rdb = open_storage(storage, heartbeat_interval=60, grace_period=600)
     assert isinstance(rdb, optuna.storages.RDBStorage) and rdb.get_heartbeat_interval() == 60
@@ -166,8 +189,12 @@ class ToyContrastive(MetricLoss):
 def test_a_plugin_loss_is_swept_by_naming_it(tmp_path):
     plugin = tmp_path / "toy_plugin.py"
     plugin.write_text(PLUGIN)
-    sweep = run_sweep(tmp_path, name="plugin", losses=("toy_contrastive",),
-                      extra=["trials=2", "seeds=1", f"plugins=[{plugin}]"])
+    sweep = run_sweep(
+        tmp_path,
+        name="plugin",
+        losses=("toy_contrastive",),
+        extra=["trials=2", "seeds=1", f"plugins=[{plugin}]"],
+    )
     assert sweep.exit_code == 0
     study = _study(sweep, "toy_contrastive")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
@@ -190,8 +217,9 @@ def test_every_final_run_logs_weights_that_rebuild_its_model(tiny_sweep):
     model = build_run_model(cfg, (1, 8, 8))  # digits: 8x8 grey
     model.load_state_dict(state)  # every tensor fits the network the config rebuilds
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert _runs(tiny_sweep, "trial") and all(not client.list_artifacts(r.info.run_id, "model")
-                                              for r in _runs(tiny_sweep, "trial"))
+    assert _runs(tiny_sweep, "trial") and all(
+        not client.list_artifacts(r.info.run_id, "model") for r in _runs(tiny_sweep, "trial")
+    )
 
 
 def _sweep(*overrides: str):
@@ -233,8 +261,9 @@ def test_parent_runs_are_tagged_with_the_split_the_trials_train_on(tmp_path):
     from experiments.config import ExperimentConfig
     from sweeps.tracking import _identity
 
-    sweep = load_sweep_config(None, ["name=no-split", "losses=[batch_hard]",
-                                     "experiment.dataset.name=digits"])
+    sweep = load_sweep_config(
+        None, ["name=no-split", "losses=[batch_hard]", "experiment.dataset.name=digits"]
+    )
     assert "split" not in sweep.experiment.get("dataset", {})
     ctx = SweepContext(sweep, str(tmp_path / "journal"), "sqlite:///mlflow.db", tmp_path)
     trained_on = from_dict(sweep.experiment).dataset.split

@@ -1,6 +1,7 @@
 """No module import cycles anywhere in the project's packages: every ``import`` a module names, at the
 top of the file or inside a function, is an edge of the module graph, and the graph has no cycle (a
 lazy import inside a function is how a cycle usually hides)."""
+
 from __future__ import annotations
 
 import ast
@@ -37,9 +38,11 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join([*package[:len(package) - node.level + 1], *([base] if base else [])])
+                base = ".".join([*package[: len(package) - node.level + 1], *([base] if base else [])])
             # ``from pkg import sub`` imports the submodule ``pkg.sub`` when there is one
-            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+            names = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+            ]
         else:
             continue
         found.update(target for name in names if (target := _resolve(name, modules)) and target != module)

@@ -1,6 +1,7 @@
 """Security: secrets in storage URLs never reach MLflow or the console, YAML and checkpoints are
 loaded safely, servers bind 127.0.0.1 by default, no shell runs user strings, and plugins load
 only when named."""
+
 from __future__ import annotations
 
 import ast
@@ -16,9 +17,9 @@ import pytest
 import torch
 
 from experiments.config import load_config
+from experiments.tracking.secrets import mask_secrets
 from experiments.tracking.server import build_parser
 from experiments.train.loop import read_checkpoint
-from experiments.tracking.secrets import mask_secrets
 from sweeps.config import load_sweep_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,10 +44,31 @@ def calls(path: Path):
 def test_password_in_storage_url_is_never_logged(postgres_url, tmp_path):
     password = unquote(urlsplit(postgres_url).password or "")
     assert len(password) >= 8, "the test database URL needs a password to look for"
-    command = [sys.executable, "-m", "tripletlab.cli", "sweep", "--config", "quick", "name=secret",
-               "losses=[batch_hard]", "trials=1", "seeds=1", "epochs=1", "dataset.max_per_class=20",
-               "model.embedding_dim=8", "batch.p=3", "batch.k=4", "--workers", "1",
-               "--storage", postgres_url, "--tracking-uri", "sqlite:///mlflow.db", "--output-dir", "runs"]
+    command = [
+        sys.executable,
+        "-m",
+        "tripletlab.cli",
+        "sweep",
+        "--config",
+        "quick",
+        "name=secret",
+        "losses=[batch_hard]",
+        "trials=1",
+        "seeds=1",
+        "epochs=1",
+        "dataset.max_per_class=20",
+        "model.embedding_dim=8",
+        "batch.p=3",
+        "batch.k=4",
+        "--workers",
+        "1",
+        "--storage",
+        postgres_url,
+        "--tracking-uri",
+        "sqlite:///mlflow.db",
+        "--output-dir",
+        "runs",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -55,8 +77,11 @@ def test_password_in_storage_url_is_never_logged(postgres_url, tmp_path):
         assert password not in text, f"the password appears in the sweep's {name}"
     store = tmp_path / "mlflow.db"
     assert store.stat().st_size > 0
-    written = [store, *(p for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()),
-               *(p for p in (tmp_path / "runs").rglob("*") if p.is_file())]
+    written = [
+        store,
+        *(p for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()),
+        *(p for p in (tmp_path / "runs").rglob("*") if p.is_file()),
+    ]
     assert any(p.name == "config.yaml" for p in written), "the run artifacts were not found"
     leaks = [str(p.relative_to(tmp_path)) for p in written if password.encode() in p.read_bytes()]
     assert not leaks, f"the storage password is written in {leaks}"
@@ -72,7 +97,9 @@ def test_mask_secrets_hides_passwords_and_tokens():
 def test_yaml_tags_that_run_code_are_refused(loader, tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.yaml"
-    path.write_text(f"name: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]\n")
+    path.write_text(
+        f"name: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]\n"
+    )
     with pytest.raises(ValueError, match="not valid YAML"):
         loader(str(path), [])
     assert not marker.exists()
@@ -101,11 +128,15 @@ def test_checkpoints_load_weights_only(tmp_path):
         pickle.dump({"model": model.state_dict(), "epoch": 1, "payload": _Payload()}, f, protocol=2)
     with pytest.raises(ValueError, match="not a readable checkpoint.*weights_only: UnpicklingError"):
         read_checkpoint(evil)
-    loads = [(path, call) for path in project_python_files() for name, call in calls(path) if name == "torch.load"]
+    loads = [
+        (path, call) for path in project_python_files() for name, call in calls(path) if name == "torch.load"
+    ]
     assert loads, "no checkpoint loading found to check"
     for path, call in loads:
         flags = {kw.arg: ast.unparse(kw.value) for kw in call.keywords}
-        assert flags.get("weights_only") == "True", f"{path.relative_to(REPO)}:{call.lineno} torch.load without weights_only=True"
+        assert flags.get("weights_only") == "True", (
+            f"{path.relative_to(REPO)}:{call.lineno} torch.load without weights_only=True"
+        )
 
 
 def test_no_shell_runs_user_strings():
@@ -121,9 +152,14 @@ def test_no_shell_runs_user_strings():
 
 def test_servers_bind_localhost_by_default():
     assert build_parser().parse_args([]).host == "127.0.0.1"
-    result = subprocess.run(["make", "-n", *SERVER_TARGETS], cwd=REPO,
-                            capture_output=True, text=True, timeout=60,
-                            env={k: v for k, v in os.environ.items() if k not in ("HOST", "MAKEFLAGS")})
+    result = subprocess.run(
+        ["make", "-n", *SERVER_TARGETS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k not in ("HOST", "MAKEFLAGS")},
+    )
     assert result.returncode == 0, result.stderr
     server_lines = [line for line in result.stdout.splitlines() if "--port" in line]
     assert len(server_lines) == len(SERVER_TARGETS), result.stdout
@@ -134,10 +170,18 @@ def test_servers_bind_localhost_by_default():
 def test_plugins_load_only_when_named(tmp_path):
     (tmp_path / "sneaky_loss.py").write_text(
         "from losses import MetricLoss, register_loss\n"
-        "@register_loss('sneaky')\nclass Sneaky(MetricLoss):\n    '''Must not load unasked.'''\n    paper = 'none'\n")
+        "@register_loss('sneaky')\nclass Sneaky(MetricLoss):\n"
+        "    '''Must not load unasked.'''\n    paper = 'none'\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRIPLETLAB_PLUGINS"}
     code = "from losses import list_losses; print(sorted(list_losses()))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**env, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr
     assert "batch_hard" in result.stdout and "sneaky" not in result.stdout

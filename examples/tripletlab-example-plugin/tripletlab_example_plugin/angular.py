@@ -1,4 +1,5 @@
 """Angular loss (Wang et al., "Deep Metric Learning with Angular Loss", ICCV 2017) as a tripletlab plugin."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,16 @@ class AngularLoss(MetricLoss):
     paper = "Wang et al., Deep Metric Learning with Angular Loss, ICCV 2017"
     hyperparams = (
         # the default is __init__'s: declared once, there
-        HyperParam("alpha", float, doc="angle bound alpha in degrees", low=0.0, high=90.0,
-                   low_open=True, high_open=True, search=(30.0, 55.0)),
+        HyperParam(
+            "alpha",
+            float,
+            doc="angle bound alpha in degrees",
+            low=0.0,
+            high=90.0,
+            low_open=True,
+            high_open=True,
+            search=(30.0, 55.0),
+        ),
     )
 
     def __init__(self, alpha: float = 40.0) -> None:
@@ -38,9 +47,9 @@ class AngularLoss(MetricLoss):
         x = F.normalize(embeddings, dim=1)
         sim = x @ x.T
         same = labels[:, None] == labels[None, :]
-        anchor, positive = torch.nonzero(same & ~torch.eye(len(labels), dtype=torch.bool,
-                                                           device=labels.device),
-                                         as_tuple=True)
+        anchor, positive = torch.nonzero(
+            same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device), as_tuple=True
+        )
         tan2 = math.tan(math.radians(self.alpha)) ** 2
         logits = 4 * tan2 * (sim[anchor] + sim[positive]) - 2 * (1 + tan2) * sim[anchor, positive, None]
         negative = ~same[anchor]

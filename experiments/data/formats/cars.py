@@ -8,6 +8,7 @@ annotations' ``test`` flag is the classification split and is not used. Reads ``
 ``class`` and ``test``; ``class_names``, a cell array) and the images under ``car_ims/`` beside
 it. Class id = the official id minus one.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,10 @@ FIELDS = ("relative_im_path", "class")
 def _annotations_file(path: Path) -> Path:
     file = path if path.is_file() else path / ANNOTATIONS
     if not file.is_file():
-        raise ValueError(f"{file} not found: dataset.path must be the folder holding {ANNOTATIONS} "
-                         "and car_ims/ (or the .mat file itself)")
+        raise ValueError(
+            f"{file} not found: dataset.path must be the folder holding {ANNOTATIONS} "
+            "and car_ims/ (or the .mat file itself)"
+        )
     return file
 
 
@@ -38,16 +41,24 @@ def cars_index(path: Path) -> tuple[list[Path], torch.Tensor, dict[int, str]]:
     file = _annotations_file(path)
     try:
         mat = scipy.io.loadmat(file, squeeze_me=True)
-    except (scipy.io.matlab.MatReadError, ValueError, OSError, NotImplementedError, TypeError,
-            IndexError) as exc:  # scipy raises IndexError on a short file
+    except (
+        scipy.io.matlab.MatReadError,
+        ValueError,
+        OSError,
+        NotImplementedError,
+        TypeError,
+        IndexError,
+    ) as exc:  # scipy raises IndexError on a short file
         raise ValueError(f"{file}: not a readable MATLAB file ({exc})") from exc
     if "annotations" not in mat:
         raise ValueError(f"{file}: no 'annotations' struct array; expected the official {ANNOTATIONS}")
     annotations = np.atleast_1d(mat["annotations"])
     missing = [f for f in FIELDS if f not in (annotations.dtype.names or ())]
     if missing:
-        raise ValueError(f"{file}: 'annotations' lacks the field(s) {', '.join(missing)}; expected the "
-                         f"official {ANNOTATIONS} (relative_im_path, bbox_x1..bbox_y2, class, test)")
+        raise ValueError(
+            f"{file}: 'annotations' lacks the field(s) {', '.join(missing)}; expected the "
+            f"official {ANNOTATIONS} (relative_im_path, bbox_x1..bbox_y2, class, test)"
+        )
     try:
         classes = annotations["class"].astype(np.int64)
     except (TypeError, ValueError) as exc:
@@ -60,5 +71,6 @@ def cars_index(path: Path) -> tuple[list[Path], torch.Tensor, dict[int, str]]:
 def load_cars(path: Path, size: tuple[int, int]) -> SourceImages:
     """All images as RGB (N, 3, *size) uint8; ``official_test`` marks classes 99-196."""
     files, labels, names = cars_index(path)
-    return SourceImages(decode_rgb(files, size), labels, class_names=names or None,
-                        official_test=labels >= TRAIN_CLASSES)
+    return SourceImages(
+        decode_rgb(files, size), labels, class_names=names or None, official_test=labels >= TRAIN_CLASSES
+    )

@@ -3,6 +3,7 @@
 Pixels are counts 0..16 of set bits in 4x4 blocks of the original 32x32 bitmaps; they are scaled
 to uint8 0..255. Ships with scikit-learn, so nothing is read from disk or the network.
 """
+
 from __future__ import annotations
 
 import torch

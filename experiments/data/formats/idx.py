@@ -4,6 +4,7 @@ IDX layout (LeCun et al., the MNIST format): a big-endian int32 magic number (20
 images with 3 dimensions, 2049 for uint8 labels with 1), the dimension sizes as big-endian int32,
 then the raw uint8 values. 60,000 training and 10,000 test images, 28x28 grey, 10 classes.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -21,8 +22,18 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -42,7 +53,7 @@ def _header(path: Path, data: bytes, magic: int, ndim: int) -> list[int]:
     found = int.from_bytes(data[:4], "big")
     if found != magic:
         raise ValueError(f"{path}: expected IDX magic number {magic}, found {found}")
-    dims = [int.from_bytes(data[4 * i:4 * i + 4], "big") for i in range(1, ndim + 1)]
+    dims = [int.from_bytes(data[4 * i : 4 * i + 4], "big") for i in range(1, ndim + 1)]
     expected = header_size + int(np.prod(dims))
     if len(data) != expected:
         raise ValueError(
@@ -71,8 +82,10 @@ def _find(directory: Path, stem: str) -> Path:
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.is_file():
             return candidate
-    raise ValueError(f"{directory}: missing {stem}.gz (or uncompressed {stem}); "
-                     "dataset.path must be the folder holding the four Fashion-MNIST IDX files")
+    raise ValueError(
+        f"{directory}: missing {stem}.gz (or uncompressed {stem}); "
+        "dataset.path must be the folder holding the four Fashion-MNIST IDX files"
+    )
 
 
 def load_fashion_mnist(path: Path) -> SourceImages:
@@ -83,12 +96,16 @@ def load_fashion_mnist(path: Path) -> SourceImages:
         images_path, labels_path = _find(path, images_stem), _find(path, labels_stem)
         images, labels = read_idx_images(images_path), read_idx_labels(labels_path)
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
-                             f"{labels.shape[0]} labels; the two files must belong together")
+            raise ValueError(
+                f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
+                f"{labels.shape[0]} labels; the two files must belong together"
+            )
         parts.append((images, labels, torch.full((labels.shape[0],), split == "test")))
     if parts[0][0].shape[1:] != parts[1][0].shape[1:]:
-        raise ValueError(f"{path}: training images are {tuple(parts[0][0].shape[2:])} but test images "
-                         f"are {tuple(parts[1][0].shape[2:])}")
+        raise ValueError(
+            f"{path}: training images are {tuple(parts[0][0].shape[2:])} but test images "
+            f"are {tuple(parts[1][0].shape[2:])}"
+        )
     images, labels, is_test = (torch.cat(columns) for columns in zip(*parts))
     names = {i: name for i, name in enumerate(CLASS_NAMES)} if int(labels.max()) < len(CLASS_NAMES) else None
     return SourceImages(images, labels, standard_test=is_test, class_names=names, official_test=is_test)

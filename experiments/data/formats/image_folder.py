@@ -6,6 +6,7 @@ filter), decoding in a few threads once into the decoded-image cache (``decode_c
 later loads read. The class id is the index of the class folder in natural
 name order (``s2`` before ``s10``; ``001.Albatross`` before ``002.Auklet``).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,10 @@ def natural_key(name: str) -> list:
 
 def _class_files(path: Path) -> dict[str, list[Path]]:
     if not path.is_dir():
-        raise ValueError(f"{path}: not a folder; dataset.path for image-folder must be a folder "
-                         "with one sub-folder of images per class")
+        raise ValueError(
+            f"{path}: not a folder; dataset.path for image-folder must be a folder "
+            "with one sub-folder of images per class"
+        )
     classes = {}
     folders = (p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     for folder in sorted(folders, key=lambda p: natural_key(p.name)):
@@ -35,13 +38,17 @@ def _class_files(path: Path) -> dict[str, list[Path]]:
         if files:
             classes[folder.name] = files
     if not classes:
-        raise ValueError(f"{path}: no images found; image-folder expects <class>/<image> files "
-                         f"(suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(
+            f"{path}: no images found; image-folder expects <class>/<image> files "
+            f"(suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     lonely = [name for name, files in classes.items() if len(files) < 2]
     if lonely:
-        raise ValueError(f"{path}: class {lonely[0]!r} has a single image"
-                         f"{f' (and {len(lonely) - 1} more classes)' if len(lonely) > 1 else ''}; "
-                         "a class needs >= 2 images to form a positive pair: add images or remove it")
+        raise ValueError(
+            f"{path}: class {lonely[0]!r} has a single image"
+            f"{f' (and {len(lonely) - 1} more classes)' if len(lonely) > 1 else ''}; "
+            "a class needs >= 2 images to form a positive pair: add images or remove it"
+        )
     return classes
 
 

@@ -9,6 +9,7 @@ line, the header ``image_name item_id evaluation_status``, then one image per li
 ``img/`` beside it, or from the benchmark's own tree (``Eval/list_eval_partition.txt`` and
 ``Img/img/``). Class ids number the item ids (``id_00000001`` ...) in sorted order.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,10 @@ def _partition_file(path: Path) -> Path:
         for file in (root / PARTITION, root / "Eval" / PARTITION):
             if file.is_file():
                 return file
-    raise ValueError(f"{path / PARTITION} not found (nor {path / 'Eval' / PARTITION}): dataset.path must "
-                     f"be the In-shop folder holding {PARTITION} and img/ (or the {FOLDER} folder)")
+    raise ValueError(
+        f"{path / PARTITION} not found (nor {path / 'Eval' / PARTITION}): dataset.path must "
+        f"be the In-shop folder holding {PARTITION} and img/ (or the {FOLDER} folder)"
+    )
 
 
 def _read_partition(file: Path) -> list[list[str]]:
@@ -41,12 +44,15 @@ def _read_partition(file: Path) -> list[list[str]]:
     if len(lines) < 2 or lines[1].split() != HEADER:
         raise ValueError(f"{file} line 2: expected the header {' '.join(HEADER)!r}")
     if len(rows) != count:
-        raise ValueError(f"{file}: the first line announces {count} images but {len(rows)} are listed "
-                         "(truncated or edited file)")
+        raise ValueError(
+            f"{file}: the first line announces {count} images but {len(rows)} are listed "
+            "(truncated or edited file)"
+        )
     unknown = [status for _, _, status in rows if status not in STATUSES]
     if unknown:
-        raise ValueError(f"{file}: evaluation_status must be one of {', '.join(STATUSES)}, "
-                         f"found {unknown[0]!r}")
+        raise ValueError(
+            f"{file}: evaluation_status must be one of {', '.join(STATUSES)}, found {unknown[0]!r}"
+        )
     return rows
 
 
@@ -65,6 +71,10 @@ def inshop_index(path: Path) -> tuple[list[Path], torch.Tensor, dict[int, str], 
 def load_inshop(path: Path, size: tuple[int, int]) -> SourceImages:
     """All images as RGB (N, 3, *size) uint8; ``official_test`` marks the queries, ``gallery`` the gallery."""
     files, labels, names, statuses = inshop_index(path)
-    return SourceImages(decode_rgb(files, size), labels, class_names=names,
-                        official_test=torch.tensor([s == "query" for s in statuses], dtype=torch.bool),
-                        gallery=torch.tensor([s == "gallery" for s in statuses], dtype=torch.bool))
+    return SourceImages(
+        decode_rgb(files, size),
+        labels,
+        class_names=names,
+        official_test=torch.tensor([s == "query" for s in statuses], dtype=torch.bool),
+        gallery=torch.tensor([s == "gallery" for s in statuses], dtype=torch.bool),
+    )

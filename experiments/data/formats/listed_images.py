@@ -7,6 +7,7 @@ Images are decoded with Pillow in a few threads, once, into the decoded-image ca
 ``dataset.image_size``, by default 256x256: the resize "A Metric Learning
 Reality Check" (Musgrave et al., ECCV 2020) applies before its 227x227 crops.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,9 @@ def find_root(path: Path, folder: str, marker: str) -> Path:
         if (root / marker).is_file():
             return root
     expected = path / marker if path.name == folder else path / folder / marker
-    raise ValueError(f"{expected} not found: dataset.path must be the extracted {folder} folder "
-                     "(or the folder holding it)")
+    raise ValueError(
+        f"{expected} not found: dataset.path must be the extracted {folder} folder (or the folder holding it)"
+    )
 
 
 def read_table(file: Path, columns: int, skip: int = 0) -> list[list[str]]:
@@ -41,8 +43,10 @@ def read_table(file: Path, columns: int, skip: int = 0) -> list[list[str]]:
         if not fields:
             continue
         if len(fields) != columns:
-            raise ValueError(f"{file} line {number}: expected {columns} whitespace-separated fields, "
-                             f"found {len(fields)}: {line.strip()!r}")
+            raise ValueError(
+                f"{file} line {number}: expected {columns} whitespace-separated fields, "
+                f"found {len(fields)}: {line.strip()!r}"
+            )
         rows.append(fields)
     return rows
 
@@ -61,8 +65,10 @@ def existing_files(root: Path, relative_paths: list[str], index: Path) -> list[P
     missing = [f for f in files if not f.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"{missing[0]} is listed in {index} but not found{more}: extract every image "
-                         f"of the dataset under {root}")
+        raise ValueError(
+            f"{missing[0]} is listed in {index} but not found{more}: extract every image "
+            f"of the dataset under {root}"
+        )
     return files
 
 

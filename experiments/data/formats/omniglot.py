@@ -10,6 +10,7 @@ The official split (Lake et al. 2015) trains on ``images_background`` (30 alphab
 characters) and tests on ``images_evaluation`` (20 other alphabets, 659 characters): a source whose
 name contains "evaluation" is marked as the official test part when a background source is given too.
 """
+
 from __future__ import annotations
 
 import io
@@ -41,12 +42,14 @@ def _from_npz(path: Path, size) -> tuple[torch.Tensor, torch.Tensor, dict[int, s
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable npz file ({exc})") from exc
     if background.ndim != 4 or labels.shape != background.shape[:2]:
-        raise ValueError(f"{path}: expected 'images' (classes, drawers, H, W) and 'labels' (classes, "
-                         f"drawers); found {background.shape} and {labels.shape}")
+        raise ValueError(
+            f"{path}: expected 'images' (classes, drawers, H, W) and 'labels' (classes, "
+            f"drawers); found {background.shape} and {labels.shape}"
+        )
     flat = background.reshape(-1, 1, *background.shape[2:])
     chunks = []
     for start in range(0, flat.shape[0], CHUNK):
-        ink = ~flat[start:start + CHUNK].astype(bool)
+        ink = ~flat[start : start + CHUNK].astype(bool)
         chunks.append(resize_images(torch.from_numpy(ink.astype(np.uint8) * 255), size))
     labels = torch.from_numpy(labels.reshape(-1).astype(np.int64))
     return torch.cat(chunks), labels, {}
@@ -119,5 +122,9 @@ def load_omniglot(path: Path, size) -> SourceImages:
         offset += int(part_labels.max()) + 1
     is_evaluation = torch.cat(evaluation)
     both_sets = bool(is_evaluation.any()) and not bool(is_evaluation.all())
-    return SourceImages(torch.cat(images), torch.cat(labels), class_names=names or None,
-                        official_test=is_evaluation if both_sets else None)
+    return SourceImages(
+        torch.cat(images),
+        torch.cat(labels),
+        class_names=names or None,
+        official_test=is_evaluation if both_sets else None,
+    )

@@ -3,6 +3,7 @@
 Reads ``att_faces.zip`` (``att_faces/s<N>/<k>.pgm``) or the extracted ``s<N>/<k>.pgm`` folders.
 Images are binary PGM (P5), decoded with Pillow. The class id is the subject number minus one.
 """
+
 from __future__ import annotations
 
 import io
@@ -59,8 +60,10 @@ def load_orl_faces(path: Path) -> SourceImages:
         if not faces and (path / "att_faces.zip").is_file():
             faces = _faces_from_zip(path / "att_faces.zip")
     if not faces:
-        raise ValueError(f"{path}: no s<N>/<k>.pgm faces found; dataset.path must be att_faces.zip "
-                         "or the folder holding the s1..s40 subject folders")
+        raise ValueError(
+            f"{path}: no s<N>/<k>.pgm faces found; dataset.path must be att_faces.zip "
+            "or the folder holding the s1..s40 subject folders"
+        )
     faces.sort(key=lambda face: (face[0], face[1]))
     arrays = [_decode_pgm(data, name) for _, _, name, data in faces]
     shapes = {array.shape for array in arrays}

@@ -6,6 +6,7 @@ The official split: ``Ebay_train.txt`` (11,318 products, 59,551 images) trains a
 ``image_id class_id super_class_id path``, then one image per line, its path relative to the
 extracted ``Stanford_Online_Products/`` folder. Class id = the official ``class_id`` minus one.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,13 @@ from pathlib import Path
 import torch
 
 from experiments.data.base import SourceImages
-from experiments.data.formats.listed_images import decode_rgb, existing_files, find_root, parse_int, read_table
+from experiments.data.formats.listed_images import (
+    decode_rgb,
+    existing_files,
+    find_root,
+    parse_int,
+    read_table,
+)
 
 FOLDER = "Stanford_Online_Products"
 PARTS = ("Ebay_train.txt", "Ebay_test.txt")

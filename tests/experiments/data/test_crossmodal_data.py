@@ -1,4 +1,5 @@
 """Paired data: measured digit captions, the CSV/JSONL loader on real PNG files, the vocabulary."""
+
 import json
 import re
 
@@ -7,7 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.data.captions import Vocabulary, digit_captions, load_digits_paired, load_paired_file, measure_digits
+from experiments.data.captions import (
+    Vocabulary,
+    digit_captions,
+    load_digits_paired,
+    load_paired_file,
+    measure_digits,
+)
 
 
 def test_digits_captions_name_the_digit_and_vary_per_image():
@@ -49,7 +56,10 @@ def _write_pngs(root, n_per_class=3):
 def test_csv_loader_reads_real_pngs(tmp_path):
     rows = _write_pngs(tmp_path)
     csv_path = tmp_path / "pairs.csv"
-    csv_path.write_text("image_path,caption,label\n" + "".join(f"{r['image_path']},{r['caption']},{r['label']}\n" for r in rows))
+    csv_path.write_text(
+        "image_path,caption,label\n"
+        + "".join(f"{r['image_path']},{r['caption']},{r['label']}\n" for r in rows)
+    )
     data = load_paired_file(csv_path, image_size=16)
     assert data.images.shape == (6, 1, 16, 16) and data.images.dtype == torch.uint8
     assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]

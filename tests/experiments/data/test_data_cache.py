@@ -1,6 +1,7 @@
 """The decoded-image cache and streamed splits: batches read from the cache are the bytes a fresh
 decode gives; changed files and damaged entries are rebuilt; concurrent processes decode once; a
 split over the resident budget trains through the streaming path as it would in memory."""
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,14 @@ import torch
 from PIL import Image
 
 from experiments.config import ExperimentConfig
-from experiments.data.registry import load_dataset
 from experiments.data.base import LabeledImages
 from experiments.data.decode_cache import CACHE_ENV, decoded_images
-from experiments.data.image_decoding import read_resized
-from experiments.data.formats.image_folder import load_image_folder
 from experiments.data.device_data import DeviceImages
-from experiments.models.image import build_model
+from experiments.data.formats.image_folder import load_image_folder
+from experiments.data.image_decoding import read_resized
+from experiments.data.registry import load_dataset
 from experiments.data.sampler import PKSampler
+from experiments.models.image import build_model
 from experiments.train.loop import train
 from losses import build_loss
 
@@ -69,9 +70,16 @@ def test_batches_from_the_cache_are_the_bytes_of_a_fresh_decode(tmp_path, cache)
     assert torch.equal(first.images.gather(rows), fresh(files)[rows])
     assert torch.equal(again.images.gather(torch.arange(len(files))), fresh(files))
     assert json.loads(entry(cache, ".json").read_text())["mode"] == "RGB"
-    streamed = DeviceImages(LabeledImages(again.images, again.labels, rows=torch.arange(len(files))), "cpu",
-                            mean=(0.5,) * 3, std=(0.25,) * 3, resident_mb=0.001)
-    in_memory = DeviceImages(LabeledImages(fresh(files), first.labels), "cpu", mean=(0.5,) * 3, std=(0.25,) * 3)
+    streamed = DeviceImages(
+        LabeledImages(again.images, again.labels, rows=torch.arange(len(files))),
+        "cpu",
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        resident_mb=0.001,
+    )
+    in_memory = DeviceImages(
+        LabeledImages(fresh(files), first.labels), "cpu", mean=(0.5,) * 3, std=(0.25,) * 3
+    )
     assert streamed.streams and not in_memory.streams
     assert torch.equal(streamed.batch(rows)[0], in_memory.batch(rows)[0])
     assert all(torch.equal(a[0], b[0]) for a, b in zip(streamed.iterate(5), in_memory.iterate(5)))
@@ -133,8 +141,17 @@ source = load_image_folder(Path({str(tmp_path / "data")!r}), {SIZE!r})
 sys.stdout.write(source.images.gather(torch.arange(len(source.labels))).numpy().tobytes().hex())
 """
     env = {**os.environ, CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
-    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=env, text=True, cwd=Path(__file__).parents[3]) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+            cwd=Path(__file__).parents[3],
+        )
+        for _ in range(2)
+    ]
     time.sleep(0.5)
     go.touch()
     outputs = [run.communicate(timeout=120) for run in runs]
@@ -151,8 +168,14 @@ def test_a_split_over_the_resident_budget_trains_streamed_as_in_memory(tmp_path,
     cfg.epochs, cfg.batch.p, cfg.batch.k = 1, 4, 2
     histories = []
     for resident_mb in (0, 0.5):
-        data = LabeledImages(splits.train.store, splits.train.labels.repeat(2), True, splits.train.mean, splits.train.std,
-                             rows=splits.train.rows.repeat(2))  # > 0.5 MiB
+        data = LabeledImages(
+            splits.train.store,
+            splits.train.labels.repeat(2),
+            True,
+            splits.train.mean,
+            splits.train.std,
+            rows=splits.train.rows.repeat(2),
+        )  # > 0.5 MiB
         device_data = DeviceImages(data, "cpu", augment=True, seed=0, resident_mb=resident_mb)
         assert device_data.streams == bool(resident_mb) and (device_data.images is None) == bool(resident_mb)
         model = build_model("cnn", 3, (64, 64), 16, True, 0)

@@ -1,4 +1,5 @@
 """Dataset loaders on tiny files written in each real format, and the class splits."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,11 +22,21 @@ from experiments.data.splits import cap_per_class, class_disjoint_split, standar
 
 def cfg(**values):
     """A dataset config as the trainer passes it: an object with attributes."""
-    return SimpleNamespace(**{"name": "digits", "path": "", "split": "class-disjoint", "val_fraction": 0.2,
-                              "image_size": 0, "max_per_class": 0, **values})
+    return SimpleNamespace(
+        **{
+            "name": "digits",
+            "path": "",
+            "split": "class-disjoint",
+            "val_fraction": 0.2,
+            "image_size": 0,
+            "max_per_class": 0,
+            **values,
+        }
+    )
 
 
 # ---------------------------------------------------------------- fashion-mnist (IDX)
+
 
 def idx_images(images: np.ndarray, magic: int = 2051) -> bytes:
     n, rows, cols = images.shape
@@ -59,14 +70,18 @@ def test_fashion_mnist_standard_split_keeps_the_official_test_set(tmp_path, comp
     data = write_fashion(tmp_path, compress)
     splits = load_dataset(cfg(name="fashion-mnist", path=str(tmp_path), split="standard"), seed=0)
     assert splits.test.images.shape == (20, 1, 5, 4)
-    assert torch.equal(splits.test.images[:, 0], torch.from_numpy(data["t10k-images-idx3-ubyte"]).to(torch.uint8))
+    assert torch.equal(
+        splits.test.images[:, 0], torch.from_numpy(data["t10k-images-idx3-ubyte"]).to(torch.uint8)
+    )
     assert torch.equal(splits.test.labels, torch.from_numpy(data["t10k-labels-idx1-ubyte"]).long())
     assert len(splits.train) + len(splits.val) == 40
     assert splits.info["counts"] == {"train": len(splits.train), "val": len(splits.val), "test": 20}
     assert splits.train.hflip and splits.info["test_source"] == "the dataset's own test set"
     # every training image is one of the written training images, with its label
-    written = {bytes(img.astype(np.uint8).tobytes()): int(lab) for img, lab in
-               zip(data["train-images-idx3-ubyte"], data["train-labels-idx1-ubyte"])}
+    written = {
+        bytes(img.astype(np.uint8).tobytes()): int(lab)
+        for img, lab in zip(data["train-images-idx3-ubyte"], data["train-labels-idx1-ubyte"])
+    }
     for image, label in zip(splits.val.images, splits.val.labels):
         assert written[image[0].numpy().tobytes()] == int(label)
 
@@ -79,10 +94,13 @@ def test_fashion_mnist_class_disjoint_pools_train_and_test(tmp_path):
     assert splits.test.labels.dtype == torch.int64
 
 
-@pytest.mark.parametrize("stem, magic, expected", [
-    ("train-images-idx3-ubyte", 2049, "2051"),
-    ("t10k-labels-idx1-ubyte", 2051, "2049"),
-])
+@pytest.mark.parametrize(
+    "stem, magic, expected",
+    [
+        ("train-images-idx3-ubyte", 2049, "2051"),
+        ("t10k-labels-idx1-ubyte", 2051, "2049"),
+    ],
+)
 def test_idx_wrong_magic_names_the_file(tmp_path, stem, magic, expected):
     data = write_fashion(tmp_path)
     raw = idx_images(data[stem], magic) if "images" in stem else idx_labels(data[stem], magic)
@@ -95,9 +113,13 @@ def test_idx_truncated_file_is_reported(tmp_path):
     data = write_fashion(tmp_path)
     raw = idx_images(data["train-images-idx3-ubyte"])[:-7]
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: header \[40, 5, 4\] means 816 bytes, found 809 bytes"):
+    with pytest.raises(
+        ValueError, match=r"train-images-idx3-ubyte\.gz: header \[40, 5, 4\] means 816 bytes, found 809 bytes"
+    ):
         load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
-    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_images(data["train-images-idx3-ubyte"]))[:-9])
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(idx_images(data["train-images-idx3-ubyte"]))[:-9]
+    )
     with pytest.raises(ValueError, match="not a readable gzip file"):
         load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
 
@@ -107,7 +129,9 @@ def test_idx_missing_file_and_count_mismatch(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(ValueError, match="missing t10k-labels-idx1-ubyte.gz"):
         load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
-    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_labels(data["t10k-labels-idx1-ubyte"][:5])))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(idx_labels(data["t10k-labels-idx1-ubyte"][:5]))
+    )
     with pytest.raises(ValueError, match="holds 20 images but .* holds 5 labels"):
         load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
 
@@ -126,6 +150,7 @@ def test_path_from_environment_variable_and_clear_error_without(tmp_path, monkey
 
 # ---------------------------------------------------------------- ORL faces (zip of P5 PGMs)
 
+
 def pgm(pixels: np.ndarray) -> bytes:
     height, width = pixels.shape
     return f"P5\n{width} {height}\n255\n".encode() + pixels.astype(np.uint8).tobytes()
@@ -133,7 +158,11 @@ def pgm(pixels: np.ndarray) -> bytes:
 
 def orl_faces(subjects: int = 10, per_subject: int = 3) -> dict[tuple[int, int], np.ndarray]:
     rng = np.random.default_rng(1)
-    return {(s, k): rng.integers(0, 256, (7, 6)) for s in range(1, subjects + 1) for k in range(1, per_subject + 1)}
+    return {
+        (s, k): rng.integers(0, 256, (7, 6))
+        for s in range(1, subjects + 1)
+        for k in range(1, per_subject + 1)
+    }
 
 
 def test_orl_faces_from_zip(tmp_path):
@@ -178,6 +207,7 @@ def test_orl_faces_unreadable_pgm_names_the_file(tmp_path):
 
 # ---------------------------------------------------------------- omniglot
 
+
 def omniglot_npz(path: Path, characters: int = 10, drawers: int = 3, size: int = 12) -> np.ndarray:
     rng = np.random.default_rng(2)
     background = rng.random((characters, drawers, size, size)) > 0.3  # True = white background
@@ -216,13 +246,17 @@ def test_omniglot_official_png_zip(tmp_path):
                     bits = rng.random((9, 9)) > 0.4
                     buffer = io.BytesIO()
                     Image.fromarray(bits).convert("1").save(buffer, format="PNG")
-                    name = f"images_background/{alphabet}/character{character:02d}/{character:02d}{drawer:02d}.png"
+                    folder = f"images_background/{alphabet}/character{character:02d}"
+                    name = f"{folder}/{character:02d}{drawer:02d}.png"
                     zf.writestr(name, buffer.getvalue())
                     drawn[(alphabet, character, drawer)] = (~bits).astype(np.uint8) * 255
-    splits = load_dataset(cfg(name="omniglot", path=str(tmp_path), image_size=9, split="standard",
-                              val_fraction=0.5), seed=0)
+    splits = load_dataset(
+        cfg(name="omniglot", path=str(tmp_path), image_size=9, split="standard", val_fraction=0.5), seed=0
+    )
     names = splits.info["class_names"]
-    assert len(names) == 8 and names[0].endswith("Alpha/character01") and names[7].endswith("Beta/character04")
+    assert (
+        len(names) == 8 and names[0].endswith("Alpha/character01") and names[7].endswith("Beta/character04")
+    )
     for split in (splits.train, splits.val, splits.test):
         for image, label in zip(split.images, split.labels):
             alphabet, character = ("Alpha", "Beta")[int(label) // 4], int(label) % 4 + 1
@@ -230,6 +264,7 @@ def test_omniglot_official_png_zip(tmp_path):
 
 
 # ---------------------------------------------------------------- image folders
+
 
 def write_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,11 +291,17 @@ def test_image_folder_all_grey_stays_one_channel_and_matches_pillow(tmp_path):
         for j in range(2):
             arrays[(c, j)] = rng.integers(0, 256, (8, 8))
             write_png(tmp_path / f"class{c}" / f"{j}.png", arrays[(c, j)])
-    splits = load_dataset(cfg(name="image-folder", path=str(tmp_path), image_size=4, split="standard"), seed=0)
+    splits = load_dataset(
+        cfg(name="image-folder", path=str(tmp_path), image_size=4, split="standard"), seed=0
+    )
     assert splits.test.images.shape[1:] == (1, 4, 4)
     for image, label in zip(splits.test.images, splits.test.labels):
-        options = [np.asarray(Image.fromarray(arrays[(int(label), j)].astype(np.uint8)).resize((4, 4), Image.BILINEAR))
-                   for j in range(2)]
+        options = [
+            np.asarray(
+                Image.fromarray(arrays[(int(label), j)].astype(np.uint8)).resize((4, 4), Image.BILINEAR)
+            )
+            for j in range(2)
+        ]
         assert any(np.array_equal(image[0].numpy(), o) for o in options)
 
 
@@ -291,6 +332,7 @@ def test_image_folder_errors(tmp_path):
 
 # ---------------------------------------------------------------- digits, options, registry
 
+
 def test_digits_pixels_scaled_from_sixteen_grey_levels():
     from sklearn.datasets import load_digits
 
@@ -320,13 +362,16 @@ def test_max_per_class_caps_each_class_reproducibly():
     assert torch.equal(a.train.images, b.train.images)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"name": "mnist"}, r"unknown dataset\.name 'mnist'; choose one of .*fashion-mnist"),
-    ({"split": "random"}, r"dataset\.split must be one of class-disjoint, standard"),
-    ({"val_fraction": 1.5}, r"dataset\.val_fraction must be a number strictly between 0 and 1"),
-    ({"max_per_class": -1}, r"dataset\.max_per_class must be a non-negative int"),
-    ({"image_size": "big"}, r"dataset\.image_size must be an int or \[height, width\]"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"name": "mnist"}, r"unknown dataset\.name 'mnist'; choose one of .*fashion-mnist"),
+        ({"split": "random"}, r"dataset\.split must be one of class-disjoint, standard"),
+        ({"val_fraction": 1.5}, r"dataset\.val_fraction must be a number strictly between 0 and 1"),
+        ({"max_per_class": -1}, r"dataset\.max_per_class must be a non-negative int"),
+        ({"image_size": "big"}, r"dataset\.image_size must be an int or \[height, width\]"),
+    ],
+)
 def test_bad_options_raise_clear_errors(values, message):
     with pytest.raises(ValueError, match=message):
         load_dataset(cfg(**values), seed=0)
@@ -342,12 +387,25 @@ def test_split_default_is_the_configs_everywhere():
 
 
 def test_registry_lists_the_builtins():
-    assert list_datasets() == ["cars196", "cub200", "digits", "digits-captions", "fashion-mnist", "image-folder",
-                               "inshop", "omniglot", "orl-faces", "paired-file", "sop"]
+    assert list_datasets() == [
+        "cars196",
+        "cub200",
+        "digits",
+        "digits-captions",
+        "fashion-mnist",
+        "image-folder",
+        "inshop",
+        "omniglot",
+        "orl-faces",
+        "paired-file",
+        "sop",
+    ]
 
 
 def test_paired_datasets_are_in_the_registry_and_named_by_an_unknown_name():
-    with pytest.raises(ValueError, match=r"unknown dataset\.name 'captions'; choose one of .*digits-captions.*paired-file"):
+    with pytest.raises(
+        ValueError, match=r"unknown dataset\.name 'captions'; choose one of .*digits-captions.*paired-file"
+    ):
         load_dataset({"name": "captions"}, seed=0)
     assert is_paired("digits-captions") and is_paired("paired-file") and not is_paired("digits")
     pairs = load_dataset({"name": "digits-captions", "split": "class-disjoint"}, seed=0)
@@ -358,6 +416,7 @@ def test_paired_datasets_are_in_the_registry_and_named_by_an_unknown_name():
 
 
 # ---------------------------------------------------------------- splits
+
 
 def labels_for(classes: int, per_class: int = 4) -> torch.Tensor:
     return (torch.arange(classes) * 3 + 7).repeat_interleave(per_class)  # non-contiguous class ids
@@ -395,7 +454,11 @@ def test_class_disjoint_small_datasets_keep_two_val_and_two_train_classes():
 def test_standard_split_samples_every_class_by_seed():
     labels = labels_for(6, per_class=10)
     parts = standard_split(labels, None, 0.2, seed=0)
-    for part, per_class in ((parts.test, 5), (parts.val, 1), (parts.train, 4)):  # half tests, 0.2 of 5 validate
+    for part, per_class in (
+        (parts.test, 5),
+        (parts.val, 1),
+        (parts.train, 4),
+    ):  # half tests, 0.2 of 5 validate
         assert torch.unique(labels[part], return_counts=True)[1].tolist() == [per_class] * 6
     again = standard_split(labels, None, 0.2, seed=0)
     other = standard_split(labels, None, 0.2, seed=1)
@@ -406,7 +469,6 @@ def test_cap_per_class_keeps_classes_smaller_than_the_cap():
     labels = torch.tensor([0] * 5 + [1] * 2 + [2] * 9)
     kept = cap_per_class(labels, 3, seed=0)
     assert torch.bincount(labels[kept]).tolist() == [3, 2, 3]
-
 
 
 def test_reloading_unchanged_files_reuses_them_and_changed_files_are_read_again(tmp_path):

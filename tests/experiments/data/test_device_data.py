@@ -1,4 +1,5 @@
 """Device-resident images: normalisation, seeded crop/flip augmentation, evaluation chunks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,9 @@ from experiments.data.device_data import DeviceImages
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def split(n: int = 12, channels: int = 3, size: tuple[int, int] = (6, 7), hflip: bool = True, **stats) -> LabeledImages:
+def split(
+    n: int = 12, channels: int = 3, size: tuple[int, int] = (6, 7), hflip: bool = True, **stats
+) -> LabeledImages:
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, channels, *size), generator=generator, dtype=torch.uint8)
     return LabeledImages(images, torch.arange(n) % 4, hflip=hflip, **stats)
@@ -27,7 +30,7 @@ def candidates(image: np.ndarray, pad: int, flips: bool) -> list[np.ndarray]:
         padded = np.pad(source, ((0, 0), (pad, pad), (pad, pad)))
         for dy in range(2 * pad + 1):
             for dx in range(2 * pad + 1):
-                out.append(padded[:, dy:dy + height, dx:dx + width])
+                out.append(padded[:, dy : dy + height, dx : dx + width])
     return out
 
 
@@ -39,8 +42,9 @@ def test_batch_without_augmentation_is_the_normalised_images(device):
     images, labels = store.batch(indices)
     assert images.dtype == torch.float32 and images.device.type == device and images.shape == (4, 3, 6, 7)
     assert labels.dtype == torch.int64 and labels.tolist() == data.labels[indices].tolist()
-    expected = (data.images[indices].double() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) \
-        / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    expected = (
+        data.images[indices].double() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    ) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
     torch.testing.assert_close(images.cpu().double(), expected, atol=1e-5, rtol=1e-5)
     assert store.images.dtype == torch.uint8 and store.images.device.type == device
 
@@ -110,14 +114,15 @@ def test_cuda_batches_match_cpu_batches():
 
 def raw_pixels(n: int, size: tuple[int, int], channels: int = 3, hflip: bool = True) -> LabeledImages:
     """Images whose normalised batch is the pixels themselves (mean 0, std 1/255)."""
-    return split(n=n, channels=channels, size=size, hflip=hflip, mean=(0.0,) * channels,
-                 std=(1 / 255,) * channels)
+    return split(
+        n=n, channels=channels, size=size, hflip=hflip, mean=(0.0,) * channels, std=(1 / 255,) * channels
+    )
 
 
 def resized_crop(image: torch.Tensor, box: list[int], side: int, flip: bool) -> torch.Tensor:
     """The oracle: crop the box, resize it with torch's own bilinear interpolation, mirror it."""
     left, top, width, height = box
-    crop = image[None, :, top:top + height, left:left + width].double()
+    crop = image[None, :, top : top + height, left : left + width].double()
     out = F.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False, antialias=False)[0]
     return out.flip(-1) if flip else out
 
@@ -154,8 +159,9 @@ def test_random_resized_crop_boxes_follow_the_scale_and_ratio_ranges():
 def test_random_resized_crop_falls_back_to_the_whole_image_clipped_to_the_ratio(size, box_size):
     # No box of 0.9..1 of the area with aspect 3/4..1.3 fits a 10-pixel strip: torchvision's fallback
     # is the whole short side with the nearest allowed aspect, 10 * 1.3 = 13 or 10 / 0.75 = 13.
-    store = DeviceImages(raw_pixels(2, size), "cpu", augment=True, crop_size=10, scale=(0.9, 1.0),
-                         ratio=(0.75, 1.3))
+    store = DeviceImages(
+        raw_pixels(2, size), "cpu", augment=True, crop_size=10, scale=(0.9, 1.0), ratio=(0.75, 1.3)
+    )
     boxes, _ = store.crop_boxes(64)
     assert {tuple(b) for b in boxes[:, 2:].tolist()} == {box_size}
     inside = (boxes[:, :2] >= 0) & (boxes[:, :2] + boxes[:, 2:] <= torch.tensor(size[::-1]))
@@ -172,12 +178,13 @@ def test_random_resized_crops_are_reproducible_by_seed():
     assert torch.equal(second_a, second_b) and not torch.equal(second_a, first_a)  # moving on in step
 
 
-@pytest.mark.parametrize("size, crop, corner",
-                         [((9, 12), 5, (2, 3)), ((8, 8), 8, (0, 0)), ((7, 10), 4, (1, 3))])
+@pytest.mark.parametrize(
+    "size, crop, corner", [((9, 12), 5, (2, 3)), ((8, 8), 8, (0, 0)), ((7, 10), 4, (1, 3))]
+)
 def test_centre_crop_is_exact_for_evaluation_and_plain_training(size, crop, corner):
     data = raw_pixels(5, size)
     top, left = corner
-    expected = data.images[:, :, top:top + crop, left:left + crop].float()
+    expected = data.images[:, :, top : top + crop, left : left + crop].float()
     store = DeviceImages(data, "cpu", augment=False, crop_size=crop)
     torch.testing.assert_close(torch.cat([x for x, _ in store.iterate(2)]), expected, atol=1e-3, rtol=0)
     torch.testing.assert_close(store.batch(torch.arange(5))[0], expected, atol=1e-3, rtol=0)
@@ -200,8 +207,11 @@ def test_grey_images_repeat_to_three_channels_before_normalising():
 
 
 def test_bad_crop_options_are_clear_errors():
-    with pytest.raises(ValueError, match=r"dataset.crop_size=9 must be in \[0, 6\] \(0 = no crop\) for 6 x 7 "
-                                         r"images; raise dataset.image_size to resize them on loading"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset.crop_size=9 must be in \[0, 6\] \(0 = no crop\) for 6 x 7 "
+        r"images; raise dataset.image_size to resize them on loading",
+    ):
         DeviceImages(split(n=2), "cpu", crop_size=9)
     with pytest.raises(ValueError, match=r"0 < scale\[0\] <= scale\[1\] <= 1"):
         DeviceImages(split(n=2), "cpu", crop_size=4, scale=(0.5, 0.2))

@@ -1,5 +1,6 @@
 """k-fold class-disjoint cross-validation: the fold partition, and folds in a real sweep (a
 fabricated Omniglot-format npz with 40 classes, a real Optuna journal, a real MLflow SQLite store)."""
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,12 @@ from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from tripletlab.cli import main as cli_main
 from experiments.config import DatasetConfig
-from experiments.data.registry import load_dataset
 from experiments.data.folds import class_folds, fold_parts, training_pool
+from experiments.data.registry import load_dataset
 from helpers.sweep_fixture import run_sweep, working_directory
 from sweeps.storage import open_storage
+from tripletlab.cli import main as cli_main
 
 CLASSES, DRAWERS, FOLDS, DIM = 40, 12, 4, 16
 
@@ -81,17 +82,28 @@ def test_folds_refuse_a_split_whose_test_classes_are_trained_on(tmp_path):
 
 
 def _fold_settings(data: Path) -> list[str]:
-    return [f"folds={FOLDS}", "trials=2", "seeds=1", "epochs=1", "dataset.name=omniglot",
-            f"dataset.path={data}", "dataset.split=class-disjoint", "dataset.max_per_class=0",
-            f"model.embedding_dim={DIM}", "batch.p=4", "batch.k=4"]
+    return [
+        f"folds={FOLDS}",
+        "trials=2",
+        "seeds=1",
+        "epochs=1",
+        "dataset.name=omniglot",
+        f"dataset.path={data}",
+        "dataset.split=class-disjoint",
+        "dataset.max_per_class=0",
+        f"model.embedding_dim={DIM}",
+        "batch.p=4",
+        "batch.k=4",
+    ]
 
 
 @pytest.fixture(scope="module")
 def fold_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("fold-sweep")
     data = write_characters(root / "chars.npz")
-    sweep = run_sweep(root, name="folds", losses=("batch_hard",),
-                      extra=[*_fold_settings(data), "pruner=median"])
+    sweep = run_sweep(
+        root, name="folds", losses=("batch_hard",), extra=[*_fold_settings(data), "pruner=median"]
+    )
     assert sweep.exit_code == 0
     return sweep
 
@@ -126,15 +138,17 @@ def test_a_trial_objective_is_the_mean_of_its_folds(fold_sweep):
         assert run.data.metrics["val/map_at_r"] == pytest.approx(trial.value)
         # the median pruner saw the running mean of the folds at step fold * epochs + epoch
         assert trial.intermediate_values == pytest.approx(
-            {i + 1: sum(per_fold[:i + 1]) / (i + 1) for i in range(FOLDS)})
+            {i + 1: sum(per_fold[: i + 1]) / (i + 1) for i in range(FOLDS)}
+        )
         assert all("fold_0/test/map_at_r" not in r.data.metrics for r in _runs(fold_sweep, "trial"))
 
 
 def test_each_fold_trains_on_the_other_folds_classes(fold_sweep):
     [trial] = [r for r in _runs(fold_sweep, "trial") if r.data.tags["optuna.trial_number"] == "0"]
     with tempfile.TemporaryDirectory() as tmp:
-        split = json.loads(Path(_client(fold_sweep).download_artifacts(trial.info.run_id, "split.json", tmp))
-                           .read_text())
+        split = json.loads(
+            Path(_client(fold_sweep).download_artifacts(trial.info.run_id, "split.json", tmp)).read_text()
+        )
     folds = split["fold_classes"]
     assert sorted(c for f in folds for c in f) == list(range(CLASSES // 2))
     assert folds == class_folds(list(range(CLASSES // 2)), FOLDS, seed=0)  # dealt by the sweep seed
@@ -157,12 +171,16 @@ def test_final_runs_report_concatenated_and_separated_test_metrics(fold_sweep):
     assert set(labels.tolist()) == set(range(CLASSES // 2, CLASSES))
     models = {a.path for a in client.list_artifacts(final.info.run_id, "model")}
     assert models == {f"model/fold_{i}" for i in range(FOLDS)}
-    assert all([a.path for a in client.list_artifacts(final.info.run_id, f"model/fold_{i}")]
-               == [f"model/fold_{i}/weights.pt"] for i in range(FOLDS))
+    assert all(
+        [a.path for a in client.list_artifacts(final.info.run_id, f"model/fold_{i}")]
+        == [f"model/fold_{i}/weights.pt"]
+        for i in range(FOLDS)
+    )
     table = pd.read_csv(fold_sweep.output_dir / "comparison.csv").set_index("loss")
     assert table.loc["batch_hard", "map_at_r_mean"] == pytest.approx(metrics["test/map_at_r"])
     assert table.loc["batch_hard", "separated_map_at_r_mean"] == pytest.approx(
-        metrics["test/separated/map_at_r"])
+        metrics["test/separated/map_at_r"]
+    )
     markdown = (fold_sweep.output_dir / "comparison.md").read_text()
     assert "MAP@R concat. (%)" in markdown and "MAP@R separated (%)" in markdown
 
@@ -176,8 +194,12 @@ def test_evaluate_a_cross_validated_final_run_reproduces_its_test_metrics(fold_s
     [evaluation] = _runs(fold_sweep, "evaluate")
     assert evaluation.data.tags["tripletlab.source_run"] == final.info.run_id
     assert evaluation.data.tags["tripletlab.folds"] == str(FOLDS)
-    for key in ("test/map_at_r", "test/separated/map_at_r", "test/precision_at_1",
-                "test/separated/r_precision"):
+    for key in (
+        "test/map_at_r",
+        "test/separated/map_at_r",
+        "test/precision_at_1",
+        "test/separated/r_precision",
+    ):
         assert evaluation.data.metrics[key] == pytest.approx(final.data.metrics[key], abs=1e-6)
         assert f"{key} " in out
 
@@ -189,13 +211,26 @@ def test_wilcoxon_prunes_a_trial_after_the_folds_it_lost(tmp_path):
     data = write_characters(tmp_path / "chars.npz")
     storage = open_storage(str(tmp_path / "runs" / "wilcoxon" / "optuna.journal"))
     study = optuna.create_study(study_name="wilcoxon/batch_hard", storage=storage, direction="maximize")
-    study.add_trial(optuna.trial.create_trial(
-        params={"loss.margin": 0.2}, distributions={"loss.margin": FloatDistribution(0.01, 1.0)}, value=1.0,
-        intermediate_values={i: 1.0 for i in range(FOLDS)}))
-    sweep = run_sweep(tmp_path, name="wilcoxon", losses=("batch_hard",), extra=[
-        *_fold_settings(data), "pruner={name: wilcoxon, p_threshold: 0.3}",
-        "loss_overrides.batch_hard.soft_margin=false", "loss_overrides.batch_hard.distance=euclidean",
-        "loss_overrides.batch_hard.normalize=true"])
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"loss.margin": 0.2},
+            distributions={"loss.margin": FloatDistribution(0.01, 1.0)},
+            value=1.0,
+            intermediate_values={i: 1.0 for i in range(FOLDS)},
+        )
+    )
+    sweep = run_sweep(
+        tmp_path,
+        name="wilcoxon",
+        losses=("batch_hard",),
+        extra=[
+            *_fold_settings(data),
+            "pruner={name: wilcoxon, p_threshold: 0.3}",
+            "loss_overrides.batch_hard.soft_margin=false",
+            "loss_overrides.batch_hard.distance=euclidean",
+            "loss_overrides.batch_hard.normalize=true",
+        ],
+    )
     assert sweep.exit_code == 0
     added, pruned = _study(sweep).trials
     assert pruned.state == TrialState.PRUNED
@@ -203,7 +238,8 @@ def test_wilcoxon_prunes_a_trial_after_the_folds_it_lost(tmp_path):
     run = _client(sweep).get_run(pruned.user_attrs["mlflow_run_id"])
     assert run.data.tags["tripletlab.trial_state"] == run.data.tags["tripletlab.stopped"] == "pruned"
     assert [pruned.intermediate_values[i] for i in (0, 1)] == pytest.approx(
-        [run.data.metrics[f"fold_{i}/val/map_at_r"] for i in (0, 1)])
+        [run.data.metrics[f"fold_{i}/val/map_at_r"] for i in (0, 1)]
+    )
     assert "fold_2/val/map_at_r" not in run.data.metrics and "fold_3/train/loss" not in run.data.metrics
     assert all(math.isfinite(v) and v < 1 for v in pruned.intermediate_values.values())
 

@@ -1,6 +1,7 @@
 """``dataset.split=official`` on tiny trees written in each dataset's real layout (JPEG/PNG files,
 a MATLAB .mat, gzipped IDX, Omniglot npz and zip), query/gallery retrieval against
 pytorch-metric-learning's AccuracyCalculator, and one end-to-end run on an official split."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,17 +22,26 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from experiments.config import load_config
 from experiments.data.registry import load_dataset
-from experiments.eval.run_metrics import test_metrics as evaluate_test
-from experiments.eval.retrieval import retrieval_metrics
-from experiments.train.run import run_experiment
 from experiments.data.splits import official_split
+from experiments.eval.retrieval import retrieval_metrics
+from experiments.eval.run_metrics import test_metrics as evaluate_test
 from experiments.tracking.store import prepare_store
+from experiments.train.run import run_experiment
 
 
 def cfg(**values):
     """A dataset config as the trainer passes it: an object with attributes."""
-    return SimpleNamespace(**{"name": "digits", "path": "", "split": "official", "val_fraction": 0.2,
-                              "image_size": 4, "max_per_class": 0, **values})
+    return SimpleNamespace(
+        **{
+            "name": "digits",
+            "path": "",
+            "split": "official",
+            "val_fraction": 0.2,
+            "image_size": 4,
+            "max_per_class": 0,
+            **values,
+        }
+    )
 
 
 def colour(c: int) -> tuple[int, int, int]:
@@ -62,6 +72,7 @@ def assert_class_disjoint_validation(splits, train_range, test_range, val_classe
 
 # ---------------------------------------------------------------- CUB-200-2011
 
+
 def write_cub(parent: Path, per_class: int = 2) -> Path:
     root = parent / "CUB_200_2011"
     images, labels, split, classes = [], [], [], []
@@ -73,13 +84,20 @@ def write_cub(parent: Path, per_class: int = 2) -> Path:
             image_id += 1
             relative = f"{folder}/Bird_{c}_{j}.jpg"
             grey = c == 7 and j == 0  # CUB holds a few grey photos: they become RGB
-            write_jpeg(root / "images" / relative, (90, 90, 90) if grey else colour(c - 1),
-                       mode="L" if grey else "RGB")
+            write_jpeg(
+                root / "images" / relative,
+                (90, 90, 90) if grey else colour(c - 1),
+                mode="L" if grey else "RGB",
+            )
             images.append(f"{image_id} {relative}")
             labels.append(f"{image_id} {c}")
             split.append(f"{image_id} {j % 2}")  # the classification split: must be ignored
-    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels), ("classes.txt", classes),
-                        ("train_test_split.txt", split)):
+    for name, lines in (
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("classes.txt", classes),
+        ("train_test_split.txt", split),
+    ):
         (root / name).write_text("\n".join(lines) + "\n")
     (parent / "attributes.txt").write_text("1 has_bill_shape::curved\n")  # beside it in the archive
     return root
@@ -105,8 +123,11 @@ def test_cub_official_classes_1_to_100_train_101_to_200_test(tmp_path):
 
 
 def test_cub_wrong_layout_names_the_expected_file(tmp_path):
-    with pytest.raises(ValueError, match=r"CUB_200_2011/images\.txt not found: dataset\.path must be the "
-                                         r"extracted CUB_200_2011 folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"CUB_200_2011/images\.txt not found: dataset\.path must be the "
+        r"extracted CUB_200_2011 folder",
+    ):
         load_dataset(cfg(name="cub200", path=str(tmp_path)), seed=0)
     root = write_cub(tmp_path, per_class=1)
     (root / "image_class_labels.txt").unlink()
@@ -114,24 +135,37 @@ def test_cub_wrong_layout_names_the_expected_file(tmp_path):
         load_dataset(cfg(name="cub200", path=str(root)), seed=0)
     write_cub(tmp_path, per_class=1)
     (root / "images" / "013.Bird_13" / "Bird_13_0.jpg").unlink()
-    with pytest.raises(ValueError, match=r"013\.Bird_13/Bird_13_0\.jpg is listed in .*images\.txt but "
-                                         r"not found"):
+    with pytest.raises(
+        ValueError,
+        match=r"013\.Bird_13/Bird_13_0\.jpg is listed in .*images\.txt but "
+        r"not found",
+    ):
         load_dataset(cfg(name="cub200", path=str(root)), seed=0)
 
 
 # ---------------------------------------------------------------- Cars196
 
-def write_cars(folder: Path, per_class: int = 2, fields=("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2",
-                                                         "bbox_y2", "class", "test")) -> None:
+
+def write_cars(
+    folder: Path,
+    per_class: int = 2,
+    fields=("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"),
+) -> None:
     rng = np.random.default_rng(0)
     rows = []
     for c in range(1, 197):
         for _ in range(per_class):
             relative = f"car_ims/{len(rows) + 1:06d}.jpg"
             write_jpeg(folder / relative, colour(c - 1))
-            record = {"relative_im_path": relative, "bbox_x1": np.uint8(1), "bbox_y1": np.uint8(1),
-                      "bbox_x2": np.uint16(6), "bbox_y2": np.uint16(4), "class": np.uint8(c),
-                      "test": np.uint8(rng.integers(0, 2))}  # the classification split: must be ignored
+            record = {
+                "relative_im_path": relative,
+                "bbox_x1": np.uint8(1),
+                "bbox_y1": np.uint8(1),
+                "bbox_x2": np.uint16(6),
+                "bbox_y2": np.uint16(4),
+                "class": np.uint8(c),
+                "test": np.uint8(rng.integers(0, 2)),
+            }  # the classification split: must be ignored
             rows.append(tuple(record[f] for f in fields))
     annotations = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])  # 1 x N struct array, as MATLAB
     for i, row in enumerate(rows):
@@ -158,8 +192,11 @@ def test_cars_official_classes_1_to_98_train_99_to_196_test(tmp_path):
 
 
 def test_cars_wrong_layout_names_the_expected_file(tmp_path):
-    with pytest.raises(ValueError, match=r"cars_annos\.mat not found: dataset\.path must be the folder "
-                                         r"holding cars_annos\.mat and car_ims/"):
+    with pytest.raises(
+        ValueError,
+        match=r"cars_annos\.mat not found: dataset\.path must be the folder "
+        r"holding cars_annos\.mat and car_ims/",
+    ):
         load_dataset(cfg(name="cars196", path=str(tmp_path)), seed=0)
     write_cars(tmp_path, per_class=1, fields=("relative_im_path", "bbox_x1", "test"))
     with pytest.raises(ValueError, match=r"'annotations' lacks the field\(s\) class"):
@@ -177,8 +214,10 @@ SOP_HEADER = "image_id class_id super_class_id path"
 def write_sop(parent: Path, train_classes: int = 8, test_classes: int = 6) -> Path:
     root = parent / "Stanford_Online_Products"
     image_id = 0
-    for name, classes in (("Ebay_train.txt", range(1, train_classes + 1)),
-                          ("Ebay_test.txt", range(train_classes + 1, train_classes + test_classes + 1))):
+    for name, classes in (
+        ("Ebay_train.txt", range(1, train_classes + 1)),
+        ("Ebay_test.txt", range(train_classes + 1, train_classes + test_classes + 1)),
+    ):
         lines = [SOP_HEADER]
         for c in classes:
             super_class = 1 + c % 2
@@ -203,8 +242,11 @@ def test_sop_official_ebay_train_and_test_at_the_default_size(tmp_path):
 
 
 def test_sop_wrong_layout_names_the_expected_file(tmp_path):
-    with pytest.raises(ValueError, match=r"Stanford_Online_Products/Ebay_train\.txt not found: dataset\.path "
-                                         r"must be the extracted Stanford_Online_Products folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"Stanford_Online_Products/Ebay_train\.txt not found: dataset\.path "
+        r"must be the extracted Stanford_Online_Products folder",
+    ):
         load_dataset(cfg(name="sop", path=str(tmp_path)), seed=0)
     root = write_sop(tmp_path)
     (root / "Ebay_test.txt").unlink()
@@ -218,6 +260,7 @@ def test_sop_wrong_layout_names_the_expected_file(tmp_path):
 
 
 # ---------------------------------------------------------------- In-shop Clothes
+
 
 def write_inshop(root: Path, official_tree: bool = False, train_items: int = 6, test_items: int = 4) -> dict:
     """Train items with 3 images; test items with 2 query and 2 gallery images; every image its own colour."""
@@ -267,9 +310,12 @@ def test_inshop_cap_keeps_queries_and_gallery_of_each_item(tmp_path):
 
 
 def test_inshop_wrong_layout_names_the_expected_file(tmp_path):
-    with pytest.raises(ValueError, match=r"list_eval_partition\.txt not found \(nor .*Eval/"
-                                         r"list_eval_partition\.txt\): dataset\.path must be the In-shop "
-                                         r"folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"list_eval_partition\.txt not found \(nor .*Eval/"
+        r"list_eval_partition\.txt\): dataset\.path must be the In-shop "
+        r"folder",
+    ):
         load_dataset(cfg(name="inshop", path=str(tmp_path)), seed=0)
     write_inshop(tmp_path)
     partition = tmp_path / "list_eval_partition.txt"
@@ -278,12 +324,14 @@ def test_inshop_wrong_layout_names_the_expected_file(tmp_path):
     with pytest.raises(ValueError, match="announces 34 images but 33 are listed"):
         load_dataset(cfg(name="inshop", path=str(tmp_path)), seed=0)
     partition.write_text("\n".join([*lines[:-1], lines[-1].replace("gallery", "probe")]) + "\n")
-    with pytest.raises(ValueError, match="evaluation_status must be one of train, query, gallery, "
-                                         "found 'probe'"):
+    with pytest.raises(
+        ValueError, match="evaluation_status must be one of train, query, gallery, found 'probe'"
+    ):
         load_dataset(cfg(name="inshop", path=str(tmp_path)), seed=0)
 
 
 # ---------------------------------------------------------------- query/gallery metrics
+
 
 def test_query_gallery_metrics_agree_with_pml_and_brute_force():
     g = torch.Generator().manual_seed(0)
@@ -293,8 +341,11 @@ def test_query_gallery_metrics_agree_with_pml_and_brute_force():
     query = centres[query_labels] + torch.randn(50, 6, generator=g, dtype=torch.float64)
     gallery = centres[gallery_labels] + torch.randn(65, 6, generator=g, dtype=torch.float64)
     ours = evaluate_test(query, query_labels, False, gallery=(gallery, gallery_labels))
-    calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
-                              k="max_bin_count", device=torch.device("cpu"))  # faiss k-NN, L2
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+    )  # faiss k-NN, L2
     theirs = calc.get_accuracy(query, query_labels, gallery, gallery_labels, ref_includes_query=False)
     assert ours["precision_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
     assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
@@ -303,14 +354,16 @@ def test_query_gallery_metrics_agree_with_pml_and_brute_force():
     order = torch.cdist(query, gallery).argsort(dim=1)
     answerable = torch.isin(query_labels, gallery_labels)
     for k in (1, 2, 4, 8):
-        hits = [bool((gallery_labels[order[i, :k]] == query_labels[i]).any())
-                for i in range(50) if answerable[i]]
+        hits = [
+            bool((gallery_labels[order[i, :k]] == query_labels[i]).any()) for i in range(50) if answerable[i]
+        ]
         assert ours[f"recall_at_{k}"] == pytest.approx(sum(hits) / len(hits), abs=1e-9)
     within = evaluate_test(query, query_labels, False)  # queries among themselves: a different protocol
     assert within["map_at_r"] != pytest.approx(ours["map_at_r"], abs=1e-3)
 
 
 # ---------------------------------------------------------------- Omniglot, Fashion-MNIST
+
 
 def omniglot_npz(path: Path, characters: int, seed: int) -> None:
     background = np.random.default_rng(seed).random((characters, 2, 10, 10)) > 0.3  # True = white
@@ -325,8 +378,9 @@ def omniglot_zip(path: Path, alphabets: tuple[str, ...]) -> None:
                 for drawer in (1, 2):
                     buffer = io.BytesIO()
                     Image.fromarray(rng.random((8, 8)) > 0.4).convert("1").save(buffer, format="PNG")
-                    archive.writestr(f"{path.stem}/{alphabet}/character{character:02d}/{drawer:02d}.png",
-                                     buffer.getvalue())
+                    archive.writestr(
+                        f"{path.stem}/{alphabet}/character{character:02d}/{drawer:02d}.png", buffer.getvalue()
+                    )
 
 
 def test_omniglot_official_trains_on_background_and_tests_on_evaluation(tmp_path):
@@ -353,9 +407,12 @@ def test_omniglot_official_from_the_zips(tmp_path):
 def test_omniglot_official_needs_the_evaluation_set(tmp_path):
     omniglot_npz(tmp_path / "images_background.npz", characters=8, seed=0)
     for path in (tmp_path, tmp_path / "images_background.npz"):
-        with pytest.raises(ValueError, match=r"official for omniglot needs the evaluation set.*tests on "
-                                             r"images_evaluation.*class-disjoint works with the background "
-                                             r"set alone"):
+        with pytest.raises(
+            ValueError,
+            match=r"official for omniglot needs the evaluation set.*tests on "
+            r"images_evaluation.*class-disjoint works with the background "
+            r"set alone",
+        ):
             load_dataset(cfg(name="omniglot", path=str(path)), seed=0)
     splits = load_dataset(cfg(name="omniglot", path=str(tmp_path), split="class-disjoint"), seed=0)
     assert splits.info["test_classes"] == [4, 5, 6, 7]
@@ -396,21 +453,36 @@ def test_official_split_errors_name_the_problem():
 
 
 def test_official_on_a_dataset_without_one_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"dataset 'digits' has no official split; use "
-                                         r"dataset\.split=standard"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset 'digits' has no official split; use "
+        r"dataset\.split=standard",
+    ):
         load_dataset(cfg(name="digits"), seed=0)
 
 
 # ---------------------------------------------------------------- end to end
+
 
 def test_run_on_the_official_inshop_split_logs_gallery_test_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TRIPLETLAB_PROGRESS", "0")
     write_inshop(tmp_path / "inshop")
     uri = prepare_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    config = load_config(None, ["dataset.name=inshop", f"dataset.path={tmp_path / 'inshop'}",
-                                "dataset.split=official", "dataset.image_size=8", "epochs=1", "batch.p=4",
-                                "batch.k=2", "model.embedding_dim=8", "device=cpu"])
+    config = load_config(
+        None,
+        [
+            "dataset.name=inshop",
+            f"dataset.path={tmp_path / 'inshop'}",
+            "dataset.split=official",
+            "dataset.image_size=8",
+            "epochs=1",
+            "batch.p=4",
+            "batch.k=2",
+            "model.embedding_dim=8",
+            "device=cpu",
+        ],
+    )
     result = run_experiment(config, tracking_uri=uri, experiment_name="official")
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["tripletlab.split"] == "official"
@@ -421,6 +493,7 @@ def test_run_on_the_official_inshop_split_logs_gallery_test_metrics(tmp_path, mo
     assert split["counts"]["gallery"] == 8 and split["split"] == "official"
     saved = np.load(artifacts / "embeddings" / "test.npz")
     assert saved["embeddings"].shape == (8, 8) and saved["ref_embeddings"].shape == (8, 8)
-    again = retrieval_metrics(*(torch.from_numpy(saved[key]) for key in
-                                ("embeddings", "labels", "ref_embeddings", "ref_labels")))
+    again = retrieval_metrics(
+        *(torch.from_numpy(saved[key]) for key in ("embeddings", "labels", "ref_embeddings", "ref_labels"))
+    )
     assert result.test_metrics["map_at_r"] == pytest.approx(again["map_at_r"], abs=1e-6)

@@ -1,4 +1,5 @@
 """PK sampler: batch structure, determinism, epoch coverage and sampling with replacement."""
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -96,13 +97,16 @@ def test_auto_p_takes_32_classes_or_all_of_fewer():
     assert small.p == 10 and all(len(torch.unique(b % 10)) == 10 for b in small)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"p": 11, "k": 4}, r"batch\.p=11 exceeds the 10 classes .* set batch\.p to at most 10"),
-    ({"p": 1, "k": 4}, r"batch\.p must be an int >= 2"),
-    ({"p": 2, "k": 1}, r"batch\.k must be an int >= 2"),
-    ({"p": 2.5, "k": 4}, r"batch\.p must be an int"),
-    ({"p": 2, "k": 4, "seed": -1}, r"seed must be an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"p": 11, "k": 4}, r"batch\.p=11 exceeds the 10 classes .* set batch\.p to at most 10"),
+        ({"p": 1, "k": 4}, r"batch\.p must be an int >= 2"),
+        ({"p": 2, "k": 1}, r"batch\.k must be an int >= 2"),
+        ({"p": 2.5, "k": 4}, r"batch\.p must be an int"),
+        ({"p": 2, "k": 4, "seed": -1}, r"seed must be an int >= 0"),
+    ],
+)
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PKSampler(balanced_labels(), **kwargs)

@@ -1,4 +1,5 @@
 """Cross-modal Recall@K and median rank against a brute-force loop."""
+
 import numpy as np
 import torch
 

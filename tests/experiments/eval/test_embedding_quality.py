@@ -1,4 +1,5 @@
 """Embedding-quality statistics against brute-force loops and Wang & Isola's reference formulas."""
+
 import itertools
 
 import numpy as np
@@ -41,8 +42,11 @@ def brute_force_triplets(x, labels, margin, distance):
         if y[a] != y[n]:
             inter.append(d[a, n])
     total = sum(counts.values())
-    return {"intra_class_distance": np.mean(intra), "inter_class_distance": np.mean(inter),
-            **{f"{k}_fraction": v / total for k, v in counts.items()}}
+    return {
+        "intra_class_distance": np.mean(intra),
+        "inter_class_distance": np.mean(inter),
+        **{f"{k}_fraction": v / total for k, v in counts.items()},
+    }
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
@@ -73,8 +77,15 @@ def test_collapsed_classes_are_perfectly_aligned_and_easy():
     labels = torch.arange(4).repeat_interleave(5)
     x = 10 * torch.eye(4)[labels]
     out = embedding_quality(x, labels)
-    assert set(out) == {"alignment", "uniformity", "intra_class_distance", "inter_class_distance",
-                        "easy_fraction", "semi_hard_fraction", "hard_fraction"}
+    assert set(out) == {
+        "alignment",
+        "uniformity",
+        "intra_class_distance",
+        "inter_class_distance",
+        "easy_fraction",
+        "semi_hard_fraction",
+        "hard_fraction",
+    }
     assert out["alignment"] == 0.0 and out["intra_class_distance"] == 0.0
     assert out["easy_fraction"] == 1.0 and out["hard_fraction"] == 0.0
     assert out["inter_class_distance"] == pytest.approx(2.0)  # squared distance of orthogonal unit vectors
@@ -84,14 +95,17 @@ def test_collapsed_classes_are_perfectly_aligned_and_easy():
     assert out["uniformity"] == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: triplet_statistics(torch.randn(4, 2), [0, 0, 0, 0]), "two classes"),
-    (lambda: triplet_statistics(torch.randn(4, 2), [0, 1, 2, 3]), "two or more"),
-    (lambda: triplet_statistics(torch.randn(4, 2), [0, 0, 1, 1], margin=-1.0), "margin"),
-    (lambda: triplet_statistics(torch.randn(4, 2), [0, 0, 1, 1], distance="l1"), "unknown distance"),
-    (lambda: alignment_uniformity(torch.randn(3, 2), [0, 1, 2]), "positive pair"),
-    (lambda: alignment_uniformity(torch.randn(1, 2), [0]), "at least two"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: triplet_statistics(torch.randn(4, 2), [0, 0, 0, 0]), "two classes"),
+        (lambda: triplet_statistics(torch.randn(4, 2), [0, 1, 2, 3]), "two or more"),
+        (lambda: triplet_statistics(torch.randn(4, 2), [0, 0, 1, 1], margin=-1.0), "margin"),
+        (lambda: triplet_statistics(torch.randn(4, 2), [0, 0, 1, 1], distance="l1"), "unknown distance"),
+        (lambda: alignment_uniformity(torch.randn(3, 2), [0, 1, 2]), "positive pair"),
+        (lambda: alignment_uniformity(torch.randn(1, 2), [0]), "at least two"),
+    ],
+)
 def test_bad_input_raises_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -116,9 +130,11 @@ def test_run_quality_is_in_one_reference_geometry_whatever_the_loss_trains_with(
     x, y = sample(n=48, seed=7)
     x = 3 * x  # far from unit length: normalising matters
     expected = brute_force_triplets(torch.nn.functional.normalize(x, dim=1), y, 0.2, "squared_euclidean")
-    for overrides in (["loss.name=triplet", "loss.distance=cosine", "loss.margin=0.5"],
-                      ["loss.name=batch_hard", "loss.distance=euclidean", "loss.margin=1.0"],
-                      ["loss.name=multi_similarity"]):
+    for overrides in (
+        ["loss.name=triplet", "loss.distance=cosine", "loss.margin=0.5"],
+        ["loss.name=batch_hard", "loss.distance=euclidean", "loss.margin=1.0"],
+        ["loss.name=multi_similarity"],
+    ):
         cfg = load_config("digits", overrides)
         scored = ImageTask(cfg, load_dataset(cfg.dataset, cfg.seed)).score(x, y)
         assert {k: scored[k] for k in expected} == pytest.approx(expected, abs=1e-9), overrides

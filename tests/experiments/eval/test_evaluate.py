@@ -1,19 +1,28 @@
 """``tripletlab evaluate`` end to end: a tiny digits sweep's final run and a training checkpoint,
 re-tested into new MLflow runs (real SQLite store, real Optuna journal, real weights files)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from tripletlab.cli import main as cli_main
 from experiments.models.image import build_model
 from experiments.tracking.store import prepare_store
 from experiments.train.loop import read_checkpoint, save_checkpoint
 from helpers.sweep_fixture import working_directory
+from tripletlab.cli import main as cli_main
 
-TRAIN = ["train", "epochs=1", "model.embedding_dim=16", "batch.p=8", "batch.k=4", "dataset.max_per_class=40",
-         "optimizer.warmup_fraction=0", "device=cpu"]
+TRAIN = [
+    "train",
+    "epochs=1",
+    "model.embedding_dim=16",
+    "batch.p=8",
+    "batch.k=4",
+    "dataset.max_per_class=40",
+    "optimizer.warmup_fraction=0",
+    "device=cpu",
+]
 
 
 def _runs(uri: str, experiment: str, role: str) -> list:
@@ -37,8 +46,11 @@ def test_a_sweep_final_run_is_re_evaluated_to_the_same_test_metrics(tiny_sweep, 
     assert [a.path for a in client.list_artifacts(final.info.run_id, "model")] == ["model/weights.pt"]
     assert _evaluate(tiny_sweep.root, final.info.run_id, "--tracking-uri", tiny_sweep.tracking_uri) == 0
     out = capsys.readouterr().out
-    [evaluation] = [r for r in _runs(tiny_sweep.tracking_uri, tiny_sweep.experiment_name, "evaluate")
-                    if r.data.tags["tripletlab.source_run"] == final.info.run_id]
+    [evaluation] = [
+        r
+        for r in _runs(tiny_sweep.tracking_uri, tiny_sweep.experiment_name, "evaluate")
+        if r.data.tags["tripletlab.source_run"] == final.info.run_id
+    ]
     assert evaluation.info.status == "FINISHED" and evaluation.info.run_id != final.info.run_id
     expected = _test_metrics(final)
     assert {"test/map_at_r", "test/precision_at_1", "test/nmi", "test/uniformity"} <= set(expected)

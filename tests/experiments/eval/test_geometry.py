@@ -1,4 +1,5 @@
 """Embedding geometry per epoch (experiments.eval.geometry) against NumPy, SciPy and brute-force loops."""
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,8 @@ def test_geometry_matches_loops_over_pairs():
     other = [(i, j) for i, j in pairs if labels[i] != labels[j]]
     assert got["alignment"] == pytest.approx(np.mean([math.dist(normed[i], normed[j]) ** 2 for i, j in same]))
     assert got["uniformity"] == pytest.approx(
-        math.log(np.mean([math.exp(-2 * math.dist(normed[i], normed[j]) ** 2) for i, j in pairs])))
+        math.log(np.mean([math.exp(-2 * math.dist(normed[i], normed[j]) ** 2) for i, j in pairs]))
+    )
     # class distances in the reference geometry: squared euclidean between unit vectors
     intra = np.mean([math.dist(normed[i], normed[j]) ** 2 for i, j in same])
     inter = np.mean([math.dist(normed[i], normed[j]) ** 2 for i, j in other])
@@ -47,4 +49,3 @@ def test_geometry_subsamples_and_needs_pairs():
     assert few == embedding_geometry(x, labels, points=40, seed=2)
     assert few != embedding_geometry(x, labels, points=300)
     assert embedding_geometry(torch.randn(4, 2), torch.arange(4)) == {}  # no positive pair
-

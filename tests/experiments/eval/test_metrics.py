@@ -1,4 +1,5 @@
 """Retrieval metrics against pytorch-metric-learning's AccuracyCalculator and brute force."""
+
 import math
 
 import numpy as np
@@ -10,10 +11,9 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from experiments.eval.clustering import kmeans, normalized_mutual_info
 from benchmarks.pml_names import PML_NAMES
+from experiments.eval.clustering import kmeans, normalized_mutual_info
 from experiments.eval.retrieval import _top_k_indices, retrieval_metrics
-
 
 
 def make_embeddings(kind, n=240, dim=8, n_classes=6, seed=0):
@@ -30,8 +30,9 @@ def make_embeddings(kind, n=240, dim=8, n_classes=6, seed=0):
 
 def pml_metrics(query, query_labels, ref, ref_labels, distance):
     knn = CustomKNN(CosineSimilarity()) if distance == "cosine" else None  # None: faiss L2
-    calc = AccuracyCalculator(include=tuple(PML_NAMES.values()), k="max_bin_count",
-                              device=torch.device("cpu"), knn_func=knn)
+    calc = AccuracyCalculator(
+        include=tuple(PML_NAMES.values()), k="max_bin_count", device=torch.device("cpu"), knn_func=knn
+    )
     if ref is None:
         return calc.get_accuracy(query, query_labels)
     return calc.get_accuracy(query, query_labels, ref, ref_labels)
@@ -77,8 +78,14 @@ def test_recall_at_k_matches_brute_force(same_source):
     args = (x, y, None, None) if same_source else (x[:50], y[:50], x[50:], y[50:])
     ours = retrieval_metrics(*args, ks=(1, 2, 4, 8, 16), chunk_size=11, with_nmi=False)
     for k in (1, 2, 4, 8, 16):
-        expected = brute_force_recall(args[0], args[1], args[2] if args[2] is not None else x,
-                                      args[3] if args[3] is not None else y, k, same_source)
+        expected = brute_force_recall(
+            args[0],
+            args[1],
+            args[2] if args[2] is not None else x,
+            args[3] if args[3] is not None else y,
+            k,
+            same_source,
+        )
         assert ours[f"recall_at_{k}"] == pytest.approx(expected, abs=1e-12)
     assert ours["recall_at_1"] == pytest.approx(ours["precision_at_1"], abs=1e-12)
 
@@ -97,8 +104,16 @@ def test_perfect_separation_scores_one_and_nmi_one():
     labels = torch.arange(5).repeat_interleave(12)
     x = 100 * torch.eye(16)[labels] + 0.01 * torch.randn(60, 16, generator=g)
     out = retrieval_metrics(x, labels, seed=7)
-    assert set(out) == {"precision_at_1", "r_precision", "map_at_r", "recall_at_1",
-                        "recall_at_2", "recall_at_4", "recall_at_8", "nmi"}
+    assert set(out) == {
+        "precision_at_1",
+        "r_precision",
+        "map_at_r",
+        "recall_at_1",
+        "recall_at_2",
+        "recall_at_4",
+        "recall_at_8",
+        "nmi",
+    }
     for name, value in out.items():
         assert value == pytest.approx(1.0, abs=1e-9), name
 
@@ -117,11 +132,13 @@ def test_normalized_mutual_info_matches_sklearn(seed):
     a = rng.integers(0, 5, 400)
     b = np.where(rng.random(400) < 0.6, a * 7 + 3, rng.integers(0, 9, 400))
     assert normalized_mutual_info(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(
-        normalized_mutual_info_score(a, b), abs=1e-12)
+        normalized_mutual_info_score(a, b), abs=1e-12
+    )
     ones = torch.zeros(10, dtype=torch.int64)
     assert normalized_mutual_info(ones, ones) == normalized_mutual_info_score(ones, ones) == 1.0
     assert normalized_mutual_info(ones, torch.arange(10)) == pytest.approx(
-        normalized_mutual_info_score(ones, np.arange(10)), abs=1e-12)
+        normalized_mutual_info_score(ones, np.arange(10)), abs=1e-12
+    )
 
 
 def test_kmeans_is_seeded_and_as_good_as_sklearn():
@@ -144,16 +161,19 @@ def test_no_matching_reference_gives_nan_with_warning():
     assert all(math.isnan(v) for v in out.values())
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(distance="manhattan"), "unknown distance"),
-    (dict(ks=(0, 2)), "ks must be"),
-    (dict(chunk_size=0), "chunk_size must be"),
-    (dict(labels=[0, 1]), "one label per embedding"),
-    (dict(embeddings=torch.tensor([[0.0, float("nan")]] * 4)), "NaN"),
-    (dict(embeddings=torch.zeros(4)), "2-D"),
-    (dict(ref_embeddings=torch.zeros(4, 2)), "together"),
-    (dict(ref_embeddings=torch.zeros(4, 3), ref_labels=[0, 0, 1, 1]), "dimension"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(distance="manhattan"), "unknown distance"),
+        (dict(ks=(0, 2)), "ks must be"),
+        (dict(chunk_size=0), "chunk_size must be"),
+        (dict(labels=[0, 1]), "one label per embedding"),
+        (dict(embeddings=torch.tensor([[0.0, float("nan")]] * 4)), "NaN"),
+        (dict(embeddings=torch.zeros(4)), "2-D"),
+        (dict(ref_embeddings=torch.zeros(4, 2)), "together"),
+        (dict(ref_embeddings=torch.zeros(4, 3), ref_labels=[0, 0, 1, 1]), "dimension"),
+    ],
+)
 def test_bad_input_raises_clear_value_error(kwargs, message):
     args = dict(embeddings=torch.randn(4, 2), labels=[0, 0, 1, 1], with_nmi=False)
     args.update(kwargs)

@@ -1,4 +1,5 @@
 """Face-verification metrics against scikit-learn and brute-force loops."""
+
 import math
 
 import numpy as np
@@ -6,8 +7,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from experiments.eval.verification import (best_threshold, cross_validated_accuracy, pair_scores,
-                                      roc_auc, stratified_folds, tar_at_far, verification_metrics)
+from experiments.eval.verification import (
+    best_threshold,
+    cross_validated_accuracy,
+    pair_scores,
+    roc_auc,
+    stratified_folds,
+    tar_at_far,
+    verification_metrics,
+)
 
 
 def faces(n_ids=12, per_id=6, dim=16, spread=1.0, seed=0):
@@ -70,7 +78,9 @@ def test_auc_and_tar_at_far_match_oracles(seed):
 def test_auc_counts_ties_one_half():
     scores = torch.tensor([0.1, 0.5, 0.5, 0.5, 0.9, 0.2])
     genuine = torch.tensor([False, True, False, True, True, False])
-    assert roc_auc(scores, genuine) == pytest.approx(roc_auc_score(genuine.numpy(), scores.numpy()), abs=1e-12)
+    assert roc_auc(scores, genuine) == pytest.approx(
+        roc_auc_score(genuine.numpy(), scores.numpy()), abs=1e-12
+    )
     assert tar_at_far(scores, genuine, 0.0) == pytest.approx(1 / 3)
 
 
@@ -80,6 +90,7 @@ def brute_force_best_accuracy(scores, genuine, balanced):
         if balanced:
             return (accept[genuine].mean() + (~accept[~genuine]).mean()) / 2
         return (accept == genuine).mean()
+
     candidates = np.concatenate([[-np.inf, np.inf], scores])
     return max(accuracy(t) for t in candidates)
 
@@ -91,8 +102,9 @@ def test_best_threshold_is_optimal(balanced):
     scores = np.round(rng.normal(genuine * 1.0, 1.0), 1)  # rounding makes ties
     t = best_threshold(torch.from_numpy(scores), torch.from_numpy(genuine), balanced)
     accept = scores >= t
-    achieved = ((accept[genuine].mean() + (~accept[~genuine]).mean()) / 2 if balanced
-                else (accept == genuine).mean())
+    achieved = (
+        (accept[genuine].mean() + (~accept[~genuine]).mean()) / 2 if balanced else (accept == genuine).mean()
+    )
     assert achieved == pytest.approx(brute_force_best_accuracy(scores, genuine, balanced), abs=1e-12)
 
 
@@ -106,8 +118,9 @@ def test_cross_validated_accuracy_follows_lfw_protocol():
     expected = []
     for fold in range(10):
         train, test = f != fold, f == fold
-        best = max(np.concatenate([[-np.inf, np.inf], s[train]]),
-                   key=lambda t: ((s[train] >= t) == g[train]).mean())
+        best = max(
+            np.concatenate([[-np.inf, np.inf], s[train]]), key=lambda t: ((s[train] >= t) == g[train]).mean()
+        )
         expected.append(((s[test] >= best) == g[test]).mean())
     mean, std = cross_validated_accuracy(scores, genuine, 10, seed=2)
     # the chosen threshold may differ among equally good ones on the training folds
@@ -119,8 +132,14 @@ def test_cross_validated_accuracy_follows_lfw_protocol():
 def test_separable_identities_score_perfectly_and_reproducibly():
     x, y = faces(n_ids=8, per_id=5, spread=0.01, seed=1)
     out = verification_metrics(x, y, distance="euclidean", folds=5, seed=9)
-    assert set(out) == {"roc_auc", "tar_at_far_1e-2", "tar_at_far_1e-3", "accuracy",
-                        "accuracy_std", "balanced_accuracy"}
+    assert set(out) == {
+        "roc_auc",
+        "tar_at_far_1e-2",
+        "tar_at_far_1e-3",
+        "accuracy",
+        "accuracy_std",
+        "balanced_accuracy",
+    }
     for name in ("roc_auc", "tar_at_far_1e-2", "tar_at_far_1e-3", "accuracy", "balanced_accuracy"):
         assert out[name] == 1.0, name
     assert out["accuracy_std"] == 0.0
@@ -128,13 +147,16 @@ def test_separable_identities_score_perfectly_and_reproducibly():
     assert again == out
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(labels=list(range(6))), "genuine pairs"),
-    (dict(labels=[0] * 6), "impostor"),
-    (dict(folds=1), "folds must be"),
-    (dict(folds=100), "cannot be split"),
-    (dict(distance="hamming"), "unknown distance"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(labels=list(range(6))), "genuine pairs"),
+        (dict(labels=[0] * 6), "impostor"),
+        (dict(folds=1), "folds must be"),
+        (dict(folds=100), "cannot be split"),
+        (dict(distance="hamming"), "unknown distance"),
+    ],
+)
 def test_bad_input_raises_clear_value_error(kwargs, message):
     args = dict(embeddings=torch.randn(6, 4), labels=[0, 0, 1, 1, 2, 2])
     args.update(kwargs)

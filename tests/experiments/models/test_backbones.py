@@ -1,5 +1,6 @@
 """ImageNet backbones: torchvision's ResNet-18/50 layout and names, local pretrained weights,
 frozen BatchNorm, grey inputs, ImageNet statistics, the torchvision/timm paths and a real run."""
+
 import hashlib
 import importlib.util
 from collections import OrderedDict
@@ -9,15 +10,21 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from experiments.models.backbones import IMAGENET_MEAN, IMAGENET_STD, LibraryBackbone, input_options, \
-    load_backbone_weights, replace_classifier
 from experiments.config import load_config
 from experiments.data.base import LabeledImages
 from experiments.data.device_data import DeviceImages
-from experiments.models.image import build_model
-from experiments.train.run import run_experiment
 from experiments.data.sampler import PKSampler
+from experiments.models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LibraryBackbone,
+    input_options,
+    load_backbone_weights,
+    replace_classifier,
+)
+from experiments.models.image import build_model
 from experiments.train.loop import train
+from experiments.train.run import run_experiment
 from losses import build_loss
 
 # torchvision's documented sizes with the 1000-way ImageNet classifier (ResNet18_Weights /
@@ -116,8 +123,13 @@ def test_weights_file_loads_the_backbone_but_never_the_classifier(tmp_path, layo
     state = as_torchvision_checkpoint(source)
     if layout == "module-prefix":  # saved from DataParallel / DistributedDataParallel
         state = OrderedDict((f"module.{k}", v) for k, v in state.items())
-    payload = {"state_dict": state, "epoch": 90} if layout == "state_dict" else \
-        {"model": state, "optimizer": {}} if layout == "model" else state
+    payload = (
+        {"state_dict": state, "epoch": 90}
+        if layout == "state_dict"
+        else {"model": state, "optimizer": {}}
+        if layout == "model"
+        else state
+    )
     path = tmp_path / "resnet18-imagenet.pth"
     torch.save(payload, path)
     model = build_model("resnet18", 3, (32, 32), 16, seed=2)
@@ -127,15 +139,21 @@ def test_weights_file_loads_the_backbone_but_never_the_classifier(tmp_path, layo
         if not key.startswith("fc."):
             assert torch.equal(model.state_dict()[key], value), key
     assert torch.equal(model.fc.linear.weight, head)  # the embedding head keeps its own initialisation
-    assert info == {"weights.sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "weights.tensors": "120",
-                    "weights.skipped": "2"}
+    assert info == {
+        "weights.sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "weights.tensors": "120",
+        "weights.skipped": "2",
+    }
 
 
 def test_missing_weights_file_says_how_to_obtain_it(tmp_path):
     model = build_model("resnet50", 3, (32, 32), 8)
     file, url = r"resnet50-0676ba61\.pth", r"https://download\.pytorch\.org/models/resnet50-0676ba61\.pth"
-    with pytest.raises(ValueError, match=rf"no such file; download the ImageNet weights {file} from {url} "
-                                         r"on a machine with internet access, then pass its path"):
+    with pytest.raises(
+        ValueError,
+        match=rf"no such file; download the ImageNet weights {file} from {url} "
+        r"on a machine with internet access, then pass its path",
+    ):
         load_backbone_weights(model, str(tmp_path / "absent.pth"))
     not_a_checkpoint = tmp_path / "notes.pth"
     not_a_checkpoint.write_text("not a checkpoint")
@@ -156,13 +174,17 @@ def test_weights_of_another_architecture_are_a_clear_error(tmp_path):
     message = str(error.value)
     assert "does not fit model.name=resnet18" in message
     assert "unexpected keys (198): layer1.0.bn3.bias, " in message and " and 193 more;" in message
-    assert "shape mismatches (23): layer1.0.conv1.weight (file (64, 64, 1, 1), model (64, 64, 3, 3))" \
-        in message
+    assert (
+        "shape mismatches (23): layer1.0.conv1.weight (file (64, 64, 1, 1), model (64, 64, 3, 3))" in message
+    )
     renamed = as_torchvision_checkpoint(model)
     renamed["layer1.0.conv_one.weight"] = renamed.pop("layer1.0.conv1.weight")
     torch.save(renamed, path)
-    with pytest.raises(ValueError, match=r"missing keys \(1\): layer1\.0\.conv1\.weight; "
-                                         r"unexpected keys \(1\): layer1\.0\.conv_one\.weight\."):
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys \(1\): layer1\.0\.conv1\.weight; "
+        r"unexpected keys \(1\): layer1\.0\.conv_one\.weight\.",
+    ):
         load_backbone_weights(model, str(path))
 
 
@@ -181,11 +203,28 @@ def tiny_split(n: int = 32, channels: int = 3, side: int = 32) -> LabeledImages:
 
 def train_one_epoch(model: nn.Module, optimizer: str = "sgd") -> None:
     """One real epoch of the project's trainer (which calls ``model.train()``) on random images."""
-    cfg = load_config(None, ["epochs=1", "batch.p=2", "batch.k=4", "device=cpu", "train.amp=false",
-                             f"optimizer.name={optimizer}", "optimizer.schedule=constant"])
+    cfg = load_config(
+        None,
+        [
+            "epochs=1",
+            "batch.p=2",
+            "batch.k=4",
+            "device=cpu",
+            "train.amp=false",
+            f"optimizer.name={optimizer}",
+            "optimizer.schedule=constant",
+        ],
+    )
     data = tiny_split()
-    train(model, build_loss(cfg.loss.name, **cfg.loss.params), DeviceImages(data, "cpu"),
-          PKSampler(data.labels, 2, 4), None, cfg, torch.device("cpu"))
+    train(
+        model,
+        build_loss(cfg.loss.name, **cfg.loss.params),
+        DeviceImages(data, "cpu"),
+        PKSampler(data.labels, 2, 4),
+        None,
+        cfg,
+        torch.device("cpu"),
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -221,8 +260,9 @@ def test_pretrained_weights_use_imagenet_statistics_on_three_channels():
     grey = tiny_split(n=4, channels=1, side=6)
     store = DeviceImages(grey, "cpu", **input_options(0, "weights.pth"))
     images, _ = store.batch(torch.arange(4))
-    expected = (grey.images.double() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) \
-        / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (grey.images.double() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        IMAGENET_STD
+    ).view(1, 3, 1, 1)
     torch.testing.assert_close(images.double(), expected, atol=1e-5, rtol=0)
     assert input_options(4, "") == {"crop_size": 4}  # random init: the dataset's own statistics
 
@@ -249,10 +289,14 @@ def test_library_backbones_build_or_say_why_they_cannot(library):
 def test_library_wrapper_swaps_the_classifier_and_loads_weights(tmp_path):
     # A torchvision-style network (features, pooling, dropout + linear classifier), as get_model returns.
     def network() -> nn.Sequential:
-        return nn.Sequential(OrderedDict(
-            features=nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
-            pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
-            classifier=nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 1000))))
+        return nn.Sequential(
+            OrderedDict(
+                features=nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()),
+                pool=nn.AdaptiveAvgPool2d(1),
+                flatten=nn.Flatten(),
+                classifier=nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 1000)),
+            )
+        )
 
     source, trunk = network(), network()
     name, features = replace_classifier(trunk)
@@ -269,23 +313,39 @@ def test_library_wrapper_swaps_the_classifier_and_loads_weights(tmp_path):
         load_backbone_weights(model, str(tmp_path / "absent.pth"))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.name=tv:resnet18"], r"'model\.name' must be one of auto, cnn, resnet, resnet18, resnet50, "
-                                 r"torchvision:<arch>, timm:<arch>, got 'tv:resnet18'"),
-    (["model.weights=w.pth"], r"model\.weights needs an ImageNet backbone .* got model\.name=auto"),
-    (["model.name=cnn", "model.freeze_bn=true"], r"model\.freeze_bn needs an ImageNet backbone"),
-    (["dataset.crop_size=-1"], r"dataset\.crop_size must be >= 0"),
-    (["dataset.image_size=32", "dataset.crop_size=64"],
-     r"dataset\.crop_size=64 is larger than dataset\.image_size=32"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.name=tv:resnet18"],
+            r"'model\.name' must be one of auto, cnn, resnet, resnet18, resnet50, "
+            r"torchvision:<arch>, timm:<arch>, got 'tv:resnet18'",
+        ),
+        (["model.weights=w.pth"], r"model\.weights needs an ImageNet backbone .* got model\.name=auto"),
+        (["model.name=cnn", "model.freeze_bn=true"], r"model\.freeze_bn needs an ImageNet backbone"),
+        (["dataset.crop_size=-1"], r"dataset\.crop_size must be >= 0"),
+        (
+            ["dataset.image_size=32", "dataset.crop_size=64"],
+            r"dataset\.crop_size=64 is larger than dataset\.image_size=32",
+        ),
+    ],
+)
 def test_backbone_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
 
 
 def test_backbone_config_keys_resolve():
-    cfg = load_config(None, ["model.name=timm:convnext_tiny", "model.weights=/models/convnext.pth",
-                             "model.freeze_bn=true", "dataset.image_size=256", "dataset.crop_size=224"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=timm:convnext_tiny",
+            "model.weights=/models/convnext.pth",
+            "model.freeze_bn=true",
+            "dataset.image_size=256",
+            "dataset.crop_size=224",
+        ],
+    )
     assert (cfg.model.name, cfg.model.weights) == ("timm:convnext_tiny", "/models/convnext.pth")
     assert cfg.model.freeze_bn is True
     assert cfg.dataset.crop_size == 224 and load_config(None, []).model.weights == ""
@@ -297,10 +357,25 @@ def test_resnet18_trains_end_to_end_from_a_weights_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TRIPLETLAB_PROGRESS", "0")
     weights = tmp_path / "resnet18-f37072fd.pth"
     torch.save(as_torchvision_checkpoint(build_model("resnet18", 3, (32, 32), 16, seed=9)), weights)
-    cfg = load_config(None, ["epochs=1", "device=cpu", "dataset.image_size=32", "dataset.crop_size=28",
-                             "dataset.augment=true", "dataset.max_per_class=24", "batch.p=4", "batch.k=4",
-                             "model.name=resnet18", "model.embedding_dim=16", f"model.weights={weights}",
-                             "model.freeze_bn=true", "optimizer.lr=1e-3", "eval.batch_size=64"])
+    cfg = load_config(
+        None,
+        [
+            "epochs=1",
+            "device=cpu",
+            "dataset.image_size=32",
+            "dataset.crop_size=28",
+            "dataset.augment=true",
+            "dataset.max_per_class=24",
+            "batch.p=4",
+            "batch.k=4",
+            "model.name=resnet18",
+            "model.embedding_dim=16",
+            f"model.weights={weights}",
+            "model.freeze_bn=true",
+            "optimizer.lr=1e-3",
+            "eval.batch_size=64",
+        ],
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_experiment(cfg, tracking_uri=uri, experiment_name="backbones")
     run = MlflowClient(uri).get_run(result.run_id)

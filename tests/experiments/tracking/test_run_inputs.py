@@ -1,5 +1,6 @@
 """MLflow as its users expect: each run's dataset splits as dataset inputs (the UI's Dataset column)
 and system metrics sampled while it trains; read back through ``MlflowClient``."""
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,37 @@ from mlflow import MlflowClient
 from experiments.config import load_config
 from experiments.tracking.dataset_inputs import dataset_inputs, log_dataset_inputs
 from experiments.tracking.store import get_or_create_experiment
-from experiments.train.run import run_experiment
 from experiments.tracking.system_metrics import SWITCH
+from experiments.train.run import run_experiment
 
-TINY = ["epochs=1", "dataset.max_per_class=24", "batch.p=4", "batch.k=4", "model.embedding_dim=8", "device=cpu"]
-DIGITS_INFO = {"dataset": "digits", "source": "scikit-learn load_digits", "split": "class-disjoint", "seed": 0,
-               "max_per_class": 0, "train_classes": [0, 1, 3], "val_classes": [2], "test_classes": [5, 6],
-               "counts": {"train": 300, "val": 90, "test": 200}}
+TINY = [
+    "epochs=1",
+    "dataset.max_per_class=24",
+    "batch.p=4",
+    "batch.k=4",
+    "model.embedding_dim=8",
+    "device=cpu",
+]
+DIGITS_INFO = {
+    "dataset": "digits",
+    "source": "scikit-learn load_digits",
+    "split": "class-disjoint",
+    "seed": 0,
+    "max_per_class": 0,
+    "train_classes": [0, 1, 3],
+    "val_classes": [2],
+    "test_classes": [5, 6],
+    "counts": {"train": 300, "val": 90, "test": 200},
+}
 
 
 def contexts(run) -> dict[str, object]:
-    return {tag.value: d.dataset for d in run.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"}
+    return {
+        tag.value: d.dataset
+        for d in run.inputs.dataset_inputs
+        for tag in d.tags
+        if tag.key == "mlflow.data.context"
+    }
 
 
 def test_one_input_per_split_with_counts_and_a_digest_of_its_definition(tmp_path):
@@ -30,7 +51,11 @@ def test_one_input_per_split_with_counts_and_a_digest_of_its_definition(tmp_path
     by_context = {i.tags[0].value: i.dataset for i in inputs}
     assert list(by_context) == ["train", "validation", "test"]
     assert {d.name for d in by_context.values()} == {"digits"}
-    assert json.loads(by_context["test"].profile) == {"num_rows": 200, "num_classes": 2, "split": "class-disjoint"}
+    assert json.loads(by_context["test"].profile) == {
+        "num_rows": 200,
+        "num_classes": 2,
+        "split": "class-disjoint",
+    }
     assert json.loads(by_context["train"].source) == {"origin": "scikit-learn load_digits"}
     assert len({d.digest for d in by_context.values()}) == 3
     again = dataset_inputs("digits", "", DIGITS_INFO)
@@ -52,7 +77,9 @@ def test_sweep_runs_carry_their_dataset_splits(tiny_sweep, tmp_path):
         splits = contexts(run)
         assert set(splits) == {"train", "validation", "test"}
         assert {d.name for d in splits.values()} == {"digits"}
-        split = json.loads(Path(client.download_artifacts(run.info.run_id, "split.json", str(tmp_path))).read_text())
+        split = json.loads(
+            Path(client.download_artifacts(run.info.run_id, "split.json", str(tmp_path))).read_text()
+        )
         for context, part in (("train", "train"), ("validation", "val"), ("test", "test")):
             assert json.loads(splits[context].profile)["num_rows"] == split["counts"][part]
     # runs with one seed trained and tested on the same data: one digest per split across losses
@@ -65,7 +92,8 @@ def test_sweep_runs_carry_their_dataset_splits(tiny_sweep, tmp_path):
     for parent in client.search_runs([experiment.experiment_id], "tags.`tripletlab.role` = 'parent'"):
         children = [r for r in finals if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
         assert {d.dataset.digest for d in parent.inputs.dataset_inputs} >= {
-            d.digest for r in children for d in contexts(r).values()}
+            d.digest for r in children for d in contexts(r).values()
+        }
 
 
 def test_runs_logging_the_same_dataset_at_once_all_get_it(tmp_path):

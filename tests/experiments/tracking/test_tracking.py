@@ -1,4 +1,5 @@
 """MLflow plumbing against a real SQLite store: URIs, store preparation, experiments, run logging."""
+
 import threading
 from pathlib import Path
 
@@ -8,17 +9,31 @@ from mlflow.tracking import MlflowClient
 
 from experiments.tracking.provenance import git_commit, library_versions, provenance_tags
 from experiments.tracking.secrets import mask_secrets
-from experiments.tracking.store import RunLogger, get_or_create_experiment, prepare_store, resolve_tracking_uri
+from experiments.tracking.store import (
+    RunLogger,
+    get_or_create_experiment,
+    prepare_store,
+    resolve_tracking_uri,
+)
 
 
-@pytest.mark.parametrize("text, masked", [
-    ("postgresql://user:pass@host:5432/db", "postgresql://user:***@host:5432/db"),
-    ("postgresql+psycopg://u:p%40ss@h/db?sslmode=require", "postgresql+psycopg://u:***@h/db?sslmode=require"),
-    ("mysql://root:hunter2@localhost/x and http://a:b@c", "mysql://root:***@localhost/x and http://a:***@c"),
-    ("https://host/api?token=abc&x=1", "https://host/api?token=***&x=1"),
-    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
-    ("http://host:5000", "http://host:5000"),
-])
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        ("postgresql://user:pass@host:5432/db", "postgresql://user:***@host:5432/db"),
+        (
+            "postgresql+psycopg://u:p%40ss@h/db?sslmode=require",
+            "postgresql+psycopg://u:***@h/db?sslmode=require",
+        ),
+        (
+            "mysql://root:hunter2@localhost/x and http://a:b@c",
+            "mysql://root:***@localhost/x and http://a:***@c",
+        ),
+        ("https://host/api?token=abc&x=1", "https://host/api?token=***&x=1"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("http://host:5000", "http://host:5000"),
+    ],
+)
 def test_mask_secrets(text, masked):
     assert mask_secrets(text) == masked
 
@@ -45,7 +60,9 @@ def test_prepare_store_and_experiment_with_local_artifacts(tmp_path, monkeypatch
     uri = prepare_store(f"sqlite:///{tmp_path}/sub/mlflow.db")
     assert (tmp_path / "sub" / "mlflow.db").is_file()
     ids = []
-    threads = [threading.Thread(target=lambda: ids.append(get_or_create_experiment("exp", uri))) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: ids.append(get_or_create_experiment("exp", uri))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

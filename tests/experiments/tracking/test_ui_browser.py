@@ -9,6 +9,7 @@ Skips when Chromium is not installed (``apt-get install chromium``; ``.ci/run`` 
 screenshot is saved with the test's files, and also to ``$TRIPLETLAB_UI_SCREENSHOT`` when set
 (``make ui-check`` sets it).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,19 +21,27 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.postgres_fixture import free_port
 from mlflow import MlflowClient
 
 from experiments.tracking.server import server_url, start_server, stop_server, wait_until_ready
 from experiments.tracking.store import prepare_store
 from experiments.tracking.system_metrics import system_metrics
+from helpers.postgres_fixture import free_port
 from sweeps.tracking import RUNS_VIEW_COLUMNS, runs_view_path
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=2400,900"]  # wide: the grid draws only the columns in view
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=2400,900",
+]  # wide: the grid draws only the columns in view
 # (virtual time for the React app to fetch and draw the runs, wall-clock limit) per attempt
 ATTEMPTS = ((10_000, 45), (10_000, 90), (30_000, 150))
 # The metric charts draw only once the compositor has drawn their cards: without this flag the System
@@ -49,15 +58,33 @@ def chromium() -> str:
     pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it")
 
 
-def render(browser: str, url: str, screenshot: Path, profile: Path, budget_ms: int, timeout: float,
-           flags: list[str] = CHROMIUM_FLAGS) -> str | None:
+def render(
+    browser: str,
+    url: str,
+    screenshot: Path,
+    profile: Path,
+    budget_ms: int,
+    timeout: float,
+    flags: list[str] = CHROMIUM_FLAGS,
+) -> str | None:
     """The DOM of ``url`` after ``budget_ms`` of virtual time, and a screenshot of the page; ``None``
     if Chromium hangs (headless virtual time now and then never runs out): the caller tries again."""
     shutil.rmtree(profile, ignore_errors=True)
     process = subprocess.Popen(
-        [browser, *flags, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
-         f"--screenshot={screenshot}", "--dump-dom", url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            browser,
+            *flags,
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            f"--screenshot={screenshot}",
+            "--dump-dom",
+            url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         dom, errors = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -79,13 +106,22 @@ def test_experiment_page_lists_the_parent_runs(tiny_sweep, tmp_path):
     assert tiny_sweep.exit_code == 0
     client = MlflowClient(tracking_uri=tiny_sweep.tracking_uri)
     experiment = client.get_experiment_by_name(tiny_sweep.experiment_name)
-    parents = {r.info.run_name: r.info.run_id for r in client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`tripletlab.role` = 'parent'")}
+    parents = {
+        r.info.run_name: r.info.run_id
+        for r in client.search_runs(
+            [experiment.experiment_id], filter_string="tags.`tripletlab.role` = 'parent'"
+        )
+    }
     assert sorted(parents) == sorted(tiny_sweep.losses)
 
     port = free_port()
-    server = start_server(tiny_sweep.tracking_uri, tiny_sweep.root / "mlartifacts", port=port, workers=1,
-                          log_file=tmp_path / "server.log")
+    server = start_server(
+        tiny_sweep.tracking_uri,
+        tiny_sweep.root / "mlartifacts",
+        port=port,
+        workers=1,
+        log_file=tmp_path / "server.log",
+    )
     try:
         url = server_url("127.0.0.1", port)
         wait_until_ready(url, server, timeout=180)
@@ -154,6 +190,6 @@ def test_run_page_shows_system_metrics(tmp_path, monkeypatch):
     finally:
         stop_server(server, timeout=5)
     assert dom, f"Chromium hung on {page} in all {len(CHART_ATTEMPTS)} attempts"
-    assert f'>({len(keys)})</' in dom, "the System metrics section does not count the run's system metrics"
+    assert f">({len(keys)})</" in dom, "the System metrics section does not count the run's system metrics"
     missing = [key for key in keys if not chart_drawn(dom, "short", key)]
     assert not missing, f"the System metrics tab draws no chart of {missing}"

@@ -1,4 +1,5 @@
 """Cross-modal training end to end: digits with measured captions, two towers, a real MLflow store."""
+
 import mlflow
 import numpy as np
 import pytest
@@ -33,8 +34,9 @@ def test_run_records_both_modalities(crossmodal_run, tmp_path):
     assert run.data.tags["tripletlab.task"] == "cross-modal"
     assert "test/text_to_image_recall_at_5" in run.data.metrics
     assert [m.step for m in client.get_metric_history(result.run_id, "val/map_at_r")] == [1, 2]
-    path = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="embeddings/test.npz",
-                                               dst_path=str(tmp_path), tracking_uri=uri)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="embeddings/test.npz", dst_path=str(tmp_path), tracking_uri=uri
+    )
     npz = np.load(path)
     n_test = round(1 / result.test_metrics["image_to_text_chance_recall_at_1"])
     assert 850 < n_test < 950  # half of each digit class tests
@@ -43,8 +45,9 @@ def test_run_records_both_modalities(crossmodal_run, tmp_path):
 
 
 def test_single_modality_loss_trains_on_concatenated_modalities(tmp_path):
-    cfg = load_config("experiments/configs/digits-crossmodal.yaml",
-                      ["epochs=1", "loss.name=batch_hard", "batch.k=4"])
+    cfg = load_config(
+        "experiments/configs/digits-crossmodal.yaml", ["epochs=1", "loss.name=batch_hard", "batch.k=4"]
+    )
     result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="cm")
     assert result.test_metrics["image_to_text_recall_at_10"] > 0
     assert np.isfinite(result.history[0]["train/loss"])
@@ -52,8 +55,17 @@ def test_single_modality_loss_trains_on_concatenated_modalities(tmp_path):
 
 def test_backbone_options_are_refused_not_ignored(tmp_path):
     """The paired image tower is the small CNN: model.freeze_bn and a crop are errors, and the run says so."""
-    cfg = load_config("experiments/configs/digits-crossmodal.yaml",
-                      ["epochs=1", "model.name=resnet18", "model.freeze_bn=true", "dataset.image_size=32",
-                       "dataset.crop_size=28"])
-    with pytest.raises(ValueError, match=r"model\.freeze_bn, dataset\.crop_size are not supported .*remove them"):
+    cfg = load_config(
+        "experiments/configs/digits-crossmodal.yaml",
+        [
+            "epochs=1",
+            "model.name=resnet18",
+            "model.freeze_bn=true",
+            "dataset.image_size=32",
+            "dataset.crop_size=28",
+        ],
+    )
+    with pytest.raises(
+        ValueError, match=r"model\.freeze_bn, dataset\.crop_size are not supported .*remove them"
+    ):
         run_experiment(cfg, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="cm")

@@ -1,4 +1,5 @@
 """A SIGINT whose KeyboardInterrupt is swallowed (as in a destructor) is raised again at the next check."""
+
 import os
 import signal
 import time
@@ -9,7 +10,8 @@ from experiments.train.interrupts import interrupts_recorded, raise_if_interrupt
 
 
 def _sigint_swallowed():
-    """Deliver SIGINT to this process and drop the KeyboardInterrupt, as Python does inside a weakref callback."""
+    """Deliver SIGINT to this process and drop the KeyboardInterrupt, as Python does inside a weakref
+    callback."""
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the handler runs at the next bytecode; never reached

@@ -1,5 +1,6 @@
 """The loss cost probe (experiments.train.loss_cost): storage counted against known allocations, and
 the cost metrics every run logs."""
+
 from __future__ import annotations
 
 import torch

@@ -1,24 +1,35 @@
 """Embedding networks, the learning-rate schedule, device choice and checkpoints."""
+
 import math
 from fractions import Fraction
 
 import pytest
 import torch
 
-from experiments.models.image import SmallCNN, SmallResNet, build_model
 from experiments.config import load_config
-from experiments.train.loop import make_scheduler, pick_device, read_checkpoint, save_checkpoint, warmup_schedule
+from experiments.models.image import SmallCNN, SmallResNet, build_model
+from experiments.train.loop import (
+    make_scheduler,
+    pick_device,
+    read_checkpoint,
+    save_checkpoint,
+    warmup_schedule,
+)
 
 
-@pytest.mark.parametrize("size, channels, kind", [((8, 8), 1, SmallCNN), ((28, 28), 1, SmallCNN),
-                                                   ((112, 92), 1, SmallResNet), ((64, 64), 3, SmallResNet)])
+@pytest.mark.parametrize(
+    "size, channels, kind",
+    [((8, 8), 1, SmallCNN), ((28, 28), 1, SmallCNN), ((112, 92), 1, SmallResNet), ((64, 64), 3, SmallResNet)],
+)
 def test_auto_model_shapes_and_normalisation(size, channels, kind):
     model = build_model("auto", channels, size, 24, normalize=True, seed=0)
     assert isinstance(model, kind)
     out = model.eval()(torch.rand(3, channels, *size))
     assert out.shape == (3, 24)
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
-    raw = build_model("auto", channels, size, 24, normalize=False, seed=0).eval()(torch.rand(3, channels, *size))
+    raw = build_model("auto", channels, size, 24, normalize=False, seed=0).eval()(
+        torch.rand(3, channels, *size)
+    )
     assert not torch.allclose(raw.norm(dim=1), torch.ones(3), atol=1e-3)
 
 
@@ -63,7 +74,9 @@ def test_warmup_then_cosine_and_constant():
             optimizer.step()
             scheduler.step()
         expected = [0.1 * (s + 1) / 4 for s in range(4)]
-        expected += [0.1 * (0.5 * (1 + math.cos(math.pi * (s - 4) / 16)) if cosine else 1.0) for s in range(4, 20)]
+        expected += [
+            0.1 * (0.5 * (1 + math.cos(math.pi * (s - 4) / 16)) if cosine else 1.0) for s in range(4, 20)
+        ]
         assert rates == pytest.approx(expected)
 
 

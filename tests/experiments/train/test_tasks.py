@@ -1,5 +1,6 @@
 """The run's tasks: the paired objective is a MetricLoss the training loop calls on its fast path,
 and it gives what the wrapped loss gives on the separated modalities."""
+
 from __future__ import annotations
 
 import pytest

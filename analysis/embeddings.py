@@ -221,7 +221,7 @@ def triplet_quality_figure(sweep: Sweep, colors: dict) -> Figure:
         bars.bar(0, 0, color="white", hatch=hatch, edgecolor="black", linewidth=0.5, label=label)
         bottom += values
     bars.set(
-        title="Test triplets by difficulty",
+        title="Test triplets by difficulty (one reference geometry)",
         ylabel="fraction of triplets (mean over seeds)",
         xlabel="loss",
         ylim=(0, 1.18),

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
+from experiments.eval.embedding_quality import DIFFICULTY_REFERENCE
 from sweeps.markdown import frame_markdown
 from sweeps.tracking import ROLE_TAG
 
@@ -60,8 +61,8 @@ CAPTIONS = {
     "coloured by class.",
     "pair_distances": "Positive- and negative-pair distances on the test classes, with the overlap area of "
     "the two densities (lower is better).",
-    "triplet_quality": "Easy / semi-hard / hard test-triplet fractions, and alignment vs uniformity per "
-    "final run.",
+    "triplet_quality": "Easy / semi-hard / hard test-triplet fractions, measured in "
+    f"{DIFFICULTY_REFERENCE}, and alignment vs uniformity per final run.",
     "crossmodal_projection": "Images and their captions projected together from each loss's best final run: "
     "circles are images, triangles captions, colours classes.",
     "tuning": f"Optuna optimisation history, hyperparameter importances ({IMPORTANCE_EVALUATOR}), and "

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
+from html import escape
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,6 +30,7 @@ from analysis.convergence import normalise_train_loss
 from analysis.embeddings import overlap_area, pair_distances, subsample
 from analysis.load import load_sweep
 from analysis.report import build_report
+from experiments.eval.embedding_quality import DIFFICULTY_REFERENCE
 from helpers.analysis_fixture import build_logged_sweep, copy_store
 from helpers.sweep_fixture import working_directory
 from sweeps.statistics import t_interval
@@ -291,6 +293,8 @@ def test_html_embeds_every_figure_and_markdown_links_them(analysed):
     for loss in analysed["sweep"].losses:
         assert loss in html and f"| {loss} |" in markdown
     assert "PED-ANOVA" in html
+    # the triplet-difficulty figure says in which geometry every loss was measured
+    assert DIFFICULTY_REFERENCE in markdown and escape(DIFFICULTY_REFERENCE) in html
 
 
 def test_report_is_logged_to_the_sweeps_summary_run(analysed):

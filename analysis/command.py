@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from experiments.tracking.store import add_tracking_uri_argument
 from sweeps.storage import default_storage
 
 from .embeddings import PROJECTION_POINTS
@@ -25,11 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="the sweep's MLflow experiment (default: the most recently created sweep)",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
+    add_tracking_uri_argument(parser)
     parser.add_argument(
         "--storage",
         metavar="URL_OR_PATH",

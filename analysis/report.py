@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -234,12 +235,9 @@ def build_report(
     if not recalls.empty:
         recalls.to_csv(directory / "crossmodal_recall.csv")
     geometry = correlation_table(correlations)
-    report.html.write_text(
-        _html(sweep, shown, figures, notes, baseline, recalls, decisions, geometry), encoding="utf-8"
-    )
-    report.markdown.write_text(
-        _markdown(sweep, shown, figures, notes, baseline, recalls, decisions, geometry), encoding="utf-8"
-    )
+    blocks = _blocks(shown, figures, notes, baseline, recalls, decisions, geometry)
+    report.html.write_text(_html(sweep, blocks), encoding="utf-8")
+    report.markdown.write_text(_markdown(sweep, blocks), encoding="utf-8")
     if log_to_mlflow:
         report.run_id = log_report(sweep, directory)
     return report
@@ -288,8 +286,20 @@ def _table_note(baseline: str) -> str:
     )
 
 
-def _html(
-    sweep: Sweep,
+@dataclass(frozen=True)
+class Block:
+    """One piece of the report, written the same way to HTML and Markdown: a ``heading`` (``value``
+    its text, ``level``), a ``table`` (a DataFrame of display values), a ``text`` paragraph, a
+    ``code`` block (lines), a ``figure`` (``name``, ``value`` the PNG path) or a ``list`` of notes.
+    ``name`` is the HTML id of a heading or the class of a table."""
+
+    kind: str
+    value: Any
+    name: str = ""
+    level: int = 2
+
+
+def _blocks(
     table: pd.DataFrame,
     figures: dict[str, Path],
     notes: list[str],
@@ -297,42 +307,78 @@ def _html(
     recalls: pd.DataFrame,
     decisions: Decisions,
     geometry: pd.DataFrame,
-) -> str:
+) -> list[Block]:
+    """The report's body, in order, below its title and header."""
+    blocks = [
+        Block("heading", "Comparison"),
+        Block("table", table, "comparison"),
+        Block("text", _table_note(baseline)),
+        Block("heading", "Is the difference real?", "decisions"),
+        Block("code", decisions.lines),
+        Block("heading", "Noise floor", level=3),
+        Block("table", noise_table(decisions.noise), "noise"),
+        Block("heading", "Paired comparisons", level=3),
+        Block("table", decision_table(decisions.comparisons, decisions.delta), "paired"),
+        Block("text", decisions_note(decisions.delta)),
+        Block("heading", "Per-class results", level=3),
+        Block("table", class_table(decisions.classes), "per-class"),
+        Block("text", CLASS_NOTE),
+        Block("heading", "Embedding geometry and retrieval"),
+        Block("table", geometry, "geometry"),
+        Block("text", GEOMETRY_NOTE),
+    ]
+    if not recalls.empty:
+        blocks += [
+            Block("heading", "Cross-modal retrieval"),
+            Block("table", recalls, "recall"),
+            Block("text", RECALL_NOTE),
+        ]
+    blocks += [Block("figure", png, name) for name, png in figures.items()]
+    if notes:
+        blocks += [Block("heading", "Notes"), Block("list", notes)]
+    return blocks
+
+
+def _html_block(block: Block) -> str:
+    if block.kind == "heading":
+        anchor = f" id='{block.name}'" if block.name else ""
+        return f"<h{block.level}{anchor}>{html.escape(block.value)}</h{block.level}>"
+    if block.kind == "table":
+        return block.value.to_html(escape=True, classes=block.name)
+    if block.kind == "text":
+        return f"<p>{html.escape(block.value)}</p>"
+    if block.kind == "code":
+        return "<pre class='ranking'>" + html.escape("\n".join(block.value)) + "</pre>"
+    if block.kind == "figure":
+        data = base64.b64encode(block.value.read_bytes()).decode("ascii")
+        return (
+            f"<figure id='{block.name}'><img alt='{block.name}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(CAPTIONS[block.name])}</figcaption></figure>"
+        )
+    return "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in block.value) + "</ul>"
+
+
+def _markdown_block(block: Block) -> list[str]:
+    if block.kind == "heading":
+        return ["#" * block.level + " " + block.value, ""]
+    if block.kind == "table":
+        return [frame_markdown(block.value), ""]
+    if block.kind == "text":
+        return [block.value, ""]
+    if block.kind == "code":
+        return ["```", *block.value, "```", ""]
+    if block.kind == "figure":
+        return [f"![{block.name}]({block.value.name})", "", CAPTIONS[block.name], ""]
+    return [*(f"- {item}" for item in block.value), ""]
+
+
+def _html(sweep: Sweep, blocks: list[Block]) -> str:
     head = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _header(sweep))
     body = [
         f"<h1>tripletlab sweep report: {html.escape(sweep.name)}</h1>",
         f"<table class='meta'>{head}</table>",
-        "<h2>Comparison</h2>",
-        table.to_html(escape=True, classes="comparison"),
-        f"<p>{html.escape(_table_note(baseline))}</p>",
-        "<h2 id='decisions'>Is the difference real?</h2>",
-        "<pre class='ranking'>" + html.escape("\n".join(decisions.lines)) + "</pre>",
-        "<h3>Noise floor</h3>",
-        noise_table(decisions.noise).to_html(escape=True, classes="noise"),
-        "<h3>Paired comparisons</h3>",
-        decision_table(decisions.comparisons, decisions.delta).to_html(escape=True, classes="paired"),
-        f"<p>{html.escape(decisions_note(decisions.delta))}</p>",
-        "<h3>Per-class results</h3>",
-        class_table(decisions.classes).to_html(escape=True, classes="per-class"),
-        f"<p>{html.escape(CLASS_NOTE)}</p>",
-        "<h2>Embedding geometry and retrieval</h2>",
-        geometry.to_html(escape=True, classes="geometry"),
-        f"<p>{html.escape(GEOMETRY_NOTE)}</p>",
+        *(_html_block(block) for block in blocks),
     ]
-    if not recalls.empty:
-        body += [
-            "<h2>Cross-modal retrieval</h2>",
-            recalls.to_html(escape=True, classes="recall"),
-            f"<p>{html.escape(RECALL_NOTE)}</p>",
-        ]
-    for name, png in figures.items():
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        body.append(
-            f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{html.escape(CAPTIONS[name])}</figcaption></figure>"
-        )
-    if notes:
-        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     style = (
         "body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em}"
         "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 6px}"
@@ -345,48 +391,10 @@ def _html(
     )
 
 
-def _markdown(
-    sweep: Sweep,
-    table: pd.DataFrame,
-    figures: dict[str, Path],
-    notes: list[str],
-    baseline: str,
-    recalls: pd.DataFrame,
-    decisions: Decisions,
-    geometry: pd.DataFrame,
-) -> str:
+def _markdown(sweep: Sweep, blocks: list[Block]) -> str:
     lines = [f"# tripletlab sweep report: {sweep.name}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _header(sweep)]
-    lines += ["", "## Comparison", "", frame_markdown(table), "", _table_note(baseline), ""]
-    lines += [
-        "## Is the difference real?",
-        "",
-        "```",
-        *decisions.lines,
-        "```",
-        "",
-        "### Noise floor",
-        "",
-        frame_markdown(noise_table(decisions.noise)),
-        "",
-        "### Paired comparisons",
-        "",
-        frame_markdown(decision_table(decisions.comparisons, decisions.delta)),
-        "",
-        decisions_note(decisions.delta),
-        "",
-        "### Per-class results",
-        "",
-        frame_markdown(class_table(decisions.classes)),
-        "",
-        CLASS_NOTE,
-        "",
-    ]
-    lines += ["## Embedding geometry and retrieval", "", frame_markdown(geometry), "", GEOMETRY_NOTE, ""]
-    if not recalls.empty:
-        lines += ["## Cross-modal retrieval", "", frame_markdown(recalls.astype(str)), "", RECALL_NOTE, ""]
-    for name, png in figures.items():
-        lines += [f"![{name}]({png.name})", "", CAPTIONS[name], ""]
-    if notes:
-        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines.append("")
+    for block in blocks:
+        lines += _markdown_block(block)
     return "\n".join(lines)

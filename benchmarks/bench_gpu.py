@@ -119,19 +119,10 @@ def run_steps(steps: list[Step], out: Path, slug: str, deadline: float, judge: b
     rows = []
     for step in steps:
         left = deadline - time.monotonic()
-        if step.skip:
-            rows.append(
-                {
-                    "step": step.name,
-                    "status": "skipped",
-                    "seconds": 0.0,
-                    "met": None,
-                    "target": "",
-                    "result": step.skip,
-                }
+        if step.skip or left < step.estimate_s:
+            why = (
+                step.skip or f"{left:.0f} s left of the budget, the step needs about {step.estimate_s:.0f} s"
             )
-            continue
-        if left < step.estimate_s:
             rows.append(
                 {
                     "step": step.name,
@@ -139,8 +130,7 @@ def run_steps(steps: list[Step], out: Path, slug: str, deadline: float, judge: b
                     "seconds": 0.0,
                     "met": None,
                     "target": "",
-                    "result": f"{left:.0f} s left of the budget, "
-                    f"the step needs about {step.estimate_s:.0f} s",
+                    "result": why,
                 }
             )
             continue

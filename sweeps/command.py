@@ -17,7 +17,7 @@ import optuna
 from experiments.data.folds import class_folds, training_pool
 from experiments.data.registry import is_paired, load_dataset
 from experiments.tracking.secrets import mask_secrets
-from experiments.tracking.store import resolve_tracking_uri
+from experiments.tracking.store import add_tracking_uri_argument, resolve_tracking_uri
 
 from .config import load_sweep_config
 from .context import SweepContext
@@ -56,9 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Optuna storage: a SQLAlchemy URL (sqlite:///optuna.db, postgresql://...) "
         "(default: a journal file <output-dir>/<sweep>/optuna.journal)",
     )
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db)"
-    )
+    add_tracking_uri_argument(parser)
     parser.add_argument("--output-dir", default="runs", help="where runs/<sweep name>/ goes (default: runs)")
     parser.add_argument(
         "--print-storage",

@@ -13,6 +13,8 @@ import argparse
 import statistics
 import tempfile
 
+from experiments.tracking.store import add_tracking_uri_argument
+
 from .tracking import LOSS_TAG, RERUN_OF_TAG, RERUN_ROLE, ROLE_TAG, SEED_TAG
 
 
@@ -25,11 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--experiment", metavar="NAME", help="the sweep's MLflow experiment (default: the most recent sweep)"
     )
-    parser.add_argument(
-        "--tracking-uri",
-        metavar="URI",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
+    add_tracking_uri_argument(parser)
 
 
 def final_run(client, experiment_id: str, loss: str, seed: int | None):

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments.tracking.secrets import mask_secrets
-from experiments.tracking.store import resolve_tracking_uri, sqlite_file
+from experiments.tracking.store import add_tracking_uri_argument, resolve_tracking_uri, sqlite_file
 from sweeps.tracking import runs_view_path, sweep_experiments
 
 RUN_A_SWEEP = "run one with `make sweep`"
@@ -52,11 +52,7 @@ def describe(tracking_uri: str | None, address: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sweeps.runs_view", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
+    add_tracking_uri_argument(parser)
     parser.add_argument("--address", default="http://127.0.0.1:5000", help="where the MLflow UI serves")
     return parser
 

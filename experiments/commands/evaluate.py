@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from experiments.config import ExperimentConfig, apply, flatten_config, from_dict, parse_overrides
+from experiments.tracking.store import add_tracking_uri_argument
 
 EVALUATE_KEYS = ("dataset.", "eval.", "device")  # what an override may change
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
@@ -40,11 +41,7 @@ def configure(parser) -> None:
         help="dataset.* / eval.* / device overrides, e.g. dataset.split=class-disjoint "
         "dataset.path=/data/omniglot.npz",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
-    )
+    add_tracking_uri_argument(parser)
     parser.add_argument(
         "--experiment",
         default=None,

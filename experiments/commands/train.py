@@ -9,7 +9,7 @@ import sys
 
 from experiments.config import load_config, valid_keys
 from experiments.tracking.secrets import mask_secrets
-from experiments.tracking.store import resolve_tracking_uri
+from experiments.tracking.store import add_tracking_uri_argument, resolve_tracking_uri
 
 
 def configure(parser) -> None:
@@ -20,11 +20,7 @@ def configure(parser) -> None:
         help="experiment config: a YAML path or a bundled name "
         "(digits, fashion-mnist, orl-faces, omniglot); default: digits",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
-    )
+    add_tracking_uri_argument(parser)
     parser.add_argument(
         "--experiment", default="tripletlab", help="MLflow experiment name (default: tripletlab)"
     )

@@ -7,6 +7,7 @@ active-run stack, so trials running in threads each log to their own run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -29,6 +30,16 @@ LOCAL_SCHEMES = ("sqlite", "file", "postgresql", "mysql", "mssql")
 
 _prepared: set[str] = set()
 _prepare_lock = threading.Lock()
+
+
+def add_tracking_uri_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--tracking-uri`` option every command that reads or writes runs takes."""
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help=f"MLflow tracking URI (default: MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
+    )
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

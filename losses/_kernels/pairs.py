@@ -193,6 +193,16 @@ def _per_row(threshold):
     return threshold.unsqueeze(1) if isinstance(threshold, torch.Tensor) else threshold
 
 
+def _similarity_groups(embeddings, labels, ref_embeddings, ref_labels, workspace: Workspace):
+    """What both pair losses start from: the L2-normalised rows ``x`` and references ``y``, their
+    cosine similarities ``s`` and those split into positive and negative groups."""
+    x, y = normalized_rows(embeddings, ref_embeddings)
+    s = cosine_similarity(x, y, workspace)
+    with torch.no_grad():
+        groups = SimilarityGroups.split(s, labels, ref_labels, workspace)
+    return x, y, s, groups
+
+
 def multi_similarity_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -207,10 +217,8 @@ def multi_similarity_loss(
     workspace: Workspace,
 ) -> tuple[torch.Tensor, dict]:
     """``MultiSimilarityLoss``' value (differentiable) and statistics."""
-    x, y = normalized_rows(embeddings, ref_embeddings)
-    s = cosine_similarity(x, y, workspace)
+    x, y, s, groups = _similarity_groups(embeddings, labels, ref_embeddings, ref_labels, workspace)
     with torch.no_grad():
-        groups = SimilarityGroups.split(s, labels, ref_labels, workspace)
         hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
         n_violating = groups.count(base, base, workspace("scratch", s))
         pos_used, neg_used = groups.positive, groups.negative
@@ -253,10 +261,8 @@ def circle_loss(
     workspace: Workspace,
 ) -> tuple[torch.Tensor, dict]:
     """``CircleLoss``' value (differentiable) and statistics."""
-    x, y = normalized_rows(embeddings, ref_embeddings)
-    s = cosine_similarity(x, y, workspace)
+    x, y, s, groups = _similarity_groups(embeddings, labels, ref_embeddings, ref_labels, workspace)
     with torch.no_grad():
-        groups = SimilarityGroups.split(s, labels, ref_labels, workspace)
         hardest_pos, hardest_neg = groups.hardest_pos, groups.hardest_neg
         positive, negative = groups.positive, groups.negative
         scratch = workspace("scratch", s)

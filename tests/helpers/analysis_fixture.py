@@ -20,23 +20,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from optuna.storages.journal import JournalFileBackend
 
-TEST_METRICS = ("precision_at_1", "r_precision", "map_at_r")
-TRIPLET_KINDS = ("easy_fraction", "semi_hard_fraction", "hard_fraction")
-GEOMETRY_KEYS = (
-    "alignment",
-    "uniformity",
-    "intra_class_distance",
-    "inter_class_distance",
-    "distance_ratio",
-    "spectral_decay",
-)
-EPOCH_STATS = (
-    "active_fraction",
-    "correct_order_fraction",
-    "margin_violation_fraction",
-    "mean_d_ap",
-    "mean_d_an",
-)
+from experiments.eval.geometry import GEOMETRY_KEYS
+from experiments.eval.retrieval import HEADLINE_METRICS
+from losses import STAT_NAMES
+
+TEST_METRICS = tuple(HEADLINE_METRICS)
 
 
 @dataclass
@@ -110,7 +98,7 @@ def build_logged_sweep(
                 "val/r_precision": quality * 1.1 * (1 - 0.5**epoch),
                 "epoch_seconds": 0.5,
             }
-            values.update({f"train/{s}": 0.9**epoch * (0.8 if "fraction" in s else 1.0) for s in EPOCH_STATS})
+            values.update({f"train/{s}": 0.9**epoch * (0.8 if "fraction" in s else 1.0) for s in STAT_NAMES})
             values.update(
                 {f"val/{k}": (1 + i) * (1 - quality) * 0.8**epoch for i, k in enumerate(GEOMETRY_KEYS)}
             )

@@ -18,22 +18,7 @@ from experiments.config import ExperimentConfig
 from experiments.data.paired import PairedSplits
 from experiments.data.registry import dataset_path, env_var, is_paired, list_datasets, load_dataset
 from experiments.data.splits import cap_per_class, class_disjoint_split, standard_split
-
-
-def cfg(**values):
-    """A dataset config as the trainer passes it: an object with attributes."""
-    return SimpleNamespace(
-        **{
-            "name": "digits",
-            "path": "",
-            "split": "class-disjoint",
-            "val_fraction": 0.2,
-            "image_size": 0,
-            "max_per_class": 0,
-            **values,
-        }
-    )
-
+from helpers.dataset_config import dataset_cfg
 
 # ---------------------------------------------------------------- fashion-mnist (IDX)
 
@@ -68,7 +53,7 @@ def write_fashion(folder: Path, compress: bool = True, n_train: int = 40, n_test
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_mnist_standard_split_keeps_the_official_test_set(tmp_path, compress):
     data = write_fashion(tmp_path, compress)
-    splits = load_dataset(cfg(name="fashion-mnist", path=str(tmp_path), split="standard"), seed=0)
+    splits = load_dataset(dataset_cfg(name="fashion-mnist", path=str(tmp_path), split="standard"), seed=0)
     assert splits.test.images.shape == (20, 1, 5, 4)
     assert torch.equal(
         splits.test.images[:, 0], torch.from_numpy(data["t10k-images-idx3-ubyte"]).to(torch.uint8)
@@ -88,7 +73,7 @@ def test_fashion_mnist_standard_split_keeps_the_official_test_set(tmp_path, comp
 
 def test_fashion_mnist_class_disjoint_pools_train_and_test(tmp_path):
     write_fashion(tmp_path)
-    splits = load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
+    splits = load_dataset(dataset_cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
     assert splits.info["test_classes"] == [5, 6, 7, 8, 9]
     assert len(splits.train) + len(splits.val) + len(splits.test) == 60
     assert splits.test.labels.dtype == torch.int64
@@ -106,7 +91,7 @@ def test_idx_wrong_magic_names_the_file(tmp_path, stem, magic, expected):
     raw = idx_images(data[stem], magic) if "images" in stem else idx_labels(data[stem], magic)
     (tmp_path / f"{stem}.gz").write_bytes(gzip.compress(raw))
     with pytest.raises(ValueError, match=rf"{stem}\.gz: expected IDX magic number {expected}, found {magic}"):
-        load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
 
 
 def test_idx_truncated_file_is_reported(tmp_path):
@@ -116,36 +101,36 @@ def test_idx_truncated_file_is_reported(tmp_path):
     with pytest.raises(
         ValueError, match=r"train-images-idx3-ubyte\.gz: header \[40, 5, 4\] means 816 bytes, found 809 bytes"
     ):
-        load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(
         gzip.compress(idx_images(data["train-images-idx3-ubyte"]))[:-9]
     )
     with pytest.raises(ValueError, match="not a readable gzip file"):
-        load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
 
 
 def test_idx_missing_file_and_count_mismatch(tmp_path):
     data = write_fashion(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(ValueError, match="missing t10k-labels-idx1-ubyte.gz"):
-        load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(idx_labels(data["t10k-labels-idx1-ubyte"][:5]))
     )
     with pytest.raises(ValueError, match="holds 20 images but .* holds 5 labels"):
-        load_dataset(cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="fashion-mnist", path=str(tmp_path)), seed=0)
 
 
 def test_path_from_environment_variable_and_clear_error_without(tmp_path, monkeypatch):
     write_fashion(tmp_path)
     monkeypatch.delenv("TRIPLETLAB_FASHION_MNIST_PATH", raising=False)
     with pytest.raises(ValueError, match=r"dataset\.path.*TRIPLETLAB_FASHION_MNIST_PATH"):
-        load_dataset(cfg(name="fashion-mnist"), seed=0)
+        load_dataset(dataset_cfg(name="fashion-mnist"), seed=0)
     monkeypatch.setenv("TRIPLETLAB_FASHION_MNIST_PATH", str(tmp_path))
-    assert len(load_dataset(cfg(name="fashion-mnist"), seed=0).test) > 0
+    assert len(load_dataset(dataset_cfg(name="fashion-mnist"), seed=0).test) > 0
     assert env_var("orl-faces") == "TRIPLETLAB_ORL_FACES_PATH"
     with pytest.raises(ValueError, match="does not exist"):
-        load_dataset(cfg(name="fashion-mnist", path=str(tmp_path / "nowhere")), seed=0)
+        load_dataset(dataset_cfg(name="fashion-mnist", path=str(tmp_path / "nowhere")), seed=0)
 
 
 # ---------------------------------------------------------------- ORL faces (zip of P5 PGMs)
@@ -172,7 +157,7 @@ def test_orl_faces_from_zip(tmp_path):
         zf.writestr("att_faces/README", "The ORL Database of Faces")
         for (s, k), pixels in faces.items():
             zf.writestr(f"att_faces/s{s}/{k}.pgm", pgm(pixels))
-    splits = load_dataset(cfg(name="orl-faces", path=str(archive), val_fraction=0.4), seed=3)
+    splits = load_dataset(dataset_cfg(name="orl-faces", path=str(archive), val_fraction=0.4), seed=3)
     # subjects s1..s5 (ids 0..4) train or validate, s6..s10 test; numeric, not string, order
     assert splits.info["test_classes"] == [5, 6, 7, 8, 9]
     assert sorted(splits.info["train_classes"] + splits.info["val_classes"]) == [0, 1, 2, 3, 4]
@@ -188,10 +173,10 @@ def test_orl_faces_from_extracted_folders(tmp_path):
     for (s, k), pixels in faces.items():
         (tmp_path / f"s{s}").mkdir(exist_ok=True)
         (tmp_path / f"s{s}" / f"{k}.pgm").write_bytes(pgm(pixels))
-    splits = load_dataset(cfg(name="orl-faces", path=str(tmp_path), split="standard"), seed=0)
+    splits = load_dataset(dataset_cfg(name="orl-faces", path=str(tmp_path), split="standard"), seed=0)
     assert len(splits.train) + len(splits.val) + len(splits.test) == 16
     assert splits.info["test_classes"] == list(range(8))  # standard: every subject in the test set
-    again = load_dataset(cfg(name="orl-faces", path=str(tmp_path), split="standard"), seed=0)
+    again = load_dataset(dataset_cfg(name="orl-faces", path=str(tmp_path), split="standard"), seed=0)
     assert torch.equal(again.test.images, splits.test.images)  # same seed, same split
 
 
@@ -202,7 +187,7 @@ def test_orl_faces_unreadable_pgm_names_the_file(tmp_path):
             (tmp_path / f"s{s}" / f"{k}.pgm").write_bytes(pgm(np.zeros((4, 3))))
     (tmp_path / "s4" / "2.pgm").write_bytes(b"P5\nnot a header")
     with pytest.raises(ValueError, match=r"s4/2\.pgm: not a readable PGM image"):
-        load_dataset(cfg(name="orl-faces", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="orl-faces", path=str(tmp_path)), seed=0)
 
 
 # ---------------------------------------------------------------- omniglot
@@ -218,7 +203,9 @@ def omniglot_npz(path: Path, characters: int = 10, drawers: int = 3, size: int =
 
 def test_omniglot_npz_inverts_and_resizes_by_area(tmp_path):
     background = omniglot_npz(tmp_path / "images_background.npz")
-    splits = load_dataset(cfg(name="omniglot", path=str(tmp_path), image_size=6, split="standard"), seed=0)
+    splits = load_dataset(
+        dataset_cfg(name="omniglot", path=str(tmp_path), image_size=6, split="standard"), seed=0
+    )
     assert splits.train.images.shape[1:] == (1, 6, 6) and not splits.train.hflip
     # oracle: ink = 255 where not background, then the mean of each 2x2 block
     ink = (~background).astype(np.float64) * 255
@@ -231,7 +218,7 @@ def test_omniglot_npz_inverts_and_resizes_by_area(tmp_path):
 
 def test_omniglot_default_size_is_28(tmp_path):
     omniglot_npz(tmp_path / "chars.npz", size=14)
-    splits = load_dataset(cfg(name="omniglot", path=str(tmp_path / "chars.npz")), seed=0)
+    splits = load_dataset(dataset_cfg(name="omniglot", path=str(tmp_path / "chars.npz")), seed=0)
     assert splits.train.images.shape[1:] == (1, 28, 28)
     assert splits.info["image_shape"] == [1, 28, 28]
 
@@ -251,7 +238,8 @@ def test_omniglot_official_png_zip(tmp_path):
                     zf.writestr(name, buffer.getvalue())
                     drawn[(alphabet, character, drawer)] = (~bits).astype(np.uint8) * 255
     splits = load_dataset(
-        cfg(name="omniglot", path=str(tmp_path), image_size=9, split="standard", val_fraction=0.5), seed=0
+        dataset_cfg(name="omniglot", path=str(tmp_path), image_size=9, split="standard", val_fraction=0.5),
+        seed=0,
     )
     names = splits.info["class_names"]
     assert (
@@ -278,7 +266,7 @@ def test_image_folder_rgb_resized_with_class_names(tmp_path):
             shape = (10 + j, 12, 3) if c != 2 else (10, 12)  # one grey class: all become RGB
             write_png(tmp_path / name / f"{j}.png", rng.integers(0, 256, shape))
     (tmp_path / "000.bird0" / "notes.txt").write_text("not an image")
-    splits = load_dataset(cfg(name="image-folder", path=str(tmp_path), image_size=[6, 5]), seed=0)
+    splits = load_dataset(dataset_cfg(name="image-folder", path=str(tmp_path), image_size=[6, 5]), seed=0)
     assert splits.train.images.shape[1:] == (3, 6, 5)
     assert splits.info["class_names"][7] == "007.bird7"
     assert splits.info["test_classes"] == [4, 5, 6, 7] and splits.train.hflip
@@ -292,7 +280,7 @@ def test_image_folder_all_grey_stays_one_channel_and_matches_pillow(tmp_path):
             arrays[(c, j)] = rng.integers(0, 256, (8, 8))
             write_png(tmp_path / f"class{c}" / f"{j}.png", arrays[(c, j)])
     splits = load_dataset(
-        cfg(name="image-folder", path=str(tmp_path), image_size=4, split="standard"), seed=0
+        dataset_cfg(name="image-folder", path=str(tmp_path), image_size=4, split="standard"), seed=0
     )
     assert splits.test.images.shape[1:] == (1, 4, 4)
     for image, label in zip(splits.test.images, splits.test.labels):
@@ -309,7 +297,7 @@ def test_image_folder_classes_in_natural_order(tmp_path):
     for c in (10, 2, 1, 3, 4, 5, 6, 7):
         for j in range(2):
             write_png(tmp_path / f"s{c}" / f"{j}.png", np.full((4, 4), c))
-    splits = load_dataset(cfg(name="image-folder", path=str(tmp_path), image_size=4), seed=0)
+    splits = load_dataset(dataset_cfg(name="image-folder", path=str(tmp_path), image_size=4), seed=0)
     assert list(splits.info["class_names"].values()) == ["s1", "s2", "s3", "s4", "s5", "s6", "s7", "s10"]
     for image, label in zip(splits.test.images, splits.test.labels):
         assert int(image.max()) == int(splits.info["class_names"][int(label)][1:])
@@ -317,17 +305,17 @@ def test_image_folder_classes_in_natural_order(tmp_path):
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="no images found"):
-        load_dataset(cfg(name="image-folder", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="image-folder", path=str(tmp_path)), seed=0)
     for c in ("cats", "dogs"):
         for j in range(2):
             write_png(tmp_path / c / f"{j}.png", np.zeros((4, 4)))
     write_png(tmp_path / "lonely" / "0.png", np.zeros((4, 4)))
     with pytest.raises(ValueError, match=r"class 'lonely' has a single image.*>= 2 images"):
-        load_dataset(cfg(name="image-folder", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="image-folder", path=str(tmp_path)), seed=0)
     write_png(tmp_path / "lonely" / "1.png", np.zeros((4, 4)))
     (tmp_path / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     with pytest.raises(ValueError, match=r"dogs/broken\.jpg: not a readable image"):
-        load_dataset(cfg(name="image-folder", path=str(tmp_path)), seed=0)
+        load_dataset(dataset_cfg(name="image-folder", path=str(tmp_path)), seed=0)
 
 
 # ---------------------------------------------------------------- digits, options, registry
@@ -347,7 +335,7 @@ def test_digits_pixels_scaled_from_sixteen_grey_levels():
 
 
 def test_normalisation_statistics_come_from_the_training_split():
-    splits = load_dataset(cfg(), seed=0)
+    splits = load_dataset(dataset_cfg(), seed=0)
     train = splits.train.images.double() / 255
     assert splits.train.mean == pytest.approx((train.mean().item(),), abs=1e-9)
     assert splits.train.std == pytest.approx((train.std(unbiased=False).item(),), abs=1e-9)
@@ -355,8 +343,8 @@ def test_normalisation_statistics_come_from_the_training_split():
 
 
 def test_max_per_class_caps_each_class_reproducibly():
-    a = load_dataset(cfg(max_per_class=6), seed=1)
-    b = load_dataset(cfg(max_per_class=6), seed=1)
+    a = load_dataset(dataset_cfg(max_per_class=6), seed=1)
+    b = load_dataset(dataset_cfg(max_per_class=6), seed=1)
     counts = torch.unique(torch.cat([a.train.labels, a.val.labels, a.test.labels]), return_counts=True)[1]
     assert counts.tolist() == [6] * 10
     assert torch.equal(a.train.images, b.train.images)
@@ -374,7 +362,7 @@ def test_max_per_class_caps_each_class_reproducibly():
 )
 def test_bad_options_raise_clear_errors(values, message):
     with pytest.raises(ValueError, match=message):
-        load_dataset(cfg(**values), seed=0)
+        load_dataset(dataset_cfg(**values), seed=0)
 
 
 def test_split_default_is_the_configs_everywhere():
@@ -473,7 +461,7 @@ def test_cap_per_class_keeps_classes_smaller_than_the_cap():
 
 def test_reloading_unchanged_files_reuses_them_and_changed_files_are_read_again(tmp_path):
     write_fashion(tmp_path)
-    options = cfg(name="fashion-mnist", path=str(tmp_path), split="standard")
+    options = dataset_cfg(name="fashion-mnist", path=str(tmp_path), split="standard")
     first = load_dataset(options, seed=0)
     again = load_dataset(options, seed=0)
     assert torch.equal(first.test.images, again.test.images)

@@ -10,7 +10,6 @@ import json
 import struct
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,21 +26,12 @@ from experiments.eval.retrieval import retrieval_metrics
 from experiments.eval.run_metrics import test_metrics as evaluate_test
 from experiments.tracking.store import prepare_store
 from experiments.train.run import run_experiment
+from helpers.dataset_config import dataset_cfg
 
 
 def cfg(**values):
-    """A dataset config as the trainer passes it: an object with attributes."""
-    return SimpleNamespace(
-        **{
-            "name": "digits",
-            "path": "",
-            "split": "official",
-            "val_fraction": 0.2,
-            "image_size": 4,
-            "max_per_class": 0,
-            **values,
-        }
-    )
+    """A dataset config on the official split, images resized to 4x4."""
+    return dataset_cfg(**{"split": "official", "image_size": 4, **values})
 
 
 def colour(c: int) -> tuple[int, int, int]:
